@@ -1,0 +1,153 @@
+"""Engine configuration: frozen dataclasses validated on construction with actionable messages.
+
+The CLI (``valora generate`` / ``valora serve``) derives its flags from these fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from valora.errors import InvalidRequestError
+
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint to serve and how to load it.
+
+    ``model``: a local Hugging Face checkpoint directory, or ``"default"`` for the embedded model.
+    ``load_format``: ``"safetensors"`` reads weights; ``"dummy"`` fills random weights for any
+    config (benchmarks at real shapes). ``max_model_len``: ``None`` = the config's own limit.
+    """
+
+    model: str = "default"
+    dtype: Dtype = "auto"
+    load_format: Literal["safetensors", "dummy"] = "safetensors"
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in ("float32", "bfloat16", "float16", "auto"),
+                 f"dtype must be one of float32/bfloat16/float16/auto, got {self.dtype!r}")
+        _require(self.load_format in ("safetensors", "dummy"),
+                 f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
+        _require(self.max_model_len is None or self.max_model_len > 0, "max_model_len must be positive")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache. ``num_pages=None`` sizes the pool from ``memory_fraction`` (GPU) or
+    ``cpu_cache_bytes`` (CPU)."""
+
+    page_size: int = 16
+    num_pages: int | None = None
+    memory_fraction: float = 0.85
+    cpu_cache_bytes: int = 512 * 1024 * 1024
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.page_size > 0 and (self.page_size & (self.page_size - 1)) == 0,
+                 f"page_size must be a positive power of two, got {self.page_size}")
+        _require(self.num_pages is None or self.num_pages > 0, "num_pages must be positive")
+        _require(0.0 < self.memory_fraction <= 1.0, "memory_fraction must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching under a token budget.
+
+    ``max_num_batched_tokens``: tokens per step (decodes count one each). ``max_num_seqs``:
+    sequences per step. ``max_waiting``: bound of the waiting queue; beyond it requests are
+    rejected with ``QueueFullError``. ``chunked_prefill``: split long prompts across steps.
+    ``policy``: name of the ordering policy in the policy registry.
+    """
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_waiting: int = 4096
+    chunked_prefill: bool = True
+    policy: str = "fcfs"
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive")
+        _require(self.max_num_seqs > 0, "max_num_seqs must be positive")
+        _require(self.max_waiting > 0, "max_waiting must be positive")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Adapter residency and the batched LoRA backend.
+
+    ``max_loras``: resident slots usable in one step. ``max_cpu_loras``: adapters kept decoded in
+    host memory (LRU beyond). ``max_lora_rank``: slot storage rank; larger adapters are rejected.
+    ``backend``: ``"auto"`` (Triton on CUDA, reference on CPU), ``"reference"`` or ``"triton"``.
+    """
+
+    enable_lora: bool = True
+    max_loras: int = 8
+    max_cpu_loras: int = 64
+    max_lora_rank: int = 64
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.max_loras > 0, "max_loras must be positive")
+        _require(self.max_cpu_loras >= self.max_loras, "max_cpu_loras must be >= max_loras")
+        _require(self.max_lora_rank > 0, "max_lora_rank must be positive")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """Limits on images accepted in requests."""
+
+    max_image_pixels: int = 16_000_000
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_images_per_request: int = 8
+
+    def __post_init__(self) -> None:
+        _require(self.max_image_pixels > 0 and self.max_image_bytes > 0, "image limits must be positive")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine needs; build one with ``EngineConfig.create(**flat_kwargs)``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    device: str = "auto"
+
+    @classmethod
+    def create(cls, **kwargs: object) -> EngineConfig:
+        """Route flat keyword arguments (``page_size=32``, ``max_loras=4``) to their section."""
+        sections: dict[str, dict[str, object]] = {"model": {}, "cache": {}, "scheduler": {}, "lora": {},
+                                                  "image": {}}
+        classes = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+                   "lora": LoRAConfig, "image": ImageConfig}
+        device = "auto"
+        for key, value in kwargs.items():
+            if key == "device":
+                device = str(value)
+                continue
+            for name, klass in classes.items():
+                if key in klass.__dataclass_fields__:
+                    sections[name][key] = value
+                    break
+            else:
+                raise InvalidRequestError(f"unknown engine option {key!r}")
+        return cls(
+            model=ModelConfig(**sections["model"]),  # type: ignore[arg-type]
+            cache=CacheConfig(**sections["cache"]),  # type: ignore[arg-type]
+            scheduler=SchedulerConfig(**sections["scheduler"]),  # type: ignore[arg-type]
+            lora=LoRAConfig(**sections["lora"]),  # type: ignore[arg-type]
+            image=ImageConfig(**sections["image"]),  # type: ignore[arg-type]
+            device=device,
+        )

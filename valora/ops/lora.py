@@ -1,0 +1,147 @@
+"""The batched multi-adapter LoRA op: one interface, several backends.
+
+Weights of all resident adapters for one (possibly fused) linear live in *slots*:
+
+- ``lora_a``: ``[num_slots, num_slices, max_rank, in_features]``
+- ``lora_b``: ``[num_slots, sum(slice_widths), max_rank]``
+- ``ranks``:  ``[num_slots, num_slices]`` int32 — the true rank of each slot's slice
+  (0 = the adapter does not target that slice)
+- ``scales``: ``[num_slots, num_slices]`` float32 — ``lora_alpha / r`` (or ``/ sqrt(r)`` for rsLoRA)
+
+Semantics (``y`` is updated in place)::
+
+    for t in range(T):
+        s = token_slots[t]
+        if s < 0: continue                       # row without adapter
+        for j, w in enumerate(slice_widths):
+            r, off = ranks[s, j], sum(slice_widths[:j])
+            y[t, off:off+w] += scale_multiplier * scales[s, j] * (
+                (x[t] @ lora_a[s, j, :r].T) @ lora_b[s, off:off+w, :r].T)
+
+Storage is padded to ``max_rank`` per slot, but no backend computes on the padding: work is
+proportional to each token's own adapter rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from valora.errors import ValoraError
+
+
+@dataclass
+class LoRASlotWeights:
+    """Resident adapter weights for one linear layer (see module docstring for layouts)."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    ranks: torch.Tensor
+    scales: torch.Tensor
+    slice_widths: tuple[int, ...]
+    ranks_cpu: list[list[int]] = field(default_factory=list)
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.lora_a.shape[0])
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.lora_a.shape[2])
+
+    @classmethod
+    def empty(
+        cls,
+        num_slots: int,
+        max_rank: int,
+        in_features: int,
+        slice_widths: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> LoRASlotWeights:
+        """Allocate zeroed slot storage (every slot empty: rank 0)."""
+        return cls(
+            lora_a=torch.zeros(num_slots, len(slice_widths), max_rank, in_features, dtype=dtype, device=device),
+            lora_b=torch.zeros(num_slots, sum(slice_widths), max_rank, dtype=dtype, device=device),
+            ranks=torch.zeros(num_slots, len(slice_widths), dtype=torch.int32, device=device),
+            scales=torch.zeros(num_slots, len(slice_widths), dtype=torch.float32, device=device),
+            slice_widths=tuple(slice_widths),
+            ranks_cpu=[[0] * len(slice_widths) for _ in range(num_slots)],
+        )
+
+
+@dataclass
+class LoRABatch:
+    """Per-step LoRA metadata, prepared once per forward pass and shared by every layer.
+
+    ``token_slots``: ``[T]`` int32 slot per token (-1 = none). ``backend_data`` holds whatever the
+    chosen backend precomputes from it (sorted token order, segments); layers never read it.
+    """
+
+    token_slots: torch.Tensor
+    num_slots: int
+    backend: str
+    backend_data: object = None
+    token_slots_cpu: list[int] = field(default_factory=list)
+
+
+LoRAApplyFn = Callable[[torch.Tensor, torch.Tensor, LoRASlotWeights, LoRABatch, float], None]
+LoRAPrepareFn = Callable[[LoRABatch], object]
+
+_BACKENDS: dict[str, tuple[LoRAPrepareFn, LoRAApplyFn]] = {}
+
+
+def register_lora_backend(name: str, prepare: LoRAPrepareFn, apply: LoRAApplyFn) -> None:
+    """Register a backend: ``prepare`` builds ``backend_data``; ``apply`` computes the op."""
+    _BACKENDS[name] = (prepare, apply)
+
+
+def available_lora_backends() -> list[str]:
+    _ensure_builtin_backends()
+    return sorted(_BACKENDS)
+
+
+def _ensure_builtin_backends() -> None:
+    if "reference" not in _BACKENDS:
+        from valora.ops import reference
+
+        register_lora_backend("reference", reference.prepare_lora_reference, reference.lora_apply_reference)
+
+
+def prepare_lora_batch(token_slots: torch.Tensor, num_slots: int, backend: str = "reference") -> LoRABatch:
+    """Validate ``token_slots`` and build the step's LoRA metadata for ``backend``."""
+    _ensure_builtin_backends()
+    if backend not in _BACKENDS:
+        raise ValoraError(f"unknown LoRA backend {backend!r}; available: {available_lora_backends()}")
+    if token_slots.dim() != 1:
+        raise ValoraError(f"token_slots must be 1-D, got shape {tuple(token_slots.shape)}")
+    slots_cpu = token_slots.tolist() if token_slots.device.type == "cpu" else []
+    if slots_cpu and (max(slots_cpu) >= num_slots or min(slots_cpu) < -1):
+        raise ValoraError(f"token_slots out of range [-1, {num_slots}): min {min(slots_cpu)}, max {max(slots_cpu)}")
+    batch = LoRABatch(token_slots=token_slots.to(torch.int32), num_slots=num_slots, backend=backend,
+                      token_slots_cpu=slots_cpu)
+    batch.backend_data = _BACKENDS[backend][0](batch)
+    return batch
+
+
+def lora_apply(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    weights: LoRASlotWeights,
+    batch: LoRABatch,
+    scale_multiplier: float = 1.0,
+) -> None:
+    """``y += LoRA(x)`` for every token's adapter (see module docstring). In place."""
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValoraError(f"lora_apply: x {tuple(x.shape)} and y {tuple(y.shape)} must be [T, *] alike")
+    if x.shape[0] != batch.token_slots.shape[0]:
+        raise ValoraError(f"lora_apply: {x.shape[0]} tokens but {batch.token_slots.shape[0]} token slots")
+    if y.shape[1] != sum(weights.slice_widths) or x.shape[1] != weights.lora_a.shape[3]:
+        raise ValoraError(
+            f"lora_apply: widths disagree: x {x.shape[1]} vs A {weights.lora_a.shape[3]}, "
+            f"y {y.shape[1]} vs slices {weights.slice_widths}")
+    if x.shape[0] == 0:
+        return
+    _BACKENDS[batch.backend][1](y, x, weights, batch, scale_multiplier)
