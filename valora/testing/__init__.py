@@ -1,0 +1,1 @@
+"""Builders of tiny random checkpoints and adapters, for tests and the first-use demo model."""
