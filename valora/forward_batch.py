@@ -45,6 +45,8 @@ class ForwardBatch:
 
     - ``input_ids`` / ``positions``: ``[T]`` int64.
     - ``lora``: per-token adapter slots for the batched LoRA op (``None`` = no LoRA this step).
+    - ``lora_correction``: mixed mode only — per-token slot of the *merged* adapter for rows that
+      must subtract its delta (applied with ``scale_multiplier=-1``); ``None`` otherwise.
     - ``image_embeds`` / ``image_token_indices``: rows of projected image features and the flat
       token indices (into ``T``) whose input embedding they replace.
     - ``logits_indices``: ``[N]`` int64 flat token indices whose hidden states go to the LM head
@@ -56,6 +58,7 @@ class ForwardBatch:
     attn: AttentionMetadata
     logits_indices: torch.Tensor
     lora: LoRABatch | None = None
+    lora_correction: LoRABatch | None = None
     image_embeds: torch.Tensor | None = None
     image_token_indices: torch.Tensor | None = None
 
