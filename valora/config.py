@@ -87,14 +87,14 @@ class LoRAConfig:
 
     ``max_loras``: resident slots usable in one step. ``max_cpu_loras``: adapters kept decoded in
     host memory (LRU beyond). ``max_lora_rank``: slot storage rank; larger adapters are rejected.
-    ``backend``: ``"auto"`` (Triton on CUDA, reference on CPU), ``"reference"`` or ``"triton"``.
+    ``lora_backend``: ``"auto"`` (Triton on CUDA, reference on CPU), ``"reference"`` or ``"triton"``.
     """
 
     enable_lora: bool = True
     max_loras: int = 8
     max_cpu_loras: int = 64
     max_lora_rank: int = 64
-    backend: str = "auto"
+    lora_backend: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.max_loras > 0, "max_loras must be positive")

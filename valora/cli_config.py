@@ -1,0 +1,58 @@
+"""Derive command-line flags from the engine config dataclasses (one source of truth)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, get_args, get_origin
+
+from valora.config import CacheConfig, ImageConfig, LoRAConfig, ModelConfig, SchedulerConfig
+
+SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig, ImageConfig)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def _flag_type(annotation: Any) -> tuple[Any, list[Any] | None]:
+    """Map a field annotation to an argparse ``type`` and optional ``choices``."""
+    origin = get_origin(annotation)
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if origin is typing.Literal:
+        return str, list(args)
+    if origin is not None and args:  # Optional[X] / X | None
+        return _flag_type(args[0])
+    if annotation is bool:
+        return _parse_bool, None
+    if annotation in (int, float, str):
+        return annotation, None
+    return str, None
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+    """Add ``--field-name`` for every field of every config section (defaults from the dataclass)."""
+    for section in SECTIONS:
+        group = parser.add_argument_group(section.__name__)
+        hints = typing.get_type_hints(section)
+        for field in dataclasses.fields(section):
+            if field.name in skip:
+                continue
+            flag_type, choices = _flag_type(hints[field.name])
+            default = field.default if field.default is not dataclasses.MISSING else None
+            group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=flag_type,
+                               choices=choices, default=default,
+                               help=f"(default: {default})")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed flags that belong to the engine config, as ``EngineConfig.create`` kwargs."""
+    names = {f.name for section in SECTIONS for f in dataclasses.fields(section)} | {"device"}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}

@@ -1,0 +1,66 @@
+"""Incremental detokenisation with stop-string handling.
+
+Byte-level tokenizers can end a token in the middle of a UTF-8 character, so text is only
+emitted once the decoded prefix is stable (does not end in U+FFFD). Stop strings are searched in
+the newly decoded text (plus a look-back of ``len(stop) - 1`` characters) and the output is
+truncated before the stop string, which is not returned (OpenAI semantics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class IncrementalDetokenizer:
+    """Decode one request's output tokens step by step."""
+
+    tokenizer: Any
+    stop: tuple[str, ...] = ()
+    skip_special_tokens: bool = True
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    _emitted: int = 0
+    _stable_tokens: int = 0
+
+    def add_tokens(self, new_token_ids: list[int]) -> str | None:
+        """Append tokens; return the stop string that matched (``self.text`` is then truncated)."""
+        self.token_ids.extend(new_token_ids)
+        decoded = self.tokenizer.decode(self.token_ids, skip_special_tokens=self.skip_special_tokens)
+        if decoded.endswith("\ufffd"):
+            return None  # wait for the rest of a multi-byte character
+        previous = len(self.text)
+        self.text = decoded
+        for stop in self.stop:
+            start = max(0, previous - len(stop) + 1)
+            index = self.text.find(stop, start)
+            if index != -1:
+                self.text = self.text[:index]
+                return stop
+        return None
+
+    def take_delta(self) -> str:
+        """Text added since the last call (for streaming)."""
+        delta = self.text[self._emitted:]
+        self._emitted = len(self.text)
+        return delta
+
+    def hold_back(self) -> int:
+        """Characters to withhold from streaming because a stop string may be starting there."""
+        longest = 0
+        for stop in self.stop:
+            for k in range(min(len(stop) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(stop[:k]):
+                    longest = max(longest, k)
+                    break
+        return longest
+
+    def take_stream_delta(self) -> str:
+        """Like ``take_delta`` but keeps back a possible stop-string prefix at the end."""
+        end = len(self.text) - self.hold_back()
+        if end <= self._emitted:
+            return ""
+        delta = self.text[self._emitted:end]
+        self._emitted = end
+        return delta

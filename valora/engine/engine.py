@@ -1,0 +1,180 @@
+"""``LLMEngine``: add requests, step, abort. The synchronous core that ``LLM`` and the HTTP
+server drive.
+
+Each ``step`` schedules a batch under the token budget, runs it, appends sampled tokens, checks
+stop conditions and returns the outputs of requests that progressed. A failure while preparing
+one request fails that request only; a failure inside the model step fails the requests of that
+step and, after ``max_consecutive_step_failures`` in a row, marks the engine dead.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from valora.config import EngineConfig
+from valora.engine.inputs import GenerateRequest
+from valora.engine.model_runner import StepResult
+from valora.engine.outputs_builder import build_output
+from valora.engine.scheduler_output import SchedulerOutput
+from valora.engine.setup import EngineParts, build_engine_parts
+from valora.errors import EngineDeadError, InvalidRequestError, ValoraError
+from valora.logger import get_logger
+from valora.outputs import RequestOutput
+from valora.request import Request, RequestStatus
+
+logger = get_logger(__name__)
+
+
+class LLMEngine:
+    """The synchronous engine (not thread-safe: one caller drives it)."""
+
+    max_consecutive_step_failures = 3
+
+    def __init__(self, config: EngineConfig, parts: EngineParts | None = None) -> None:
+        self.config = config
+        self.parts = parts or build_engine_parts(config)
+        self.requests: dict[str, Request] = {}
+        self._pending_outputs: list[RequestOutput] = []
+        self._consecutive_failures = 0
+        self.dead_reason: str | None = None
+        self.num_steps = 0
+
+    # ----- requests -------------------------------------------------------------------------
+    def add_request(self, spec: GenerateRequest) -> Request:
+        """Validate ``spec`` and queue it. Raises a typed ``ValoraError`` for bad input or a full
+        queue; nothing is queued then."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(f"the engine is dead: {self.dead_reason}")
+        if spec.request_id is not None and spec.request_id in self.requests:
+            raise InvalidRequestError(f"request id {spec.request_id!r} is already in use")
+        request = self.parts.inputs.process(spec)
+        if request.adapter_name is not None:
+            adapter = self.parts.adapters.resolve(request.adapter_name)
+            request.adapter_digest = adapter.digest
+        self.parts.check_fits(request)
+        self.parts.scheduler.add_request(request)
+        self.requests[request.request_id] = request
+        return request
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its pages and adapter pin (unknown ids are ignored)."""
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished:
+            return
+        self.parts.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        self._pending_outputs.append(self._retire(request))
+
+    def has_unfinished_requests(self) -> bool:
+        return any(not r.is_finished for r in self.requests.values()) or bool(self._pending_outputs)
+
+    # ----- stepping -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return outputs of requests that produced tokens or finished."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(f"the engine is dead: {self.dead_reason}")
+        outputs, self._pending_outputs = self._pending_outputs, []
+        scheduled = self.parts.scheduler.schedule()
+        for request in scheduled.preempted:
+            self.parts.runner.reset_request(request.request_id)
+        if not scheduled.scheduled:
+            return outputs
+        now = time.monotonic()
+        for item in scheduled.scheduled:
+            if item.request.first_scheduled_time is None:
+                item.request.first_scheduled_time = now
+        try:
+            result = self.parts.execute(scheduled)
+        except Exception as exc:  # a fault inside the step fails that step's requests only
+            return outputs + self._fail_step(scheduled, exc)
+        self._consecutive_failures = 0
+        self.num_steps += 1
+        self.parts.scheduler.advance(scheduled)
+        outputs.extend(self._process_result(scheduled, result))
+        return outputs
+
+    def _process_result(self, scheduled: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        now = time.monotonic()
+        for item in scheduled.scheduled:
+            request = item.request
+            rid = request.request_id
+            if request.is_finished:
+                continue
+            if rid in result.head_hidden:
+                outputs.append(self._finish_with_head(request, result, now))
+                continue
+            token = result.sampled.get(rid)
+            if token is None:
+                continue
+            if request.first_token_time is None:
+                request.first_token_time = now
+            request.output_token_ids.append(token)
+            if rid in result.logprobs:
+                request.output_logprobs.append({token: result.logprobs[rid].logprob, **result.logprobs[rid].top})
+            stop_string = self.parts.detokenizer_of(request).add_tokens([token])
+            status, reason = self._stop_status(request, token, stop_string)
+            if status is not None:
+                self.parts.scheduler.finish_request(rid, status)
+                outputs.append(self._retire(request, stop_reason=reason))
+            else:
+                outputs.append(self._output(request))
+        return outputs
+
+    def _stop_status(self, request: Request, token: int,
+                     stop_string: str | None) -> tuple[RequestStatus | None, str | int | None]:
+        params = request.sampling_params
+        if stop_string is not None:
+            return RequestStatus.FINISHED_STOPPED, stop_string
+        if request.num_output_tokens >= params.min_tokens:
+            if token in params.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED, token
+            if token in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED, None
+        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.parts.max_model_len:
+            return RequestStatus.FINISHED_LENGTH, None
+        return None, None
+
+    def _finish_with_head(self, request: Request, result: StepResult, now: float) -> RequestOutput:
+        request.first_token_time = now
+        head_output = self.parts.run_head(request, result.head_hidden[request.request_id])
+        self.parts.detokenizer_of(request).text = head_output["label"]
+        self.parts.head_results[request.request_id] = head_output
+        self.parts.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+        return self._retire(request)
+
+    def _fail_step(self, scheduled: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        self._consecutive_failures += 1
+        message = f"{type(exc).__name__}: {exc}" if isinstance(exc, ValoraError) else f"internal error in step: {exc!r}"
+        logger.exception("step failed; failing %d request(s)", len(scheduled.scheduled))
+        outputs = []
+        for item in scheduled.scheduled:
+            request = item.request
+            if not request.is_finished:
+                self.parts.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR, message)
+                request.error = message
+                outputs.append(self._retire(request))
+        if self._consecutive_failures >= self.max_consecutive_step_failures:
+            self.dead_reason = f"{self._consecutive_failures} consecutive step failures; last: {message}"
+            logger.error("engine marked dead: %s", self.dead_reason)
+        return outputs
+
+    def _retire(self, request: Request, stop_reason: str | int | None = None) -> RequestOutput:
+        """Build the request's final output, then forget every piece of per-request state."""
+        output = self._output(request, stop_reason)
+        self.parts.runner.release(request.request_id)
+        self.requests.pop(request.request_id, None)
+        self.parts.forget(request.request_id)
+        return output
+
+    def _output(self, request: Request, stop_reason: str | int | None = None) -> RequestOutput:
+        return build_output(request, self.parts.detokenizer_of(request),
+                            self.parts.head_results.get(request.request_id), stop_reason)
+
+    # ----- introspection --------------------------------------------------------------------
+    @property
+    def is_healthy(self) -> bool:
+        return self.dead_reason is None
+
+    def stats(self) -> dict[str, Any]:
+        return self.parts.stats()

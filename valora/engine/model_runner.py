@@ -1,0 +1,193 @@
+"""Run one scheduled step: build the batch, place image embeddings, run the model, sample.
+
+The runner owns the device state of a step: KV cache tensors, the image-embedding cache, the
+per-request random generators and partial hidden states collected for task heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from valora.engine.batch_builder import ImageRows, build_forward_batch
+from valora.engine.image_cache import ImageEmbeddingCache
+from valora.engine.sampler import SamplingRow, make_generator, sample
+from valora.engine.scheduler_output import ScheduledRequest
+from valora.forward_batch import ForwardBatch
+from valora.logger import get_logger
+from valora.ops.lora import prepare_lora_batch
+from valora.outputs import TokenLogprob
+from valora.request import Request
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class StepResult:
+    """What a step produced: a token (and maybe logprobs) for each request that sampled, and the
+    trailing prompt hidden states of task-head requests whose prefill completed."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    head_hidden: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class LoRAStepPlan:
+    """Per-token LoRA slots for this step (see ``valora.orchestrator.modes``)."""
+
+    token_slots: list[int]
+    correction_slots: list[int] | None = None
+
+
+class ModelRunner:
+    """Executes steps of one model on one device."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        page_size: int,
+        num_pages: int,
+        num_lora_slots: int,
+        lora_backend: str,
+        image_cache_bytes: int = 256 * 1024 * 1024,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.num_lora_slots = num_lora_slots
+        self.lora_backend = lora_backend
+        self.seed = seed
+        shape = model.kv_cache_shape(num_pages, page_size)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(model.spec.num_layers)
+        ]
+        model.bind_kv_caches(self.kv_caches)
+        self.image_cache = ImageEmbeddingCache(image_cache_bytes)
+        self._generators: dict[str, torch.Generator | None] = {}
+        self._head_hidden: dict[str, list[torch.Tensor]] = {}
+        self._num_generated_seeds = 0
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
+
+    def release(self, request_id: str) -> None:
+        """Forget per-request state (generator, partial head hidden states)."""
+        self._generators.pop(request_id, None)
+        self._head_hidden.pop(request_id, None)
+
+    def reset_request(self, request_id: str) -> None:
+        """After a preemption: partial head hidden states are recomputed, the generator is kept."""
+        self._head_hidden.pop(request_id, None)
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        scheduled: Sequence[ScheduledRequest],
+        page_table_of: Callable[[str], list[int]],
+        slot_of: Callable[[Request], int],
+        head_tokens_of: Callable[[Request], int],
+        plan_lora: Callable[[list[int]], LoRAStepPlan] | None = None,
+    ) -> StepResult:
+        """Run the model over ``scheduled`` and sample; K/V of the new tokens are written in place."""
+        batch, layout, image_rows, token_slots = build_forward_batch(
+            scheduled, page_table_of, self.page_size, slot_of, self.device)
+        self._attach_lora(batch, token_slots, plan_lora)
+        self._attach_images(batch, image_rows)
+        hidden = self.model.forward(batch)
+        result = StepResult()
+        self._collect_head_hidden(scheduled, layout.token_ranges, hidden, head_tokens_of, result)
+        if layout.sampling_rows:
+            logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+            requests = [scheduled[i].request for i in layout.sampling_rows]
+            rows = [self._sampling_row(r) for r in requests]
+            tokens, logprobs = sample(logits, rows)
+            for request, token, logprob in zip(requests, tokens, logprobs, strict=True):
+                result.sampled[request.request_id] = token
+                if logprob is not None:
+                    result.logprobs[request.request_id] = logprob
+        return result
+
+    def _attach_lora(self, batch: ForwardBatch, token_slots: list[int],
+                     plan_lora: Callable[[list[int]], LoRAStepPlan] | None) -> None:
+        if self.num_lora_slots == 0:
+            return
+        plan = plan_lora(token_slots) if plan_lora is not None else LoRAStepPlan(token_slots)
+        if any(s >= 0 for s in plan.token_slots):
+            batch.lora = prepare_lora_batch(
+                torch.tensor(plan.token_slots, dtype=torch.int32, device=self.device),
+                self.num_lora_slots, self.lora_backend)
+        if plan.correction_slots is not None and any(s >= 0 for s in plan.correction_slots):
+            batch.lora_correction = prepare_lora_batch(
+                torch.tensor(plan.correction_slots, dtype=torch.int32, device=self.device),
+                self.num_lora_slots, self.lora_backend)
+
+    def _attach_images(self, batch: ForwardBatch, image_rows: list[ImageRows]) -> None:
+        if not image_rows:
+            return
+        missing = {p.span.digest: p.span for p in image_rows if self.image_cache.get(p.span.digest) is None}
+        if missing:
+            spans = list(missing.values())
+            pixels = torch.stack([self._pixels(s) for s in spans]).to(self.device, self.dtype)
+            embeds = self.model.encode_images(pixels)  # one vision-tower call for the whole step
+            for span, embedding in zip(spans, embeds, strict=True):
+                self.image_cache.put(span.digest, embedding)
+                if self.image_cache.get(span.digest) is None:  # too large to cache: keep for this step
+                    span.pixel_values = embedding
+        pieces: list[torch.Tensor] = []
+        indices: list[torch.Tensor] = []
+        for piece in image_rows:
+            cached = self.image_cache.get(piece.span.digest)
+            embedding = cached if cached is not None else piece.span.pixel_values
+            pieces.append(embedding[piece.row_start:piece.row_end])
+            count = piece.row_end - piece.row_start
+            indices.append(torch.arange(piece.flat_start, piece.flat_start + count, device=self.device))
+        batch.image_embeds = torch.cat(pieces)
+        batch.image_token_indices = torch.cat(indices)
+
+    @staticmethod
+    def _pixels(span: Any) -> torch.Tensor:
+        if span.pixel_values is None:
+            raise RuntimeError(f"image {span.digest[:12]} has no pixel values and no cached embedding")
+        return span.pixel_values  # type: ignore[no-any-return]
+
+    def _collect_head_hidden(self, scheduled: Sequence[ScheduledRequest], ranges: list[tuple[int, int]],
+                             hidden: torch.Tensor, head_tokens_of: Callable[[Request], int],
+                             result: StepResult) -> None:
+        for item, (flat_start, flat_end) in zip(scheduled, ranges, strict=True):
+            request = item.request
+            need = head_tokens_of(request)
+            if need <= 0 or request.num_output_tokens > 0:
+                continue
+            first_needed = request.num_prompt_tokens - need
+            start = request.num_computed_tokens
+            lo = max(start, first_needed)
+            end = start + (flat_end - flat_start)
+            if lo < end:
+                self._head_hidden.setdefault(request.request_id, []).append(
+                    hidden[flat_start + lo - start: flat_end].clone())
+            if end >= request.num_prompt_tokens:
+                parts = self._head_hidden.pop(request.request_id, [])
+                result.head_hidden[request.request_id] = torch.cat(parts)
+
+    def _sampling_row(self, request: Request) -> SamplingRow:
+        if request.request_id not in self._generators:
+            self._num_generated_seeds += 1
+            fallback = (self.seed * 1_000_003 + self._num_generated_seeds) & 0x7FFFFFFF
+            self._generators[request.request_id] = make_generator(request.sampling_params, self.device, fallback)
+        params = request.sampling_params
+        banned: tuple[int, ...] = ()
+        if request.num_output_tokens < params.min_tokens:
+            banned = tuple(request.eos_token_ids) + params.stop_token_ids
+        return SamplingRow(params=params, generator=self._generators[request.request_id], banned_token_ids=banned)

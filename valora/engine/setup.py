@@ -1,0 +1,175 @@
+"""``EngineParts``: the wired-together components of one engine, and how a step runs them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from valora.config import EngineConfig
+from valora.engine.components import (lora_backend_for, resolve_device, resolve_dtype,
+                                      resolve_model_path, size_kv_cache)
+from valora.engine.detokenizer import IncrementalDetokenizer
+from valora.engine.inputs import InputProcessor, ModelLimits
+from valora.engine.model_runner import LoRAStepPlan, ModelRunner, StepResult
+from valora.engine.policy import get_policy
+from valora.engine.scheduler import Scheduler
+from valora.engine.scheduler_output import SchedulerOutput
+from valora.errors import OutOfResourcesError
+from valora.kv_cache.kv_cache_manager import KVCacheManager
+from valora.kv_cache.page_pool import PagePool
+from valora.logger import get_logger
+from valora.lora.adapter_manager import AdapterManager
+from valora.lora.peft_format import BaseModelShapes
+from valora.models.loader import load_model
+from valora.multimodal.processor import ImageProcessor
+from valora.request import Request
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class EngineParts:
+    """Components shared by one engine. Per-request state here is dropped by ``forget``."""
+
+    config: EngineConfig
+    model_path: Path
+    device: torch.device
+    dtype: torch.dtype
+    model: Any
+    tokenizer: Any
+    inputs: InputProcessor
+    kv_manager: KVCacheManager
+    scheduler: Scheduler
+    adapters: AdapterManager
+    runner: ModelRunner
+    max_model_len: int
+    detokenizers: dict[str, IncrementalDetokenizer] = field(default_factory=dict)
+    head_results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _heads: dict[str, Any] = field(default_factory=dict)
+    merged_slot: int | None = None
+
+    # ----- per request ---------------------------------------------------------------------
+    def detokenizer_of(self, request: Request) -> IncrementalDetokenizer:
+        detok = self.detokenizers.get(request.request_id)
+        if detok is None:
+            params = request.sampling_params
+            detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
+            self.detokenizers[request.request_id] = detok
+        return detok
+
+    def forget(self, request_id: str) -> None:
+        self.detokenizers.pop(request_id, None)
+        self.head_results.pop(request_id, None)
+
+    def check_fits(self, request: Request) -> None:
+        """Reject a request that could never run: more pages than the whole pool holds."""
+        page_size = self.config.cache.page_size
+        need = -(-(request.num_prompt_tokens + 1) // page_size)
+        usable = self.kv_manager.pool.num_pages - 1
+        if need > usable:
+            raise OutOfResourcesError(
+                f"the prompt needs {need} KV pages of {page_size} tokens but the pool has {usable}; "
+                "raise num_pages / cache memory or shorten the prompt")
+
+    # ----- task heads -------------------------------------------------------------------------
+    def head_of(self, adapter_name: str | None) -> Any:
+        if adapter_name is None:
+            return None
+        if adapter_name not in self._heads:
+            from valora.heads import load_task_head
+
+            adapter = self.adapters.resolve(adapter_name)
+            head = load_task_head(Path(adapter.path))
+            if head is not None:
+                head = head.to(self.device)
+            self._heads[adapter_name] = head
+        return self._heads[adapter_name]
+
+    def head_tokens_of(self, request: Request) -> int:
+        head = self.head_of(request.adapter_name)
+        return int(head.num_input_tokens) if head is not None else 0
+
+    def run_head(self, request: Request, hidden: torch.Tensor) -> dict[str, Any]:
+        head = self.head_of(request.adapter_name)
+        result = head.run(hidden)
+        out: dict[str, Any] = result.to_dict()
+        out.setdefault("label", result.label)
+        return out
+
+    def drop_adapter(self, name: str) -> None:
+        self._heads.pop(name, None)
+
+    # ----- a step -----------------------------------------------------------------------------
+    def slot_of(self, request: Request) -> int:
+        if request.adapter_name is None:
+            return -1
+        slot = self.adapters.slot_of(request.adapter_name)
+        if slot is None:
+            raise RuntimeError(f"adapter {request.adapter_name!r} is scheduled but not resident")
+        return int(slot)
+
+    def plan_lora(self, token_slots: list[int]) -> LoRAStepPlan:
+        if self.merged_slot is None:
+            return LoRAStepPlan(token_slots)
+        from valora.orchestrator.modes import plan_lora_batches
+
+        lora_slots, correction = plan_lora_batches(token_slots, self.merged_slot)
+        return LoRAStepPlan(lora_slots, correction)
+
+    def execute(self, scheduled: SchedulerOutput) -> StepResult:
+        return self.runner.execute(
+            scheduled.scheduled, self.kv_manager.page_table, self.slot_of, self.head_tokens_of,
+            self.plan_lora)
+
+    def stats(self) -> dict[str, Any]:
+        pool = self.kv_manager.pool
+        return {
+            "num_waiting": self.scheduler.num_waiting,
+            "num_running": self.scheduler.num_running,
+            "kv_pages_total": pool.num_pages - 1,
+            "kv_pages_free": pool.num_free_pages,
+            "adapters": self.adapters.stats(),
+            "image_cache_entries": len(self.runner.image_cache),
+        }
+
+
+def build_engine_parts(config: EngineConfig) -> EngineParts:
+    """Load the model and build every component (logs where the memory goes)."""
+    from transformers import AutoTokenizer
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.model.dtype, device)
+    path = resolve_model_path(config.model.model)
+    model = load_model(str(path), dtype=dtype, device=device, load_format=config.model.load_format,
+                       seed=config.model.seed)
+    spec = model.spec
+    max_model_len = min(config.model.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    image_processor = ImageProcessor.from_pretrained(path) if spec.is_multimodal else None
+    limits = ModelLimits(max_model_len, spec.image_token_id, spec.num_image_tokens, tuple(spec.eos_token_ids))
+    num_slots = config.lora.max_loras if config.lora.enable_lora else 0
+    if num_slots:
+        model.init_lora(num_slots, config.lora.max_lora_rank, dtype)
+    sizing = size_kv_cache(config, spec, dtype, device)
+    pool = PagePool(sizing.num_pages, config.cache.page_size, config.cache.enable_prefix_caching)
+    kv_manager = KVCacheManager(pool)
+    adapters = AdapterManager(model.lora_slot_map() if num_slots else {}, config.lora,
+                              BaseModelShapes.from_config_json(path))
+    scheduler = Scheduler(config.scheduler, config.cache, kv_manager, max_model_len=max_model_len,
+                          policy=get_policy(config.scheduler.policy),
+                          admit=lambda r: r.adapter_name is None or adapters.acquire(r.adapter_name) is not None,
+                          release=lambda r: r.adapter_name is not None and adapters.release(r.adapter_name))
+    runner = ModelRunner(model, device=device, dtype=dtype, page_size=config.cache.page_size,
+                         num_pages=sizing.num_pages, num_lora_slots=num_slots,
+                         lora_backend=lora_backend_for(config.lora.lora_backend, device), seed=config.model.seed)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    logger.info("model %s on %s (%s): weights %.1f MiB, KV cache %d pages = %.1f MiB, %d adapter slots",
+                path, device, dtype, weight_bytes / 2**20, sizing.num_pages,
+                runner.kv_cache_bytes / 2**20, num_slots)
+    inputs = InputProcessor(tokenizer, image_processor, limits, config.image)
+    return EngineParts(config=config, model_path=path, device=device, dtype=dtype, model=model,
+                       tokenizer=tokenizer, inputs=inputs, kv_manager=kv_manager, scheduler=scheduler,
+                       adapters=adapters, runner=runner, max_model_len=max_model_len)
