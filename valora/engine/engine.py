@@ -39,6 +39,7 @@ class LLMEngine:
         self._consecutive_failures = 0
         self.dead_reason: str | None = None
         self.num_steps = 0
+        self.num_preemptions = 0
 
     # ----- requests -------------------------------------------------------------------------
     def add_request(self, spec: GenerateRequest) -> Request:
@@ -52,7 +53,6 @@ class LLMEngine:
         if request.adapter_name is not None:
             adapter = self.parts.adapters.resolve(request.adapter_name)
             request.adapter_digest = adapter.digest
-        self.parts.check_fits(request)
         self.parts.scheduler.add_request(request)
         self.requests[request.request_id] = request
         return request
@@ -76,6 +76,7 @@ class LLMEngine:
         outputs, self._pending_outputs = self._pending_outputs, []
         scheduled = self.parts.scheduler.schedule()
         for request in scheduled.preempted:
+            self.num_preemptions += 1
             self.parts.runner.reset_request(request.request_id)
         if not scheduled.scheduled:
             return outputs

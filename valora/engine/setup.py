@@ -17,7 +17,6 @@ from valora.engine.model_runner import LoRAStepPlan, ModelRunner, StepResult
 from valora.engine.policy import get_policy
 from valora.engine.scheduler import Scheduler
 from valora.engine.scheduler_output import SchedulerOutput
-from valora.errors import OutOfResourcesError
 from valora.kv_cache.kv_cache_manager import KVCacheManager
 from valora.kv_cache.page_pool import PagePool
 from valora.logger import get_logger
@@ -63,16 +62,6 @@ class EngineParts:
     def forget(self, request_id: str) -> None:
         self.detokenizers.pop(request_id, None)
         self.head_results.pop(request_id, None)
-
-    def check_fits(self, request: Request) -> None:
-        """Reject a request that could never run: more pages than the whole pool holds."""
-        page_size = self.config.cache.page_size
-        need = -(-(request.num_prompt_tokens + 1) // page_size)
-        usable = self.kv_manager.pool.num_pages - 1
-        if need > usable:
-            raise OutOfResourcesError(
-                f"the prompt needs {need} KV pages of {page_size} tokens but the pool has {usable}; "
-                "raise num_pages / cache memory or shorten the prompt")
 
     # ----- task heads -------------------------------------------------------------------------
     def head_of(self, adapter_name: str | None) -> Any:
@@ -158,10 +147,16 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     kv_manager = KVCacheManager(pool)
     adapters = AdapterManager(model.lora_slot_map() if num_slots else {}, config.lora,
                               BaseModelShapes.from_config_json(path))
+
+    def admit(request: Request) -> bool:
+        return request.adapter_name is None or adapters.acquire(request.adapter_name) is not None
+
+    def release(request: Request) -> None:
+        if request.adapter_name is not None:
+            adapters.release(request.adapter_name)
+
     scheduler = Scheduler(config.scheduler, config.cache, kv_manager, max_model_len=max_model_len,
-                          policy=get_policy(config.scheduler.policy),
-                          admit=lambda r: r.adapter_name is None or adapters.acquire(r.adapter_name) is not None,
-                          release=lambda r: r.adapter_name is not None and adapters.release(r.adapter_name))
+                          policy=get_policy(config.scheduler.policy), admit=admit, release=release)
     runner = ModelRunner(model, device=device, dtype=dtype, page_size=config.cache.page_size,
                          num_pages=sizing.num_pages, num_lora_slots=num_slots,
                          lora_backend=lora_backend_for(config.lora.lora_backend, device), seed=config.model.seed)
