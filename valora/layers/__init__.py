@@ -1,0 +1,1 @@
+"""Building blocks of valora's models: LoRA-aware linear, paged attention, RoPE, norms."""

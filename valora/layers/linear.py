@@ -1,0 +1,85 @@
+"""The one LoRA-aware linear layer: several projections fused into one weight.
+
+A ``FusedLinear`` holds the rows of ``len(slice_widths)`` projections that read the same input
+(q/k/v, or gate/up) stacked into one ``weight`` of shape ``[sum(slice_widths), in_features]``.
+Slice ``j`` owns rows ``sum(slice_widths[:j]) : sum(slice_widths[:j + 1])`` and is known to the
+checkpoint loader and to adapters by ``slice_names[j]`` (the PEFT module name, e.g. ``q_proj``).
+
+Semantics of ``forward(x, lora, lora_correction)``::
+
+    y = x @ weight.T + bias
+    if lora_weights is allocated and lora is not None:  y += LoRA(x; token slots of lora)
+    if lora_weights is allocated and lora_correction is not None:
+        y -= LoRA(x; token slots of lora_correction)        # mixed mode: undo the merged adapter
+
+The LoRA terms are computed by ``valora.ops.lora_apply`` on the slot storage in
+``lora_weights`` (layout in ``valora.ops.lora``); rows whose slot is ``-1`` are untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from valora.ops.lora import LoRABatch, LoRASlotWeights, lora_apply
+
+
+class FusedLinear(nn.Module):
+    """``y = x Wᵀ + b`` over fused slices, plus each token's adapter delta (see module doc)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        slice_widths: tuple[int, ...],
+        bias: bool,
+        slice_names: tuple[str, ...],
+    ) -> None:
+        super().__init__()
+        if len(slice_widths) != len(slice_names) or not slice_widths:
+            raise ValueError(f"slice_widths {slice_widths} and slice_names {slice_names} must "
+                             "be non-empty and of equal length")
+        self.in_features = in_features
+        self.slice_widths = tuple(int(w) for w in slice_widths)
+        self.slice_names = tuple(slice_names)
+        self.out_features = sum(self.slice_widths)
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.bias: nn.Parameter | None = (
+            nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None)
+        self.lora_weights: LoRASlotWeights | None = None
+
+    def slice_rows(self, index: int) -> slice:
+        """Rows of ``weight`` (and ``bias``) that belong to slice ``index``."""
+        start = sum(self.slice_widths[:index])
+        return slice(start, start + self.slice_widths[index])
+
+    def slice_index(self, name: str) -> int:
+        """Position of the slice called ``name`` (``ValueError`` if absent)."""
+        return self.slice_names.index(name)
+
+    def init_lora_slots(
+        self, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device | str
+    ) -> LoRASlotWeights:
+        """Allocate empty (rank-0) adapter slot storage for this layer and return it."""
+        self.lora_weights = LoRASlotWeights.empty(
+            num_slots, max_rank, self.in_features, self.slice_widths, dtype, device)
+        return self.lora_weights
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        lora: LoRABatch | None = None,
+        lora_correction: LoRABatch | None = None,
+    ) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora_weights is not None:
+            if lora is not None:
+                lora_apply(y, x, self.lora_weights, lora)
+            if lora_correction is not None:
+                lora_apply(y, x, self.lora_weights, lora_correction, scale_multiplier=-1.0)
+        return y
+
+    def extra_repr(self) -> str:
+        pairs = zip(self.slice_names, self.slice_widths, strict=True)
+        slices = ", ".join(f"{n}={w}" for n, w in pairs)
+        return f"in={self.in_features}, {slices}, bias={self.bias is not None}"

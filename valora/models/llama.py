@@ -1,0 +1,139 @@
+"""The Llama-family decoder over a paged KV cache, and the text-only ``LlamaCausalLM``.
+
+One decoder layer (``T`` flat tokens of every sequence in the step)::
+
+    x = h + o_proj(attention(rope(qkv_proj(rms_norm(h)))))          # paged, causal, GQA
+    h = x + down_proj(silu(gate) * up),  (gate, up) = gate_up_proj(rms_norm(x))
+
+``qkv_proj`` fuses the checkpoint's q/k/v projections and ``gate_up_proj`` its gate/up
+projections (rows stacked in that order); each linear applies per-token LoRA deltas from the
+step's ``ForwardBatch``. The decoder returns final-normed hidden states of every token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from valora.errors import ModelLoadError
+from valora.forward_batch import ForwardBatch
+from valora.layers.activation import silu_and_mul
+from valora.layers.attention import AttentionBackend, KVCache
+from valora.layers.embedding import VocabEmbedding
+from valora.layers.linear import FusedLinear
+from valora.layers.norm import RMSNorm
+from valora.layers.rotary import RotaryEmbedding, apply_rotary
+from valora.models.base import CausalLMBase, LoRATarget
+from valora.models.config import CheckpointConfig, TextConfig
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = FusedLinear(cfg.hidden_size, (q_width, kv_width, kv_width),
+                                    cfg.attention_bias, ("q_proj", "k_proj", "v_proj"))
+        self.o_proj = FusedLinear(q_width, (cfg.hidden_size,), cfg.attention_bias, ("o_proj",))
+        self.scale = cfg.head_dim ** -0.5
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                kv_cache: KVCache, plan: object) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        qkv = self.qkv_proj(x, batch.lora, batch.lora_correction)
+        q, k, v = qkv.split(self.qkv_proj.slice_widths, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, k, cos, sin)
+        out = self.backend.forward(q, k, v, kv_cache, batch.attn, plan, self.scale)
+        return self.o_proj(out.reshape(num_tokens, -1), batch.lora, batch.lora_correction)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        if cfg.hidden_act not in ("silu", "swish"):
+            raise ModelLoadError(f"Llama MLP activation {cfg.hidden_act!r} is not supported (silu)")
+        width = cfg.intermediate_size
+        self.gate_up_proj = FusedLinear(cfg.hidden_size, (width, width), cfg.mlp_bias,
+                                        ("gate_proj", "up_proj"))
+        self.down_proj = FusedLinear(width, (cfg.hidden_size,), cfg.mlp_bias, ("down_proj",))
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x, batch.lora, batch.lora_correction)
+        return self.down_proj(silu_and_mul(gate_up), batch.lora, batch.lora_correction)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                kv_cache: KVCache, plan: object) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch, kv_cache, plan)
+        return h + self.mlp(self.post_attention_layernorm(h), batch)
+
+    def fused_linears(self) -> tuple[FusedLinear, ...]:
+        return (self.self_attn.qkv_proj, self.self_attn.o_proj,
+                self.mlp.gate_up_proj, self.mlp.down_proj)
+
+
+class LlamaDecoder(nn.Module):
+    """Token embedding, decoder layers and the final norm (HF's ``LlamaModel``)."""
+
+    def __init__(self, cfg: TextConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(cfg, backend) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
+        self.backend = backend
+
+    def forward(self, embeds: torch.Tensor, batch: ForwardBatch,
+                kv_caches: list[KVCache]) -> torch.Tensor:
+        """Final-normed hidden states ``[T, hidden]`` from input embeddings ``[T, hidden]``."""
+        cos, sin = self.rotary.cos_sin(batch.positions, batch.attn, embeds.dtype)
+        plan = self.backend.plan(batch.attn)
+        h = embeds
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h = layer(h, cos, sin, batch, kv_cache, plan)
+        return self.norm(h)
+
+    def lora_targets(self) -> dict[tuple[int, str], LoRATarget]:
+        """``(layer, PEFT module name) -> (fused linear, slice index)`` for every layer."""
+        targets: dict[tuple[int, str], LoRATarget] = {}
+        for index, layer in enumerate(self.layers):
+            assert isinstance(layer, LlamaDecoderLayer)
+            for linear in layer.fused_linears():
+                for j, name in enumerate(linear.slice_names):
+                    targets[(index, name)] = (linear, j)
+        return targets
+
+
+class LlamaCausalLM(CausalLMBase):
+    """``LlamaForCausalLM`` / ``MistralForCausalLM``: decoder + LM head (tied or not).
+
+    Module names mirror the checkpoint's (``model.layers.N...``, ``lm_head.weight``).
+    """
+
+    def __init__(self, config: CheckpointConfig, backend: AttentionBackend) -> None:
+        super().__init__(config)
+        self.model = LlamaDecoder(config.text, backend)
+        self._init_head(self.model)
+
+    @property
+    def decoder(self) -> LlamaDecoder:
+        return self.model
+
+    def normalize_checkpoint_key(self, key: str) -> str | None:
+        if key == "lm_head.weight" and self.lm_head.tied:
+            return None
+        return key
