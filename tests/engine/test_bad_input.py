@@ -99,3 +99,25 @@ def test_bad_adapter_directories(llm: LLM, tiny_llava: Path, tiny_adapters: dict
 def test_unknown_request_field(llm: LLM) -> None:
     with pytest.raises(InvalidRequestError, match="unknown request field"):
         llm.generate([{**OK, "temprature": 0.5}])
+
+
+def test_adapter_unloaded_while_request_waits_fails_only_that_request(
+        tiny_llava: Path, tiny_adapters: dict[str, Path]) -> None:
+    from valora.engine.inputs import GenerateRequest
+
+    llm = LLM(model=str(tiny_llava), dtype="float32", device="cpu", num_pages=64, page_size=8,
+              max_loras=2, max_lora_rank=64, adapters={"r4": tiny_adapters["r4"], "r16": tiny_adapters["r16"]})
+    engine = llm.engine
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    doomed = engine.add_request(GenerateRequest(prompt="USER: a ASSISTANT:", adapter="r4", sampling_params=params))
+    fine = engine.add_request(GenerateRequest(prompt="USER: b ASSISTANT:", adapter="r16", sampling_params=params))
+    llm.unload_adapter("r4")  # not pinned yet: nothing has been scheduled
+    finals = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert finals[doomed.request_id].outputs[0].finish_reason == "error"
+    assert "r4" in (finals[doomed.request_id].error or "")
+    assert len(finals[fine.request_id].outputs[0].token_ids) == 3
+    _still_serves(llm)

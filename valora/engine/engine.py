@@ -51,8 +51,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {spec.request_id!r} is already in use")
         request = self.parts.inputs.process(spec)
         if request.adapter_name is not None:
-            adapter = self.parts.adapters.resolve(request.adapter_name)
-            request.adapter_digest = adapter.digest
+            request.adapter_digest = self.parts.adapters.digest(request.adapter_name)
         self.parts.scheduler.add_request(request)
         self.requests[request.request_id] = request
         return request
@@ -75,6 +74,7 @@ class LLMEngine:
             raise EngineDeadError(f"the engine is dead: {self.dead_reason}")
         outputs, self._pending_outputs = self._pending_outputs, []
         scheduled = self.parts.scheduler.schedule()
+        outputs.extend(self._fail_unadmittable())
         for request in scheduled.preempted:
             self.num_preemptions += 1
             self.parts.runner.reset_request(request.request_id)
@@ -143,6 +143,17 @@ class LLMEngine:
         self.parts.head_results[request.request_id] = head_output
         self.parts.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
         return self._retire(request)
+
+    def _fail_unadmittable(self) -> list[RequestOutput]:
+        """Fail requests whose adapter could not be pinned for good (e.g. unloaded meanwhile)."""
+        failed = []
+        for request, error in self.parts.take_admission_failures():
+            if not request.is_finished:
+                message = f"{type(error).__name__}: {error}"
+                self.parts.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR, message)
+                request.error = message
+                failed.append(self._retire(request))
+        return failed
 
     def _fail_step(self, scheduled: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         self._consecutive_failures += 1

@@ -17,6 +17,7 @@ from valora.engine.model_runner import LoRAStepPlan, ModelRunner, StepResult
 from valora.engine.policy import get_policy
 from valora.engine.scheduler import Scheduler
 from valora.engine.scheduler_output import SchedulerOutput
+from valora.errors import ValoraError
 from valora.kv_cache.kv_cache_manager import KVCacheManager
 from valora.kv_cache.page_pool import PagePool
 from valora.logger import get_logger
@@ -49,6 +50,7 @@ class EngineParts:
     head_results: dict[str, dict[str, Any]] = field(default_factory=dict)
     _heads: dict[str, Any] = field(default_factory=dict)
     merged_slot: int | None = None
+    admission_failures: list[tuple[Request, Exception]] = field(default_factory=list)
 
     # ----- per request ---------------------------------------------------------------------
     def detokenizer_of(self, request: Request) -> IncrementalDetokenizer:
@@ -58,6 +60,11 @@ class EngineParts:
             detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
             self.detokenizers[request.request_id] = detok
         return detok
+
+    def take_admission_failures(self) -> list[tuple[Request, Exception]]:
+        failures = list(self.admission_failures)
+        self.admission_failures.clear()  # in place: the scheduler's admit hook appends to this list
+        return failures
 
     def forget(self, request_id: str) -> None:
         self.detokenizers.pop(request_id, None)
@@ -148,8 +155,16 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     adapters = AdapterManager(model.lora_slot_map() if num_slots else {}, config.lora,
                               BaseModelShapes.from_config_json(path))
 
+    failures: list[tuple[Request, Exception]] = []
+
     def admit(request: Request) -> bool:
-        return request.adapter_name is None or adapters.acquire(request.adapter_name) is not None
+        if request.adapter_name is None:
+            return True
+        try:
+            return adapters.acquire(request.adapter_name) is not None
+        except ValoraError as exc:  # unregistered or unreadable since it was queued
+            failures.append((request, exc))
+            return False
 
     def release(request: Request) -> None:
         if request.adapter_name is not None:
@@ -167,4 +182,5 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     inputs = InputProcessor(tokenizer, image_processor, limits, config.image)
     return EngineParts(config=config, model_path=path, device=device, dtype=dtype, model=model,
                        tokenizer=tokenizer, inputs=inputs, kv_manager=kv_manager, scheduler=scheduler,
-                       adapters=adapters, runner=runner, max_model_len=max_model_len)
+                       adapters=adapters, runner=runner, max_model_len=max_model_len,
+                       admission_failures=failures)

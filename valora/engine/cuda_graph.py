@@ -1,0 +1,247 @@
+"""CUDA graphs for decode steps: one graph per batch-size bucket and LoRA variant.
+
+A decode step (every sequence one new token, no image rows) of ``B`` sequences runs the graph of
+the smallest bucket ``≥ B``. Everything the graph reads lives in static buffers sized for the
+largest bucket: input ids, positions, ``query_start_loc`` (the constant ``0..bucket``), seq lens,
+page tables, slot mapping, logits rows and per-token LoRA slots. ``run`` copies the step's
+metadata into them and replays; rows ``B..bucket`` are padding: id 0, position 0, sequence
+length 0 (attention returns zeros), K/V written to slot 0 of the null page, LoRA slot -1.
+
+LoRA: the graph reads adapter weights from the model's slot storage (rewritten in place when
+adapters change) and the token grouping from ``LoRASegments`` buffers owned here, rebuilt on the
+device from the static token slots inside the graph (or, if capturing that fails, just before
+the replay). So graphs depend on the bucket and the *variant* only — ``"base"`` (no LoRA),
+``"lora"`` and ``"mixed"`` (LoRA + merged-adapter correction) — never on which adapters run.
+
+Invariants: the model's KV caches, LoRA slot tensors and weights keep their storage after
+``capture`` (rebinding caches or calling ``init_lora`` again needs a new runner); the hidden
+states ``run`` returns are a view of the graph's output, valid until the next ``run``.
+With ``use_graphs=False`` (the CPU, tests) the same buffers are run eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from valora.errors import ValoraError
+from valora.forward_batch import AttentionMetadata, ForwardBatch
+from valora.logger import get_logger
+from valora.models.base import CausalLMBase
+from valora.ops.lora import LoRABatch
+from valora.ops.lora_segments import LoRASegments
+
+logger = get_logger(__name__)
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+VARIANTS = ("base", "lora", "mixed")
+
+
+def batch_buckets(max_batch: int, buckets: Iterable[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
+    """The buckets below ``max_batch``, plus ``max_batch`` itself (sorted)."""
+    if max_batch < 1:
+        raise ValoraError(f"max_batch must be >= 1, got {max_batch}")
+    return tuple(sorted({b for b in buckets if 0 < b < max_batch} | {max_batch}))
+
+
+def variant_of(batch: ForwardBatch) -> str:
+    if batch.lora is None:
+        return "base" if batch.lora_correction is None else "invalid"
+    return "lora" if batch.lora_correction is None else "mixed"
+
+
+@dataclass
+class _Entry:
+    """One bucket × variant: its static batch, segments and (once captured) graph + output."""
+
+    batch: ForwardBatch
+    segments: list[tuple[LoRASegments, torch.Tensor]]
+    graph: torch.cuda.CUDAGraph | None = None
+    output: torch.Tensor | None = None
+    update_in_graph: bool = True
+
+
+class CudaGraphRunner:
+    """Captures and replays decode steps of ``model`` (see the module docstring)."""
+
+    def __init__(self, model: CausalLMBase, max_batch: int, *, max_context: int,
+                 page_size: int, num_lora_slots: int = 0,
+                 variants: Iterable[str] = ("base", "lora"),
+                 buckets: Iterable[int] = DEFAULT_BUCKETS, use_graphs: bool | None = None) -> None:
+        backend = model.decoder.backend
+        if not getattr(backend, "graph_capturable", False):
+            raise ValoraError(f"attention backend {backend.name!r} cannot be captured in a CUDA "
+                              "graph (use the 'triton' backend)")
+        rope = model.decoder.rotary.config
+        if rope.length_threshold is not None:
+            raise ValoraError(f"RoPE {rope.rope_type!r} changes with context length; decode "
+                              "steps cannot be replayed from a graph")
+        self.variants = tuple(variants)
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or (num_lora_slots == 0 and set(self.variants) - {"base"}):
+            raise ValoraError(f"variants {self.variants} invalid (known {VARIANTS}; LoRA "
+                              f"variants need num_lora_slots > 0)")
+        self.model = model
+        self.device = model.device
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self.page_size = page_size
+        self.max_pages = -(-max_context // page_size)
+        self.max_context = self.max_pages * page_size
+        self.num_lora_slots = num_lora_slots
+        self.buckets = batch_buckets(max_batch, buckets)
+        self._allocate_static(self.buckets[-1])
+        self._entries = {(b, v): self._make_entry(b, v) for b in self.buckets
+                         for v in self.variants}
+        self._pool: tuple[int, int] | None = None
+        self.captured = False
+
+    # ----- static state ---------------------------------------------------------------------
+    def _allocate_static(self, size: int) -> None:
+        def zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=self.device)
+
+        self.input_ids = zeros(size, dtype=torch.int64)
+        self.positions = zeros(size, dtype=torch.int64)
+        self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=self.device)
+        self.seq_lens = zeros(size, dtype=torch.int32)
+        self.page_table = zeros(size, self.max_pages, dtype=torch.int32)
+        self.slot_mapping = zeros(size, dtype=torch.int64)
+        self.logits_indices = torch.arange(size, dtype=torch.int64, device=self.device)
+        self.token_slots = torch.full((size,), -1, dtype=torch.int32, device=self.device)
+        self.correction_slots = torch.full((size,), -1, dtype=torch.int32, device=self.device)
+
+    def _make_entry(self, size: int, variant: str) -> _Entry:
+        attn = AttentionMetadata(
+            query_start_loc=self.query_start_loc[:size + 1], seq_lens=self.seq_lens[:size],
+            page_table=self.page_table[:size], slot_mapping=self.slot_mapping[:size],
+            page_size=self.page_size, query_lens_cpu=[1] * size,
+            seq_lens_cpu=[self.max_context] * size)  # worst case: sizes the split-K plan
+        batch = ForwardBatch(input_ids=self.input_ids[:size], positions=self.positions[:size],
+                             attn=attn, logits_indices=self.logits_indices[:size])
+        segments: list[tuple[LoRASegments, torch.Tensor]] = []
+        if variant in ("lora", "mixed"):
+            batch.lora, pair = self._lora_batch(self.token_slots[:size])
+            segments.append(pair)
+        if variant == "mixed":
+            batch.lora_correction, pair = self._lora_batch(self.correction_slots[:size])
+            segments.append(pair)
+        return _Entry(batch, segments)
+
+    def _lora_batch(self, slots: torch.Tensor
+                    ) -> tuple[LoRABatch, tuple[LoRASegments, torch.Tensor]]:
+        segments = LoRASegments.allocate(int(slots.shape[0]), self.num_lora_slots, self.device)
+        segments.update(slots)
+        batch = LoRABatch(token_slots=slots, num_slots=self.num_lora_slots, backend="triton",
+                          backend_data=segments)
+        return batch, (segments, slots)
+
+    # ----- capture --------------------------------------------------------------------------
+    def _body(self, entry: _Entry, in_graph: bool) -> torch.Tensor:
+        if in_graph:
+            for segments, slots in entry.segments:
+                segments.update(slots)
+        hidden: torch.Tensor = self.model(entry.batch)
+        return hidden
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Warm up (compiles every kernel configuration) and capture all graphs, largest first."""
+        if self.captured:
+            return
+        if not self.use_graphs:
+            self.captured = True
+            return
+        self._pool = torch.cuda.graph_pool_handle()
+        before = torch.cuda.memory_reserved(self.device)
+        for size in reversed(self.buckets):
+            for variant in self.variants:
+                self._capture_entry(self._entries[(size, variant)])
+        torch.cuda.synchronize(self.device)
+        self.captured = True
+        logger.info("captured %d decode graphs (buckets %s, variants %s): %.1f MiB",
+                    len(self._entries), list(self.buckets), list(self.variants),
+                    (torch.cuda.memory_reserved(self.device) - before) / 2**20)
+
+    def _capture_entry(self, entry: _Entry) -> None:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._body(entry, in_graph=True)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        for in_graph in (True, False) if entry.segments else (True,):
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self._pool):
+                    entry.output = self._body(entry, in_graph)
+            except RuntimeError as exc:
+                if not in_graph or not entry.segments:
+                    raise
+                logger.warning("LoRA segment update not capturable (%s); it runs before each "
+                               "replay instead", exc)
+                torch.cuda.synchronize(self.device)
+                continue
+            entry.graph, entry.update_in_graph = graph, in_graph
+            return
+
+    # ----- replay ---------------------------------------------------------------------------
+    def bucket_for(self, num_seqs: int) -> int | None:
+        for size in self.buckets:
+            if num_seqs <= size:
+                return size
+        return None
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        """Whether ``batch`` is a decode step a captured graph can serve."""
+        attn = batch.attn
+        num_seqs = attn.num_seqs
+        if not self.captured or num_seqs == 0 or batch.image_embeds is not None:
+            return False
+        if batch.num_tokens != num_seqs or any(n != 1 for n in attn.query_lens_cpu):
+            return False
+        if self.bucket_for(num_seqs) is None or attn.page_size != self.page_size:
+            return False
+        if attn.page_table.shape[1] > self.max_pages or max(attn.seq_lens_cpu) > self.max_context:
+            return False
+        for lora in (batch.lora, batch.lora_correction):
+            if lora is not None and lora.num_slots != self.num_lora_slots:
+                return False
+        return variant_of(batch) in self.variants
+
+    @torch.inference_mode()
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Hidden states ``[num_seqs, hidden]`` of a decode step (``can_run`` must hold)."""
+        if not self.can_run(batch):
+            raise ValoraError("CudaGraphRunner.run: batch is not a decode step this runner serves")
+        num_seqs = batch.attn.num_seqs
+        size = self.bucket_for(num_seqs)
+        assert size is not None
+        entry = self._entries[(size, variant_of(batch))]
+        self._fill(batch, num_seqs, size)
+        if entry.graph is None:
+            return self._body(entry, in_graph=True)[:num_seqs]
+        if not entry.update_in_graph:
+            for segments, slots in entry.segments:
+                segments.update(slots)
+        entry.graph.replay()
+        assert entry.output is not None
+        return entry.output[:num_seqs]
+
+    def _fill(self, batch: ForwardBatch, num_seqs: int, size: int) -> None:
+        attn = batch.attn
+        self.input_ids[:num_seqs].copy_(batch.input_ids)
+        self.positions[:num_seqs].copy_(batch.positions)
+        self.seq_lens[:num_seqs].copy_(attn.seq_lens)
+        self.slot_mapping[:num_seqs].copy_(attn.slot_mapping)
+        self.page_table[:num_seqs, :attn.page_table.shape[1]].copy_(attn.page_table)
+        if batch.lora is not None:
+            self.token_slots[:num_seqs].copy_(batch.lora.token_slots)
+        if batch.lora_correction is not None:
+            self.correction_slots[:num_seqs].copy_(batch.lora_correction.token_slots)
+        if size > num_seqs:
+            for buffer in (self.input_ids, self.positions, self.seq_lens, self.slot_mapping):
+                buffer[num_seqs:size].zero_()
+            self.token_slots[num_seqs:size].fill_(-1)
+            self.correction_slots[num_seqs:size].fill_(-1)
