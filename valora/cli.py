@@ -18,19 +18,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from valora.sampling_params import SamplingParams
 
     llm = LLM(**engine_kwargs(args), adapters=dict(_parse_modules(args.lora_modules)))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     content: list[dict[str, Any]] = [{"type": "image"} for _ in args.image]
     content.append({"type": "text", "text": args.prompt})
-    request = GenerateRequest(messages=[{"role": "user", "content": content}], images=list(args.image),
-                              adapter=args.adapter, sampling_params=params)
+    request = GenerateRequest(
+        messages=[{"role": "user", "content": content}],
+        images=list(args.image),
+        adapter=args.adapter,
+        sampling_params=params,
+    )
     output = llm.generate([request])[0]
     if args.json:
         completion = output.outputs[0]
-        json.dump({"text": completion.text, "token_ids": completion.token_ids,
-                   "finish_reason": completion.finish_reason, "head_result": completion.head_result,
-                   "latency_s": output.metrics.latency_s,
-                   "time_to_first_token_s": output.metrics.time_to_first_token_s}, sys.stdout)
+        json.dump(
+            {
+                "text": completion.text,
+                "token_ids": completion.token_ids,
+                "finish_reason": completion.finish_reason,
+                "head_result": completion.head_result,
+                "latency_s": output.metrics.latency_s,
+                "time_to_first_token_s": output.metrics.time_to_first_token_s,
+            },
+            sys.stdout,
+        )
         sys.stdout.write("\n")
     else:
         sys.stdout.write(output.text + "\n")
@@ -53,15 +69,20 @@ def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
 
         main: Callable[[list[str]], int] = importlib.import_module(module).main
         return main(list(args.rest))
+
     return run
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="valora", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    parser.add_argument(
+        "--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="answer one prompt (optionally with images and an adapter)")
+    gen = sub.add_parser(
+        "generate", help="answer one prompt (optionally with images and an adapter)"
+    )
     gen.add_argument("prompt", nargs="?", default="Describe the image.")
     gen.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     gen.add_argument("--adapter", default=None, help="adapter name (from --lora-modules)")
@@ -71,14 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--json", action="store_true", help="print a JSON object instead of plain text")
+    gen.add_argument(
+        "--json", action="store_true", help="print a JSON object instead of plain text"
+    )
     add_engine_flags(gen, skip=("seed",))
     gen.set_defaults(func=_cmd_generate)
 
     for name, module, help_text in (
         ("serve", "valora.server.cli", "OpenAI-compatible HTTP server"),
         ("tune-kernels", "valora.ops.tuning", "profile ATMM tile configs on this GPU"),
-        ("adapters", "valora.training.cli", "accuracy-aware adapter generation (adapters build SPEC)"),
+        (
+            "adapters",
+            "valora.training.cli",
+            "accuracy-aware adapter generation (adapters build SPEC)",
+        ),
         ("bench", "valora.bench_cli", "benchmarks (bench serve ...)"),
     ):
         p = sub.add_parser(name, help=help_text, add_help=False)
@@ -89,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     from valora.errors import ValoraError
 
     try:

@@ -46,10 +46,17 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
                 continue
             flag_type, choices = _flag_type(hints[field.name])
             default = field.default if field.default is not dataclasses.MISSING else None
-            group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=flag_type,
-                               choices=choices, default=default,
-                               help=f"(default: {default})")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+            group.add_argument(
+                f"--{field.name.replace('_', '-')}",
+                dest=field.name,
+                type=flag_type,
+                choices=choices,
+                default=default,
+                help=f"(default: {default})",
+            )
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)"
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -34,11 +34,17 @@ class ModelConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.dtype in ("float32", "bfloat16", "float16", "auto"),
-                 f"dtype must be one of float32/bfloat16/float16/auto, got {self.dtype!r}")
-        _require(self.load_format in ("safetensors", "dummy"),
-                 f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
-        _require(self.max_model_len is None or self.max_model_len > 0, "max_model_len must be positive")
+        _require(
+            self.dtype in ("float32", "bfloat16", "float16", "auto"),
+            f"dtype must be one of float32/bfloat16/float16/auto, got {self.dtype!r}",
+        )
+        _require(
+            self.load_format in ("safetensors", "dummy"),
+            f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}",
+        )
+        _require(
+            self.max_model_len is None or self.max_model_len > 0, "max_model_len must be positive"
+        )
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,10 @@ class CacheConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.page_size > 0 and (self.page_size & (self.page_size - 1)) == 0,
-                 f"page_size must be a positive power of two, got {self.page_size}")
+        _require(
+            self.page_size > 0 and (self.page_size & (self.page_size - 1)) == 0,
+            f"page_size must be a positive power of two, got {self.page_size}",
+        )
         _require(self.num_pages is None or self.num_pages > 0, "num_pages must be positive")
         _require(0.0 < self.memory_fraction <= 1.0, "memory_fraction must be in (0, 1]")
 
@@ -111,7 +119,9 @@ class ImageConfig:
     max_images_per_request: int = 8
 
     def __post_init__(self) -> None:
-        _require(self.max_image_pixels > 0 and self.max_image_bytes > 0, "image limits must be positive")
+        _require(
+            self.max_image_pixels > 0 and self.max_image_bytes > 0, "image limits must be positive"
+        )
 
 
 @dataclass(frozen=True)
@@ -128,10 +138,20 @@ class EngineConfig:
     @classmethod
     def create(cls, **kwargs: object) -> EngineConfig:
         """Route flat keyword arguments (``page_size=32``, ``max_loras=4``) to their section."""
-        sections: dict[str, dict[str, object]] = {"model": {}, "cache": {}, "scheduler": {}, "lora": {},
-                                                  "image": {}}
-        classes = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-                   "lora": LoRAConfig, "image": ImageConfig}
+        sections: dict[str, dict[str, object]] = {
+            "model": {},
+            "cache": {},
+            "scheduler": {},
+            "lora": {},
+            "image": {},
+        }
+        classes = {
+            "model": ModelConfig,
+            "cache": CacheConfig,
+            "scheduler": SchedulerConfig,
+            "lora": LoRAConfig,
+            "image": ImageConfig,
+        }
         device = "auto"
         for key, value in kwargs.items():
             if key == "device":

@@ -53,7 +53,9 @@ class SamplingParams:
             problems.append("stop must be a list of non-empty strings")
         if any(t < 0 for t in self.stop_token_ids):
             problems.append("stop_token_ids must be non-negative token ids")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20
+        ):
             problems.append(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             problems.append(f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}")

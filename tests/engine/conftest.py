@@ -25,8 +25,16 @@ def tiny_adapters(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = {}
     for i, (name, rank) in enumerate(ADAPTER_RANKS.items()):
         targets = ("q_proj", "k_proj", "v_proj", "o_proj") if name == "r8" else LANGUAGE_MODULES
-        out[name] = build_tiny_adapter(tiny_llava, root / name, rank, alpha=rank * 1.5, targets=targets,
-                                       use_rslora=name == "r8", seed=100 + i, std=0.15)
+        out[name] = build_tiny_adapter(
+            tiny_llava,
+            root / name,
+            rank,
+            alpha=rank * 1.5,
+            targets=targets,
+            use_rslora=name == "r8",
+            seed=100 + i,
+            std=0.15,
+        )
     return out
 
 

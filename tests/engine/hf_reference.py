@@ -13,19 +13,27 @@ from PIL import Image
 def load_hf(model_dir: Path) -> tuple[Any, Any]:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(
+        str(model_dir), dtype=torch.float32
+    ).eval()
     return model, AutoProcessor.from_pretrained(str(model_dir))
 
 
-def hf_inputs(processor: Any, prompt: str, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+def hf_inputs(
+    processor: Any, prompt: str, images: Sequence[Image.Image]
+) -> dict[str, torch.Tensor]:
     if images:
         return dict(processor(text=prompt, images=list(images), return_tensors="pt"))
     return dict(processor.tokenizer(prompt, return_tensors="pt"))
 
 
 @torch.inference_mode()
-def hf_greedy(model: Any, inputs: dict[str, torch.Tensor], max_new_tokens: int,
-              adapter_names: list[str] | None = None) -> tuple[list[int], list[torch.Tensor]]:
+def hf_greedy(
+    model: Any,
+    inputs: dict[str, torch.Tensor],
+    max_new_tokens: int,
+    adapter_names: list[str] | None = None,
+) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens and the log-softmax of every step's logits, recomputing the full sequence each
     step (no cache: the simplest possible reference)."""
     ids = inputs["input_ids"]

@@ -11,17 +11,35 @@ import pytest
 from PIL import Image
 
 from valora import LLM, SamplingParams
-from valora.errors import (AdapterNotFoundError, ImageError, InvalidAdapterError, InvalidRequestError,
-                           InvalidSamplingParamsError, PromptTooLongError)
+from valora.errors import (
+    AdapterNotFoundError,
+    ImageError,
+    InvalidAdapterError,
+    InvalidRequestError,
+    InvalidSamplingParamsError,
+    PromptTooLongError,
+)
 from valora.testing.checkpoints import build_tiny_adapter
 
-OK = {"prompt": "USER: hello ASSISTANT:", "sampling_params": SamplingParams(max_tokens=4, temperature=0.0)}
+OK = {
+    "prompt": "USER: hello ASSISTANT:",
+    "sampling_params": SamplingParams(max_tokens=4, temperature=0.0),
+}
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_llava: Path, tiny_adapters: dict[str, Path]) -> LLM:
-    return LLM(model=str(tiny_llava), dtype="float32", device="cpu", num_pages=128, page_size=8,
-               max_loras=2, max_lora_rank=64, max_image_pixels=100_000, adapters={"r4": tiny_adapters["r4"]})
+    return LLM(
+        model=str(tiny_llava),
+        dtype="float32",
+        device="cpu",
+        num_pages=128,
+        page_size=8,
+        max_loras=2,
+        max_lora_rank=64,
+        max_image_pixels=100_000,
+        adapters={"r4": tiny_adapters["r4"]},
+    )
 
 
 def _still_serves(llm: LLM) -> None:
@@ -41,11 +59,14 @@ def _png_bytes(size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("payload, match", [
-    (b"definitely not an image", "image"),
-    (_png_bytes((32, 32))[:60], "image"),
-    (_png_bytes((1000, 1000)), "pixel"),
-])
+@pytest.mark.parametrize(
+    "payload, match",
+    [
+        (b"definitely not an image", "image"),
+        (_png_bytes((32, 32))[:60], "image"),
+        (_png_bytes((1000, 1000)), "pixel"),
+    ],
+)
 def test_bad_images(llm: LLM, payload: bytes, match: str) -> None:
     with pytest.raises(ImageError, match=match):
         llm.generate([{"prompt": "USER: <image>\nhi ASSISTANT:", "images": [payload]}])
@@ -54,7 +75,9 @@ def test_bad_images(llm: LLM, payload: bytes, match: str) -> None:
 
 def test_image_count_mismatch(llm: LLM) -> None:
     with pytest.raises(InvalidRequestError, match="image"):
-        llm.generate([{"prompt": "USER: <image>\n<image>\nhi ASSISTANT:", "images": [_png_bytes((32, 32))]}])
+        llm.generate(
+            [{"prompt": "USER: <image>\n<image>\nhi ASSISTANT:", "images": [_png_bytes((32, 32))]}]
+        )
     _still_serves(llm)
 
 
@@ -64,8 +87,10 @@ def test_prompt_too_long(llm: LLM) -> None:
     _still_serves(llm)
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": -1.0}, {"top_p": 0.0}, {"max_tokens": 0}, {"top_k": -3},
-                                    {"logprobs": 99}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"temperature": -1.0}, {"top_p": 0.0}, {"max_tokens": 0}, {"top_k": -3}, {"logprobs": 99}],
+)
 def test_invalid_sampling_params(kwargs: dict[str, float]) -> None:
     with pytest.raises(InvalidSamplingParamsError):
         SamplingParams(**kwargs)  # type: ignore[arg-type]
@@ -78,8 +103,9 @@ def test_one_bad_request_in_a_batch_runs_nothing(llm: LLM) -> None:
     _still_serves(llm)
 
 
-def test_bad_adapter_directories(llm: LLM, tiny_llava: Path, tiny_adapters: dict[str, Path],
-                                 tmp_path: Path) -> None:
+def test_bad_adapter_directories(
+    llm: LLM, tiny_llava: Path, tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
     missing = tmp_path / "missing"
     with pytest.raises(InvalidAdapterError):
         llm.load_adapter("missing", missing)
@@ -88,7 +114,7 @@ def test_bad_adapter_directories(llm: LLM, tiny_llava: Path, tiny_adapters: dict
     config = json.loads((wrong_rank / "adapter_config.json").read_text())
     config["r"] = 5
     (wrong_rank / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(InvalidAdapterError, match="rank|r="):
+    with pytest.raises(InvalidAdapterError, match=r"rank|r="):
         llm.load_adapter("wrong_rank", wrong_rank)
     too_big = build_tiny_adapter(tiny_llava, tmp_path / "too_big", 128)
     with pytest.raises(InvalidAdapterError, match="rank"):
@@ -102,15 +128,28 @@ def test_unknown_request_field(llm: LLM) -> None:
 
 
 def test_adapter_unloaded_while_request_waits_fails_only_that_request(
-        tiny_llava: Path, tiny_adapters: dict[str, Path]) -> None:
+    tiny_llava: Path, tiny_adapters: dict[str, Path]
+) -> None:
     from valora.engine.inputs import GenerateRequest
 
-    llm = LLM(model=str(tiny_llava), dtype="float32", device="cpu", num_pages=64, page_size=8,
-              max_loras=2, max_lora_rank=64, adapters={"r4": tiny_adapters["r4"], "r16": tiny_adapters["r16"]})
+    llm = LLM(
+        model=str(tiny_llava),
+        dtype="float32",
+        device="cpu",
+        num_pages=64,
+        page_size=8,
+        max_loras=2,
+        max_lora_rank=64,
+        adapters={"r4": tiny_adapters["r4"], "r16": tiny_adapters["r16"]},
+    )
     engine = llm.engine
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-    doomed = engine.add_request(GenerateRequest(prompt="USER: a ASSISTANT:", adapter="r4", sampling_params=params))
-    fine = engine.add_request(GenerateRequest(prompt="USER: b ASSISTANT:", adapter="r16", sampling_params=params))
+    doomed = engine.add_request(
+        GenerateRequest(prompt="USER: a ASSISTANT:", adapter="r4", sampling_params=params)
+    )
+    fine = engine.add_request(
+        GenerateRequest(prompt="USER: b ASSISTANT:", adapter="r16", sampling_params=params)
+    )
     llm.unload_adapter("r4")  # not pinned yet: nothing has been scheduled
     finals = {}
     while engine.has_unfinished_requests():

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_reference import hf_greedy, hf_inputs, load_hf
 from PIL import Image
 
-from hf_reference import hf_greedy, hf_inputs, load_hf
 from valora import LLM, SamplingParams
 
 PROMPT = "USER: <image>\nDescribe the image. ASSISTANT:"
@@ -27,20 +27,38 @@ def peft_model(tiny_llava: Path, tiny_adapters: dict[str, Path]):  # type: ignor
     return model.eval(), processor
 
 
-def test_mixed_adapter_batch_matches_peft(tiny_llava: Path, tiny_adapters: dict[str, Path],
-                                          peft_model, images: list[Image.Image]) -> None:  # type: ignore[no-untyped-def]
+def test_mixed_adapter_batch_matches_peft(
+    tiny_llava: Path, tiny_adapters: dict[str, Path], peft_model, images: list[Image.Image]
+) -> None:  # type: ignore[no-untyped-def]
     model, processor = peft_model
-    llm = LLM(model=str(tiny_llava), dtype="float32", device="cpu", max_loras=4, max_lora_rank=64,
-              num_pages=256, page_size=8, adapters=tiny_adapters)
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2,
-                            skip_special_tokens=False)
+    llm = LLM(
+        model=str(tiny_llava),
+        dtype="float32",
+        device="cpu",
+        max_loras=4,
+        max_lora_rank=64,
+        num_pages=256,
+        page_size=8,
+        adapters=tiny_adapters,
+    )
+    params = SamplingParams(
+        max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2, skip_special_tokens=False
+    )
     cases: list[tuple[str | None, str, list[Image.Image]]] = [
-        ("r4", PROMPT, images[:1]), (None, PROMPT, images[1:2]), ("r8", TEXT_PROMPT, []),
-        ("r16", PROMPT, images[2:3]), ("r64", PROMPT, images[:1]), (None, TEXT_PROMPT, []),
+        ("r4", PROMPT, images[:1]),
+        (None, PROMPT, images[1:2]),
+        ("r8", TEXT_PROMPT, []),
+        ("r16", PROMPT, images[2:3]),
+        ("r64", PROMPT, images[:1]),
+        (None, TEXT_PROMPT, []),
         ("r64", TEXT_PROMPT, []),
     ]
-    outputs = llm.generate([{"prompt": p, "images": imgs, "adapter": a, "sampling_params": params}
-                            for a, p, imgs in cases])
+    outputs = llm.generate(
+        [
+            {"prompt": p, "images": imgs, "adapter": a, "sampling_params": params}
+            for a, p, imgs in cases
+        ]
+    )
     distinct = set()
     for (adapter, prompt, imgs), out in zip(cases, outputs, strict=True):
         inputs = hf_inputs(processor, prompt, imgs)
@@ -49,7 +67,9 @@ def test_mixed_adapter_batch_matches_peft(tiny_llava: Path, tiny_adapters: dict[
         assert completion.token_ids == tokens, adapter
         assert completion.logprobs is not None
         for entry, ref in zip(completion.logprobs, ref_logprobs, strict=True):
-            assert abs(entry.logprob - float(ref[entry.token_id])) <= 1e-4 * max(1.0, abs(entry.logprob))
+            assert abs(entry.logprob - float(ref[entry.token_id])) <= 1e-4 * max(
+                1.0, abs(entry.logprob)
+            )
         distinct.add(tuple(tokens))
     assert len(distinct) >= 4, "adapters should change the outputs (else the test proves nothing)"
 

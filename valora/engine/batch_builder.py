@@ -65,7 +65,9 @@ def build_forward_batch(
         pages = page_table_of(request.request_id)
         input_ids.extend(tokens)
         positions.extend(range(start, end))
-        slot_mapping.extend(pages[p // page_size] * page_size + p % page_size for p in range(start, end))
+        slot_mapping.extend(
+            pages[p // page_size] * page_size + p % page_size for p in range(start, end)
+        )
         query_start.append(len(input_ids))
         seq_lens.append(end)
         query_lens.append(end - start)
@@ -78,7 +80,9 @@ def build_forward_batch(
         for span in request.images:
             lo, hi = max(start, span.offset), min(end, span.offset + span.length)
             if lo < hi:
-                image_rows.append(ImageRows(span, lo - span.offset, hi - span.offset, flat_start + lo - start))
+                image_rows.append(
+                    ImageRows(span, lo - span.offset, hi - span.offset, flat_start + lo - start)
+                )
     max_pages = max((len(t) for t in tables), default=0)
     table_tensor = torch.zeros(len(tables), max(max_pages, 1), dtype=torch.int32)
     for row, pages in enumerate(tables):

@@ -45,7 +45,8 @@ def resolve_model_path(model: str) -> Path:
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise ModelLoadError(
-            f"{model!r} is not a local checkpoint directory with a config.json (valora never downloads weights)")
+            f"{model!r} is not a local checkpoint directory with a config.json (valora never downloads weights)"
+        )
     return path
 
 
@@ -66,11 +67,15 @@ class KVSizing:
     bytes_per_page: int
 
 
-def size_kv_cache(config: EngineConfig, spec: Any, dtype: torch.dtype, device: torch.device) -> KVSizing:
+def size_kv_cache(
+    config: EngineConfig, spec: Any, dtype: torch.dtype, device: torch.device
+) -> KVSizing:
     """Pages for the KV pool: explicit ``num_pages``, else a byte budget (CPU) or what is left of
     ``memory_fraction`` of the GPU after weights (CUDA)."""
     element = torch.tensor([], dtype=dtype).element_size()
-    per_page = 2 * spec.num_layers * config.cache.page_size * spec.num_kv_heads * spec.head_dim * element
+    per_page = (
+        2 * spec.num_layers * config.cache.page_size * spec.num_kv_heads * spec.head_dim * element
+    )
     if config.cache.num_pages is not None:
         return KVSizing(config.cache.num_pages, per_page)
     if device.type == "cuda":

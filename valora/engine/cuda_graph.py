@@ -94,7 +94,7 @@ class CudaGraphRunner:
         self._allocate_static(self.buckets[-1])
         self._entries = {(b, v): self._make_entry(b, v) for b in self.buckets
                          for v in self.variants}
-        self._pool: tuple[int, int] | None = None
+        self._pool: object | None = None
         self.captured = False
 
     # ----- static state ---------------------------------------------------------------------
@@ -174,7 +174,7 @@ class CudaGraphRunner:
         for in_graph in (True, False) if entry.segments else (True,):
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph, pool=self._pool):
+                with torch.cuda.graph(graph, pool=self._pool):  # type: ignore[arg-type]
                     entry.output = self._body(entry, in_graph)
             except RuntimeError as exc:
                 if not in_graph or not entry.segments:

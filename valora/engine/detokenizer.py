@@ -27,7 +27,9 @@ class IncrementalDetokenizer:
     def add_tokens(self, new_token_ids: list[int]) -> str | None:
         """Append tokens; return the stop string that matched (``self.text`` is then truncated)."""
         self.token_ids.extend(new_token_ids)
-        decoded = self.tokenizer.decode(self.token_ids, skip_special_tokens=self.skip_special_tokens)
+        decoded = self.tokenizer.decode(
+            self.token_ids, skip_special_tokens=self.skip_special_tokens
+        )
         if decoded.endswith("\ufffd"):
             return None  # wait for the rest of a multi-byte character
         previous = len(self.text)
@@ -42,7 +44,7 @@ class IncrementalDetokenizer:
 
     def take_delta(self) -> str:
         """Text added since the last call (for streaming)."""
-        delta = self.text[self._emitted:]
+        delta = self.text[self._emitted :]
         self._emitted = len(self.text)
         return delta
 
@@ -61,6 +63,6 @@ class IncrementalDetokenizer:
         end = len(self.text) - self.hold_back()
         if end <= self._emitted:
             return ""
-        delta = self.text[self._emitted:end]
+        delta = self.text[self._emitted : end]
         self._emitted = end
         return delta

@@ -94,7 +94,9 @@ class LLMEngine:
         outputs.extend(self._process_result(scheduled, result))
         return outputs
 
-    def _process_result(self, scheduled: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+    def _process_result(
+        self, scheduled: SchedulerOutput, result: StepResult
+    ) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         now = time.monotonic()
         for item in scheduled.scheduled:
@@ -112,7 +114,9 @@ class LLMEngine:
                 request.first_token_time = now
             request.output_token_ids.append(token)
             if rid in result.logprobs:
-                request.output_logprobs.append({token: result.logprobs[rid].logprob, **result.logprobs[rid].top})
+                request.output_logprobs.append(
+                    {token: result.logprobs[rid].logprob, **result.logprobs[rid].top}
+                )
             stop_string = self.parts.detokenizer_of(request).add_tokens([token])
             status, reason = self._stop_status(request, token, stop_string)
             if status is not None:
@@ -122,8 +126,9 @@ class LLMEngine:
                 outputs.append(self._output(request))
         return outputs
 
-    def _stop_status(self, request: Request, token: int,
-                     stop_string: str | None) -> tuple[RequestStatus | None, str | int | None]:
+    def _stop_status(
+        self, request: Request, token: int, stop_string: str | None
+    ) -> tuple[RequestStatus | None, str | int | None]:
         params = request.sampling_params
         if stop_string is not None:
             return RequestStatus.FINISHED_STOPPED, stop_string
@@ -132,7 +137,10 @@ class LLMEngine:
                 return RequestStatus.FINISHED_STOPPED, token
             if token in request.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED, None
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.parts.max_model_len:
+        if (
+            request.num_output_tokens >= params.max_tokens
+            or request.num_tokens >= self.parts.max_model_len
+        ):
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
 
@@ -150,24 +158,34 @@ class LLMEngine:
         for request, error in self.parts.take_admission_failures():
             if not request.is_finished:
                 message = f"{type(error).__name__}: {error}"
-                self.parts.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR, message)
+                self.parts.scheduler.finish_request(
+                    request.request_id, RequestStatus.FINISHED_ERROR, message
+                )
                 request.error = message
                 failed.append(self._retire(request))
         return failed
 
     def _fail_step(self, scheduled: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         self._consecutive_failures += 1
-        message = f"{type(exc).__name__}: {exc}" if isinstance(exc, ValoraError) else f"internal error in step: {exc!r}"
+        message = (
+            f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, ValoraError)
+            else f"internal error in step: {exc!r}"
+        )
         logger.exception("step failed; failing %d request(s)", len(scheduled.scheduled))
         outputs = []
         for item in scheduled.scheduled:
             request = item.request
             if not request.is_finished:
-                self.parts.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR, message)
+                self.parts.scheduler.finish_request(
+                    request.request_id, RequestStatus.FINISHED_ERROR, message
+                )
                 request.error = message
                 outputs.append(self._retire(request))
         if self._consecutive_failures >= self.max_consecutive_step_failures:
-            self.dead_reason = f"{self._consecutive_failures} consecutive step failures; last: {message}"
+            self.dead_reason = (
+                f"{self._consecutive_failures} consecutive step failures; last: {message}"
+            )
             logger.error("engine marked dead: %s", self.dead_reason)
         return outputs
 
@@ -180,8 +198,12 @@ class LLMEngine:
         return output
 
     def _output(self, request: Request, stop_reason: str | int | None = None) -> RequestOutput:
-        return build_output(request, self.parts.detokenizer_of(request),
-                            self.parts.head_results.get(request.request_id), stop_reason)
+        return build_output(
+            request,
+            self.parts.detokenizer_of(request),
+            self.parts.head_results.get(request.request_id),
+            stop_reason,
+        )
 
     # ----- introspection --------------------------------------------------------------------
     @property

@@ -52,8 +52,13 @@ class ModelLimits:
 class InputProcessor:
     """Stateless apart from the tokenizer and image processor it wraps."""
 
-    def __init__(self, tokenizer: Any, image_processor: ImageProcessor | None, limits: ModelLimits,
-                 image_config: ImageConfig) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_processor: ImageProcessor | None,
+        limits: ModelLimits,
+        image_config: ImageConfig,
+    ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.limits = limits
@@ -71,7 +76,8 @@ class InputProcessor:
             sources = message_sources + sources if message_sources else sources
         if len(sources) > self.image_config.max_images_per_request:
             raise InvalidRequestError(
-                f"{len(sources)} images in one request; the limit is {self.image_config.max_images_per_request}")
+                f"{len(sources)} images in one request; the limit is {self.image_config.max_images_per_request}"
+            )
         if spec.prompt_token_ids is not None:
             token_ids = [int(t) for t in spec.prompt_token_ids]
             vocab = len(self.tokenizer)
@@ -88,8 +94,11 @@ class InputProcessor:
                 raise InvalidRequestError("this model does not accept images")
             loaded = [load_image(source, self.image_config) for source in sources]
             token_ids, images = expand_image_placeholders(
-                token_ids, self.limits.image_token_id, int(self.limits.num_image_tokens or 0),
-                [image.digest for image in loaded])
+                token_ids,
+                self.limits.image_token_id,
+                int(self.limits.num_image_tokens or 0),
+                [image.digest for image in loaded],
+            )
             for span, image in zip(images, loaded, strict=True):
                 span.pixel_values = self.image_processor(image.image)
         elif self.limits.image_token_id is not None and self.limits.image_token_id in token_ids:
@@ -97,7 +106,8 @@ class InputProcessor:
         if len(token_ids) >= self.limits.max_model_len:
             raise PromptTooLongError(
                 f"the prompt is {len(token_ids)} tokens (image tokens included); the model's context is "
-                f"{self.limits.max_model_len} tokens and at least one must remain for the output")
+                f"{self.limits.max_model_len} tokens and at least one must remain for the output"
+            )
         eos = () if spec.sampling_params.ignore_eos else self.limits.eos_token_ids
         return Request(
             request_id=spec.request_id or uuid.uuid4().hex,

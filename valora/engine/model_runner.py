@@ -69,7 +69,10 @@ class ModelRunner:
         self.seed = seed
         shape = model.kv_cache_shape(num_pages, page_size)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
             for _ in range(model.spec.num_layers)
         ]
         model.bind_kv_caches(self.kv_caches)
@@ -102,7 +105,8 @@ class ModelRunner:
     ) -> StepResult:
         """Run the model over ``scheduled`` and sample; K/V of the new tokens are written in place."""
         batch, layout, image_rows, token_slots = build_forward_batch(
-            scheduled, page_table_of, self.page_size, slot_of, self.device)
+            scheduled, page_table_of, self.page_size, slot_of, self.device
+        )
         self._attach_lora(batch, token_slots, plan_lora)
         self._attach_images(batch, image_rows)
         hidden = self.model.forward(batch)
@@ -119,52 +123,73 @@ class ModelRunner:
                     result.logprobs[request.request_id] = logprob
         return result
 
-    def _attach_lora(self, batch: ForwardBatch, token_slots: list[int],
-                     plan_lora: Callable[[list[int]], LoRAStepPlan] | None) -> None:
+    def _attach_lora(
+        self,
+        batch: ForwardBatch,
+        token_slots: list[int],
+        plan_lora: Callable[[list[int]], LoRAStepPlan] | None,
+    ) -> None:
         if self.num_lora_slots == 0:
             return
         plan = plan_lora(token_slots) if plan_lora is not None else LoRAStepPlan(token_slots)
         if any(s >= 0 for s in plan.token_slots):
             batch.lora = prepare_lora_batch(
                 torch.tensor(plan.token_slots, dtype=torch.int32, device=self.device),
-                self.num_lora_slots, self.lora_backend)
+                self.num_lora_slots,
+                self.lora_backend,
+            )
         if plan.correction_slots is not None and any(s >= 0 for s in plan.correction_slots):
             batch.lora_correction = prepare_lora_batch(
                 torch.tensor(plan.correction_slots, dtype=torch.int32, device=self.device),
-                self.num_lora_slots, self.lora_backend)
+                self.num_lora_slots,
+                self.lora_backend,
+            )
 
     def _attach_images(self, batch: ForwardBatch, image_rows: list[ImageRows]) -> None:
         if not image_rows:
             return
-        missing = {p.span.digest: p.span for p in image_rows if self.image_cache.get(p.span.digest) is None}
+        missing = {
+            p.span.digest: p.span for p in image_rows if self.image_cache.get(p.span.digest) is None
+        }
         if missing:
             spans = list(missing.values())
             pixels = torch.stack([self._pixels(s) for s in spans]).to(self.device, self.dtype)
             embeds = self.model.encode_images(pixels)  # one vision-tower call for the whole step
             for span, embedding in zip(spans, embeds, strict=True):
                 self.image_cache.put(span.digest, embedding)
-                if self.image_cache.get(span.digest) is None:  # too large to cache: keep for this step
+                if (
+                    self.image_cache.get(span.digest) is None
+                ):  # too large to cache: keep for this step
                     span.pixel_values = embedding
         pieces: list[torch.Tensor] = []
         indices: list[torch.Tensor] = []
         for piece in image_rows:
             cached = self.image_cache.get(piece.span.digest)
             embedding = cached if cached is not None else piece.span.pixel_values
-            pieces.append(embedding[piece.row_start:piece.row_end])
+            pieces.append(embedding[piece.row_start : piece.row_end])
             count = piece.row_end - piece.row_start
-            indices.append(torch.arange(piece.flat_start, piece.flat_start + count, device=self.device))
+            indices.append(
+                torch.arange(piece.flat_start, piece.flat_start + count, device=self.device)
+            )
         batch.image_embeds = torch.cat(pieces)
         batch.image_token_indices = torch.cat(indices)
 
     @staticmethod
     def _pixels(span: Any) -> torch.Tensor:
         if span.pixel_values is None:
-            raise RuntimeError(f"image {span.digest[:12]} has no pixel values and no cached embedding")
+            raise RuntimeError(
+                f"image {span.digest[:12]} has no pixel values and no cached embedding"
+            )
         return span.pixel_values  # type: ignore[no-any-return]
 
-    def _collect_head_hidden(self, scheduled: Sequence[ScheduledRequest], ranges: list[tuple[int, int]],
-                             hidden: torch.Tensor, head_tokens_of: Callable[[Request], int],
-                             result: StepResult) -> None:
+    def _collect_head_hidden(
+        self,
+        scheduled: Sequence[ScheduledRequest],
+        ranges: list[tuple[int, int]],
+        hidden: torch.Tensor,
+        head_tokens_of: Callable[[Request], int],
+        result: StepResult,
+    ) -> None:
         for item, (flat_start, flat_end) in zip(scheduled, ranges, strict=True):
             request = item.request
             need = head_tokens_of(request)
@@ -176,7 +201,8 @@ class ModelRunner:
             end = start + (flat_end - flat_start)
             if lo < end:
                 self._head_hidden.setdefault(request.request_id, []).append(
-                    hidden[flat_start + lo - start: flat_end].clone())
+                    hidden[flat_start + lo - start : flat_end].clone()
+                )
             if end >= request.num_prompt_tokens:
                 parts = self._head_hidden.pop(request.request_id, [])
                 result.head_hidden[request.request_id] = torch.cat(parts)
@@ -185,9 +211,13 @@ class ModelRunner:
         if request.request_id not in self._generators:
             self._num_generated_seeds += 1
             fallback = (self.seed * 1_000_003 + self._num_generated_seeds) & 0x7FFFFFFF
-            self._generators[request.request_id] = make_generator(request.sampling_params, self.device, fallback)
+            self._generators[request.request_id] = make_generator(
+                request.sampling_params, self.device, fallback
+            )
         params = request.sampling_params
         banned: tuple[int, ...] = ()
         if request.num_output_tokens < params.min_tokens:
             banned = tuple(request.eos_token_ids) + params.stop_token_ids
-        return SamplingRow(params=params, generator=self._generators[request.request_id], banned_token_ids=banned)
+        return SamplingRow(
+            params=params, generator=self._generators[request.request_id], banned_token_ids=banned
+        )

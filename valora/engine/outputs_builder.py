@@ -9,8 +9,12 @@ from valora.outputs import CompletionOutput, RequestMetrics, RequestOutput, Toke
 from valora.request import Request
 
 
-def build_output(request: Request, detokenizer: IncrementalDetokenizer,
-                 head_result: dict[str, Any] | None, stop_reason: str | int | None) -> RequestOutput:
+def build_output(
+    request: Request,
+    detokenizer: IncrementalDetokenizer,
+    head_result: dict[str, Any] | None,
+    stop_reason: str | int | None,
+) -> RequestOutput:
     """Snapshot of ``request``; ``delta_text`` is what streaming clients have not seen yet."""
     finished = request.is_finished
     delta = detokenizer.take_delta() if finished else detokenizer.take_stream_delta()

@@ -24,7 +24,9 @@ class SamplingRow:
     banned_token_ids: tuple[int, ...] = ()
 
 
-def make_generator(params: SamplingParams, device: torch.device, fallback_seed: int) -> torch.Generator | None:
+def make_generator(
+    params: SamplingParams, device: torch.device, fallback_seed: int
+) -> torch.Generator | None:
     """A per-request generator (``None`` for greedy requests, which need no randomness)."""
     if params.greedy:
         return None
@@ -48,7 +50,9 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprob | None]]:
+def sample(
+    logits: torch.Tensor, rows: list[SamplingRow]
+) -> tuple[list[int], list[TokenLogprob | None]]:
     """Sample one token per row of ``logits`` (``[N, vocab]``, any float dtype).
 
     Returns the token ids and, for rows that asked for logprobs, the sampled token's logprob
@@ -57,7 +61,11 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
     logits = logits.float()
     tokens: list[int] = []
     logprobs: list[TokenLogprob | None] = []
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
+    raw_logprobs = (
+        torch.log_softmax(logits, dim=-1)
+        if any(r.params.logprobs is not None for r in rows)
+        else None
+    )
     for i, row in enumerate(rows):
         row_logits = logits[i]
         if row.banned_token_ids:

@@ -9,8 +9,13 @@ from typing import Any
 import torch
 
 from valora.config import EngineConfig
-from valora.engine.components import (lora_backend_for, resolve_device, resolve_dtype,
-                                      resolve_model_path, size_kv_cache)
+from valora.engine.components import (
+    lora_backend_for,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_path,
+    size_kv_cache,
+)
 from valora.engine.detokenizer import IncrementalDetokenizer
 from valora.engine.inputs import InputProcessor, ModelLimits
 from valora.engine.model_runner import LoRAStepPlan, ModelRunner, StepResult
@@ -117,8 +122,12 @@ class EngineParts:
 
     def execute(self, scheduled: SchedulerOutput) -> StepResult:
         return self.runner.execute(
-            scheduled.scheduled, self.kv_manager.page_table, self.slot_of, self.head_tokens_of,
-            self.plan_lora)
+            scheduled.scheduled,
+            self.kv_manager.page_table,
+            self.slot_of,
+            self.head_tokens_of,
+            self.plan_lora,
+        )
 
     def stats(self) -> dict[str, Any]:
         pool = self.kv_manager.pool
@@ -139,21 +148,33 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.model.dtype, device)
     path = resolve_model_path(config.model.model)
-    model = load_model(str(path), dtype=dtype, device=device, load_format=config.model.load_format,
-                       seed=config.model.seed)
+    model = load_model(
+        str(path),
+        dtype=dtype,
+        device=device,
+        load_format=config.model.load_format,
+        seed=config.model.seed,
+    )
     spec = model.spec
-    max_model_len = min(config.model.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+    max_model_len = min(
+        config.model.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     image_processor = ImageProcessor.from_pretrained(path) if spec.is_multimodal else None
-    limits = ModelLimits(max_model_len, spec.image_token_id, spec.num_image_tokens, tuple(spec.eos_token_ids))
+    limits = ModelLimits(
+        max_model_len, spec.image_token_id, spec.num_image_tokens, tuple(spec.eos_token_ids)
+    )
     num_slots = config.lora.max_loras if config.lora.enable_lora else 0
     if num_slots:
         model.init_lora(num_slots, config.lora.max_lora_rank, dtype)
     sizing = size_kv_cache(config, spec, dtype, device)
     pool = PagePool(sizing.num_pages, config.cache.page_size, config.cache.enable_prefix_caching)
     kv_manager = KVCacheManager(pool)
-    adapters = AdapterManager(model.lora_slot_map() if num_slots else {}, config.lora,
-                              BaseModelShapes.from_config_json(path))
+    adapters = AdapterManager(
+        model.lora_slot_map() if num_slots else {},
+        config.lora,
+        BaseModelShapes.from_config_json(path),
+    )
 
     failures: list[tuple[Request, Exception]] = []
 
@@ -170,17 +191,49 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         if request.adapter_name is not None:
             adapters.release(request.adapter_name)
 
-    scheduler = Scheduler(config.scheduler, config.cache, kv_manager, max_model_len=max_model_len,
-                          policy=get_policy(config.scheduler.policy), admit=admit, release=release)
-    runner = ModelRunner(model, device=device, dtype=dtype, page_size=config.cache.page_size,
-                         num_pages=sizing.num_pages, num_lora_slots=num_slots,
-                         lora_backend=lora_backend_for(config.lora.lora_backend, device), seed=config.model.seed)
+    scheduler = Scheduler(
+        config.scheduler,
+        config.cache,
+        kv_manager,
+        max_model_len=max_model_len,
+        policy=get_policy(config.scheduler.policy),
+        admit=admit,
+        release=release,
+    )
+    runner = ModelRunner(
+        model,
+        device=device,
+        dtype=dtype,
+        page_size=config.cache.page_size,
+        num_pages=sizing.num_pages,
+        num_lora_slots=num_slots,
+        lora_backend=lora_backend_for(config.lora.lora_backend, device),
+        seed=config.model.seed,
+    )
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    logger.info("model %s on %s (%s): weights %.1f MiB, KV cache %d pages = %.1f MiB, %d adapter slots",
-                path, device, dtype, weight_bytes / 2**20, sizing.num_pages,
-                runner.kv_cache_bytes / 2**20, num_slots)
+    logger.info(
+        "model %s on %s (%s): weights %.1f MiB, KV cache %d pages = %.1f MiB, %d adapter slots",
+        path,
+        device,
+        dtype,
+        weight_bytes / 2**20,
+        sizing.num_pages,
+        runner.kv_cache_bytes / 2**20,
+        num_slots,
+    )
     inputs = InputProcessor(tokenizer, image_processor, limits, config.image)
-    return EngineParts(config=config, model_path=path, device=device, dtype=dtype, model=model,
-                       tokenizer=tokenizer, inputs=inputs, kv_manager=kv_manager, scheduler=scheduler,
-                       adapters=adapters, runner=runner, max_model_len=max_model_len,
-                       admission_failures=failures)
+    return EngineParts(
+        config=config,
+        model_path=path,
+        device=device,
+        dtype=dtype,
+        model=model,
+        tokenizer=tokenizer,
+        inputs=inputs,
+        kv_manager=kv_manager,
+        scheduler=scheduler,
+        adapters=adapters,
+        runner=runner,
+        max_model_len=max_model_len,
+        admission_failures=failures,
+    )

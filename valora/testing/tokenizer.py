@@ -22,14 +22,17 @@ CHAT_TEMPLATE = (
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
-_CORPUS = """
+_CORPUS = (
+    """
 The quick brown fox jumps over the lazy dog. A red circle is left of a blue square.
 How many shapes are in the image? There are three shapes: a green triangle, a yellow star and
 a purple circle. What colour is the square? The square is blue. Describe the image in detail.
 The photo shows a cat sitting on a chair near a window. USER: ASSISTANT: yes no maybe
 zero one two three four five six seven eight nine ten digits numbers letters words text
 Is there a face in the picture? Classify the digit. Which object is at the top right corner?
-""" * 4
+"""
+    * 4
+)
 
 
 def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
