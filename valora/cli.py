@@ -114,8 +114,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DELEGATED = {
+    "serve": "valora.server.cli",
+    "tune-kernels": "valora.ops.tuning",
+    "adapters": "valora.training.cli",
+    "bench": "valora.bench_cli",
+}
+
+
+def _split_delegated(argv: list[str]) -> tuple[list[str], str, list[str]] | None:
+    """``[global options] COMMAND rest`` for a delegated COMMAND, else ``None``: its own parser
+    takes every word after it (argparse's REMAINDER would refuse leading options)."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--log-level":
+            i += 2
+            continue
+        if word.startswith("-"):
+            i += 1
+            continue
+        return (argv[:i], word, argv[i + 1 :]) if word in DELEGATED else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = _split_delegated(argv)
+    if split is not None:
+        head, command, rest = split
+        args = build_parser().parse_args([*head, command])
+        args.rest = rest
+    else:
+        args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

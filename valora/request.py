@@ -66,6 +66,10 @@ class Request:
     sampling_params: SamplingParams
     adapter_name: str | None = None
     adapter_digest: str | None = None
+    task: str | None = None
+    # Trailing tokens always computed even on a prefix-cache hit: 1 (the logits), or a task
+    # head's whole input window (it reads their hidden states).
+    num_recompute_tail: int = 1
     images: list[ImageSpan] = field(default_factory=list)
     prompt: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)

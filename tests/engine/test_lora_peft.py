@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_reference import hf_greedy, hf_inputs, load_hf
+from engine_reference import hf_greedy, hf_inputs, load_hf
 from PIL import Image
 
 from valora import LLM, SamplingParams

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hf_reference import hf_greedy, hf_inputs, load_hf
+from engine_reference import hf_greedy, hf_inputs, load_hf
 from PIL import Image
 
 from valora import LLM, SamplingParams

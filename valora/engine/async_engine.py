@@ -12,8 +12,11 @@ Invariants:
   of it can be routed before its stream exists.
 - A caller that stops iterating ``generate`` before the request finished (client gone, task
   cancelled) aborts the request, which frees its pages and adapter pin.
-- When the engine dies (``LLMEngine.dead_reason`` set, or ``step`` itself raised), every in-flight
-  request fails with ``EngineDeadError``, ``health()`` reports it and new requests are refused.
+- A request the engine fails raises, from its stream, the typed error the engine recorded (see
+  ``failure_error``); the other requests go on.
+- When the engine dies (``LLMEngine.dead_reason`` set, or ``step`` itself raised
+  ``max_consecutive_step_failures`` times in a row), every in-flight request fails with
+  ``EngineDeadError``, ``health()`` reports it and new requests are refused.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from valora import errors
 from valora.config import EngineConfig
 from valora.engine.engine import LLMEngine
 from valora.engine.inputs import GenerateRequest
@@ -60,6 +64,21 @@ class EngineHealth:
     healthy: bool
     reason: str | None
     num_in_flight: int
+
+
+def failure_error(request_id: str, message: str | None) -> ValoraError:
+    """The typed error of a request the engine failed. The engine records a ``ValoraError`` as
+    ``"<ClassName>: <message>"``; that class is raised again (so an adapter that could not be
+    loaded stays a 400), anything else becomes ``RequestFailedError`` (500)."""
+    name, sep, rest = (message or "").partition(": ")
+    error_class = getattr(errors, name, None) if sep else None
+    if (
+        isinstance(error_class, type)
+        and issubclass(error_class, ValoraError)
+        and error_class is not ValoraError
+    ):
+        return error_class(rest)
+    return RequestFailedError(f"request {request_id} failed: {message}")
 
 
 class _Stream:
@@ -101,7 +120,7 @@ class RequestStream:
             self.finished = True
             failed = bool(item.outputs) and item.outputs[0].finish_reason == "error"
             if item.error is not None or failed:
-                raise RequestFailedError(f"request {self.request_id} failed: {item.error}")
+                raise failure_error(self.request_id, item.error)
         return item
 
     def close(self) -> None:
@@ -153,8 +172,9 @@ class AsyncEngine:
         return await asyncio.wrap_future(self.submit(fn))
 
     # ----- requests -----------------------------------------------------------------------
-    async def add_request(self, spec: GenerateRequest, *,
-                          max_prompt_tokens: int | None = None) -> RequestStream:
+    async def add_request(
+        self, spec: GenerateRequest, *, max_prompt_tokens: int | None = None
+    ) -> RequestStream:
         """Add ``spec`` to the engine and return the stream of its outputs.
 
         Raises the engine's typed error if the request is rejected (nothing is queued then), or
@@ -171,8 +191,9 @@ class AsyncEngine:
             raise
         return RequestStream(self, request_id, stream)
 
-    async def generate(self, spec: GenerateRequest, *,
-                       max_prompt_tokens: int | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, spec: GenerateRequest, *, max_prompt_tokens: int | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """``add_request`` then yield every output up to the finished one; leaving early aborts."""
         stream = await self.add_request(spec, max_prompt_tokens=max_prompt_tokens)
         try:
@@ -183,15 +204,22 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Abort a request (safe from any thread, never blocks; unknown ids are ignored)."""
+
         def run(engine: LLMEngine) -> None:
             self._streams.pop(request_id, None)
             engine.abort_request(request_id)
+
         if self._thread.is_alive():
             self._commands.put((run, Future()))
             self._wakeup.set()
 
-    def _add(self, engine: LLMEngine, spec: GenerateRequest, stream: _Stream,
-             max_prompt_tokens: int | None) -> None:
+    def _add(
+        self,
+        engine: LLMEngine,
+        spec: GenerateRequest,
+        stream: _Stream,
+        max_prompt_tokens: int | None,
+    ) -> None:
         if self._dead_reason is not None:
             raise EngineDeadError(f"the engine is dead: {self._dead_reason}")
         request = engine.add_request(spec)
@@ -199,7 +227,8 @@ class AsyncEngine:
             engine.abort_request(request.request_id)
             raise PromptTooLongError(
                 f"the prompt is {request.num_prompt_tokens} tokens (image tokens included); this "
-                f"server accepts at most {max_prompt_tokens} (--max-prompt-tokens)")
+                f"server accepts at most {max_prompt_tokens} (--max-prompt-tokens)"
+            )
         self._streams[request.request_id] = stream
 
     # ----- adapters -----------------------------------------------------------------------
@@ -210,14 +239,19 @@ class AsyncEngine:
     async def unload_adapter(self, name: str) -> None:
         """Unregister ``name``; refused (``InvalidRequestError``) while unfinished requests use it,
         queued ones included (they could never be scheduled once it is gone)."""
+
         def run(engine: LLMEngine) -> None:
-            users = sum(1 for r in engine.requests.values()
-                        if r.adapter_name == name and not r.is_finished)
+            users = sum(
+                1 for r in engine.requests.values() if r.adapter_name == name and not r.is_finished
+            )
             if users:
-                raise InvalidRequestError(f"adapter {name!r} is used by {users} unfinished "
-                                          "request(s); unload it after they finish")
+                raise InvalidRequestError(
+                    f"adapter {name!r} is used by {users} unfinished "
+                    "request(s); unload it after they finish"
+                )
             engine.parts.adapters.unregister(name)
             engine.parts.drop_adapter(name)
+
         await self.call(run)
 
     async def list_adapters(self) -> list[Any]:
@@ -231,11 +265,13 @@ class AsyncEngine:
 
     async def stats(self) -> dict[str, Any]:
         """``LLMEngine.stats()`` plus step and preemption counters, read on the engine thread."""
+
         def run(engine: LLMEngine) -> dict[str, Any]:
             stats = dict(engine.stats())
             stats["num_steps"] = engine.num_steps
             stats["num_preemptions"] = getattr(engine, "num_preemptions", 0)
             return stats
+
         return await self.call(run)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
@@ -313,42 +349,13 @@ class AsyncEngine:
             self._wakeup.clear()
 
     def _recover(self, exc: Exception) -> None:
-        """``step()`` raised outside its per-step guard (while scheduling). If queued requests name
-        an adapter that can no longer be loaded (changed or removed on disk), fail just those;
-        otherwise count the failure and mark the engine dead after
-        ``LLMEngine.max_consecutive_step_failures`` unexplained ones in a row."""
-        culprits = self._requests_with_unloadable_adapters()
-        if culprits:
-            logger.warning("step raised %r; failing %d request(s) whose adapter cannot be loaded",
-                           exc, len(culprits))
-            for request_id, error in culprits:
-                stream = self._streams.pop(request_id, None)
-                self.engine.abort_request(request_id)
-                if stream is not None:
-                    stream.put(error)
-            return
+        """``step()`` raised outside its per-step guard (the engine fails a faulty step's
+        requests itself, so this is a bug or a lost device): tolerate it up to
+        ``LLMEngine.max_consecutive_step_failures`` times in a row, then mark the engine dead."""
         self._unexplained_failures += 1
         logger.exception("engine step raised (%d in a row)", self._unexplained_failures)
         if self._unexplained_failures >= LLMEngine.max_consecutive_step_failures:
-            self._dead_reason = f"engine step raised {exc!r}"
-
-    def _requests_with_unloadable_adapters(self) -> list[tuple[str, ValoraError]]:
-        errors: dict[str, ValoraError | None] = {}
-        culprits: list[tuple[str, ValoraError]] = []
-        for request in self.engine.parts.scheduler.waiting_requests():
-            name = request.adapter_name
-            if name is None:
-                continue
-            if name not in errors:
-                try:
-                    self.engine.parts.adapters.resolve(name)
-                    errors[name] = None
-                except ValoraError as exc:
-                    errors[name] = exc
-            failure = errors[name]
-            if failure is not None:
-                culprits.append((request.request_id, failure))
-        return culprits
+            self._dead_reason = f"engine step raised {exc!r} {self._unexplained_failures} times"
 
     def _fail_all(self, error: EngineDeadError) -> None:
         streams, self._streams = self._streams, {}

@@ -66,23 +66,37 @@ class _Entry:
 class CudaGraphRunner:
     """Captures and replays decode steps of ``model`` (see the module docstring)."""
 
-    def __init__(self, model: CausalLMBase, max_batch: int, *, max_context: int,
-                 page_size: int, num_lora_slots: int = 0,
-                 variants: Iterable[str] = ("base", "lora"),
-                 buckets: Iterable[int] = DEFAULT_BUCKETS, use_graphs: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: CausalLMBase,
+        max_batch: int,
+        *,
+        max_context: int,
+        page_size: int,
+        num_lora_slots: int = 0,
+        variants: Iterable[str] = ("base", "lora"),
+        buckets: Iterable[int] = DEFAULT_BUCKETS,
+        use_graphs: bool | None = None,
+    ) -> None:
         backend = model.decoder.backend
         if not getattr(backend, "graph_capturable", False):
-            raise ValoraError(f"attention backend {backend.name!r} cannot be captured in a CUDA "
-                              "graph (use the 'triton' backend)")
+            raise ValoraError(
+                f"attention backend {backend.name!r} cannot be captured in a CUDA "
+                "graph (use the 'triton' backend)"
+            )
         rope = model.decoder.rotary.config
         if rope.length_threshold is not None:
-            raise ValoraError(f"RoPE {rope.rope_type!r} changes with context length; decode "
-                              "steps cannot be replayed from a graph")
+            raise ValoraError(
+                f"RoPE {rope.rope_type!r} changes with context length; decode "
+                "steps cannot be replayed from a graph"
+            )
         self.variants = tuple(variants)
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or (num_lora_slots == 0 and set(self.variants) - {"base"}):
-            raise ValoraError(f"variants {self.variants} invalid (known {VARIANTS}; LoRA "
-                              f"variants need num_lora_slots > 0)")
+            raise ValoraError(
+                f"variants {self.variants} invalid (known {VARIANTS}; LoRA "
+                f"variants need num_lora_slots > 0)"
+            )
         self.model = model
         self.device = model.device
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
@@ -92,8 +106,9 @@ class CudaGraphRunner:
         self.num_lora_slots = num_lora_slots
         self.buckets = batch_buckets(max_batch, buckets)
         self._allocate_static(self.buckets[-1])
-        self._entries = {(b, v): self._make_entry(b, v) for b in self.buckets
-                         for v in self.variants}
+        self._entries = {
+            (b, v): self._make_entry(b, v) for b in self.buckets for v in self.variants
+        }
         self._pool: object | None = None
         self.captured = False
 
@@ -114,12 +129,20 @@ class CudaGraphRunner:
 
     def _make_entry(self, size: int, variant: str) -> _Entry:
         attn = AttentionMetadata(
-            query_start_loc=self.query_start_loc[:size + 1], seq_lens=self.seq_lens[:size],
-            page_table=self.page_table[:size], slot_mapping=self.slot_mapping[:size],
-            page_size=self.page_size, query_lens_cpu=[1] * size,
-            seq_lens_cpu=[self.max_context] * size)  # worst case: sizes the split-K plan
-        batch = ForwardBatch(input_ids=self.input_ids[:size], positions=self.positions[:size],
-                             attn=attn, logits_indices=self.logits_indices[:size])
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            page_table=self.page_table[:size],
+            slot_mapping=self.slot_mapping[:size],
+            page_size=self.page_size,
+            query_lens_cpu=[1] * size,
+            seq_lens_cpu=[self.max_context] * size,
+        )  # worst case: sizes the split-K plan
+        batch = ForwardBatch(
+            input_ids=self.input_ids[:size],
+            positions=self.positions[:size],
+            attn=attn,
+            logits_indices=self.logits_indices[:size],
+        )
         segments: list[tuple[LoRASegments, torch.Tensor]] = []
         if variant in ("lora", "mixed"):
             batch.lora, pair = self._lora_batch(self.token_slots[:size])
@@ -129,12 +152,17 @@ class CudaGraphRunner:
             segments.append(pair)
         return _Entry(batch, segments)
 
-    def _lora_batch(self, slots: torch.Tensor
-                    ) -> tuple[LoRABatch, tuple[LoRASegments, torch.Tensor]]:
+    def _lora_batch(
+        self, slots: torch.Tensor
+    ) -> tuple[LoRABatch, tuple[LoRASegments, torch.Tensor]]:
         segments = LoRASegments.allocate(int(slots.shape[0]), self.num_lora_slots, self.device)
         segments.update(slots)
-        batch = LoRABatch(token_slots=slots, num_slots=self.num_lora_slots, backend="triton",
-                          backend_data=segments)
+        batch = LoRABatch(
+            token_slots=slots,
+            num_slots=self.num_lora_slots,
+            backend="triton",
+            backend_data=segments,
+        )
         return batch, (segments, slots)
 
     # ----- capture --------------------------------------------------------------------------
@@ -160,9 +188,13 @@ class CudaGraphRunner:
                 self._capture_entry(self._entries[(size, variant)])
         torch.cuda.synchronize(self.device)
         self.captured = True
-        logger.info("captured %d decode graphs (buckets %s, variants %s): %.1f MiB",
-                    len(self._entries), list(self.buckets), list(self.variants),
-                    (torch.cuda.memory_reserved(self.device) - before) / 2**20)
+        logger.info(
+            "captured %d decode graphs (buckets %s, variants %s): %.1f MiB",
+            len(self._entries),
+            list(self.buckets),
+            list(self.variants),
+            (torch.cuda.memory_reserved(self.device) - before) / 2**20,
+        )
 
     def _capture_entry(self, entry: _Entry) -> None:
         stream = torch.cuda.Stream(self.device)
@@ -179,8 +211,10 @@ class CudaGraphRunner:
             except RuntimeError as exc:
                 if not in_graph or not entry.segments:
                     raise
-                logger.warning("LoRA segment update not capturable (%s); it runs before each "
-                               "replay instead", exc)
+                logger.warning(
+                    "LoRA segment update not capturable (%s); it runs before each replay instead",
+                    exc,
+                )
                 torch.cuda.synchronize(self.device)
                 continue
             entry.graph, entry.update_in_graph = graph, in_graph
@@ -235,7 +269,7 @@ class CudaGraphRunner:
         self.positions[:num_seqs].copy_(batch.positions)
         self.seq_lens[:num_seqs].copy_(attn.seq_lens)
         self.slot_mapping[:num_seqs].copy_(attn.slot_mapping)
-        self.page_table[:num_seqs, :attn.page_table.shape[1]].copy_(attn.page_table)
+        self.page_table[:num_seqs, : attn.page_table.shape[1]].copy_(attn.page_table)
         if batch.lora is not None:
             self.token_slots[:num_seqs].copy_(batch.lora.token_slots)
         if batch.lora_correction is not None:

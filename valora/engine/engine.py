@@ -52,6 +52,14 @@ class LLMEngine:
         request = self.parts.inputs.process(spec)
         if request.adapter_name is not None:
             request.adapter_digest = self.parts.adapters.digest(request.adapter_name)
+        head = self.parts.head_of(request.adapter_name, request.task)  # validates the head now
+        if head is not None:
+            if head.num_input_tokens > request.num_prompt_tokens:
+                raise InvalidRequestError(
+                    f"the task head reads the last {head.num_input_tokens} prompt tokens but the prompt "
+                    f"has {request.num_prompt_tokens}"
+                )
+            request.num_recompute_tail = head.num_input_tokens
         self.parts.scheduler.add_request(request)
         self.requests[request.request_id] = request
         return request
@@ -105,7 +113,10 @@ class LLMEngine:
             if request.is_finished:
                 continue
             if rid in result.head_hidden:
-                outputs.append(self._finish_with_head(request, result, now))
+                try:
+                    outputs.append(self._finish_with_head(request, result, now))
+                except Exception as exc:  # a broken head fails its own request only
+                    outputs.append(self._fail_request(request, exc))
                 continue
             token = result.sampled.get(rid)
             if token is None:
@@ -164,6 +175,15 @@ class LLMEngine:
                 request.error = message
                 failed.append(self._retire(request))
         return failed
+
+    def _fail_request(self, request: Request, exc: Exception) -> RequestOutput:
+        message = f"{type(exc).__name__}: {exc}"
+        logger.warning("request %s failed: %s", request.request_id, message)
+        self.parts.scheduler.finish_request(
+            request.request_id, RequestStatus.FINISHED_ERROR, message
+        )
+        request.error = message
+        return self._retire(request)
 
     def _fail_step(self, scheduled: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         self._consecutive_failures += 1

@@ -27,13 +27,15 @@ class GenerateRequest:
     """One request as a caller states it. Exactly one of ``prompt``, ``messages`` and
     ``prompt_token_ids`` is given. A raw ``prompt`` marks each image with the model's image token
     (``<image>``) in order; chat ``messages`` use image parts (``{"type": "image"}`` with
-    ``images`` supplied, or ``{"type": "image_url", ...}`` sources)."""
+    ``images`` supplied, or ``{"type": "image_url", ...}`` sources). ``task`` picks a named task
+    head of a fused adapter; without it the adapter's default head (if any) answers."""
 
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     prompt_token_ids: list[int] | None = None
     images: Sequence[ImageSource] = ()
     adapter: str | None = None
+    task: str | None = None
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str | None = None
     latency_target_s: float | None = None
@@ -114,6 +116,7 @@ class InputProcessor:
             prompt_token_ids=token_ids,
             sampling_params=spec.sampling_params,
             adapter_name=spec.adapter,
+            task=spec.task,
             images=images,
             prompt=prompt,
             latency_target_s=spec.latency_target_s,

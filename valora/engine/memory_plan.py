@@ -57,8 +57,12 @@ class MemoryPlan:
 
     @property
     def kv_budget_bytes(self) -> int:
-        return (self.budget_bytes - self.in_use_bytes - self.activation_peak_bytes
-                - self.graph_reserve_bytes)
+        return (
+            self.budget_bytes
+            - self.in_use_bytes
+            - self.activation_peak_bytes
+            - self.graph_reserve_bytes
+        )
 
     @property
     def num_pages(self) -> int:
@@ -73,17 +77,22 @@ class MemoryPlan:
                 f"MiB in use, {self.activation_peak_bytes / MIB:.0f} MiB activations and "
                 f"{self.graph_reserve_bytes / MIB:.0f} MiB graphs leaves "
                 f"{self.kv_budget_bytes / MIB:.0f} MiB; raise memory_fraction or lower "
-                "max_num_batched_tokens / max_loras")
+                "max_num_batched_tokens / max_loras"
+            )
 
     def table(self) -> str:
         """A small fixed-width table: one row per use, in MiB and as a share of the device."""
-        rows = [("weights", self.weight_bytes), ("adapter slots", self.adapter_slot_bytes),
-                ("context + other", self.other_bytes),
-                ("activation peak", self.activation_peak_bytes),
-                ("cuda graphs (reserve)", self.graph_reserve_bytes),
-                (f"kv cache ({self.num_pages} pages)", self.num_pages * self.bytes_per_page)]
-        rows.append(("unused (outside the budget)",
-                     self.total_bytes - sum(size for _, size in rows)))
+        rows = [
+            ("weights", self.weight_bytes),
+            ("adapter slots", self.adapter_slot_bytes),
+            ("context + other", self.other_bytes),
+            ("activation peak", self.activation_peak_bytes),
+            ("cuda graphs (reserve)", self.graph_reserve_bytes),
+            (f"kv cache ({self.num_pages} pages)", self.num_pages * self.bytes_per_page),
+        ]
+        rows.append(
+            ("unused (outside the budget)", self.total_bytes - sum(size for _, size in rows))
+        )
         lines = [f"{'memory':<28}{'MiB':>12}{'share':>8}"]
         for name, size in rows:
             lines.append(f"{name:<28}{size / MIB:>12.1f}{size / self.total_bytes:>8.1%}")
@@ -116,8 +125,14 @@ def weight_and_slot_bytes(model: CausalLMBase) -> tuple[int, int]:
     return weights, _unique_bytes(slots)
 
 
-def profiling_batch(num_tokens: int, num_seqs: int, page_size: int, device: torch.device,
-                    lora_slots: int = 0, lora_backend: str = "auto") -> tuple[ForwardBatch, int]:
+def profiling_batch(
+    num_tokens: int,
+    num_seqs: int,
+    page_size: int,
+    device: torch.device,
+    lora_slots: int = 0,
+    lora_backend: str = "auto",
+) -> tuple[ForwardBatch, int]:
     """A prefill batch of ``num_tokens`` over ``num_seqs`` fresh sequences laid out on pages
     ``1..``; returns it and the number of pages it needs (page 0 stays the null page)."""
     num_seqs = max(1, min(num_seqs, num_tokens))
@@ -134,30 +149,44 @@ def profiling_batch(num_tokens: int, num_seqs: int, page_size: int, device: torc
     attn = AttentionMetadata(
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(lengths, dtype=torch.int32, device=device),
-        page_table=table.to(device), slot_mapping=torch.tensor(slots, device=device),
-        page_size=page_size, query_lens_cpu=lengths, seq_lens_cpu=list(lengths))
+        page_table=table.to(device),
+        slot_mapping=torch.tensor(slots, device=device),
+        page_size=page_size,
+        query_lens_cpu=lengths,
+        seq_lens_cpu=list(lengths),
+    )
     positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
-    batch = ForwardBatch(input_ids=torch.zeros(num_tokens, dtype=torch.int64, device=device),
-                         positions=positions, attn=attn,
-                         logits_indices=torch.tensor(starts[1:], device=device) - 1)
+    batch = ForwardBatch(
+        input_ids=torch.zeros(num_tokens, dtype=torch.int64, device=device),
+        positions=positions,
+        attn=attn,
+        logits_indices=torch.tensor(starts[1:], device=device) - 1,
+    )
     if lora_slots:
         batch.lora = prepare_lora_batch(
             torch.arange(num_tokens, device=device, dtype=torch.int32) % lora_slots,
-            lora_slots, lora_backend)
+            lora_slots,
+            lora_backend,
+        )
     return batch, next_page
 
 
 @torch.inference_mode()
-def measure_step_peak(model: CausalLMBase, batch: ForwardBatch, num_pages: int,
-                      page_size: int) -> int:
+def measure_step_peak(
+    model: CausalLMBase, batch: ForwardBatch, num_pages: int, page_size: int
+) -> int:
     """Peak bytes allocated above the starting point by ``forward`` + ``compute_logits`` of
     ``batch`` over a temporary KV cache of ``num_pages`` pages (the model's caches restored)."""
     device, dtype = model.device, model.dtype
     previous = list(model.kv_caches)
     shape = model.kv_cache_shape(num_pages, page_size)
-    caches = [(torch.zeros(shape, dtype=dtype, device=device),
-               torch.zeros(shape, dtype=dtype, device=device))
-              for _ in range(model.spec.num_layers)]
+    caches = [
+        (
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+        for _ in range(model.spec.num_layers)
+    ]
     model.bind_kv_caches(caches)
     try:
         torch.cuda.synchronize(device)
@@ -173,9 +202,16 @@ def measure_step_peak(model: CausalLMBase, batch: ForwardBatch, num_pages: int,
         torch.cuda.empty_cache()
 
 
-def plan_gpu_memory(model: CausalLMBase, *, page_size: int, memory_fraction: float,
-                    max_num_tokens: int, max_num_seqs: int, graph_batch: int = 0,
-                    lora_backend: str = "auto") -> MemoryPlan:
+def plan_gpu_memory(
+    model: CausalLMBase,
+    *,
+    page_size: int,
+    memory_fraction: float,
+    max_num_tokens: int,
+    max_num_seqs: int,
+    graph_batch: int = 0,
+    lora_backend: str = "auto",
+) -> MemoryPlan:
     """Profile ``model`` on its CUDA device and size the KV cache (module docstring)."""
     device = model.device
     if device.type != "cuda":
@@ -185,22 +221,29 @@ def plan_gpu_memory(model: CausalLMBase, *, page_size: int, memory_fraction: flo
         if linear.lora_weights is not None:
             lora_slots = linear.lora_weights.num_slots
             break
-    batch, pages = profiling_batch(max_num_tokens, max_num_seqs, page_size, device, lora_slots,
-                                   lora_backend)
+    batch, pages = profiling_batch(
+        max_num_tokens, max_num_seqs, page_size, device, lora_slots, lora_backend
+    )
     activation = measure_step_peak(model, batch, pages, page_size)
     graph_reserve = 0
     if graph_batch:
-        decode, pages = profiling_batch(graph_batch, graph_batch, page_size, device, lora_slots,
-                                        lora_backend)
+        decode, pages = profiling_batch(
+            graph_batch, graph_batch, page_size, device, lora_slots, lora_backend
+        )
         graph_reserve = measure_step_peak(model, decode, pages, page_size) + GRAPH_MARGIN_BYTES
     torch.cuda.synchronize(device)
     free, total = torch.cuda.mem_get_info(device)
     weights, slots = weight_and_slot_bytes(model)
-    plan = MemoryPlan(total_bytes=int(total), memory_fraction=memory_fraction,
-                      in_use_bytes=int(total - free), weight_bytes=weights,
-                      adapter_slot_bytes=slots, activation_peak_bytes=activation,
-                      graph_reserve_bytes=graph_reserve,
-                      bytes_per_page=kv_bytes_per_page(model, page_size, model.dtype))
+    plan = MemoryPlan(
+        total_bytes=int(total),
+        memory_fraction=memory_fraction,
+        in_use_bytes=int(total - free),
+        weight_bytes=weights,
+        adapter_slot_bytes=slots,
+        activation_peak_bytes=activation,
+        graph_reserve_bytes=graph_reserve,
+        bytes_per_page=kv_bytes_per_page(model, page_size, model.dtype),
+    )
     plan.check()
     logger.info("memory plan on %s:\n%s", torch.cuda.get_device_name(device), plan.table())
     return plan
@@ -242,12 +285,17 @@ class SlotPrefetcher:
             return tensor
         return tensor.pin_memory()
 
-    def submit(self, copies: Sequence[tuple[torch.Tensor, torch.Tensor]],
-               zeros: Sequence[torch.Tensor] = ()) -> PrefetchTicket:
+    def submit(
+        self,
+        copies: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        zeros: Sequence[torch.Tensor] = (),
+    ) -> PrefetchTicket:
         for index, (dst, src) in enumerate(copies):
             if dst.shape != src.shape or dst.device != self.device:
-                raise ValoraError(f"slot prefetch copy {index}: destination {tuple(dst.shape)} on "
-                                  f"{dst.device}, source {tuple(src.shape)}")
+                raise ValoraError(
+                    f"slot prefetch copy {index}: destination {tuple(dst.shape)} on "
+                    f"{dst.device}, source {tuple(src.shape)}"
+                )
         if self.stream is None:
             for tensor in zeros:
                 tensor.zero_()

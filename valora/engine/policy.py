@@ -76,5 +76,6 @@ def get_policy(name: str) -> SchedulingPolicy:
     factory = _POLICIES.get(name)
     if factory is None:
         raise InvalidRequestError(
-            f"unknown scheduling policy {name!r}; available: {', '.join(available_policies())}")
+            f"unknown scheduling policy {name!r}; available: {', '.join(available_policies())}"
+        )
     return factory()

@@ -57,8 +57,10 @@ class Scheduler:
         release: Callable[[Request], object] | None = None,
     ) -> None:
         if cache_config.page_size != kv_manager.page_size:
-            raise ValueError(f"cache_config.page_size ({cache_config.page_size}) differs from the "
-                             f"KV cache manager's page size ({kv_manager.page_size})")
+            raise ValueError(
+                f"cache_config.page_size ({cache_config.page_size}) differs from the "
+                f"KV cache manager's page size ({kv_manager.page_size})"
+            )
         self.config = scheduler_config
         self.cache_config = cache_config
         self.kv = kv_manager
@@ -71,8 +73,11 @@ class Scheduler:
         self._requests: dict[str, Request] = {}
         capacity = kv_manager.num_usable_pages * kv_manager.page_size
         if capacity < max_model_len:
-            logger.warning("KV cache holds %d tokens, less than max_model_len=%d: long requests "
-                           "are rejected", capacity, max_model_len)
+            logger.warning(
+                "KV cache holds %d tokens, less than max_model_len=%d: long requests are rejected",
+                capacity,
+                max_model_len,
+            )
 
     # ------------------------------------------------------------------ queries
     @property
@@ -110,7 +115,8 @@ class Scheduler:
         if not self.config.chunked_prefill and request.num_prompt_tokens > budget:
             raise InvalidRequestError(
                 f"prompt of {request.num_prompt_tokens} tokens exceeds max_num_batched_tokens="
-                f"{budget} with chunked prefill off; enable chunked_prefill or raise the budget")
+                f"{budget} with chunked prefill off; enable chunked_prefill or raise the budget"
+            )
         # Tokens whose K/V may be stored: the last sampled token is never computed.
         max_len = request.num_prompt_tokens + request.sampling_params.max_tokens - 1
         max_len = max(request.num_prompt_tokens, min(max_len, self.max_model_len))
@@ -118,10 +124,13 @@ class Scheduler:
             raise OutOfResourcesError(
                 f"request {request.request_id!r} may need {self.kv.pages_for_tokens(max_len)} KV "
                 f"pages ({max_len} tokens) but the cache has {self.kv.num_usable_pages}; shorten "
-                f"the prompt or max_tokens, or give the KV cache more memory")
+                f"the prompt or max_tokens, or give the KV cache more memory"
+            )
         if len(self._waiting) >= self.config.max_waiting:
-            raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests, "
-                                 f"max_waiting); retry later")
+            raise QueueFullError(
+                f"waiting queue is full ({self.config.max_waiting} requests, "
+                f"max_waiting); retry later"
+            )
         request.status = RequestStatus.WAITING
         self._waiting.append(request)
         self._requests[request.request_id] = request
@@ -135,11 +144,15 @@ class Scheduler:
         if not preempted:
             self._schedule_waiting(budget, scheduled)
         items = list(scheduled.values())
-        return SchedulerOutput(scheduled=items, preempted=preempted,
-                               num_batched_tokens=sum(item.num_new_tokens for item in items))
+        return SchedulerOutput(
+            scheduled=items,
+            preempted=preempted,
+            num_batched_tokens=sum(item.num_new_tokens for item in items),
+        )
 
-    def _schedule_running(self, budget: int, scheduled: dict[str, ScheduledRequest],
-                          preempted: list[Request]) -> int:
+    def _schedule_running(
+        self, budget: int, scheduled: dict[str, ScheduledRequest], preempted: list[Request]
+    ) -> int:
         index = 0
         while index < len(self._running) and budget > 0:
             request = self._running[index]
@@ -163,7 +176,8 @@ class Scheduler:
                     break
             else:
                 scheduled[request.request_id] = ScheduledRequest(
-                    request, num_new, is_prefill=is_prefill_step(request))
+                    request, num_new, is_prefill=is_prefill_step(request)
+                )
                 budget -= num_new
                 index += 1
         return budget
@@ -196,7 +210,8 @@ class Scheduler:
                 self._running.append(request)
                 started.add(request.request_id)
                 scheduled[request.request_id] = ScheduledRequest(
-                    request, num_new, is_prefill=is_prefill_step(request))
+                    request, num_new, is_prefill=is_prefill_step(request)
+                )
                 budget -= num_new
         finally:
             if started:
@@ -229,8 +244,12 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self._waiting.appendleft(request)
-        logger.debug("preempted %s (%d tokens, %d preemptions)", request.request_id,
-                     request.num_tokens, request.num_preemptions)
+        logger.debug(
+            "preempted %s (%d tokens, %d preemptions)",
+            request.request_id,
+            request.num_tokens,
+            request.num_preemptions,
+        )
         if self._release is not None:
             self._release(request)
 
@@ -242,16 +261,19 @@ class Scheduler:
         """
         for item in output.scheduled:
             request = item.request
-            if self._requests.get(item.request_id) is not request or \
-                    request.status is not RequestStatus.RUNNING:
+            if (
+                self._requests.get(item.request_id) is not request
+                or request.status is not RequestStatus.RUNNING
+            ):
                 continue
             if request.num_computed_tokens != item.num_computed_tokens:
                 raise RuntimeError(f"request {item.request_id!r} advanced twice for one step")
             request.num_computed_tokens += item.num_new_tokens
             self.kv.cache_full_pages(request)
 
-    def finish_request(self, request_id: str, status: RequestStatus,
-                       error: str | None = None) -> None:
+    def finish_request(
+        self, request_id: str, status: RequestStatus, error: str | None = None
+    ) -> None:
         """End a request: free its pages, release it, drop it from the queues (idempotent)."""
         if not status.finished:
             raise ValueError(f"{status} is not a finished status")

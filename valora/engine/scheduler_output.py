@@ -39,7 +39,8 @@ class ScheduledRequest:
         if self.num_computed_tokens + self.num_new_tokens > self.num_tokens:
             raise ValueError(
                 f"request {self.request.request_id!r}: {self.num_computed_tokens} computed + "
-                f"{self.num_new_tokens} new tokens exceeds its {self.num_tokens} tokens")
+                f"{self.num_new_tokens} new tokens exceeds its {self.num_tokens} tokens"
+            )
 
     @property
     def request_id(self) -> str:

@@ -22,7 +22,7 @@ from valora.engine.model_runner import LoRAStepPlan, ModelRunner, StepResult
 from valora.engine.policy import get_policy
 from valora.engine.scheduler import Scheduler
 from valora.engine.scheduler_output import SchedulerOutput
-from valora.errors import ValoraError
+from valora.errors import InvalidAdapterError, InvalidRequestError, ValoraError
 from valora.kv_cache.kv_cache_manager import KVCacheManager
 from valora.kv_cache.page_pool import PagePool
 from valora.logger import get_logger
@@ -53,7 +53,7 @@ class EngineParts:
     max_model_len: int
     detokenizers: dict[str, IncrementalDetokenizer] = field(default_factory=dict)
     head_results: dict[str, dict[str, Any]] = field(default_factory=dict)
-    _heads: dict[str, Any] = field(default_factory=dict)
+    _heads: dict[tuple[str, str | None], Any] = field(default_factory=dict)
     merged_slot: int | None = None
     admission_failures: list[tuple[Request, Exception]] = field(default_factory=list)
 
@@ -76,32 +76,49 @@ class EngineParts:
         self.head_results.pop(request_id, None)
 
     # ----- task heads -------------------------------------------------------------------------
-    def head_of(self, adapter_name: str | None) -> Any:
+    def head_of(self, adapter_name: str | None, task: str | None = None) -> Any:
+        """The task head that answers requests for ``adapter_name`` (and ``task``), or ``None``.
+
+        Raises ``InvalidRequestError`` when a task is named that the adapter has no head for,
+        ``InvalidAdapterError`` when its head files are malformed or sized for another model."""
         if adapter_name is None:
+            if task is not None:
+                raise InvalidRequestError(f"task {task!r} needs an adapter that carries its head")
             return None
-        if adapter_name not in self._heads:
+        key = (adapter_name, task)
+        if key not in self._heads:
             from valora.heads import load_task_head
 
-            adapter = self.adapters.resolve(adapter_name)
-            head = load_task_head(Path(adapter.path))
+            head = load_task_head(Path(self.adapters.path_of(adapter_name)), task)
+            if head is None and task is not None:
+                raise InvalidRequestError(
+                    f"adapter {adapter_name!r} has no task head for task {task!r}"
+                )
             if head is not None:
-                head = head.to(self.device)
-            self._heads[adapter_name] = head
-        return self._heads[adapter_name]
+                if head.spec.hidden_size != self.model.spec.hidden_size:
+                    raise InvalidAdapterError(
+                        f"task head of {adapter_name!r} expects hidden size {head.spec.hidden_size}, "
+                        f"the model has {self.model.spec.hidden_size}"
+                    )
+                head = head.to(self.device).eval()
+            self._heads[key] = head
+        return self._heads[key]
 
     def head_tokens_of(self, request: Request) -> int:
-        head = self.head_of(request.adapter_name)
+        head = self.head_of(request.adapter_name, request.task)
         return int(head.num_input_tokens) if head is not None else 0
 
     def run_head(self, request: Request, hidden: torch.Tensor) -> dict[str, Any]:
-        head = self.head_of(request.adapter_name)
-        result = head.run(hidden)
+        head = self.head_of(request.adapter_name, request.task)
+        with torch.inference_mode():
+            result = head.run(hidden.to(torch.float32))
         out: dict[str, Any] = result.to_dict()
         out.setdefault("label", result.label)
         return out
 
     def drop_adapter(self, name: str) -> None:
-        self._heads.pop(name, None)
+        for key in [k for k in self._heads if k[0] == name]:
+            del self._heads[key]
 
     # ----- a step -----------------------------------------------------------------------------
     def slot_of(self, request: Request) -> int:

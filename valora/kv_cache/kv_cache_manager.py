@@ -54,15 +54,16 @@ class KVCacheManager:
 
         The request must hold no pages. Looks up the full pages of ``request.all_token_ids``
         (prompt, plus outputs when recomputing after preemption) in order and stops at the first
-        miss; takes a reference on every hit. At least one token is always left to compute so the
-        model produces logits. Sets ``request.num_cached_tokens`` and returns it.
+        miss; takes a reference on every hit. At least ``request.num_recompute_tail`` (>= 1) tokens
+        are always left to compute so the model produces logits (or a task head its inputs). Sets ``request.num_cached_tokens`` and returns it.
         """
         if request.request_id in self._tables:
             raise ValueError(f"request {request.request_id!r} already holds pages")
         hits: list[int] = []
         hashes: list[PageHash] = []
         if self.pool.enable_prefix_caching:
-            max_pages = (request.num_tokens - 1) // self.page_size
+            tail = max(1, request.num_recompute_tail)
+            max_pages = max(0, request.num_tokens - tail) // self.page_size
             extend_page_hashes(hashes, request.all_token_ids, self.page_size, adapter_key(request),
                                request.images, max_pages)
             for block_hash in hashes:

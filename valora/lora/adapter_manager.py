@@ -158,6 +158,11 @@ class AdapterManager:
         with self._lock:
             return self._lookup(name).digest
 
+    def path_of(self, name: str) -> Path:
+        """The directory ``name`` was registered from (task heads live there too)."""
+        with self._lock:
+            return self._lookup(name).path
+
     # ------------------------------------------------------------------- slots
     def acquire(self, name: str) -> int | None:
         """Pin ``name`` in a slot and return the slot, or ``None`` if every slot is pinned by
