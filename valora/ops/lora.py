@@ -24,6 +24,7 @@ proportional to each token's own adapter rank.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,7 +64,8 @@ class LoRASlotWeights:
     ) -> LoRASlotWeights:
         """Allocate zeroed slot storage (every slot empty: rank 0)."""
         return cls(
-            lora_a=torch.zeros(num_slots, len(slice_widths), max_rank, in_features, dtype=dtype, device=device),
+            lora_a=torch.zeros(num_slots, len(slice_widths), max_rank, in_features, dtype=dtype,
+                               device=device),
             lora_b=torch.zeros(num_slots, sum(slice_widths), max_rank, dtype=dtype, device=device),
             ranks=torch.zeros(num_slots, len(slice_widths), dtype=torch.int32, device=device),
             scales=torch.zeros(num_slots, len(slice_widths), dtype=torch.float32, device=device),
@@ -85,6 +87,8 @@ class LoRABatch:
     backend: str
     backend_data: object = None
     token_slots_cpu: list[int] = field(default_factory=list)
+    num_active_slots: int = -1
+    """Distinct slots among the tokens when the host knows it (-1 = unknown); a tiling hint only."""
 
 
 LoRAApplyFn = Callable[[torch.Tensor, torch.Tensor, LoRASlotWeights, LoRABatch, float], None]
@@ -107,21 +111,56 @@ def _ensure_builtin_backends() -> None:
     if "reference" not in _BACKENDS:
         from valora.ops import reference
 
-        register_lora_backend("reference", reference.prepare_lora_reference, reference.lora_apply_reference)
+        register_lora_backend("reference", reference.prepare_lora_reference,
+                              reference.lora_apply_reference)
+    if "triton" not in _BACKENDS and importlib.util.find_spec("triton") is not None:
+        # Registered without importing triton: the kernels are imported on the first call.
+        register_lora_backend("triton", _prepare_triton, _apply_triton)
 
 
-def prepare_lora_batch(token_slots: torch.Tensor, num_slots: int, backend: str = "reference") -> LoRABatch:
-    """Validate ``token_slots`` and build the step's LoRA metadata for ``backend``."""
+def _prepare_triton(batch: LoRABatch) -> object:
+    from valora.ops.triton_lora import prepare_lora_triton
+
+    return prepare_lora_triton(batch)
+
+
+def _apply_triton(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights, batch: LoRABatch,
+                  scale_multiplier: float) -> None:
+    from valora.ops.triton_lora import lora_apply_triton
+
+    lora_apply_triton(y, x, weights, batch, scale_multiplier)
+
+
+def resolve_lora_backend(backend: str, device: torch.device) -> str:
+    """Map ``"auto"`` to ``"triton"`` on CUDA when Triton is installed, else ``"reference"``."""
     _ensure_builtin_backends()
+    if backend != "auto":
+        return backend
+    return "triton" if device.type == "cuda" and "triton" in _BACKENDS else "reference"
+
+
+def prepare_lora_batch(token_slots: torch.Tensor, num_slots: int, backend: str = "reference",
+                       num_active_slots: int | None = None) -> LoRABatch:
+    """Validate ``token_slots`` and build the step's LoRA metadata for ``backend``.
+
+    ``backend`` may be ``"auto"`` (see ``resolve_lora_backend``). ``num_active_slots`` (distinct
+    slots among the tokens, when the caller knows it) only steers the Triton tile choice; it is
+    derived here when ``token_slots`` lives on the CPU. Nothing here synchronises with a GPU.
+    """
+    backend = resolve_lora_backend(backend, token_slots.device)
     if backend not in _BACKENDS:
-        raise ValoraError(f"unknown LoRA backend {backend!r}; available: {available_lora_backends()}")
+        raise ValoraError(
+            f"unknown LoRA backend {backend!r}; available: {available_lora_backends()}")
     if token_slots.dim() != 1:
         raise ValoraError(f"token_slots must be 1-D, got shape {tuple(token_slots.shape)}")
     slots_cpu = token_slots.tolist() if token_slots.device.type == "cpu" else []
     if slots_cpu and (max(slots_cpu) >= num_slots or min(slots_cpu) < -1):
-        raise ValoraError(f"token_slots out of range [-1, {num_slots}): min {min(slots_cpu)}, max {max(slots_cpu)}")
+        raise ValoraError(f"token_slots out of range [-1, {num_slots}): "
+                          f"min {min(slots_cpu)}, max {max(slots_cpu)}")
+    if num_active_slots is None:
+        num_active_slots = len({s for s in slots_cpu if s >= 0}) if slots_cpu else -1
     batch = LoRABatch(token_slots=token_slots.to(torch.int32), num_slots=num_slots, backend=backend,
-                      token_slots_cpu=slots_cpu)
+                      token_slots_cpu=slots_cpu, num_active_slots=num_active_slots)
     batch.backend_data = _BACKENDS[backend][0](batch)
     return batch
 
@@ -135,9 +174,11 @@ def lora_apply(
 ) -> None:
     """``y += LoRA(x)`` for every token's adapter (see module docstring). In place."""
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise ValoraError(f"lora_apply: x {tuple(x.shape)} and y {tuple(y.shape)} must be [T, *] alike")
+        raise ValoraError(
+            f"lora_apply: x {tuple(x.shape)} and y {tuple(y.shape)} must be [T, *] alike")
     if x.shape[0] != batch.token_slots.shape[0]:
-        raise ValoraError(f"lora_apply: {x.shape[0]} tokens but {batch.token_slots.shape[0]} token slots")
+        raise ValoraError(
+            f"lora_apply: {x.shape[0]} tokens but {batch.token_slots.shape[0]} token slots")
     if y.shape[1] != sum(weights.slice_widths) or x.shape[1] != weights.lora_a.shape[3]:
         raise ValoraError(
             f"lora_apply: widths disagree: x {x.shape[1]} vs A {weights.lora_a.shape[3]}, "

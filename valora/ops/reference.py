@@ -13,7 +13,8 @@ def prepare_lora_reference(batch: LoRABatch) -> dict[int, torch.Tensor]:
     groups: dict[int, torch.Tensor] = {}
     for slot in torch.unique(slots).tolist():
         if slot >= 0:
-            groups[int(slot)] = torch.nonzero(slots == slot, as_tuple=False).flatten().to(batch.token_slots.device)
+            rows = torch.nonzero(slots == slot, as_tuple=False).flatten()
+            groups[int(slot)] = rows.to(batch.token_slots.device)
     return groups
 
 

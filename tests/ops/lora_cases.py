@@ -1,0 +1,44 @@
+"""Helpers for the LoRA op tests: fp32 twin results and error measures."""
+
+from __future__ import annotations
+
+import torch
+
+from valora.ops.lora import LoRABatch, LoRASlotWeights, lora_apply, prepare_lora_batch
+
+
+def as_fp32(weights: LoRASlotWeights) -> LoRASlotWeights:
+    return LoRASlotWeights(weights.lora_a.float(), weights.lora_b.float(), weights.ranks,
+                           weights.scales, weights.slice_widths,
+                           [list(r) for r in weights.ranks_cpu])
+
+
+def reference_output(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,
+                     slots: torch.Tensor, num_slots: int, multiplier: float = 1.0,
+                     device: str = "cpu") -> torch.Tensor:
+    """``y + LoRA(x)`` by the pure-PyTorch twin, in fp32 (on ``device``; result on the CPU)."""
+    out = y.detach().to(device, torch.float32).clone()
+    fp32 = LoRASlotWeights(weights.lora_a.to(device, torch.float32),
+                           weights.lora_b.to(device, torch.float32), weights.ranks.to(device),
+                           weights.scales.to(device), weights.slice_widths,
+                           [list(r) for r in weights.ranks_cpu])
+    batch = prepare_lora_batch(slots.to(device), num_slots, "reference")
+    lora_apply(out, x.detach().to(device, torch.float32), fp32, batch, multiplier)
+    return out.cpu()
+
+
+def triton_output(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,
+                  slots: torch.Tensor, num_slots: int, multiplier: float = 1.0) -> torch.Tensor:
+    out = y.clone()
+    batch: LoRABatch = prepare_lora_batch(slots.to(x.device), num_slots, "triton")
+    lora_apply(out, x, weights, batch, multiplier)
+    return out
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out32 = out.detach().float().cpu()
+    assert torch.isfinite(out32).all(), "non-finite output"
+    return float((out32 - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}

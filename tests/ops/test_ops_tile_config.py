@@ -1,0 +1,100 @@
+"""Shape buckets, the heuristic fallback, the tile table and the resumable tuner (CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from valora.ops import tuning
+from valora.ops.tile_candidates import expand_candidates, shrink_candidates
+from valora.ops.tile_config import (
+    BLOCK_M_CHOICES,
+    ExpandConfig,
+    ShrinkConfig,
+    TileConfig,
+    heuristic_config,
+    shape_bucket,
+)
+from valora.ops.tile_table import TileTable, select_tile_config, table_file_name
+
+
+def _valid(config: TileConfig) -> None:
+    for block in (config.shrink.block_n, config.shrink.block_k, config.expand.block_n,
+                  config.expand.block_k):
+        assert block >= 16 and block & (block - 1) == 0
+    assert config.shrink.block_m in BLOCK_M_CHOICES and config.expand.block_m in BLOCK_M_CHOICES
+    assert config.shrink.split_k >= 1
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64, 1000, 16384, 70000])
+@pytest.mark.parametrize(("rank", "in_features", "width", "slices"),
+                         [(1, 16, 8, 1), (16, 4096, 4096, 3), (128, 11008, 4096, 1),
+                          (300, 4096, 11008, 2)])
+@pytest.mark.parametrize("adapters", [-1, 1, 32, 600])
+def test_heuristic_is_always_valid(tokens: int, rank: int, in_features: int, width: int,
+                                   slices: int, adapters: int) -> None:
+    _valid(heuristic_config(tokens, rank, in_features, width, adapters, slices))
+
+
+def test_bucket_rounding_and_coverage() -> None:
+    bucket = shape_bucket(100, 24, 4096, 3 * 4096, 5, 3)
+    assert bucket is not None
+    assert bucket.key == "t128-r32-i4096-o16384-a8-s3"
+    assert shape_bucket(100, 257, 4096, 4096, 5, 1) is None  # rank above the tables
+    big = shape_bucket(10**6, 16, 11008, 4096, 10**4, 1)
+    assert big is not None
+    assert (big.num_tokens, big.in_features, big.num_adapters) == (32768, 16384, 512)
+
+
+def test_candidates_start_with_the_heuristic_and_are_valid() -> None:
+    shrinks = shrink_candidates(64, 16, 4096, 32, 1, 132)
+    expands = expand_candidates(64, 16, 4096, 32, 4096, 1, 132)
+    heuristic = heuristic_config(64, 16, 4096, 4096, 32, 1, 132)
+    assert shrinks[0] == heuristic.shrink and expands[0] == heuristic.expand
+    assert len(set(shrinks)) == len(shrinks) > 1 and len(set(expands)) == len(expands) > 1
+    for s in shrinks:
+        for e in expands:
+            _valid(TileConfig(s, e))
+
+
+def test_table_round_trip_and_merge(tmp_path: Path) -> None:
+    path = tmp_path / table_file_name("NVIDIA H200")
+    assert path.name == "NVIDIA_H200.json"
+    one = TileConfig(ShrinkConfig(16, 16, 256, 8, 4, 3), ExpandConfig(16, 128, 16, 4, 2))
+    two = TileConfig(ShrinkConfig(64, 64, 64, 1, 4, 4), ExpandConfig(64, 128, 32, 4, 3))
+    first = TileTable("NVIDIA H200")
+    first.put("a", one, {"shrink": 1.0})
+    first.save(path)
+    second = TileTable("NVIDIA H200")
+    second.put("b", two, {"shrink": 2.0})
+    second.save(path)  # merges with "a" on disk
+    loaded = TileTable.load(path)
+    assert loaded.get("a") == one and loaded.get("b") == two and loaded.get("c") is None
+    assert json.loads(path.read_text())["device"] == "NVIDIA H200"
+
+
+def test_cpu_lookup_uses_the_heuristic() -> None:
+    config, source = select_tile_config(torch.device("cpu"), 64, 16, 4096, (4096,), 32)
+    assert source == "heuristic"
+    assert config == heuristic_config(64, 16, 4096, 4096, 32, 1, 132)
+
+
+def test_tuner_writes_and_resumes(tmp_path: Path) -> None:
+    """The tuner end to end on tiny buckets (wall-clock timing in the interpreter), then resumed."""
+    out = tmp_path / "table.json"
+    argv = ["--device", "cpu", "--layers", "24:16,8", "--tokens", "4,16", "--ranks", "8",
+            "--adapters", "2", "--max-candidates", "2", "--repeats", "1", "--out", str(out),
+            "--dtype", "fp32"]
+    assert tuning.main(argv) == 0
+    table = TileTable.load(out)
+    assert set(table.entries) == {"t4-r16-i32-o32-a8-s2", "t16-r16-i32-o32-a8-s2"}
+    for key in table.entries:
+        config = table.get(key)
+        assert config is not None
+        _valid(config)
+    stamp = out.stat().st_mtime_ns
+    assert tuning.main(argv) == 0  # resume: every bucket present, nothing re-tuned or rewritten
+    assert out.stat().st_mtime_ns == stamp

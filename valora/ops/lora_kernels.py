@@ -1,0 +1,163 @@
+"""Triton kernels of the batched LoRA op: shrink and expand over token tiles grouped by slot.
+
+Notation: ``J`` slices, ``R`` slot storage rank, ``K`` input width, ``r_j = min(ranks[s, j], R)``;
+the rank axis of all slices is flattened, ``n = j·R + ρ`` (this is ``lora_a[s]`` viewed as
+``[J·R, K]``). Tiles come from ``LoRASegments`` (slot, start, rows in the slot-sorted token order).
+
+Semantics (``p`` = position in the sorted order, ``t = sorted_tokens[p]``, ``s`` its slot)::
+
+    shrink:  h[split, p, n] = Σ_{k in split's K range} x[t, k] · A[s, n, k]     for ρ < r_j
+    expand:  y[t, c] += scale[s, j] · mult · Σ_{ρ < r_j} (Σ_split h[split, p, j·R+ρ]) · B[s, c, ρ]
+             for every column c of slice j
+
+Programs whose tile is unused (slot -1), whose rank block lies wholly above the slot's ranks, or
+whose slice has rank 0 return before touching memory: work and bytes follow each slot's own
+ranks, never the storage rank. ``h`` entries above a slot's rank are never read. Every (token,
+column) of ``y`` belongs to exactly one expand program, so no atomics are needed.
+
+``UPCAST`` (interpreter only) multiplies in fp32 after the same rounding: Triton's CPU interpreter
+cannot multiply bf16 blocks.
+"""
+
+# Kernel arguments are symbolic Triton values (pointers, scalars, blocks): no Python annotations.
+# mypy: disable-error-code="no-untyped-def"
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["tile_stride", "num_rank_blocks", "split_k"])
+def lora_shrink_kernel(
+    x_ptr, a_ptr, h_ptr, ranks_ptr, sorted_ptr, tiles_ptr,
+    tile_stride, num_rank_blocks, split_k, k_split, split_stride,
+    num_slices, in_features, max_rank, flat_rank, stride_xm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rank_block = pid % num_rank_blocks
+    rest = pid // num_rank_blocks
+    split = rest % split_k
+    tile = rest // split_k
+    slot = tl.load(tiles_ptr + tile)
+    if slot < 0:
+        return
+    offs_n = rank_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_flat = offs_n < flat_rank
+    slice_of_n = offs_n // max_rank
+    rank_of_n = tl.load(ranks_ptr + slot * num_slices + slice_of_n, mask=in_flat, other=0)
+    n_valid = in_flat & (offs_n - slice_of_n * max_rank < tl.minimum(rank_of_n, max_rank))
+    if tl.max(n_valid.to(tl.int32), axis=0) == 0:
+        return
+    row_start = tl.load(tiles_ptr + tile_stride + tile)
+    num_rows = tl.load(tiles_ptr + 2 * tile_stride + tile)
+    offs_m = tl.arange(0, BLOCK_M)
+    # Rows past the tile re-read its last row (always valid memory); their results are not stored.
+    tokens = tl.load(sorted_ptr + row_start + tl.minimum(offs_m, num_rows - 1)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_begin = tl.multiple_of(split * k_split, BLOCK_K)  # k_split is a multiple of BLOCK_K
+    x_ptrs = x_ptr + tokens[:, None] * stride_xm + (k_begin + offs_k)[None, :]
+    a_base = a_ptr + slot.to(tl.int64) * flat_rank * in_features
+    a_ptrs = a_base + offs_n[None, :].to(tl.int64) * in_features + (k_begin + offs_k)[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, k_split, BLOCK_K):
+        if EVEN_K:
+            x_tile = tl.load(x_ptrs)
+            a_tile = tl.load(a_ptrs, mask=n_valid[None, :], other=0.0)
+        else:
+            k_ok = k_begin + k + offs_k < in_features
+            x_tile = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            a_tile = tl.load(a_ptrs, mask=n_valid[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST:
+            x_tile = x_tile.to(tl.float32)
+            a_tile = a_tile.to(tl.float32)
+        acc = tl.dot(x_tile, a_tile, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    h_ptrs = (h_ptr + split * split_stride
+              + (row_start + offs_m)[:, None].to(tl.int64) * flat_rank + offs_n[None, :])
+    tl.store(h_ptrs, acc, mask=(offs_m < num_rows)[:, None] & in_flat[None, :])
+
+
+@triton.jit
+def _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_ok, n_ok,
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr,
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc += (Σ_split h[:, k:k+BLOCK_K] · scale) · B[k:k+BLOCK_K, :]``; ``MASK_K`` for the
+    rank tail (a mask along the contiguous rank axis would stop vectorised loads elsewhere)."""
+    offs_k = k + tl.arange(0, BLOCK_K)
+    if MASK_K:
+        h_mask = m_ok[:, None] & (offs_k < rank)[None, :]
+        b_mask = (offs_k < rank)[:, None] & n_ok[None, :]
+    else:
+        h_mask = m_ok[:, None]
+        b_mask = n_ok[None, :]
+    h_tile = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for split in range(0, split_k):
+        h_tile += tl.load(h_rows + split * split_stride + offs_k[None, :], mask=h_mask, other=0.0)
+    b_tile = tl.load(b_cols + offs_k[:, None], mask=b_mask, other=0.0)
+    h_tile = (h_tile * scale).to(b_tile.dtype)
+    if UPCAST:
+        h_tile = h_tile.to(tl.float32)
+        b_tile = b_tile.to(tl.float32)
+    return tl.dot(h_tile, b_tile, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _pick(index, v0, v1, v2, v3):
+    """``(v0, v1, v2, v3)[index]`` for a scalar ``index`` in [0, 4)."""
+    return tl.where(index == 0, v0, tl.where(index == 1, v1, tl.where(index == 2, v2, v3)))
+
+
+@triton.jit(do_not_specialize=["tile_stride", "num_col_blocks", "split_k",
+                               "blocks_1", "blocks_2", "blocks_3", "slice_base"])
+def lora_expand_kernel(
+    h_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, tiles_ptr,
+    tile_stride, num_col_blocks, split_k, split_stride,
+    blocks_1, blocks_2, blocks_3, col_0, col_1, col_2, col_3, col_4, slice_base,
+    num_slices, max_rank, flat_rank, out_features, stride_ym, scale_multiplier,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Up to four slices per launch: slice ``g`` owns column blocks ``[blocks_g, blocks_{g+1})``
+    (``blocks_0 = 0``) and columns ``[col_g, col_{g+1})`` of ``y``; ``slice_base`` is the index
+    of the launch's first slice."""
+    pid = tl.program_id(0)
+    col_block = pid % num_col_blocks
+    tile = pid // num_col_blocks
+    slot = tl.load(tiles_ptr + tile)
+    if slot < 0:
+        return
+    group = ((col_block >= blocks_1).to(tl.int32) + (col_block >= blocks_2).to(tl.int32)
+             + (col_block >= blocks_3).to(tl.int32))
+    slice_id = slice_base + group
+    rank = tl.minimum(tl.load(ranks_ptr + slot * num_slices + slice_id), max_rank)
+    if rank <= 0:
+        return
+    scale = tl.load(scales_ptr + slot * num_slices + slice_id) * scale_multiplier
+    first_block = _pick(group, 0, blocks_1, blocks_2, blocks_3)
+    col_begin = _pick(group, col_0, col_1, col_2, col_3)
+    col_end = _pick(group, col_1, col_2, col_3, col_4)
+    offs_n = col_begin + (col_block - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < col_end
+    row_start = tl.load(tiles_ptr + tile_stride + tile)
+    num_rows = tl.load(tiles_ptr + 2 * tile_stride + tile)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < num_rows
+    h_rows = h_ptr + (row_start + offs_m)[:, None].to(tl.int64) * flat_rank + slice_id * max_rank
+    b_cols = (b_ptr + slot.to(tl.int64) * out_features * max_rank
+              + offs_n[None, :].to(tl.int64) * max_rank)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    full = rank // BLOCK_K * BLOCK_K
+    for k in range(0, full, BLOCK_K):  # whole rank chunks: no mask along the contiguous axis
+        acc = _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_ok,
+                            n_ok, BLOCK_M, BLOCK_K, False, PRECISION, UPCAST)
+    if full < rank:
+        acc = _expand_chunk(acc, h_rows, b_cols, full, rank, split_k, split_stride, scale, m_ok,
+                            n_ok, BLOCK_M, BLOCK_K, True, PRECISION, UPCAST)
+    tokens = tl.load(sorted_ptr + row_start + tl.minimum(offs_m, num_rows - 1)).to(tl.int64)
+    y_ptrs = y_ptr + tokens[:, None] * stride_ym + offs_n[None, :]
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    y_tile = tl.load(y_ptrs, mask=out_mask, other=0.0)
+    tl.store(y_ptrs, (y_tile.to(tl.float32) + acc).to(y_tile.dtype), mask=out_mask)

@@ -1,0 +1,126 @@
+"""Per-step token segments for the Triton LoRA kernels, built on the device without host sync.
+
+Given ``token_slots [T]`` (slot per token, -1 = none), ``LoRASegments.update`` computes::
+
+    key[t]          = token_slots[t] if 0 <= token_slots[t] < S else S      # S = "no adapter"
+    sorted_tokens   = argsort(key, stable)          # tokens grouped by slot, rows without last
+    count[s]        = #{t : key[t] == s},  start[s] = Σ_{s' < s} count[s']
+    for each block_m in BLOCK_M_CHOICES, tile i of the list covers
+        sorted_tokens[tile_start[i] : tile_start[i] + tile_rows[i]]  (one slot: tile_slot[i]),
+        tiles of slot s are ceil(count[s] / block_m) consecutive entries; unused entries have
+        tile_slot = -1 and their programs exit at once.
+
+The tile list of ``block_m`` has the static length ``tile_bound(block_m) = ceil(T / block_m) +
+min(S, T)`` ≥ Σ_s ceil(count[s] / block_m), so kernel grids depend on (T, S) only. Every buffer
+is allocated once by ``allocate`` and rewritten in place by ``update``: a CUDA graph captured
+around the kernels stays valid when the next step's slots are written with ``update``.
+Slots outside ``[-1, S)`` trip a device-side assert on CUDA (and a ``ValoraError`` on the CPU);
+their tokens are never read with an out-of-range slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from valora.errors import ValoraError
+from valora.ops.tile_config import BLOCK_M_CHOICES
+
+assert tuple(BLOCK_M_CHOICES[0] << i for i in range(len(BLOCK_M_CHOICES))) == BLOCK_M_CHOICES
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class LoRASegments:
+    """Static device buffers describing how one step's tokens group by slot.
+
+    ``tiles``: ``[len(BLOCK_M_CHOICES), 3, tile_capacity]`` int32 — rows slot / start / rows.
+    """
+
+    num_tokens: int
+    num_slots: int
+    num_active_slots: int
+    sorted_tokens: torch.Tensor
+    tiles: torch.Tensor
+    _block_sizes: torch.Tensor
+    _tile_index: torch.Tensor
+
+    @classmethod
+    def allocate(cls, num_tokens: int, num_slots: int, device: torch.device | str,
+                 num_active_slots: int = -1) -> LoRASegments:
+        if num_slots < 1:
+            raise ValoraError(f"LoRA segments need at least one slot, got {num_slots}")
+        if num_tokens < 0:
+            raise ValoraError(f"num_tokens must be >= 0, got {num_tokens}")
+        capacity = _cdiv(cls.tile_bound_for(num_tokens, num_slots, BLOCK_M_CHOICES[0]), 4) * 4
+        # 16 << i on the device itself: no host-to-device copy (BLOCK_M_CHOICES are 16·2^i).
+        count = len(BLOCK_M_CHOICES)
+        blocks = torch.full((count, 1), BLOCK_M_CHOICES[0], dtype=torch.int64, device=device)
+        blocks = blocks << torch.arange(count, dtype=torch.int64, device=device).view(-1, 1)
+        return cls(
+            num_tokens=num_tokens,
+            num_slots=num_slots,
+            num_active_slots=num_active_slots,
+            sorted_tokens=torch.zeros(num_tokens, dtype=torch.int32, device=device),
+            tiles=torch.full((len(BLOCK_M_CHOICES), 3, capacity), -1, dtype=torch.int32,
+                             device=device),
+            _block_sizes=blocks,
+            _tile_index=torch.arange(capacity, dtype=torch.int64, device=device)
+            .expand(len(BLOCK_M_CHOICES), capacity).contiguous(),
+        )
+
+    @staticmethod
+    def tile_bound_for(num_tokens: int, num_slots: int, block_m: int) -> int:
+        return _cdiv(num_tokens, block_m) + min(num_slots, num_tokens)
+
+    def tile_bound(self, block_m: int) -> int:
+        return self.tile_bound_for(self.num_tokens, self.num_slots, block_m)
+
+    def tile_list(self, block_m: int) -> torch.Tensor:
+        """The ``[3, tile_capacity]`` view for ``block_m`` (a row stride of ``tile_capacity``)."""
+        return self.tiles[BLOCK_M_CHOICES.index(block_m)]
+
+    @property
+    def tile_capacity(self) -> int:
+        return int(self.tiles.shape[2])
+
+    def update(self, token_slots: torch.Tensor, num_active_slots: int = -1) -> None:
+        """Rewrite every buffer in place for ``token_slots`` (no host synchronisation on CUDA)."""
+        if token_slots.shape != (self.num_tokens,):
+            raise ValoraError(
+                f"token_slots shape {tuple(token_slots.shape)} != ({self.num_tokens},)")
+        self.num_active_slots = num_active_slots
+        if self.num_tokens == 0:
+            return
+        num_slots = self.num_slots
+        slots = token_slots.to(device=self.tiles.device, dtype=torch.int64)
+        in_range = (slots >= -1) & (slots < num_slots)
+        if slots.device.type == "cuda":
+            torch._assert_async(in_range.all())
+        elif not bool(in_range.all()):
+            raise ValoraError(f"token_slots out of range [-1, {num_slots})")
+        key = torch.where(in_range & (slots >= 0), slots, num_slots)
+        order = torch.sort(key, stable=True).indices
+        self.sorted_tokens.copy_(order)
+        counts = torch.zeros(num_slots + 1, dtype=torch.int64, device=slots.device)
+        counts.scatter_add_(0, key, torch.ones_like(key))
+        counts = counts[:num_slots]
+        starts = torch.cumsum(counts, 0) - counts
+        blocks = self._block_sizes                                   # [B, 1]
+        tiles_per_slot = (counts.unsqueeze(0) + blocks - 1) // blocks  # [B, S]
+        tiles_end = torch.cumsum(tiles_per_slot, 1)                   # [B, S] inclusive
+        index = self._tile_index                                      # [B, C]
+        slot = torch.searchsorted(tiles_end, index, right=True)       # [B, C] in [0, S]
+        used = slot < num_slots
+        slot_c = slot.clamp(max=num_slots - 1)
+        first = torch.gather(tiles_end, 1, slot_c) - torch.gather(tiles_per_slot, 1, slot_c)
+        offset = (index - first) * blocks
+        start = starts[slot_c] + offset
+        rows = torch.minimum(counts[slot_c] - offset, blocks)
+        self.tiles[:, 0].copy_(torch.where(used, slot_c, -1))
+        self.tiles[:, 1].copy_(torch.where(used, start, 0))
+        self.tiles[:, 2].copy_(torch.where(used, rows, 0))

@@ -1,0 +1,80 @@
+"""The tile configurations the tuner tries for a shape bucket.
+
+Block shapes, warps and stages are compile-time constants of the kernels, so the tuner draws them
+from short fixed lists (each entry compiles once per dtype and K-divisibility, then serves every
+bucket). Split-K is a run-time argument of the shrink kernel: it is chosen freely per bucket.
+``shrink_candidates`` and ``expand_candidates`` filter the lists to what suits a bucket's shape;
+the heuristic configuration is always among them, so a tuned entry is never worse than the
+fallback on the tuner's own measurement.
+"""
+
+from __future__ import annotations
+
+from valora.ops.tile_config import (
+    ExpandConfig,
+    ShrinkConfig,
+    heuristic_config,
+    next_power_of_2,
+)
+
+# (block_m, block_n, block_k, num_warps, num_stages)
+SHRINK_TILES: tuple[tuple[int, int, int, int, int], ...] = (
+    (16, 16, 256, 4, 3), (16, 32, 256, 4, 3), (16, 64, 128, 4, 3), (32, 32, 128, 4, 3),
+    (32, 64, 128, 4, 3), (64, 32, 128, 4, 3), (64, 64, 64, 4, 4), (64, 64, 128, 8, 3),
+    (128, 64, 64, 8, 3), (128, 32, 64, 4, 4),
+)
+EXPAND_TILES: tuple[tuple[int, int, int, int, int], ...] = (
+    (16, 64, 16, 4, 2), (16, 128, 16, 4, 2), (16, 128, 32, 4, 2), (16, 256, 16, 4, 2),
+    (32, 128, 32, 4, 2), (64, 64, 32, 4, 2), (64, 128, 16, 4, 3), (64, 128, 32, 4, 3),
+    (64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 256, 32, 8, 3),
+)
+SPLITS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _block_m_limit(num_tokens: int, num_adapters: int) -> int:
+    per_adapter = max(1, num_tokens // max(1, min(num_adapters, num_tokens)))
+    return max(16, 2 * next_power_of_2(per_adapter))
+
+
+def shrink_candidates(num_tokens: int, max_rank: int, in_features: int, num_adapters: int,
+                      num_slices: int, num_sms: int,
+                      max_splits_per_tile: int = 4) -> list[ShrinkConfig]:
+    """Shrink configurations worth timing for this shape (heuristic first, no duplicates)."""
+    adapters = max(1, min(num_adapters, num_tokens))
+    flat = next_power_of_2(max(16, num_slices * max_rank))
+    k_cap = max(16, next_power_of_2(in_features))
+    m_cap = _block_m_limit(num_tokens, adapters)
+    found = [heuristic_config(num_tokens, max_rank, in_features, 16, adapters, num_slices,
+                              num_sms).shrink]
+    for block_m, block_n, block_k, warps, stages in SHRINK_TILES:
+        if block_m > m_cap or block_n > flat or block_k > k_cap:
+            continue
+        tiles = adapters * -(-max(1, num_tokens // adapters) // block_m)
+        rank_blocks = max(1, -(-num_slices * max_rank // block_n))
+        programs = {split: tiles * rank_blocks * split for split in SPLITS
+                    if split == 1 or in_features // (block_k * split) >= 1}
+        target = 3 * num_sms
+        ranked = sorted(programs, key=lambda s: abs(programs[s] - target))
+        for split in ranked[:max_splits_per_tile]:
+            config = ShrinkConfig(block_m, block_n, block_k, split, warps, stages)
+            if config not in found:
+                found.append(config)
+    return found
+
+
+def expand_candidates(num_tokens: int, max_rank: int, max_slice_width: int, num_adapters: int,
+                      in_features: int, num_slices: int, num_sms: int) -> list[ExpandConfig]:
+    """Expand configurations worth timing for this shape (heuristic first, no duplicates)."""
+    adapters = max(1, min(num_adapters, num_tokens))
+    n_cap = max(16, next_power_of_2(max_slice_width))
+    k_cap = max(16, next_power_of_2(max_rank))
+    m_cap = _block_m_limit(num_tokens, adapters)
+    found = [heuristic_config(num_tokens, max_rank, in_features, max_slice_width, adapters,
+                              num_slices, num_sms).expand]
+    for block_m, block_n, block_k, warps, stages in EXPAND_TILES:
+        if block_m > m_cap or block_n > n_cap or block_k > k_cap:
+            continue
+        config = ExpandConfig(block_m, block_n, block_k, warps, stages)
+        if config not in found:
+            found.append(config)
+    return found

@@ -1,0 +1,94 @@
+"""GPU timing of small ops for tuning and benchmarks: CUDA-graph replays, median of many.
+
+``time_calls(calls)`` times a list of zero-argument callables that each run the op once on its
+own input set (rotating inputs so repeated calls do not just hit L2): the calls are captured into
+one CUDA graph, the graph is replayed ``repeats`` times between CUDA events, and the per-call
+times (µs) of the replays come back. Launch overhead of Python is therefore out of the numbers,
+for every method alike. On the CPU (the Triton interpreter in tests) it falls back to wall-clock
+timing of plain calls, which is only good for exercising the tuner, never for claims.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call times in microseconds over the timed replays."""
+
+    samples_us: tuple[float, ...]
+
+    @property
+    def median_us(self) -> float:
+        return statistics.median(self.samples_us)
+
+    @property
+    def min_us(self) -> float:
+        return min(self.samples_us)
+
+    @property
+    def max_us(self) -> float:
+        return max(self.samples_us)
+
+
+def time_calls(calls: Sequence[Callable[[], object]], device: torch.device, repeats: int = 10,
+               min_calls_per_graph: int = 8, warmup: int = 1,
+               budget_us: float = 0.0) -> Timing:
+    """Median-ready per-call timings of ``calls`` (see module docstring).
+
+    ``budget_us`` > 0 caps the replays (never fewer than 3) so that their total stays near it,
+    judged from one untimed replay: big ops get fewer repetitions.
+    """
+    if not calls:
+        raise ValueError("time_calls needs at least one call")
+    if device.type != "cuda":
+        return _time_wallclock(calls, repeats)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(max(warmup, 1)):
+            for call in calls:
+                call()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    rounds = max(1, -(-min_calls_per_graph // len(calls)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for call in calls:
+                call()
+    per_graph = rounds * len(calls)
+    begin = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    if budget_us > 0:
+        once_us = (time.perf_counter() - begin) * 1e6
+        repeats = max(3, min(repeats, int(budget_us / max(once_us, 1.0))))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for start, end in zip(starts, ends, strict=True):
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize(device)
+    samples = tuple(s.elapsed_time(e) * 1e3 / per_graph for s, e in zip(starts, ends, strict=True))
+    del graph
+    return Timing(samples)
+
+
+def _time_wallclock(calls: Sequence[Callable[[], object]], repeats: int) -> Timing:
+    for call in calls:
+        call()
+    samples = []
+    for _ in range(max(repeats, 1)):
+        begin = time.perf_counter()
+        for call in calls:
+            call()
+        samples.append((time.perf_counter() - begin) * 1e6 / len(calls))
+    return Timing(tuple(samples))

@@ -1,0 +1,173 @@
+"""The ``"triton"`` LoRA backend: launcher with checks around ``valora.ops.lora_kernels``.
+
+Semantics (identical to ``valora.ops.reference.lora_apply_reference``; ``y`` updated in place)::
+
+    for t in range(T):
+        s = token_slots[t]
+        if s < 0: continue
+        for j, w in enumerate(slice_widths):
+            r, off = min(ranks[s, j], R), sum(slice_widths[:j])
+            y[t, off:off+w] += scale_multiplier * scales[s, j] * (
+                (x[t] @ lora_a[s, j, :r].T) @ lora_b[s, off:off+w, :r].T)
+
+computed as two launches: shrink into an fp32 buffer ``h[split_k, T, J·R]`` and expand (which
+sums the K splits, scales, and adds into ``y``). fp16 / bf16 / fp32 inputs, fp32 accumulation;
+the rank-space product is rounded to the input dtype before the expand product (as every
+tensor-core LoRA kernel does). Neither ``prepare_lora_triton`` nor ``lora_apply_triton``
+synchronises with the GPU: grids come from (T, S, shapes) only, and are CUDA-graph capturable
+once each kernel configuration has been compiled (run the call once before capturing).
+On the CPU the kernels run only under ``TRITON_INTERPRET=1`` (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from valora.errors import ValoraError
+from valora.ops.lora import LoRABatch, LoRASlotWeights
+from valora.ops.lora_kernels import lora_expand_kernel, lora_shrink_kernel
+from valora.ops.lora_segments import LoRASegments
+from valora.ops.tile_config import ExpandConfig, ShrinkConfig, TileConfig
+from valora.ops.tile_table import select_tile_config
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SLICES_PER_EXPAND = 4
+_INT32_MAX = 2**31 - 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def kernels_interpreted() -> bool:
+    """True when Triton runs the kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return type(lora_shrink_kernel).__name__ == "InterpretedFunction"
+
+
+def prepare_lora_triton(batch: LoRABatch) -> LoRASegments:
+    """The backend's prepare step: slot-sorted token order and tile lists, on the device."""
+    segments = LoRASegments.allocate(int(batch.token_slots.shape[0]), batch.num_slots,
+                                     batch.token_slots.device, batch.num_active_slots)
+    segments.update(batch.token_slots, batch.num_active_slots)
+    return segments
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,
+           segments: LoRASegments) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValoraError(f"triton LoRA: dtype {x.dtype} not supported ({SUPPORTED_DTYPES})")
+    named = {"y": y, "lora_a": weights.lora_a, "lora_b": weights.lora_b}
+    for name, tensor in named.items():
+        if tensor.dtype != x.dtype:
+            raise ValoraError(f"triton LoRA: {name} is {tensor.dtype} but x is {x.dtype}")
+    if weights.ranks.dtype != torch.int32 or weights.scales.dtype != torch.float32:
+        raise ValoraError("triton LoRA: ranks must be int32 and scales float32")
+    for name, tensor in {**named, "ranks": weights.ranks, "scales": weights.scales,
+                         "segments": segments.tiles}.items():
+        if tensor.device != x.device:
+            raise ValoraError(f"triton LoRA: {name} on {tensor.device}, x on {x.device}")
+    num_slots, num_slices, max_rank, _ = weights.lora_a.shape
+    if (weights.lora_b.shape != (num_slots, sum(weights.slice_widths), max_rank)
+            or num_slices != len(weights.slice_widths)
+            or weights.ranks.shape != (num_slots, num_slices)
+            or weights.scales.shape != (num_slots, num_slices)):
+        raise ValoraError(
+            f"triton LoRA: inconsistent slot weights: A {tuple(weights.lora_a.shape)}, "
+            f"B {tuple(weights.lora_b.shape)}, ranks {tuple(weights.ranks.shape)}, "
+            f"scales {tuple(weights.scales.shape)}, slices {weights.slice_widths}")
+    if num_slots < segments.num_slots:
+        raise ValoraError(f"triton LoRA: batch addresses {segments.num_slots} slots, "
+                          f"weights hold {num_slots}")
+    for name, tensor in {"lora_a": weights.lora_a, "lora_b": weights.lora_b,
+                         "ranks": weights.ranks, "scales": weights.scales}.items():
+        if not tensor.is_contiguous():
+            raise ValoraError(f"triton LoRA: {name} must be contiguous (slot storage)")
+    if x.shape[0] != segments.num_tokens:
+        raise ValoraError(f"triton LoRA: {x.shape[0]} tokens, segments for {segments.num_tokens}")
+    if x.device.type != "cuda" and not kernels_interpreted():
+        raise ValoraError(
+            "triton LoRA runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
+
+
+def lora_apply_triton(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,
+                      batch: LoRABatch, scale_multiplier: float = 1.0,
+                      config: TileConfig | None = None) -> None:
+    """``y += LoRA(x)`` (module Semantics). ``config`` overrides the table lookup (tuning)."""
+    segments = batch.backend_data
+    if not isinstance(segments, LoRASegments):
+        raise ValoraError("triton LoRA: batch was not prepared by the triton backend")
+    _check(y, x, weights, segments)
+    if x.shape[0] == 0 or segments.num_slots == 0:
+        return
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if config is None:
+        active = segments.num_active_slots
+        config, _ = select_tile_config(x.device, x.shape[0], weights.max_rank, x.shape[1],
+                                       weights.slice_widths, active if active > 0 else -1)
+    target = y if y.stride(1) == 1 else y.contiguous()
+    h = launch_shrink(x, weights, segments, config.shrink)
+    launch_expand(h, target, weights, segments, config.expand, scale_multiplier)
+    if target is not y:
+        y.copy_(target)
+
+
+def _dot_flags(dtype: torch.dtype) -> dict[str, object]:
+    """fp32 multiplies exactly (no tf32); the interpreter multiplies bf16 blocks in fp32."""
+    upcast = dtype == torch.bfloat16 and kernels_interpreted()
+    return {"PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "UPCAST": upcast}
+
+
+def launch_shrink(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegments,
+                  cfg: ShrinkConfig) -> torch.Tensor:
+    """``h[split, p, j·R+ρ]`` (fp32) for every token position ``p`` with an adapter."""
+    num_tokens, in_features = x.shape
+    max_rank = weights.max_rank
+    flat_rank = len(weights.slice_widths) * max_rank
+    split_k = max(1, min(cfg.split_k, _cdiv(in_features, cfg.block_k)))
+    even_k = in_features % (cfg.block_k * split_k) == 0
+    k_split = _cdiv(_cdiv(in_features, split_k), cfg.block_k) * cfg.block_k
+    if split_k * num_tokens * flat_rank > _INT32_MAX:
+        raise ValoraError(
+            f"triton LoRA: split-K buffer too large ({split_k}×{num_tokens}×{flat_rank})")
+    h = torch.empty(split_k, num_tokens, flat_rank, dtype=torch.float32, device=x.device)
+    num_rank_blocks = _cdiv(flat_rank, cfg.block_n)
+    grid = (segments.tile_bound(cfg.block_m) * split_k * num_rank_blocks,)
+    if grid[0] == 0:
+        return h
+    lora_shrink_kernel[grid](
+        x, weights.lora_a, h, weights.ranks, segments.sorted_tokens,
+        segments.tile_list(cfg.block_m),
+        segments.tile_capacity, num_rank_blocks, split_k, k_split, num_tokens * flat_rank,
+        len(weights.slice_widths), in_features, max_rank, flat_rank, x.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
+        **_dot_flags(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return h
+
+
+def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
+                  segments: LoRASegments, cfg: ExpandConfig, scale_multiplier: float) -> None:
+    """``y[t, slice j] += mult · scale · h_sum[p, j] · B[slot, slice j]ᵀ``, ≤ 4 slices a launch."""
+    split_k, num_tokens, flat_rank = h.shape
+    widths = weights.slice_widths
+    offsets = [sum(widths[:j]) for j in range(len(widths) + 1)]
+    bound = segments.tile_bound(cfg.block_m)
+    for first in range(0, len(widths), SLICES_PER_EXPAND):
+        group = widths[first:first + SLICES_PER_EXPAND]
+        block_ends = [sum(_cdiv(w, cfg.block_n) for w in group[:g + 1]) for g in range(len(group))]
+        num_col_blocks = block_ends[-1]
+        starts = (block_ends[:-1] + [num_col_blocks] * SLICES_PER_EXPAND)[:SLICES_PER_EXPAND - 1]
+        cols = offsets[first:first + len(group) + 1]
+        cols = cols + [cols[-1]] * (SLICES_PER_EXPAND + 1 - len(cols))
+        grid = (bound * num_col_blocks,)
+        if grid[0] == 0:
+            continue
+        lora_expand_kernel[grid](
+            h, weights.lora_b, y, weights.ranks, weights.scales, segments.sorted_tokens,
+            segments.tile_list(cfg.block_m),
+            segments.tile_capacity, num_col_blocks, split_k, num_tokens * flat_rank,
+            *starts, *cols, first,
+            len(widths), weights.max_rank, flat_rank, sum(widths), y.stride(0),
+            float(scale_multiplier),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            **_dot_flags(y.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
