@@ -7,9 +7,16 @@ import dataclasses
 import typing
 from typing import Any, get_args, get_origin
 
-from valora.config import CacheConfig, ImageConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from valora.config import (
+    CacheConfig,
+    ImageConfig,
+    LoRAConfig,
+    ModelConfig,
+    OrchestratorConfig,
+    SchedulerConfig,
+)
 
-SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig, ImageConfig)
+SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig, ImageConfig, OrchestratorConfig)
 
 
 def _parse_bool(text: str) -> bool:

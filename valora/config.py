@@ -111,6 +111,32 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class OrchestratorConfig:
+    """How LoRA is applied each step (see ``docs/modes.md``).
+
+    ``mode_policy``: ``"unmerged-fcfs"`` (default: every row unmerged, bit-stable outputs),
+    ``"valora"`` (cost-model choice among unmerged / merged / mixed), ``"dlora"``,
+    ``"merged-only"``. ``starvation_s``: no request waits longer than this behind others.
+    ``restore``: how unmerging restores the base weights (``"pristine"`` copy: exact, costs a copy
+    of every adapted weight; ``"resync"``: subtract, re-copy periodically). ``cost_model_path``:
+    a JSON of profiled cost models keyed by device name (``None``: the analytic prior).
+    ``latency_target_s``: default per-request latency target of the ``valora`` policy.
+    """
+
+    mode_policy: str = "unmerged-fcfs"
+    starvation_s: float = 10.0
+    restore: Literal["pristine", "resync"] = "pristine"
+    cost_model_path: str | None = None
+    latency_target_s: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.starvation_s > 0, "starvation_s must be positive")
+        _require(self.restore in ("pristine", "resync"), "restore must be 'pristine' or 'resync'")
+        _require(self.latency_target_s is None or self.latency_target_s > 0,
+                 "latency_target_s must be positive")
+
+
+@dataclass(frozen=True)
 class ImageConfig:
     """Limits on images accepted in requests."""
 
@@ -133,6 +159,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
     device: str = "auto"
 
     @classmethod
@@ -144,6 +171,7 @@ class EngineConfig:
             "scheduler": {},
             "lora": {},
             "image": {},
+            "orchestrator": {},
         }
         classes = {
             "model": ModelConfig,
@@ -151,6 +179,7 @@ class EngineConfig:
             "scheduler": SchedulerConfig,
             "lora": LoRAConfig,
             "image": ImageConfig,
+            "orchestrator": OrchestratorConfig,
         }
         device = "auto"
         for key, value in kwargs.items():
@@ -169,5 +198,6 @@ class EngineConfig:
             scheduler=SchedulerConfig(**sections["scheduler"]),  # type: ignore[arg-type]
             lora=LoRAConfig(**sections["lora"]),  # type: ignore[arg-type]
             image=ImageConfig(**sections["image"]),  # type: ignore[arg-type]
+            orchestrator=OrchestratorConfig(**sections["orchestrator"]),  # type: ignore[arg-type]
             device=device,
         )

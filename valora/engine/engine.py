@@ -81,7 +81,7 @@ class LLMEngine:
         if self.dead_reason is not None:
             raise EngineDeadError(f"the engine is dead: {self.dead_reason}")
         outputs, self._pending_outputs = self._pending_outputs, []
-        scheduled = self.parts.scheduler.schedule()
+        scheduled = self._schedule()
         outputs.extend(self._fail_unadmittable())
         for request in scheduled.preempted:
             self.num_preemptions += 1
@@ -99,8 +99,25 @@ class LLMEngine:
         self._consecutive_failures = 0
         self.num_steps += 1
         self.parts.scheduler.advance(scheduled)
+        if self.parts.modes is not None:
+            self.parts.modes.after_step(scheduled.request_ids, time.monotonic())
         outputs.extend(self._process_result(scheduled, result))
         return outputs
+
+    def _schedule(self) -> SchedulerOutput:
+        """Ask the mode controller (if any) which requests may run, then schedule under that."""
+        scheduler = self.parts.scheduler
+        modes = self.parts.modes
+        allow = None
+        if modes is not None:
+            allow = modes.before_schedule(
+                scheduler.running_requests(), scheduler.waiting_requests(), time.monotonic()
+            )
+        scheduled = scheduler.schedule(allow)
+        if allow is not None and not scheduled.scheduled and scheduler.has_unfinished():
+            # The decision admitted nothing runnable; any batch is correct under mixed semantics.
+            scheduled = scheduler.schedule(None)
+        return scheduled
 
     def _process_result(
         self, scheduled: SchedulerOutput, result: StepResult

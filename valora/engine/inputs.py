@@ -16,7 +16,7 @@ from valora.errors import InvalidRequestError, PromptTooLongError
 from valora.multimodal.image_io import load_image
 from valora.multimodal.processor import ImageProcessor
 from valora.multimodal.prompt import build_chat_prompt, expand_image_placeholders
-from valora.request import Request
+from valora.request import ImageSpan, Request
 from valora.sampling_params import SamplingParams
 
 ImageSource = str | bytes | Path | Image.Image
@@ -90,7 +90,7 @@ class InputProcessor:
             token_ids = list(self.tokenizer(prompt).input_ids)
         if not token_ids:
             raise InvalidRequestError("the prompt is empty")
-        images = []
+        images: list[ImageSpan] = []
         if sources:
             if self.image_processor is None or self.limits.image_token_id is None:
                 raise InvalidRequestError("this model does not accept images")

@@ -255,6 +255,7 @@ class PrefetchTicket:
     it (no host synchronisation). ``sources`` keeps the pinned host tensors alive meanwhile."""
 
     event: torch.cuda.Event | None
+    device: torch.device
     sources: list[torch.Tensor] = field(default_factory=list)
 
     def ready(self) -> bool:
@@ -262,7 +263,7 @@ class PrefetchTicket:
 
     def wait(self) -> None:
         if self.event is not None:
-            torch.cuda.current_stream(self.event.device).wait_event(self.event)
+            self.event.wait(torch.cuda.current_stream(self.device))
 
 
 class SlotPrefetcher:
@@ -276,6 +277,8 @@ class SlotPrefetcher:
     """
 
     def __init__(self, device: torch.device) -> None:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -301,7 +304,7 @@ class SlotPrefetcher:
                 tensor.zero_()
             for dst, src in copies:
                 dst.copy_(src)
-            return PrefetchTicket(None)
+            return PrefetchTicket(None, self.device)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(self.stream):
@@ -313,4 +316,4 @@ class SlotPrefetcher:
                 event.record(self.stream)
         except RuntimeError as exc:
             raise ValoraError(f"adapter slot prefetch failed: {exc}") from exc
-        return PrefetchTicket(event, [src for _, src in copies])
+        return PrefetchTicket(event, self.device, [src for _, src in copies])

@@ -180,7 +180,7 @@ class ModelRunner:
             raise RuntimeError(
                 f"image {span.digest[:12]} has no pixel values and no cached embedding"
             )
-        return span.pixel_values  # type: ignore[no-any-return]
+        return span.pixel_values
 
     def _collect_head_hidden(
         self,

@@ -67,6 +67,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.policy = policy if policy is not None else get_policy(scheduler_config.policy)
         self._admit = admit
+        self._allow: Callable[[Request], bool] | None = None
         self._release = release
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
@@ -136,13 +137,20 @@ class Scheduler:
         self._requests[request.request_id] = request
 
     # --------------------------------------------------------------- scheduling
-    def schedule(self) -> SchedulerOutput:
-        """Plan one step (see the module docstring)."""
+    def schedule(self, allow: Callable[[Request], bool] | None = None) -> SchedulerOutput:
+        """Plan one step (see the module docstring).
+
+        ``allow`` (the mode orchestrator's decision) restricts this step to the requests it
+        accepts: a running request it refuses sits the step out keeping its pages; a waiting one
+        is skipped without blocking those behind it.
+        """
         scheduled: dict[str, ScheduledRequest] = {}
         preempted: list[Request] = []
+        self._allow = allow
         budget = self._schedule_running(self.config.max_num_batched_tokens, scheduled, preempted)
         if not preempted:
             self._schedule_waiting(budget, scheduled)
+        self._allow = None
         items = list(scheduled.values())
         return SchedulerOutput(
             scheduled=items,
@@ -157,7 +165,7 @@ class Scheduler:
         while index < len(self._running) and budget > 0:
             request = self._running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:
+            if num_new <= 0 or (self._allow is not None and not self._allow(request)):
                 # Nothing to compute (the engine has not appended a token); leave it for now.
                 index += 1
                 continue
@@ -193,6 +201,8 @@ class Scheduler:
                 if budget <= 0 or len(self._running) >= self.config.max_num_seqs:
                     break
                 if request.adapter_name is not None and request.adapter_name in refused_adapters:
+                    continue
+                if self._allow is not None and not self._allow(request):
                     continue
                 request.num_computed_tokens = self.kv.get_computed_pages(request)
                 num_new = self._num_new_waiting_tokens(request, budget)

@@ -18,6 +18,7 @@ from valora.engine.components import (
 )
 from valora.engine.detokenizer import IncrementalDetokenizer
 from valora.engine.inputs import InputProcessor, ModelLimits
+from valora.engine.mode_controller import ModeController
 from valora.engine.model_runner import LoRAStepPlan, ModelRunner, StepResult
 from valora.engine.policy import get_policy
 from valora.engine.scheduler import Scheduler
@@ -30,6 +31,7 @@ from valora.lora.adapter_manager import AdapterManager
 from valora.lora.peft_format import BaseModelShapes
 from valora.models.loader import load_model
 from valora.multimodal.processor import ImageProcessor
+from valora.orchestrator.modes import plan_lora_batches
 from valora.request import Request
 
 logger = get_logger(__name__)
@@ -54,7 +56,7 @@ class EngineParts:
     detokenizers: dict[str, IncrementalDetokenizer] = field(default_factory=dict)
     head_results: dict[str, dict[str, Any]] = field(default_factory=dict)
     _heads: dict[tuple[str, str | None], Any] = field(default_factory=dict)
-    merged_slot: int | None = None
+    modes: ModeController | None = None
     admission_failures: list[tuple[Request, Exception]] = field(default_factory=list)
 
     # ----- per request ---------------------------------------------------------------------
@@ -72,6 +74,8 @@ class EngineParts:
         return failures
 
     def forget(self, request_id: str) -> None:
+        if self.modes is not None:
+            self.modes.forget(request_id)
         self.detokenizers.pop(request_id, None)
         self.head_results.pop(request_id, None)
 
@@ -130,11 +134,13 @@ class EngineParts:
         return int(slot)
 
     def plan_lora(self, token_slots: list[int]) -> LoRAStepPlan:
-        if self.merged_slot is None:
+        merged_slot = self.modes.merged_slot if self.modes is not None else None
+        if merged_slot is None:
             return LoRAStepPlan(token_slots)
-        from valora.orchestrator.modes import plan_lora_batches
-
-        lora_slots, correction = plan_lora_batches(token_slots, self.merged_slot)
+        assert self.modes is not None
+        lora_slots, correction = plan_lora_batches(
+            token_slots, merged_slot, mode=self.modes.mode_for_compute()
+        )
         return LoRAStepPlan(lora_slots, correction)
 
     def execute(self, scheduled: SchedulerOutput) -> StepResult:
@@ -155,6 +161,7 @@ class EngineParts:
             "kv_pages_free": pool.num_free_pages,
             "adapters": self.adapters.stats(),
             "image_cache_entries": len(self.runner.image_cache),
+            "modes": self.modes.summary() if self.modes is not None else None,
         }
 
 
@@ -253,4 +260,5 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         runner=runner,
         max_model_len=max_model_len,
         admission_failures=failures,
+        modes=ModeController(config, model, adapters, device) if num_slots else None,
     )

@@ -15,7 +15,8 @@ briefly trained set predictor still emits near-duplicates; ``nms_iou = 1`` disab
 Training uses the Hungarian set loss of ``valora.heads.matching``.
 
 ``params``: ``dim`` (128), ``num_queries`` (8), ``num_heads`` (4), ``num_layers`` (2),
-``score_threshold`` (0.5), ``nms_iou`` (0.5).
+``score_threshold`` (0.5), ``nms_iou`` (0.5), ``no_object_weight`` (training: the weight of the
+"no object" class in the cross-entropy, 0.1 as in DETR; raise it when queries are few).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class DetectionHead(TaskHead):
         heads = spec.param_int("num_heads", 4)
         self.score_threshold = spec.param_float("score_threshold", 0.5, 0.0, 1.0)
         self.nms_iou = spec.param_float("nms_iou", 0.5, 0.0, 1.0)
-        self.loss_weights = LossWeights()
+        self.loss_weights = LossWeights(
+            no_object_weight=spec.param_float("no_object_weight", 0.1, 0.0, 1.0))
         self.norm = nn.LayerNorm(spec.hidden_size)
         self.input_proj = nn.Linear(spec.hidden_size, dim)
         self.position = nn.Parameter(torch.randn(spec.num_input_tokens, dim) * 0.02)
@@ -71,6 +73,7 @@ class DetectionHead(TaskHead):
         spec.param_int("num_layers", 2)
         spec.param_float("score_threshold", 0.5, 0.0, 1.0)
         spec.param_float("nms_iou", 0.5, 0.0, 1.0)
+        spec.param_float("no_object_weight", 0.1, 0.0, 1.0)
 
     @property
     def num_queries(self) -> int:

@@ -26,9 +26,11 @@ import torch
 from valora.errors import ValoraError
 from valora.forward_batch import AttentionMetadata
 from valora.layers.attention import KVCache, register_attention_backend, write_kv_cache
-from valora.layers.attention_triton_kernels import (paged_decode_kernel,
-                                                    paged_decode_reduce_kernel,
-                                                    paged_prefill_kernel)
+from valora.layers.attention_triton_kernels import (
+    paged_decode_kernel,
+    paged_decode_reduce_kernel,
+    paged_prefill_kernel,
+)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2_E = 1.4426950408889634
@@ -52,17 +54,21 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def choose_splits(num_decodes: int, num_kv_heads: int, max_len: int, block_n: int,
-                  target_programs: int) -> tuple[int, int]:
+                  target_programs: int, max_split_len: int = 512) -> tuple[int, int]:
     """``(num_splits, split_len)``: split contexts until ≈ ``target_programs`` programs run.
 
-    ``split_len`` is a multiple of ``block_n`` and ``num_splits · split_len >= max_len``.
+    ``split_len`` is a multiple of ``block_n``, at most ``max_split_len`` when splitting (so a
+    graph planned for a long ``max_len`` still spreads a short context over several programs)
+    unless that needs more than ``MAX_SPLITS`` splits, and ``num_splits · split_len >= max_len``.
     """
     programs = max(1, num_decodes * num_kv_heads)
     max_blocks = max(1, _cdiv(max_len, block_n))
-    splits = 1 if programs >= target_programs else min(
-        _cdiv(target_programs, programs), max_blocks, MAX_SPLITS)
-    split_len = _cdiv(max_blocks, splits) * block_n
-    return _cdiv(max(max_len, 1), split_len), split_len
+    if programs >= target_programs or max_blocks == 1:
+        return 1, max_blocks * block_n
+    splits = min(_cdiv(target_programs, programs), max_blocks)
+    blocks = min(_cdiv(max_blocks, splits), max(1, max_split_len // block_n))
+    blocks = max(blocks, _cdiv(max_blocks, MAX_SPLITS))
+    return _cdiv(max_blocks, blocks), blocks * block_n
 
 
 @dataclass
@@ -105,9 +111,9 @@ class TritonPagedAttention:
         self.head_dim = 0
 
     def configure(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
-        """Tell ``plan`` the head geometry so it can size split-K scratch ahead of ``forward``.
-
-        Optional: without it, ``forward`` allocates the scratch itself (still sync-free)."""
+        """Tell ``plan`` the head geometry: it sizes the split count by ``num_kv_heads`` and
+        allocates split-K scratch once per step. Optional: the first ``forward`` records it
+        (a plan made before that splits as if there were one KV head, still correct)."""
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
 
     def plan(self, attn: AttentionMetadata) -> TritonAttentionPlan:
@@ -154,6 +160,8 @@ class TritonPagedAttention:
         if not isinstance(plan, TritonAttentionPlan):
             raise ValoraError("triton attention: plan was not built by TritonPagedAttention.plan")
         _check(query, key, value, kv_cache)
+        if not self.num_heads:  # learn the geometry once; later plans size splits by it
+            self.configure(query.shape[1], kv_cache[0].shape[2], query.shape[2])
         write_kv_cache(key, value, kv_cache, attn.slot_mapping)
         if query.stride(2) != 1:
             query = query.contiguous()

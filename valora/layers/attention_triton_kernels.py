@@ -28,6 +28,7 @@ interpreter cannot multiply bf16 blocks.
 
 from __future__ import annotations
 
+# mypy: disable-error-code="no-untyped-def"
 import triton
 import triton.language as tl
 
@@ -76,10 +77,7 @@ def paged_decode_kernel(
     index = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if IDENTITY_SEQS:
-        seq = index
-    else:
-        seq = tl.load(seqs_ptr + index)
+    seq = index if IDENTITY_SEQS else tl.load(seqs_ptr + index)
     seq_len = tl.load(seq_lens_ptr + seq)
     row = tl.load(query_start_ptr + seq).to(tl.int64)
     start = split * split_len
@@ -129,10 +127,7 @@ def paged_decode_reduce_kernel(
 ):
     index = tl.program_id(0)
     head = tl.program_id(1)
-    if IDENTITY_SEQS:
-        seq = index
-    else:
-        seq = tl.load(seqs_ptr + index)
+    seq = index if IDENTITY_SEQS else tl.load(seqs_ptr + index)
     seq_len = tl.load(seq_lens_ptr + seq)
     row = tl.load(query_start_ptr + seq).to(tl.int64)
     num_valid = tl.cdiv(seq_len, split_len)

@@ -158,6 +158,10 @@ class AdapterManager:
         with self._lock:
             return self._lookup(name).digest
 
+    def rank_of(self, name: str) -> int:
+        with self._lock:
+            return self._lookup(name).rank
+
     def path_of(self, name: str) -> Path:
         """The directory ``name`` was registered from (task heads live there too)."""
         with self._lock:

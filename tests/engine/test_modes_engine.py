@@ -1,0 +1,79 @@
+"""Modes are optimisations, never semantics: every mode policy gives each request the tokens (and,
+within 1e-4, the logprobs) of plain unmerged serving, while really switching weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from valora import LLM, SamplingParams
+from valora.orchestrator.modes import Mode, ModeState
+from valora.orchestrator.policies import register_mode_policy
+from valora.orchestrator.queue_view import ModeDecision, QueueView
+
+
+class AlwaysMixed:
+    """Test policy: keep r16 merged and run everything else on top (exercises mixed mode)."""
+
+    name = "test-always-mixed"
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def decide(self, view: QueueView, state: ModeState, now: float) -> ModeDecision:
+        return ModeDecision(Mode.MIXED, "r16", admitted=tuple(r.request_id for r in view.waiting))
+
+
+register_mode_policy("test-always-mixed", AlwaysMixed)
+
+PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+
+
+def _workload(images: list[Image.Image]) -> list[dict[str, Any]]:
+    adapters = ["r16", "r16", "r4", "r16", None, "r16", "r8", "r16"]
+    out = []
+    for i, adapter in enumerate(adapters):
+        prompt = "USER: <image>\nWhat is it? ASSISTANT:" if i % 3 == 0 else f"USER: question {i} ASSISTANT:"
+        imgs = images[:1] if i % 3 == 0 else []
+        out.append({"prompt": prompt, "images": imgs, "adapter": adapter, "sampling_params": PARAMS})
+    return out
+
+
+def _run(model: Path, adapters: dict[str, Path], policy: str, images: list[Image.Image]) -> tuple[list[Any], LLM]:
+    llm = LLM(model=str(model), dtype="float32", device="cpu", num_pages=256, page_size=8, max_loras=4,
+              max_lora_rank=64, adapters=adapters, mode_policy=policy, starvation_s=0.5,
+              enable_prefix_caching=False)
+    return llm.generate(_workload(images)), llm
+
+
+@pytest.fixture(scope="module")
+def unmerged(tiny_llava: Path, tiny_adapters: dict[str, Path], images: list[Image.Image]) -> list[Any]:
+    return _run(tiny_llava, tiny_adapters, "unmerged-fcfs", images)[0]
+
+
+@pytest.mark.parametrize("policy", ["test-always-mixed", "merged-only", "dlora", "valora"])
+def test_policy_matches_unmerged(policy: str, tiny_llava: Path, tiny_adapters: dict[str, Path],
+                                 images: list[Image.Image], unmerged: list[Any]) -> None:
+    outputs, llm = _run(tiny_llava, tiny_adapters, policy, images)
+    for got, ref in zip(outputs, unmerged, strict=True):
+        assert got.outputs[0].token_ids == ref.outputs[0].token_ids
+        for a, b in zip(got.outputs[0].logprobs, ref.outputs[0].logprobs, strict=True):
+            assert abs(a.logprob - b.logprob) <= 1e-4 * max(1.0, abs(b.logprob))
+    summary = llm.engine.stats()["modes"]
+    if policy in ("test-always-mixed", "merged-only"):
+        assert summary["num_switches"] >= 1, summary
+        assert summary["pristine_bytes"] > 0
+
+
+def test_unmerge_restores_base_weights_exactly(tiny_llava: Path, tiny_adapters: dict[str, Path],
+                                               images: list[Image.Image]) -> None:
+    _, llm = _run(tiny_llava, tiny_adapters, "test-always-mixed", images)
+    modes = llm.engine.parts.modes
+    assert modes is not None and modes.switcher is not None and modes.state.merged_adapter == "r16"
+    modes.switcher.unmerge()
+    for key, weight in llm.engine.parts.model.lora_base_weights().items():
+        if key in modes.switcher._pristine:  # noqa: SLF001 - the test compares with the private copy
+            assert (weight == modes.switcher.pristine(key)).all(), key

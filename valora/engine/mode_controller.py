@@ -1,0 +1,212 @@
+"""Connect a mode policy (``valora.orchestrator``) to the engine: each step it snapshots the
+queues, asks the policy for a mode, merged adapter and batch, switches the weights in place and
+tells the scheduler which requests may run.
+
+Correctness never depends on the decision: a step is computed with mixed-mode semantics whenever
+an adapter is merged (rows of the merged adapter add nothing, every other row adds its own delta
+and subtracts the merged one), which equals merged mode when only the merged adapter's rows run.
+So a policy that admits the "wrong" rows costs speed, never outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from valora.config import EngineConfig
+from valora.logger import get_logger
+from valora.lora.adapter_manager import AdapterManager
+from valora.orchestrator.cost_model import CostModel
+from valora.orchestrator.merge import WeightSwitcher
+from valora.orchestrator.modes import Mode, ModeState
+from valora.orchestrator.policies import ModePolicy, get_mode_policy
+from valora.orchestrator.queue_view import AdapterInfo, ModeDecision, QueueView, views_from_requests
+from valora.orchestrator.transition import apply_decision
+from valora.request import Request
+
+logger = get_logger(__name__)
+
+
+def analytic_cost_model(model: Any, device: torch.device) -> CostModel:
+    """A first-principles prior (bytes over bandwidth, flops over rate) for when no profile of
+    this device exists. Rates are conservative round numbers for the device type, not measured."""
+    spec = model.spec
+    element = next(model.parameters()).element_size()
+    bandwidth, flops, launch = (
+        (3.0e12, 4.0e14, 5e-6) if device.type == "cuda" else (2.0e10, 5.0e10, 2e-5)
+    )
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = weight_bytes / element
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    lora_width = spec.hidden_size * 5 + q + 2 * kv + 3 * spec.intermediate_size  # Σ (in + out)
+    lora_width_all = spec.num_layers * lora_width
+    step = {
+        "const": weight_bytes / bandwidth,
+        "num_tokens": 2 * params / flops,
+        "context_tokens": 2 * spec.num_layers * kv * element / bandwidth,
+        "attention_pairs": 4 * spec.num_layers * q / flops,
+        "lora_token_rank": 2 * lora_width_all / flops,
+        "lora_segment_rank": lora_width_all * element / bandwidth,
+        "lora_segments": 1e-6,
+        "lora_launches": launch * spec.num_layers * 4,
+    }
+    return CostModel(f"analytic:{device.type}", step, {"const": 1e-4, "bytes": 2.0 / bandwidth})
+
+
+@dataclass
+class ModeStats:
+    num_switches: int = 0
+    switch_seconds: float = 0.0
+    switch_bytes: int = 0
+    steps_by_mode: dict[str, int] = field(default_factory=dict)
+
+
+class ModeController:
+    """Owns the mode state, the weight switcher and the merged adapter's pin."""
+
+    def __init__(
+        self, config: EngineConfig, model: Any, adapters: AdapterManager, device: torch.device
+    ) -> None:
+        orchestrator = config.orchestrator
+        self.config = config
+        self.model = model
+        self.adapters = adapters
+        self.state = ModeState()
+        self.stats = ModeStats()
+        self._last_progress: dict[str, float] = {}
+        self._merge_bytes: dict[str, int] = {}
+        self.policy: ModePolicy = self._build_policy(orchestrator.mode_policy, model, device)
+        self.switcher: WeightSwitcher | None = None
+        self._can_merge = orchestrator.mode_policy != "unmerged-fcfs" and adapters.num_slots > 0
+
+    def _build_policy(self, name: str, model: Any, device: torch.device) -> ModePolicy:
+        orchestrator = self.config.orchestrator
+        if name != "valora":
+            options: dict[str, object] = (
+                {} if name == "unmerged-fcfs" else {"starvation_s": orchestrator.starvation_s}
+            )
+            return get_mode_policy(name, **options)
+        cost_model = analytic_cost_model(model, device)
+        if orchestrator.cost_model_path is not None:
+            device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            cost_model = CostModel.load(orchestrator.cost_model_path, device_name)
+        return get_mode_policy(
+            "valora",
+            cost_model=cost_model,
+            starvation_s=orchestrator.starvation_s,
+            default_latency_target_s=orchestrator.latency_target_s,
+        )
+
+    @property
+    def merged_slot(self) -> int | None:
+        return self.state.merged_slot
+
+    # ----- per step -----------------------------------------------------------------------------
+    def before_schedule(
+        self, running: list[Request], waiting: list[Request], now: float
+    ) -> Callable[[Request], bool] | None:
+        """Decide this step; switch weights if needed; return the scheduler's ``allow`` filter."""
+        if not self._can_merge or not (running or waiting):
+            return None
+        view = self._view(running, waiting)
+        decision = self.policy.decide(view, self.state, now)
+        self._switch_to(decision, now)
+        mode = self.state.mode.value
+        self.stats.steps_by_mode[mode] = self.stats.steps_by_mode.get(mode, 0) + 1
+        allowed = {r.request_id for r in running} - set(decision.deferred) | set(decision.admitted)
+        return lambda request: request.request_id in allowed
+
+    def after_step(self, request_ids: list[str], now: float) -> None:
+        for request_id in request_ids:
+            self._last_progress[request_id] = now
+
+    def forget(self, request_id: str) -> None:
+        self._last_progress.pop(request_id, None)
+
+    # ----- internals ----------------------------------------------------------------------------
+    def _view(self, running: list[Request], waiting: list[Request]) -> QueueView:
+        names = {r.adapter_name for r in running + waiting if r.adapter_name is not None}
+        ranks = {name: self.adapters.rank_of(name) for name in names}
+        infos = {name: AdapterInfo(ranks[name], self._bytes_of(name)) for name in names}
+        scheduler = self.config.scheduler
+        return QueueView(
+            running=views_from_requests(running, ranks, self._last_progress),
+            waiting=views_from_requests(waiting, ranks, self._last_progress),
+            free_seats=max(0, scheduler.max_num_seqs - len(running)),
+            token_budget=scheduler.max_num_batched_tokens,
+            max_active_adapters=self.adapters.num_slots,
+            adapters=infos,
+        )
+
+    def _bytes_of(self, name: str) -> int:
+        digest = self.adapters.digest(name)
+        if digest not in self._merge_bytes:
+            weights = self.model.lora_base_weights()
+            modules = self.adapters.resolve(name).modules
+            self._merge_bytes[digest] = sum(
+                weights[key].numel() * weights[key].element_size()
+                for key in modules
+                if key in weights
+            )
+        return self._merge_bytes[digest]
+
+    def _switch_to(self, decision: ModeDecision, now: float) -> None:
+        target = decision.merged_adapter if decision.mode.has_merged_adapter else None
+        previous = self.state.merged_adapter
+        if target is not None and target != previous and self.adapters.acquire(target) is None:
+            logger.debug(
+                "cannot pin %r to merge it (all slots pinned); staying %s",
+                target,
+                self.state.mode.value,
+            )
+            return
+        if self.switcher is None:
+            self.switcher = WeightSwitcher(
+                self.model.lora_base_weights(),
+                self.model.lora_slot_map(),
+                restore=self.config.orchestrator.restore,
+            )
+            logger.info(
+                "mode switching enabled: pristine copy of adapted weights %.1f MiB",
+                self.switcher.pristine_bytes / 2**20,
+            )
+        started = time.perf_counter()
+        self.state, report = apply_decision(
+            self.switcher, self.state, decision, self._pinned_slot, now
+        )
+        if report.num_modules:
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize(self.model.device)  # switches are rare: time them truly
+            self.stats.switch_seconds += time.perf_counter() - started
+            self.stats.num_switches += 1
+            self.stats.switch_bytes += report.weight_bytes
+            logger.debug(
+                "mode %s, merged %r (%d modules)", self.state.mode.value, target, report.num_modules
+            )
+        if previous is not None and previous != self.state.merged_adapter:
+            self.adapters.release(previous)
+
+    def _pinned_slot(self, name: str) -> int:
+        slot = self.adapters.slot_of(name)
+        if slot is None:
+            raise RuntimeError(f"adapter {name!r} is being merged but holds no slot")
+        return slot
+
+    def mode_for_compute(self) -> Mode:
+        """Mixed semantics whenever an adapter is merged (see the module docstring)."""
+        return Mode.UNMERGED if self.state.merged_slot is None else Mode.MIXED
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "mode": self.state.mode.value,
+            "merged_adapter": self.state.merged_adapter,
+            "num_switches": self.stats.num_switches,
+            "switch_bytes": self.stats.switch_bytes,
+            "switch_seconds": self.stats.switch_seconds,
+            "steps_by_mode": dict(self.stats.steps_by_mode),
+            "pristine_bytes": self.switcher.pristine_bytes if self.switcher is not None else 0,
+        }

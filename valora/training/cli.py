@@ -1,0 +1,74 @@
+"""``valora adapters build SPEC [--out DIR] [--base DIR] [--restart] [--threads N]``.
+
+Exit status: 0 when every task meets its requirement, 1 when the build finished but some task
+is below its requirement or failed (everything else is still written), 2 on a spec or input
+error that stopped the build (partial results in the output directory are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from valora.errors import ValoraError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="valora adapters", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="train adapters (+ heads) for the tasks of a spec")
+    build.add_argument("spec", type=Path, help="build spec (.toml or .json)")
+    build.add_argument("--out", type=Path, default=Path("valora-adapters"),
+                       help="output directory (resumes a build already there)")
+    build.add_argument("--base", type=Path, default=None,
+                       help="LLaVA-format base model directory (default: the spec's, else the "
+                            "embedded default model)")
+    build.add_argument("--restart", action="store_true", help="discard a previous build in --out")
+    build.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return parser
+
+
+def _base_dir(arg: Path | None, spec_base: str | None, resolve: Path) -> Path:
+    if arg is not None:
+        return arg
+    if spec_base is not None:
+        path = Path(spec_base).expanduser()
+        return path if path.is_absolute() else resolve / path
+    from valora.assets import default_model_path
+
+    return Path(default_model_path())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from valora.training.builder import AdapterBuilder
+    from valora.training.spec import load_spec
+
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    try:
+        spec = load_spec(args.spec)
+        base = _base_dir(args.base, spec.base, spec.root)
+        outcome = AdapterBuilder(spec, args.out, base, restart=args.restart).run()
+    except ValoraError as exc:
+        sys.stderr.write(f"valora adapters: error: {exc}\n")
+        return 2
+    adapters = outcome.manifest["adapters"]
+    sys.stdout.write(f"{len(outcome.manifest['tasks'])} tasks in {len(adapters)} adapters; "
+                     f"report: {outcome.out_dir / 'report.md'}\n")
+    if outcome.unmet:
+        sys.stderr.write(f"valora adapters: below requirement or failed: {', '.join(outcome.unmet)}"
+                         " (see the report)\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise SystemExit(main())
