@@ -85,14 +85,3 @@ def size_kv_cache(
         budget = config.cache.cpu_cache_bytes
     num_pages = max(budget // per_page, 2)
     return KVSizing(int(num_pages), per_page)
-
-
-def lora_backend_for(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        from valora.ops.lora import available_lora_backends
-
-        if "triton" in available_lora_backends():
-            return "triton"
-    return "reference"

@@ -18,7 +18,7 @@ from valora.engine.sampler import SamplingRow, make_generator, sample
 from valora.engine.scheduler_output import ScheduledRequest
 from valora.forward_batch import ForwardBatch
 from valora.logger import get_logger
-from valora.ops.lora import prepare_lora_batch
+from valora.ops.lora import LoRABatch, prepare_lora_batch
 from valora.outputs import TokenLogprob
 from valora.request import Request
 
@@ -132,18 +132,21 @@ class ModelRunner:
         if self.num_lora_slots == 0:
             return
         plan = plan_lora(token_slots) if plan_lora is not None else LoRAStepPlan(token_slots)
-        if any(s >= 0 for s in plan.token_slots):
-            batch.lora = prepare_lora_batch(
-                torch.tensor(plan.token_slots, dtype=torch.int32, device=self.device),
-                self.num_lora_slots,
-                self.lora_backend,
-            )
-        if plan.correction_slots is not None and any(s >= 0 for s in plan.correction_slots):
-            batch.lora_correction = prepare_lora_batch(
-                torch.tensor(plan.correction_slots, dtype=torch.int32, device=self.device),
-                self.num_lora_slots,
-                self.lora_backend,
-            )
+        batch.lora = self._lora_batch(plan.token_slots)
+        if plan.correction_slots is not None:
+            batch.lora_correction = self._lora_batch(plan.correction_slots)
+
+    def _lora_batch(self, slots: list[int]) -> LoRABatch | None:
+        """Metadata for one LoRA launch, ``None`` when no token uses an adapter."""
+        active = {s for s in slots if s >= 0}
+        if not active:
+            return None
+        return prepare_lora_batch(
+            torch.tensor(slots, dtype=torch.int32, device=self.device),
+            self.num_lora_slots,
+            self.lora_backend,
+            num_active_slots=len(active),
+        )
 
     def _attach_images(self, batch: ForwardBatch, image_rows: list[ImageRows]) -> None:
         if not image_rows:

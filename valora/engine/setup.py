@@ -10,7 +10,6 @@ import torch
 
 from valora.config import EngineConfig
 from valora.engine.components import (
-    lora_backend_for,
     resolve_device,
     resolve_dtype,
     resolve_model_path,
@@ -31,6 +30,7 @@ from valora.lora.adapter_manager import AdapterManager
 from valora.lora.peft_format import BaseModelShapes
 from valora.models.loader import load_model
 from valora.multimodal.processor import ImageProcessor
+from valora.ops.lora import resolve_lora_backend
 from valora.orchestrator.modes import plan_lora_batches
 from valora.request import Request
 
@@ -231,7 +231,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         page_size=config.cache.page_size,
         num_pages=sizing.num_pages,
         num_lora_slots=num_slots,
-        lora_backend=lora_backend_for(config.lora.lora_backend, device),
+        lora_backend=resolve_lora_backend(config.lora.lora_backend, device),
         seed=config.model.seed,
     )
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
