@@ -1,0 +1,283 @@
+"""Decode-step and image-prefill benchmark of valora's GPU path at LLaVA-1.5-7B shapes, with
+HF transformers + PEFT on the same card in the same run (``shared/BENCHMARKS.md``).
+
+valora is benched at the model level: dummy weights (``load_format="dummy"``), the ``"triton"``
+attention backend, the Triton LoRA backend, and decode steps replayed from ``CudaGraphRunner``
+graphs over our own ``ForwardBatch`` es (the engine's model runner does not call the graph
+runner yet). Each row: median/min/max ms per step (CUDA events, after warm-up), the floor (bytes
+that must move over the measured copy bandwidth) and the ratio. ``fused`` rows repeat the decode
+grid with the bench-local fused RMSNorm/rotary/SiLU kernels of ``fused_layers.py``.
+
+    python bench/model/bench_decode.py --out DIR [--sha SHA] [--skip-hf] [--tiny CKPT_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workload as wl
+from summary import write_summary
+
+import valora.layers.attention_triton  # noqa: F401  (registers "triton")
+from valora.engine.cuda_graph import CudaGraphRunner
+from valora.models.loader import load_model
+
+CONFIG_DIR = Path(__file__).resolve().parent / "llava-1.5-7b"
+NUM_SLOTS, MAX_RANK, CONTEXT = 32, 64, 600
+
+
+class Recorder:
+    """Appends JSONL rows (with the setup fields) to a file and keeps them for the summary."""
+
+    def __init__(self, path: Path, common: dict[str, Any]) -> None:
+        self.path, self.common = path, common
+        self.rows: list[dict[str, Any]] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+    def emit(self, row: dict[str, Any]) -> None:
+        full = {**self.common, **row}
+        self.rows.append(full)
+        with self.path.open("a") as f:
+            f.write(json.dumps(full) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int,
+            warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        samples = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin) * 1e3)
+        return samples
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def ceilings(device: torch.device) -> dict[str, float]:
+    """Copy bandwidth (bytes read + written) and bf16 matmul rate, measured on random data."""
+    if device.type != "cuda":
+        return {"copy_bytes_per_s": 1e10, "bf16_flops_per_s": 1e11}
+    src = torch.empty(2 << 30, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    copy = statistics.median(time_ms(lambda: dst.copy_(src), device, 10))
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mm = statistics.median(time_ms(lambda: a @ b, device, 10))
+    return {"copy_bytes_per_s": 2 * (2 << 30) / (copy * 1e-3),
+            "bf16_flops_per_s": 2 * 8192**3 / (mm * 1e-3)}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
+                 ceil: dict[str, float], rec: Recorder, label: str, repeats: int) -> None:
+    device = model.device
+    runner = CudaGraphRunner(model, max(batches), max_context=4096, page_size=wl.PAGE_SIZE,
+                             num_lora_slots=NUM_SLOTS, variants=("base", "lora"),
+                             buckets=batches)
+    begin = time.perf_counter()
+    runner.capture()
+    rec.emit({"section": "capture", "label": label, "seconds": time.perf_counter() - begin})
+    weights = wl.decoder_bytes(model)
+    for batch in batches:
+        pool.reset()
+        contexts = [CONTEXT - 10 + (7 * i) % 21 for i in range(batch)]
+        base_hidden = None
+        for scenario in wl.SCENARIOS:
+            slots = wl.scenario_slots(scenario, batch)
+            step = wl.decode_step(model, pool, contexts, slots, NUM_SLOTS, "triton")
+            pool.reset()
+            fb = step.batch
+            assert runner.can_run(fb), f"graph runner refused {scenario} batch {batch}"
+            with torch.inference_mode():
+                eager = model.forward(fb)
+                graphed = runner.run(fb).clone()
+            error = rel_err(graphed.float(), eager.float())
+            delta = 0.0 if base_hidden is None else rel_err(graphed.float(), base_hidden)
+            if scenario == "base":
+                base_hidden = graphed.float()
+
+            def run_step(fb: Any = fb) -> None:
+                with torch.inference_mode():
+                    model.compute_logits(runner.run(fb))
+
+            samples = time_ms(run_step, device, repeats)
+            nbytes = (weights + wl.kv_bytes(model, step.context_tokens)
+                      + wl.adapter_bytes(model, ranks, slots))
+            floor_ms = nbytes / ceil["copy_bytes_per_s"] * 1e3
+            median = statistics.median(samples)
+            rec.emit({"section": "decode", "label": label, "scenario": scenario, "batch": batch,
+                      "context_mean": step.context_tokens / batch, "median_ms": median,
+                      "min_ms": min(samples), "max_ms": max(samples), "floor_ms": floor_ms,
+                      "over_floor": median / floor_ms, "bytes": nbytes,
+                      "distinct_adapters": len({s for s in slots if s >= 0}),
+                      "graph_vs_eager_rel_err": error, "lora_vs_base_rel_diff": delta})
+
+
+def bench_eager_decode(model: Any, pool: wl.KVPool, batch: int, ceil: dict[str, float],
+                       rec: Recorder, repeats: int) -> None:
+    """One reference point without graphs: what launch overhead costs."""
+    pool.reset()
+    step = wl.decode_step(model, pool, [CONTEXT] * batch, [-1] * batch, NUM_SLOTS, "triton")
+
+    def run() -> None:
+        with torch.inference_mode():
+            model.compute_logits(model.forward(step.batch))
+
+    samples = time_ms(run, model.device, repeats)
+    rec.emit({"section": "decode", "label": "eager_no_graph", "scenario": "base", "batch": batch,
+              "median_ms": statistics.median(samples), "min_ms": min(samples),
+              "max_ms": max(samples)})
+
+
+def bench_prefill(model: Any, pool: wl.KVPool, prompts: int, ceil: dict[str, float],
+                  rec: Recorder, repeats: int) -> None:
+    """Image prompts: vision tower + projector for ``prompts`` images, then the decoder prefill
+    of ``prompts`` × 600 tokens (576 image rows each); floor = flops / measured matmul rate."""
+    spec = model.spec
+    size = spec.image_size
+    pixels = torch.randn(prompts, 3, size, size, device=model.device, dtype=model.dtype)
+    pool.reset()
+    with torch.inference_mode():
+        rows = model.encode_images(pixels)
+    batch = wl.prefill_step(model, pool, prompts, CONTEXT, rows)
+
+    def run() -> None:
+        with torch.inference_mode():
+            embeds = model.encode_images(pixels)
+            batch.image_embeds = embeds.reshape(-1, embeds.shape[-1])
+            model.compute_logits(model.forward(batch).index_select(0, batch.logits_indices))
+
+    samples = time_ms(run, model.device, repeats, warmup=2)
+    tokens = prompts * CONTEXT
+    vision_params = sum(p.numel() for p in model.vision_tower.parameters())
+    decoder_params = wl.decoder_bytes(model) // 2
+    flops = 2 * tokens * decoder_params + 2 * prompts * (spec.num_image_tokens + 1) * vision_params
+    flops += 2 * 2 * spec.num_layers * spec.hidden_size * prompts * CONTEXT * CONTEXT // 2
+    floor_ms = flops / ceil["bf16_flops_per_s"] * 1e3
+    median = statistics.median(samples)
+    rec.emit({"section": "prefill", "label": "stock", "prompts": prompts, "tokens": tokens,
+              "median_ms": median, "min_ms": min(samples), "max_ms": max(samples),
+              "tokens_per_s": tokens / (median * 1e-3), "floor_ms": floor_ms,
+              "over_floor": median / floor_ms, "flops": flops})
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sha", default="unknown")
+    parser.add_argument("--batches", default="1,8,32,64,128")
+    parser.add_argument("--hf-batches", default="1,8,32")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-fused", action="store_true")
+    parser.add_argument("--tiny", type=Path, help="a tiny checkpoint: exercise the script only")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config_dir = args.tiny or CONFIG_DIR
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    batches = [int(b) for b in args.batches.split(",")]
+    rec = Recorder(args.out / "decode.jsonl", {"device": name, "git_sha": args.sha,
+                                               "model": "llava-1.5-7b-dummy" if not args.tiny
+                                               else "tiny", "dtype": str(dtype)})
+    ceil = ceilings(device)
+    rec.emit({"section": "ceilings", **ceil})
+    run_valora(config_dir, device, dtype, batches, ceil, rec, args)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not args.skip_hf:
+        from hf_peer import run_peer
+
+        spec = {"vocab_size": 32064, "image_token_id": 32000, "image_size": 336,
+                "num_image_tokens": 576}
+        if args.tiny:
+            cfg = json.loads((config_dir / "config.json").read_text())
+            spec = {"vocab_size": cfg["text_config"]["vocab_size"],
+                    "image_token_id": cfg.get("image_token_index", cfg.get("image_token_id")),
+                    "image_size": cfg["vision_config"]["image_size"],
+                    "num_image_tokens": (cfg["vision_config"]["image_size"]
+                                         // cfg["vision_config"]["patch_size"]) ** 2}
+        run_section("hf_peer", lambda: run_peer(
+            config_dir, device, [int(b) for b in args.hf_batches.split(",")], CONTEXT,
+            max(3, args.repeats // 4), spec, lambda row: rec.emit({"section": "peer", **row})),
+            rec)
+    write_summary(rec.rows, args.out / "summary.md")
+    print((args.out / "summary.md").read_text())
+
+
+def run_valora(config_dir: Path, device: torch.device, dtype: torch.dtype, batches: list[int],
+               ceil: dict[str, float], rec: Recorder, args: argparse.Namespace) -> None:
+    """Every valora figure; the model and its KV pool are freed when this returns."""
+    model = load_model(str(config_dir), dtype=dtype, device=device, load_format="dummy",
+                       attention_backend="triton")
+    model.init_lora(NUM_SLOTS, MAX_RANK)
+    ranks = wl.fill_adapter_slots(model, NUM_SLOTS, seed=1)
+    pages_per_seq = -(-(CONTEXT + 11) // wl.PAGE_SIZE)
+    pool = wl.KVPool(model, max(batches) * pages_per_seq + 8 * pages_per_seq + 1, seed=2)
+    small = min(32, max(batches))
+    sections: list[tuple[str, Callable[[], None]]] = [
+        ("decode_stock", lambda: bench_decode(model, pool, ranks, batches, ceil, rec, "stock",
+                                              args.repeats)),
+        ("decode_eager", lambda: bench_eager_decode(model, pool, small, ceil, rec, args.repeats)),
+        ("prefill", lambda: bench_prefill(model, pool, 4, ceil, rec, max(3, args.repeats // 4))),
+    ]
+    if not args.skip_fused:
+        sections.append(("decode_fused", lambda: fused_section(model, pool, ranks, batches, ceil,
+                                                               rec, args.repeats)))
+    for label, section in sections:
+        run_section(label, section, rec)
+
+
+def fused_section(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
+                  ceil: dict[str, float], rec: Recorder, repeats: int) -> None:
+    import fused_layers
+
+    errors = fused_layers.check_against_stock(model.device, model.dtype)
+    rec.emit({"section": "fused_check", **errors})
+    if max(errors.values()) > 1e-2:
+        raise RuntimeError(f"fused kernels disagree with the stock layers: {errors}")
+    fused_layers.install()
+    try:
+        torch.cuda.empty_cache()
+        bench_decode(model, pool, ranks, batches, ceil, rec, "fused", repeats)
+    finally:
+        fused_layers.uninstall()
+
+
+def run_section(label: str, section: Callable[[], None], rec: Recorder) -> None:
+    try:
+        section()
+    except Exception as exc:  # a failed section is reported, the others still run
+        rec.emit({"section": "error", "label": label, "error": f"{type(exc).__name__}: {exc}"})
+
+
+if __name__ == "__main__":
+    main()

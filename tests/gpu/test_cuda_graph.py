@@ -1,0 +1,128 @@
+"""``CudaGraphRunner``: decode steps through static, padded buffers give the model's answer.
+
+CPU: the runner's eager mode (same buffers, padding and LoRA segments, no capture) against the
+reference model (torch attention, reference LoRA). ``gpu``: captured graphs against eager
+forwards, across buckets, with adapters rewritten in place after capture (no recapture).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from attn_cases import DEVICE, rel_err
+from gpu_stepper import Sequence, Stepper, fill_slots
+
+import valora.layers.attention_triton  # noqa: F401  (registers the "triton" backend)
+from valora.engine.cuda_graph import CudaGraphRunner, batch_buckets
+from valora.errors import ValoraError
+from valora.models.base import CausalLMBase
+from valora.models.loader import load_model
+
+NUM_SLOTS, MAX_RANK, PAGE_SIZE = 4, 8, 4
+
+
+def make_model(path: Path, backend: str, device: torch.device, dtype: torch.dtype,
+               ranks: list[int], seed: int = 3) -> CausalLMBase:
+    model = load_model(str(path), dtype=dtype, device=device, attention_backend=backend)
+    model.init_lora(NUM_SLOTS, MAX_RANK)
+    fill_slots(model, ranks, seed)
+    return model
+
+
+def prompts(model: CausalLMBase, count: int, slots: list[tuple[int, int]]) -> list[Sequence]:
+    vocab = model.spec.vocab_size - 1  # the tiny LLaVA's image token is the last id
+    generator = torch.Generator().manual_seed(7)
+    out = []
+    for i in range(count):
+        tokens = torch.randint(0, vocab, (5 + 3 * i,), generator=generator).tolist()
+        out.append(Sequence(tokens, lora_slot=slots[i][0], correction_slot=slots[i][1]))
+    return out
+
+
+def test_buckets() -> None:
+    assert batch_buckets(100) == (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 100)
+    assert batch_buckets(3, (1, 2, 4)) == (1, 2, 3)
+    with pytest.raises(ValoraError):
+        batch_buckets(0)
+
+
+@pytest.mark.parametrize(("variant", "slots"), [
+    ("base", [(-1, -1)] * 3),
+    ("lora", [(0, -1), (2, -1)]),
+    ("mixed", [(0, 1), (-1, 1), (1, -1)]),
+])
+def test_eager_runner_matches_reference(tiny_llava: Path, variant: str,
+                                        slots: list[tuple[int, int]]) -> None:
+    ranks = [3, 8, 5]
+    fast = make_model(tiny_llava, "triton", DEVICE, torch.float32, ranks)
+    ref = make_model(tiny_llava, "torch", torch.device("cpu"), torch.float32, ranks)
+    runner = CudaGraphRunner(fast, 4, max_context=64, page_size=PAGE_SIZE,
+                             num_lora_slots=NUM_SLOTS, variants=(variant,), use_graphs=False)
+    runner.capture()
+    got, got_logits = Stepper(fast, 48, PAGE_SIZE, NUM_SLOTS, "triton").greedy(
+        prompts(fast, len(slots), slots), 3, 4, runner)
+    want, want_logits = Stepper(ref, 48, PAGE_SIZE, NUM_SLOTS, "reference", seed=1).greedy(
+        prompts(ref, len(slots), slots), 3, 4)
+    assert got == want
+    for a, b in zip(got_logits, want_logits, strict=True):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_can_run_refuses_what_no_graph_serves(tiny_llava: Path) -> None:
+    model = make_model(tiny_llava, "triton", DEVICE, torch.float32, [4])
+    runner = CudaGraphRunner(model, 2, max_context=16, page_size=PAGE_SIZE,
+                             num_lora_slots=NUM_SLOTS, variants=("base",), use_graphs=False)
+    stepper = Stepper(model, 32, PAGE_SIZE, NUM_SLOTS, "triton")
+    seqs = prompts(model, 3, [(-1, -1), (-1, -1), (0, -1)])
+    for seq in seqs:
+        seq.tokens *= 3  # long enough for every step built below
+    prefill = stepper.build(seqs[:2], [3, 3])
+    decode = stepper.build(seqs[:2], [1, 1])
+    assert not runner.can_run(decode), "not captured yet"
+    runner.capture()
+    assert runner.can_run(decode)
+    assert not runner.can_run(prefill)
+    assert not runner.can_run(stepper.build(seqs, [1, 1, 1])), "3 > max batch 2"
+    assert not runner.can_run(stepper.build(seqs[1:], [1, 1])), "lora variant not captured"
+    assert not runner.can_run(stepper.build(seqs[:2], [1, 1], width=5)), "page table too wide"
+    with pytest.raises(ValoraError):
+        runner.run(prefill)
+
+
+def test_refuses_backends_that_cannot_be_captured(tiny_llava: Path) -> None:
+    model = make_model(tiny_llava, "torch", torch.device("cpu"), torch.float32, [])
+    with pytest.raises(ValoraError, match="cannot be captured"):
+        CudaGraphRunner(model, 4, max_context=16, page_size=PAGE_SIZE)
+    fast = make_model(tiny_llava, "triton", DEVICE, torch.float32, [])
+    with pytest.raises(ValoraError, match="variants"):
+        CudaGraphRunner(fast, 4, max_context=16, page_size=PAGE_SIZE, variants=("lora",))
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_match_eager_and_survive_adapter_changes(tiny_llava: Path) -> None:
+    ranks = [8, 2, 5, 7]
+    graphed = make_model(tiny_llava, "triton", DEVICE, torch.float32, ranks)
+    eager = make_model(tiny_llava, "triton", DEVICE, torch.float32, ranks)
+    # 11 sequences (bucket 16, padded), some subtracting a merged adapter: the "mixed" graph.
+    slots = [(i % 5 - 1, 3 if i % 3 == 0 else -1) for i in range(11)]
+    runner = CudaGraphRunner(graphed, 16, max_context=128, page_size=PAGE_SIZE,
+                             num_lora_slots=NUM_SLOTS, variants=("base", "lora", "mixed"))
+    fast_steps = Stepper(graphed, 600, PAGE_SIZE, NUM_SLOTS, "triton")
+    slow_steps = Stepper(eager, 600, PAGE_SIZE, NUM_SLOTS, "triton")
+    fast_seqs, slow_seqs = prompts(graphed, 11, slots), prompts(eager, 11, slots)
+    fast_steps.greedy(fast_seqs, 0, 8)  # prefill before capture: graphs never see it
+    slow_steps.greedy(slow_seqs, 0, 8)
+    runner.capture()
+    graphs = {key: entry.graph for key, entry in runner._entries.items()}
+    assert all(g is not None for g in graphs.values())
+    for round_ in range(2):
+        got, got_logits = fast_steps.greedy(fast_seqs, 6, 8, runner)
+        want, want_logits = slow_steps.greedy(slow_seqs, 6, 8)
+        assert got == want
+        for a, b in zip(got_logits, want_logits, strict=True):
+            assert rel_err(a, b) < 1e-4
+        fill_slots(graphed, [4, 8, 1, 6], seed=20 + round_)  # new adapters, same storage
+        fill_slots(eager, [4, 8, 1, 6], seed=20 + round_)
+    assert {key: entry.graph for key, entry in runner._entries.items()} == graphs
