@@ -5,7 +5,7 @@ The CLI (``valora generate`` / ``valora serve``) derives its flags from these fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from valora.errors import InvalidRequestError
@@ -25,6 +25,8 @@ class ModelConfig:
     ``model``: a local Hugging Face checkpoint directory, or ``"default"`` for the embedded model.
     ``load_format``: ``"safetensors"`` reads weights; ``"dummy"`` fills random weights for any
     config (benchmarks at real shapes). ``max_model_len``: ``None`` = the config's own limit.
+    ``attention_backend``: ``"auto"`` (Triton kernels on CUDA, plain PyTorch elsewhere),
+    ``"torch"`` or ``"triton"``.
     """
 
     model: str = "default"
@@ -32,6 +34,7 @@ class ModelConfig:
     load_format: Literal["safetensors", "dummy"] = "safetensors"
     max_model_len: int | None = None
     seed: int = 0
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         _require(
@@ -132,8 +135,10 @@ class OrchestratorConfig:
     def __post_init__(self) -> None:
         _require(self.starvation_s > 0, "starvation_s must be positive")
         _require(self.restore in ("pristine", "resync"), "restore must be 'pristine' or 'resync'")
-        _require(self.latency_target_s is None or self.latency_target_s > 0,
-                 "latency_target_s must be positive")
+        _require(
+            self.latency_target_s is None or self.latency_target_s > 0,
+            "latency_target_s must be positive",
+        )
 
 
 @dataclass(frozen=True)
@@ -173,7 +178,7 @@ class EngineConfig:
             "image": {},
             "orchestrator": {},
         }
-        classes = {
+        classes: dict[str, type] = {
             "model": ModelConfig,
             "cache": CacheConfig,
             "scheduler": SchedulerConfig,
@@ -187,7 +192,7 @@ class EngineConfig:
                 device = str(value)
                 continue
             for name, klass in classes.items():
-                if key in klass.__dataclass_fields__:
+                if key in {f.name for f in fields(klass)}:
                     sections[name][key] = value
                     break
             else:

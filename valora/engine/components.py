@@ -85,3 +85,16 @@ def size_kv_cache(
         budget = config.cache.cpu_cache_bytes
     num_pages = max(budget // per_page, 2)
     return KVSizing(int(num_pages), per_page)
+
+
+def attention_backend_for(name: str, device: torch.device) -> str:
+    """``"auto"`` → the Triton kernels on CUDA (when Triton is installed), PyTorch elsewhere."""
+    if name != "auto":
+        return name
+    from valora.layers.attention import available_attention_backends
+
+    return (
+        "triton"
+        if device.type == "cuda" and "triton" in available_attention_backends()
+        else "torch"
+    )

@@ -10,6 +10,7 @@ import torch
 
 from valora.config import EngineConfig
 from valora.engine.components import (
+    attention_backend_for,
     resolve_device,
     resolve_dtype,
     resolve_model_path,
@@ -178,6 +179,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         device=device,
         load_format=config.model.load_format,
         seed=config.model.seed,
+        attention_backend=attention_backend_for(config.model.attention_backend, device),
     )
     spec = model.spec
     max_model_len = min(

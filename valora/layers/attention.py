@@ -19,6 +19,7 @@ from the metadata (shared by every layer); layers pass it back untouched.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from typing import Protocol
 
@@ -63,11 +64,19 @@ def register_attention_backend(name: str, factory: AttentionBackendFactory) -> N
     _BACKENDS[name] = factory
 
 
+def _triton_backend() -> AttentionBackend:
+    from valora.layers.attention_triton import TritonPagedAttention
+
+    return TritonPagedAttention()
+
+
 def _ensure_builtin_backends() -> None:
     if "torch" not in _BACKENDS:
         from valora.layers.attention_torch import TorchPagedAttention
 
         register_attention_backend("torch", TorchPagedAttention)
+    if "triton" not in _BACKENDS and importlib.util.find_spec("triton") is not None:
+        register_attention_backend("triton", _triton_backend)  # imported on first use
 
 
 def available_attention_backends() -> list[str]:
@@ -80,7 +89,8 @@ def create_attention_backend(name: str) -> AttentionBackend:
     _ensure_builtin_backends()
     if name not in _BACKENDS:
         raise ValoraError(
-            f"unknown attention backend {name!r}; available: {available_attention_backends()}")
+            f"unknown attention backend {name!r}; available: {available_attention_backends()}"
+        )
     return _BACKENDS[name]()
 
 
