@@ -112,6 +112,8 @@ class DetectionHead(TaskHead):
         overlap, _ = box_iou(corners, corners)
         kept: list[int] = []
         for i, box in enumerate(boxes):
-            if all(boxes[j].label != box.label or float(overlap[i, j]) <= self.nms_iou for j in kept):
+            clear = (boxes[j].label != box.label or float(overlap[i, j]) <= self.nms_iou
+                     for j in kept)
+            if all(clear):
                 kept.append(i)
         return [boxes[i] for i in kept]

@@ -126,7 +126,8 @@ class Backbone:
         lm = self.language_model
         positions = torch.arange(hidden.shape[1]).unsqueeze(0)
         causal = create_causal_mask(config=lm.config, inputs_embeds=hidden,
-                                    attention_mask=attention_mask, cache=None, position_ids=positions)
+                                    attention_mask=attention_mask, cache=None,
+                                    position_ids=positions)
         rope = lm.rotary_emb(hidden, position_ids=positions)
         for layer in lm.layers[start:end]:
             hidden = layer(hidden, attention_mask=causal, position_ids=positions,
@@ -139,7 +140,8 @@ class Backbone:
         training example when LoRA targets only upper layers)."""
         return self._run_layers(embeds, attention_mask, 0, self.first_adapted_layer)
 
-    def hidden_from_prefix(self, prefix: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def hidden_from_prefix(self, prefix: torch.Tensor,
+                           attention_mask: torch.Tensor) -> torch.Tensor:
         """``hidden_states`` resumed from ``prefix_states``: the same values, less compute."""
         hidden = self._run_layers(prefix, attention_mask, self.first_adapted_layer, self.num_layers)
         return self.language_model.norm(hidden)

@@ -81,7 +81,7 @@ class AdapterBuilder:
         self._single_adapters()
         self._timed("single_adapters", t)
         t = time.monotonic()
-        profiles = [TaskProfile(name, enc.task.kind, enc.labels, enc.task.requirement,
+        profiles = [TaskProfile(name, enc.task.kind, enc.labels, self.requirement(name),
                                 float(self.state.get("single", name)["accuracy"]))
                     for name, enc in self.tasks.items()]
         training = self.spec.training
@@ -99,6 +99,14 @@ class AdapterBuilder:
         unmet = [name for name, info in manifest["tasks"].items() if not info["met"]]
         unmet = sorted(unmet + list(failed))
         return BuildOutcome(self.out_dir, manifest, result, failed, unmet)
+
+    def requirement(self, task: str) -> float:
+        """The task's requirement, raised to ``teacher_fraction`` × the teacher's accuracy."""
+        spec = self.tasks[task].task
+        teacher = self.teachers.get(task)
+        if spec.teacher_fraction is None or teacher is None:
+            return spec.requirement
+        return max(spec.requirement, spec.teacher_fraction * teacher)
 
     # ----- steps ---------------------------------------------------------------------------
     def _load_tasks(self) -> None:

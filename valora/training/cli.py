@@ -8,8 +8,13 @@ error that stopped the build (partial results in the output directory are kept).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+# Passive OpenMP waiting (read when torch loads): on a shared CPU, spinning worker threads that
+# lose their core stall every parallel region (measured more than 5x slower builds under load).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from valora.errors import ValoraError
 

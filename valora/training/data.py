@@ -138,7 +138,8 @@ def split_task(task: TaskSpec, parts: list[tuple[SourceSpec, LoadedSource]], see
     rng.shuffle(validation)
     train, validation = train[:task.max_train], validation[:task.max_validation]
     if task.hflip:
-        train += [Example(ex.image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), ex.target, ex.question)
+        mirror = Image.Transpose.FLIP_LEFT_RIGHT
+        train += [Example(ex.image.transpose(mirror), ex.target, ex.question)
                   for ex in train if isinstance(ex.target, str)]
     labels = label_set(task, train + validation)
     return TaskData(task, train, validation, labels, teacher, skipped, on_teacher)

@@ -66,14 +66,16 @@ def write_outputs(builder: AdapterBuilder, result: PackingResult) -> dict[str, A
             default = spec.bounded and (target / SPEC_FILE).exists()
             head = task if named else ("." if default else None)
             accuracy = accuracies[task]
+            requirement = builder.requirement(task)
             tasks[task] = {
                 "adapter": name, "kind": spec.kind, "prompt": spec.prompt,
-                "head": head, "labels": list(enc.labels), "requirement": spec.requirement,
-                "accuracy": accuracy, "base_accuracy": float(builder.state.get("base_accuracy", task)),
+                "head": head, "labels": list(enc.labels), "requirement": requirement,
+                "accuracy": accuracy,
+                "base_accuracy": float(builder.state.get("base_accuracy", task)),
                 "single_accuracy": float(builder.state.get("single", task)["accuracy"]),
                 "teacher_accuracy": builder.teachers.get(task),
                 "text_accuracy": _text_accuracy(builder, members, task) if spec.bounded else None,
-                "met": accuracy >= spec.requirement,
+                "met": accuracy >= requirement,
                 "validation_examples": len(enc.validation),
             }
     manifest = {

@@ -43,8 +43,9 @@ def _task_rows(manifest: dict[str, Any]) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in manifest["tasks"].items():
         teacher = t["teacher_accuracy"]
-        teacher_cell = "—" if teacher is None else \
-            f"{_pct(teacher)} (student/teacher {t['accuracy'] / teacher:.3f})"
+        teacher_cell = "—" if teacher is None else _pct(teacher)
+        if teacher:
+            teacher_cell += f" (student/teacher {t['accuracy'] / teacher:.3f})"
         rows.append(
             f"| {name} | {t['kind']} | {t['adapter']} | {_pct(t['requirement'])} | "
             f"{_pct(t['base_accuracy'])} | {_pct(t['single_accuracy'])} | {_pct(t['accuracy'])} | "

@@ -2,7 +2,7 @@
 detection JSON; plus the registry every source ``type`` is looked up in.
 
 - ``image_folder``: ``path/<label>/<image>``; the folder name is the label (``label_map``
-  renames). With ``labelled = false`` a flat folder of unlabelled images (for teachers).
+  renames). With ``labelled = false``: every image below ``path``, unlabelled (for teachers).
 - ``jsonl``: one object per line, ``{"image": "a.png", "question": "...", "answer": "..."}``
   (``label`` or ``caption`` are accepted for ``answer``); image paths relative to the file.
 - ``coco``: ``{"images": [{"id", "file_name", "width", "height"}], "annotations": [{"image_id",
@@ -77,7 +77,7 @@ def load_image_folder(options: Mapping[str, Any], ctx: SourceContext) -> LoadedS
             files += [(f, label) for f in sorted(folder.iterdir())
                       if f.suffix.lower() in IMAGE_SUFFIXES]
     else:
-        files = [(f, "") for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        files = [(f, "") for f in sorted(root.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise DataError(f"source {ctx.name}: no images under {root}")
     out = LoadedSource([], num_total=0)

@@ -33,7 +33,9 @@ class TaskSpec:
     ``labels`` fixes a label set and order (default: sorted labels seen in the data).
     ``hflip`` adds a mirrored copy of every training image (after the split, so validation
     images never leak into training). ``steps`` overrides ``training.steps`` for this task's
-    single-task adapter (detection heads converge slowly and may need several times more)."""
+    single-task adapter (detection heads converge slowly and may need several times more).
+    ``teacher_fraction`` (distillation) raises the requirement to that fraction of the teacher's
+    accuracy on the validation split once it is measured."""
 
     name: str
     kind: str
@@ -45,6 +47,7 @@ class TaskSpec:
     max_train: int = 2000
     hflip: bool = False
     steps: int | None = None
+    teacher_fraction: float | None = None
     head: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -136,6 +139,8 @@ def _check_task(task: TaskSpec, where: str) -> TaskSpec:
             or not 0.0 <= task.requirement <= 1.0:
         raise SpecError(f"{where} ({task.name}): requirement must be a number in [0, 1], "
                         f"got {task.requirement!r}")
+    if task.teacher_fraction is not None and not 0.0 < task.teacher_fraction <= 1.0:
+        raise SpecError(f"{where} ({task.name}): teacher_fraction must lie in (0, 1]")
     if task.steps is not None and (not isinstance(task.steps, int) or task.steps <= 0):
         raise SpecError(f"{where} ({task.name}): steps must be a positive integer")
     if not 0.0 < task.validation_fraction < 1.0:
