@@ -1,0 +1,78 @@
+"""``valora bench serve``: argument errors, and an end-to-end in-process run on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from valora.bench_cli import main
+from valora.benchmarks.workload import BenchWorkload, generate, save_trace
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--policies", "fifo"], "unknown"),
+    (["serve", "--popularity", "hot:1.5"], "popularity"),
+    (["serve", "--rates", "0"], "positive"),
+    (["serve", "--kind-mix", "1,2"], "kind-mix"),
+    (["serve", "--url", "http://example.com:80", "--policies", "valora"], "loopback"),
+    (["serve", "--url", "http://127.0.0.1:8000"], "exactly one"),
+    (["serve", "--trace", "/nonexistent/trace.jsonl"], "no such file"),
+    (["serve", "--lora-modules", "broken"], "NAME=PATH"),
+])
+def test_argument_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
+                         tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def _engine_flags(model: Path) -> list[str]:
+    return ["--model", str(model), "--device", "cpu", "--num-pages", "64", "--max-loras", "2",
+            "--latency-target-s", "30"]
+
+
+def test_end_to_end_in_process(tiny_model: Path, tiny_adapters: dict[str, str],
+                               tmp_path: Path) -> None:
+    modules = [f"{name}={path}" for name, path in tiny_adapters.items()]
+    code = main(["serve", *_engine_flags(tiny_model), "--lora-modules", *modules,
+                 "--num-requests", "4", "--rates", "50", "--popularity", "hot:0.7",
+                 "--policies", "valora,unmerged-fcfs", "--kind-mix", "1,0,1",
+                 "--num-frames", "2", "--warmup-requests", "1", "--out", str(tmp_path),
+                 "--name", "e2e", "--no-plot"])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    assert [(r["policy"], r["popularity"], r["rate_per_s"]) for r in rows] == [
+        ("valora", "hot:0.7", 50.0), ("unmerged-fcfs", "hot:0.7", 50.0)]
+    for row in rows:
+        metrics = row["metrics"]
+        assert metrics["num_finished"] == 4 and metrics["num_failed"] == 0
+        assert 0 < metrics["mean_ttft_s"] <= metrics["mean_latency_s"]
+        assert metrics["target_attainment"] is not None
+        assert row["device"].startswith("CPU") and row["git_sha"]
+        assert row["setup"]["num_adapters"] == 2
+        assert row["modes"]["num_steps"] > 0 and row["modes"]["timeline"]
+        expected = {r.request_id: r.output_tokens for r in generate(BenchWorkload(
+            num_requests=4, rate_per_s=50.0, adapters=tuple(tiny_adapters),
+            popularity="one-hot", kind_mix=(1.0, 0.0, 1.0), num_frames=2))}
+        assert {r["request_id"]: r["num_output_tokens"] for r in row["requests"]} == expected
+    assert rows[1]["modes"]["num_switches"] == 0  # unmerged-fcfs never merges
+    summary = (tmp_path / "e2e.md").read_text()
+    assert "| valora | hot:0.7 |" in summary and "| unmerged-fcfs | hot:0.7 |" in summary
+
+
+def test_trace_replay(tiny_model: Path, tiny_adapters: dict[str, str], tmp_path: Path) -> None:
+    requests = generate(BenchWorkload(num_requests=3, rate_per_s=100.0,
+                                      adapters=tuple(tiny_adapters), seed=3))
+    trace = save_trace(requests, tmp_path / "trace.jsonl")
+    modules = [f"{name}={path}" for name, path in tiny_adapters.items()]
+    code = main(["serve", *_engine_flags(tiny_model), "--lora-modules", *modules,
+                 "--trace", str(trace), "--policies", "unmerged-fcfs", "--warmup-requests", "0",
+                 "--out", str(tmp_path / "out"), "--name", "trace"])
+    assert code == 0
+    row = json.loads((tmp_path / "out" / "trace.jsonl").read_text())
+    assert row["popularity"] == "trace" and row["metrics"]["num_finished"] == 3
+    assert (tmp_path / "out" / "trace.png").stat().st_size > 0

@@ -1,0 +1,149 @@
+"""Drive an in-process ``LLMEngine`` in real time (open loop).
+
+Each request is submitted once the wall clock passes its arrival offset; between arrivals the
+loop steps the engine while it has work and sleeps otherwise. After every step the engine's mode
+(``engine.stats()["modes"]``) is sampled: the run keeps a timeline of mode changes, the number of
+weight switches and the steps spent in each mode during this run (deltas of the engine's
+cumulative counters, so one engine can serve several runs back to back).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from valora.benchmarks import payload
+from valora.benchmarks.metrics import RequestTiming
+from valora.benchmarks.workload import BenchRequest
+from valora.engine.engine import LLMEngine
+from valora.engine.inputs import GenerateRequest
+from valora.errors import ValoraError
+from valora.logger import get_logger
+from valora.sampling_params import SamplingParams
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class ModeTrace:
+    """Mode changes ``(t_s, mode, merged_adapter)``, switches and steps per mode within one run."""
+
+    timeline: list[tuple[float, str, str | None]] = field(default_factory=list)
+    num_switches: int = 0
+    switch_seconds: float = 0.0
+    steps_by_mode: dict[str, int] = field(default_factory=dict)
+    num_steps: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"timeline": [list(entry) for entry in self.timeline],
+                "num_switches": self.num_switches, "switch_seconds": self.switch_seconds,
+                "steps_by_mode": dict(self.steps_by_mode), "num_steps": self.num_steps}
+
+
+@dataclass
+class RunResult:
+    """Timings in arrival order, the mode trace (in-process only) and the run's wall time."""
+
+    timings: list[RequestTiming]
+    modes: ModeTrace | None
+    wall_s: float
+
+
+def to_generate_request(request: BenchRequest, run_tag: str, seed: int) -> GenerateRequest:
+    """Greedy, EOS ignored: the output length is exactly ``request.output_tokens``."""
+    return GenerateRequest(
+        messages=[{"role": "user", "content": payload.chat_content(request, seed)}],
+        images=payload.images(request, seed), adapter=request.adapter,
+        sampling_params=SamplingParams(max_tokens=request.output_tokens, temperature=0.0,
+                                       ignore_eos=True),
+        request_id=f"{run_tag}/{request.request_id}", latency_target_s=request.latency_target_s,
+    )
+
+
+class _ModeSampler:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.trace = ModeTrace()
+        self.start = self._read()
+
+    def _read(self) -> dict[str, Any] | None:
+        modes = self.engine.stats().get("modes")
+        return dict(modes) if modes else None
+
+    def sample(self, now_s: float) -> None:
+        self.trace.num_steps += 1
+        current = self._read()
+        if current is None or self.start is None:
+            return
+        key = (str(current["mode"]), current.get("merged_adapter"))
+        if not self.trace.timeline or self.trace.timeline[-1][1:] != key:
+            self.trace.timeline.append((now_s, *key))
+        self.trace.num_switches = int(current["num_switches"]) - int(self.start["num_switches"])
+        self.trace.switch_seconds = float(current["switch_seconds"]) - float(
+            self.start["switch_seconds"])
+        before = self.start.get("steps_by_mode", {})
+        self.trace.steps_by_mode = {
+            mode: int(count) - int(before.get(mode, 0))
+            for mode, count in current.get("steps_by_mode", {}).items()
+            if int(count) - int(before.get(mode, 0)) > 0
+        }
+
+
+def run_inprocess(
+    engine: LLMEngine, requests: Sequence[BenchRequest], *, run_tag: str = "bench",
+    seed: int = 0, idle_sleep_s: float = 0.002,
+) -> RunResult:
+    """Replay ``requests`` against ``engine`` in real time; returns when every request finished
+    or failed. Requests are prepared (images, text) before the clock starts."""
+    specs = [to_generate_request(r, run_tag, seed) for r in requests]
+    timings = {s.request_id or "": RequestTiming(r.request_id, r.adapter, r.kind, r.arrival_s,
+                                                 r.latency_target_s)
+               for r, s in zip(requests, specs, strict=True)}
+    sampler = _ModeSampler(engine)
+    open_ids: set[str] = set()
+    start = time.monotonic()
+    next_index = 0
+    while next_index < len(specs) or open_ids:
+        now = time.monotonic() - start
+        while next_index < len(specs) and requests[next_index].arrival_s <= now:
+            spec = specs[next_index]
+            rid = spec.request_id or ""
+            try:
+                engine.add_request(spec)
+                open_ids.add(rid)
+            except ValoraError as exc:
+                timings[rid].error = f"{type(exc).__name__}: {exc}"
+            next_index += 1
+        if not engine.has_unfinished_requests():
+            if next_index < len(specs):
+                wait = requests[next_index].arrival_s - (time.monotonic() - start)
+                time.sleep(max(0.0, min(wait, idle_sleep_s * 50)))
+            continue
+        outputs = engine.step()
+        now = time.monotonic() - start
+        sampler.sample(now)
+        for output in outputs:
+            timing = timings.get(output.request_id)
+            if timing is None:
+                continue
+            produced = len(output.outputs[0].token_ids) if output.outputs else 0
+            if produced and timing.first_token_s is None:
+                timing.first_token_s = now
+            timing.num_output_tokens = produced
+            if output.finished:
+                open_ids.discard(output.request_id)
+                timing.finish_s = now
+                if output.error is not None:
+                    timing.error = output.error
+    wall = time.monotonic() - start
+    ordered = [timings[s.request_id or ""] for s in specs]
+    return RunResult(ordered, sampler.trace if sampler.start is not None else None, wall)
+
+
+def warm_up(engine: LLMEngine, requests: Sequence[BenchRequest], seed: int = 0) -> None:
+    """Run a few requests to completion (first-step allocations, adapter loads) off the clock."""
+    result = run_inprocess(engine, [BenchRequest(**{**r.__dict__, "arrival_s": 0.0})
+                                    for r in requests], run_tag="warmup", seed=seed)
+    logger.info("warm-up: %d request(s) in %.2f s", len(result.timings), result.wall_s)

@@ -1,0 +1,127 @@
+"""Benchmark results as files: JSONL rows (one per policy × popularity × rate), a Markdown
+summary table and a PNG (mean latency vs rate per policy; mode timeline of the busiest run of
+each policy). Rows carry the device, git sha and setup so a result file stands on its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODE_LEVELS = {"unmerged": 0, "mixed": 1, "merged": 2}
+
+
+def device_name(device: str = "auto") -> str:
+    """The GPU's name, or ``CPU, N cores`` (the cores this process may use)."""
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU, {len(os.sched_getaffinity(0))} cores"
+
+
+def git_sha() -> str:
+    """``HEAD``'s sha, with ``-dirty`` when the working tree has changes (read-only git calls)."""
+    where = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True, cwd=where).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                               check=True, cwd=where).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def write_rows(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+def _fmt(value: Any, scale: float = 1.0, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    return f"{float(value) * scale:.{digits}f}"
+
+
+def markdown_summary(rows: Sequence[dict[str, Any]], note: str = "") -> str:
+    """One table row per result row: latencies and TTFT/TPOT in ms, attainment in %."""
+    head = rows[0] if rows else {}
+    lines = ["# Serving benchmark (`valora bench serve`)", ""]
+    if head:
+        lines += [f"Device: **{head['device']}**; git `{head['git_sha']}`; target "
+                  f"`{head['target']}`; model `{head['setup']['model']}`; "
+                  f"{head['setup']['num_adapters']} adapters (ranks "
+                  f"{head['setup']['adapter_ranks']}).", ""]
+    if note:
+        lines += [note, ""]
+    lines += ["| policy | popularity | arrival | rate req/s | n | mean lat ms | P50 | P90 | P99 |"
+              " TTFT mean ms | TPOT mean ms | target att. % | thr req/s | switches | failed |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        m = row["metrics"]
+        modes = row.get("modes") or {}
+        lines.append(
+            f"| {row['policy']} | {row['popularity']} | {row['arrival']} | {row['rate_per_s']:g} "
+            f"| {int(m['num_requests'])} | {_fmt(m['mean_latency_s'], 1e3)} "
+            f"| {_fmt(m['p50_latency_s'], 1e3)} | {_fmt(m['p90_latency_s'], 1e3)} "
+            f"| {_fmt(m['p99_latency_s'], 1e3)} | {_fmt(m['mean_ttft_s'], 1e3)} "
+            f"| {_fmt(m['mean_tpot_s'], 1e3, 2)} | {_fmt(m['target_attainment'], 100)} "
+            f"| {_fmt(m['throughput_rps'], 1.0, 2)} | {modes.get('num_switches', '–')} "
+            f"| {int(m['num_failed'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Left: mean latency vs rate, one line per (policy, popularity). Right: the mode timeline
+    (unmerged / mixed / merged) of each policy's highest-rate run with switches marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["policy"], row["popularity"]), []).append(row)
+    skews = sorted({popularity for _, popularity in groups})
+    styles = {skew: ("-", "--", ":", "-.")[i % 4] for i, skew in enumerate(skews)}
+    for (policy, popularity), items in sorted(groups.items()):
+        items = sorted(items, key=lambda r: r["rate_per_s"])
+        latency = [(r["metrics"]["mean_latency_s"] or float("nan")) * 1e3 for r in items]
+        left.plot([r["rate_per_s"] for r in items], latency, styles[popularity], marker="o",
+                  label=f"{policy} / {popularity}")
+    left.set_xlabel("offered rate (req/s)")
+    left.set_ylabel("mean latency (ms, log scale)")
+    left.set_yscale("log")
+    left.set_title("latency vs rate")
+    left.legend(fontsize=7)
+    busiest: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("modes") and row["rate_per_s"] >= busiest.get(
+                row["policy"], {"rate_per_s": -1.0})["rate_per_s"]:
+            busiest[row["policy"]] = row
+    for offset, (policy, row) in enumerate(sorted(busiest.items())):
+        timeline = row["modes"]["timeline"]
+        if not timeline:
+            continue
+        times = [entry[0] for entry in timeline] + [row["wall_s"]]
+        levels = [MODE_LEVELS.get(entry[1], 0) + 0.08 * offset for entry in timeline]
+        right.step(times, [*levels, levels[-1]], where="post",
+                   label=f"{policy} ({row['popularity']}, {row['rate_per_s']:g}/s, "
+                         f"{row['modes']['num_switches']} switches)")
+    right.set_yticks(list(MODE_LEVELS.values()), list(MODE_LEVELS))
+    right.set_xlabel("time since start (s)")
+    right.set_title("mode timeline (highest rate per policy)")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
