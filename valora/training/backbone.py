@@ -48,7 +48,8 @@ class Backbone:
         self.hidden_size = int(config.text_config.hidden_size)
         model.requires_grad_(False)
         torch.manual_seed(seed)
-        lora = LoraConfig(r=training.rank, lora_alpha=training.alpha, lora_dropout=0.0,
+        lora = LoraConfig(r=training.rank, lora_alpha=training.alpha,
+                          lora_dropout=training.lora_dropout,
                           target_modules=training.target_modules, bias="none",
                           task_type="CAUSAL_LM")
         self.model = get_peft_model(model, lora)

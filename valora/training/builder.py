@@ -31,6 +31,7 @@ from valora.training.errors import DataError, TeacherError
 from valora.training.evaluate import base_accuracy, task_accuracy
 from valora.training.packing import PackingResult, TaskProfile, pack
 from valora.training.pipeline import check_sources, load_task, teacher_accuracy
+from valora.training.refit import refit_head
 from valora.training.spec import BuildSpec
 from valora.training.trainer import AdapterState, train_adapter
 
@@ -154,10 +155,22 @@ class AdapterBuilder:
             steps = self.tasks[name].task.steps or self.spec.training.steps
             state = train_adapter(self.backbone, self.tasks, None, name, steps,
                                   self.spec.training, step_seed(self.spec.seed, f"single:{name}"))
+            self._refit_heads(state, f"single:{name}")
             accuracy = self._evaluate(self.tasks[name], state)
             save_adapter(self.backbone, state, self.checkpoint_dir((name,)))
             self.state.put("single", name, {"accuracy": accuracy,
                                             "seconds": round(time.monotonic() - started, 2)})
+
+    def _refit_heads(self, state: AdapterState, key: str) -> None:
+        """``head_refit_steps`` of head-only training per head, the state's LoRA frozen."""
+        training = self.spec.training
+        if training.head_refit_steps <= 0:
+            return
+        self.backbone.load_lora_state(state.lora)
+        for task, head in state.heads.items():
+            seed = step_seed(self.spec.seed, f"refit:{key}:{task}")
+            refit_head(self.backbone, self.tasks[task], head, training.head_refit_steps,
+                       training.head_learning_rate, seed)
 
     def checkpoint_dir(self, members: tuple[str, ...] | list[str]) -> Path:
         kind = "single" if len(members) == 1 else "fused"
@@ -175,6 +188,7 @@ class AdapterBuilder:
         training = self.spec.training
         state = train_adapter(self.backbone, self.tasks, base, task, training.fusion_steps,
                               training, step_seed(self.spec.seed, f"fuse:{key}"), warm)
+        self._refit_heads(state, f"fuse:{key}")
         accuracies = {name: self._evaluate(self.tasks[name], state) for name in state.tasks}
         self._candidate = state
         self.state.put("attempts", key, {"accuracies": accuracies, "accepted": None,

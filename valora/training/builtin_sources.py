@@ -11,7 +11,8 @@ lower-case Fashion-MNIST names, ``["face", "no face"]``).
 ``fashion_mnist``: ``path`` (folder of the idx ``.gz`` files, default
 ``/usr/share/datasets/fashion-mnist``), ``part`` (``train`` or ``t10k``).
 ``face_scenes``: ``size`` (canvas pixels, 48), ``patch_range`` ([first, end) index range of the
-100 lfw faces and 100 non-faces to paste, default [0, 100]), ``scene_seed``.
+100 lfw faces and 100 non-faces to paste, default [0, 100]), ``patch_scale`` (side of the pasted
+patch as a fraction of the canvas, [low, high], default [0.45, 0.7]), ``scene_seed``.
 """
 
 from __future__ import annotations
@@ -135,14 +136,14 @@ def _backgrounds(size: int) -> list[np.ndarray]:
 
 
 def _scene(rng: random.Random, backgrounds: list[np.ndarray], patch: np.ndarray,
-           size: int) -> Image.Image:
+           size: int, scale: tuple[float, float]) -> Image.Image:
     bg = backgrounds[rng.randrange(len(backgrounds))]
     crop = rng.randint(size, min(bg.shape) // 2)
     y, x = rng.randrange(bg.shape[0] - crop + 1), rng.randrange(bg.shape[1] - crop + 1)
     bilinear = Image.Resampling.BILINEAR
     background = gray_to_rgb(bg[y:y + crop, x:x + crop]).resize((size, size), bilinear)
     canvas = np.asarray(background)
-    side = rng.randint(int(size * 0.45), int(size * 0.7))
+    side = rng.randint(int(size * scale[0]), int(size * scale[1]))
     tile = np.asarray(gray_to_rgb(patch).resize((side, side), bilinear))
     top, left = rng.randrange(size - side + 1), rng.randrange(size - side + 1)
     canvas = canvas.copy()
@@ -155,8 +156,10 @@ def load_face_scenes(options: Mapping[str, Any], ctx: SourceContext) -> LoadedSo
     """Scenes with one pasted lfw patch: a face (label ``face``) or a non-face (``no face``)."""
     size = int(options.get("size", 48))
     first, end = (int(v) for v in options.get("patch_range", [0, 100]))
-    if not 0 <= first < end <= 100 or size < 16:
-        raise SpecError(f"source {ctx.name}: patch_range must lie in [0, 100] and size >= 16")
+    low, high = (float(v) for v in options.get("patch_scale", [0.45, 0.7]))
+    if not 0 <= first < end <= 100 or size < 16 or not 0.1 <= low <= high <= 1.0:
+        raise SpecError(f"source {ctx.name}: patch_range must lie in [0, 100], size >= 16 and "
+                        "0.1 <= patch_scale low <= high <= 1")
     count = int(options.get("limit", 400))
     face, no_face = label_names(options, (FACE, NO_FACE), ctx)
     rng = random.Random(f"{options.get('scene_seed', ctx.seed)}:{ctx.name}")
@@ -165,6 +168,6 @@ def load_face_scenes(options: Mapping[str, Any], ctx: SourceContext) -> LoadedSo
     for _ in range(count):
         is_face = rng.random() < 0.5
         index = rng.randrange(first, end) + (0 if is_face else 100)
-        scene = _scene(rng, backgrounds, patches[index], size)
+        scene = _scene(rng, backgrounds, patches[index], size, (low, high))
         examples.append(Example(scene, face if is_face else no_face))
     return LoadedSource(examples, num_total=count)

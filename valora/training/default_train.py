@@ -36,6 +36,10 @@ class TrainConfig:
     learning_rate: float = 1.5e-3
     min_learning_rate: float = 1e-4
     warmup_steps: int = 60
+    # An optional second cosine cycle after ``steps`` (``learning_rate`` is then
+    # ``second_cycle_learning_rate`` decaying to ``min_learning_rate``); 0 steps = none.
+    second_cycle_steps: int = 0
+    second_cycle_learning_rate: float = 4e-4
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     aux_weight: float = 1.0  # weight of the dense image-token loss (default_aux); 0 disables
@@ -43,14 +47,25 @@ class TrainConfig:
     checkpoint_every: int = 200
     device: str = "cpu"
 
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.second_cycle_steps
+
+
+def _cosine(high: float, low: float, progress: float) -> float:
+    return low + (high - low) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
 
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warm-up to ``learning_rate``, then cosine decay to ``min_learning_rate``."""
+    """Linear warm-up to ``learning_rate``, cosine decay to ``min_learning_rate`` at ``steps``,
+    then (if any) a second cosine cycle from ``second_cycle_learning_rate``."""
+    if step >= config.steps:
+        progress = (step - config.steps) / max(1, config.second_cycle_steps)
+        return _cosine(config.second_cycle_learning_rate, config.min_learning_rate, progress)
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return config.min_learning_rate + (config.learning_rate - config.min_learning_rate) * cosine
+    return _cosine(config.learning_rate, config.min_learning_rate, progress)
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -86,7 +101,7 @@ def train(
         start = int(state["step"])
         logger.info("resuming from step %d (%s)", start, checkpoint)
     began, running, running_aux = time.monotonic(), 0.0, 0.0
-    for step in range(start, config.steps):
+    for step in range(start, config.total_steps):
         indices = range(step * config.batch_size, (step + 1) * config.batch_size)
         batch = make_batch(tokenizer, config.seed, indices, spec.image_size, spec.patch_size,
                            config.max_turns)
@@ -104,11 +119,12 @@ def train(
         optimizer.step()
         running = 0.9 * running + 0.1 * float(out.loss) if step > start else float(out.loss)
         running_aux = 0.9 * running_aux + 0.1 * float(aux_loss) if step > start else float(aux_loss)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+        if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
             elapsed = time.monotonic() - began
             logger.info("step %d/%d loss %.4f aux %.4f lr %.2e elapsed %.0fs", step + 1,
-                        config.steps, running, running_aux, learning_rate(config, step), elapsed)
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                        config.total_steps, running, running_aux, learning_rate(config, step),
+                        elapsed)
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.total_steps:
             state = {"model": trained.state_dict(), "optimizer": optimizer.state_dict(),
                      "step": step + 1}
             torch.save(state, work_dir / "checkpoint.tmp")

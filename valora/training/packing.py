@@ -1,19 +1,21 @@
 """Accuracy-checked greedy packing of tasks into as few adapters as possible (pure logic).
 
 Every task first gets a single-task adapter; its validation accuracy is the task's reference.
-A task whose single-task adapter misses its requirement is *unreachable*: it is reported, keeps
-its single-task adapter and is never fused (fusion can only add interference). Reachable tasks
-are then packed:
+A task whose single-task adapter misses its requirement is *unreachable* on its own and is
+reported as such. It is still offered to fusion — training next to related tasks can lift it
+(positive transfer) — but, like every fusion, only a result in which *all* tasks meet their
+requirements is kept, so an unreachable task can never drag an adapter below its bars.
 
 - ``strategy = "given"`` (naive next-fit): tasks in spec order; each is fused into the most
   recently opened adapter; if any task of it falls below its bar, the attempt is rolled back and
-  the task opens a new adapter.
-- ``strategy = "similarity"`` (default; first-fit decreasing with best-fit choice): tasks in
-  order of increasing *margin* (single-task accuracy − requirement), hardest first, because a
-  task with little slack should anchor an adapter rather than be squeezed into a full one; each
-  task tries the open adapters in order of decreasing *similarity* (same output family —
-  bounded heads vs generated text — plus label-set overlap), up to ``max_attempts`` of them,
-  and opens a new adapter only if all refuse it.
+  the task opens a new adapter (its single-task adapter).
+- ``strategy = "similarity"`` (default; first-fit decreasing with best-fit choice): reachable
+  tasks first, in order of increasing *margin* (single-task accuracy − requirement), hardest
+  first, because a task with little slack should anchor an adapter rather than be squeezed into
+  a full one; then unreachable tasks, closest to their bar first. Each task tries the open
+  adapters in order of decreasing *similarity* (same output family — bounded heads vs generated
+  text — plus label-set overlap), up to ``max_attempts`` of them, and opens a new adapter only
+  if all refuse it.
 
 A fusion is accepted when every task in the fused adapter reaches its requirement and, when a
 ``tolerance`` is set, stays within ``tolerance`` of its single-task accuracy. Each attempt is
@@ -73,11 +75,13 @@ def similarity(a: TaskProfile, b: TaskProfile) -> float:
 
 
 def fusion_order(profiles: Sequence[TaskProfile], strategy: str) -> list[TaskProfile]:
-    """Reachable tasks in the order they are packed."""
-    reachable = [p for p in profiles if p.reachable]
+    """Every task, in the order it is packed."""
     if strategy == "given":
-        return reachable
-    return sorted(reachable, key=lambda p: (p.margin, p.name))
+        return list(profiles)
+    reachable = sorted((p for p in profiles if p.reachable), key=lambda p: (p.margin, p.name))
+    unreachable = sorted((p for p in profiles if not p.reachable),
+                         key=lambda p: (-p.margin, p.name))
+    return reachable + unreachable
 
 
 def verdict(profiles: Mapping[str, TaskProfile], accuracies: Mapping[str, float],
@@ -96,8 +100,7 @@ def verdict(profiles: Mapping[str, TaskProfile], accuracies: Mapping[str, float]
 
 def _candidates(result: PackingResult, task: TaskProfile, profiles: Mapping[str, TaskProfile],
                 strategy: str, max_attempts: int) -> list[int]:
-    open_bins = [i for i, members in enumerate(result.adapters)
-                 if members[0] not in result.unreachable]
+    open_bins = list(range(len(result.adapters)))
     if strategy == "given":
         return open_bins[-1:]
 
@@ -117,11 +120,7 @@ def pack(profiles: Sequence[TaskProfile], strategy: str, max_attempts: int,
     caller then makes it the adapter of ``members + (task,)``. A refused candidate is dropped
     (rolled back): the adapter stays as it was."""
     by_name = {p.name: p for p in profiles}
-    result = PackingResult()
-    for p in profiles:
-        if not p.reachable:
-            result.unreachable.append(p.name)
-            result.adapters.append([p.name])
+    result = PackingResult(unreachable=[p.name for p in profiles if not p.reachable])
     for task in fusion_order(profiles, strategy):
         placed = False
         for index in _candidates(result, task, by_name, strategy, max_attempts):

@@ -115,7 +115,8 @@ def write_report(builder: AdapterBuilder, result: PackingResult, manifest: dict[
         "", "![accuracy per task](report.png)", "",
     ]
     if manifest["unreachable"]:
-        lines += [f"**Unreachable requirements** (single-task adapter below the bar, not fused): "
+        lines += [f"**Unreachable on their own** (single-task adapter below the bar; offered to "
+                  f"fusion, kept only if a fused adapter lifted them): "
                   f"{', '.join(manifest['unreachable'])}", ""]
     if failed:
         lines += ["**Failed tasks**:", "", *[f"- {k}: {v}" for k, v in failed.items()], ""]

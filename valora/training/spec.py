@@ -72,6 +72,7 @@ class TrainingSpec:
 
     rank: int = 8
     alpha: int = 16
+    lora_dropout: float = 0.0
     target_modules: str = (r".*language_model.*\."
                            r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
     steps: int = 120
@@ -88,6 +89,7 @@ class TrainingSpec:
     max_fusion_attempts: int = 2
     max_new_tokens: int = 12
     max_text_eval: int = 200
+    head_refit_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,12 @@ def _check_training(t: TrainingSpec) -> None:
         value = getattr(t, name)
         if not isinstance(value, int) or value <= 0:
             raise SpecError(f"training.{name} must be a positive integer, got {value!r}")
-    if not isinstance(t.fusion_steps, int) or t.fusion_steps < 0:
-        raise SpecError("training.fusion_steps must be a non-negative integer")
+    for name in ("fusion_steps", "head_refit_steps"):
+        value = getattr(t, name)
+        if not isinstance(value, int) or value < 0:
+            raise SpecError(f"training.{name} must be a non-negative integer, got {value!r}")
+    if not 0.0 <= t.lora_dropout < 1.0:
+        raise SpecError("training.lora_dropout must lie in [0, 1)")
     if t.strategy not in STRATEGIES:
         raise SpecError(f"training.strategy must be one of {STRATEGIES}, got {t.strategy!r}")
     if not 0.0 <= t.max_bad_image_fraction <= 1.0:

@@ -41,18 +41,20 @@ class AdapterState:
 
 
 def new_head(enc: EncodedTask, backbone: Backbone, seed: int) -> TaskHead:
-    """A fresh head for a bounded task; detection heads read the prompt from its first image
-    token on (so every image feature is in their window)."""
+    """A fresh head for a bounded task. Detection heads, and classification heads with ``mean``
+    pooling, read the prompt from its first image token on by default (every image feature is
+    in their window); ``last`` pooling reads the last prompt token."""
     options = dict(enc.task.head)
     prompt = enc.train.prompt_ids[0]
-    if enc.task.kind == "detection":
+    pooling = str(options.pop("pooling", "last"))
+    if enc.task.kind == "detection" or pooling == "mean":
         default_window = len(prompt) - prompt.index(backbone.image_token_id)
     else:
         default_window = 1
     spec = HeadSpec(kind=enc.task.kind, task=enc.task.name, labels=enc.labels,
                     hidden_size=backbone.hidden_size,
                     num_input_tokens=int(options.pop("num_input_tokens", default_window)),
-                    pooling=str(options.pop("pooling", "last")), params=options)
+                    pooling=pooling, params=options)
     torch.manual_seed(seed)
     return build_task_head(spec)
 
@@ -142,6 +144,7 @@ def train_adapter(backbone: Backbone, tasks: Mapping[str, EncodedTask], init: Ad
     pad = int(backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0)
     for head in heads.values():
         head.train()
+    backbone.model.train()  # only LoRA dropout (if configured) depends on the mode
     desc = f"train {new_task}" + (f" into [{', '.join(old)}]" if old else "")
     for task_name in tqdm(_schedule(new_task, old, steps), desc=desc, leave=False):
         enc = tasks[task_name]
@@ -153,6 +156,7 @@ def train_adapter(backbone: Backbone, tasks: Mapping[str, EncodedTask], init: Ad
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+    backbone.model.eval()
     for head in heads.values():
         head.eval()
     return AdapterState((*old, new_task), backbone.lora_state(), heads)
