@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from valora import LLM, SamplingParams
+from valora.orchestrator import policies
 from valora.orchestrator.modes import Mode, ModeState
-from valora.orchestrator.policies import register_mode_policy
 from valora.orchestrator.queue_view import ModeDecision, QueueView
 
 
@@ -27,7 +27,10 @@ class AlwaysMixed:
         return ModeDecision(Mode.MIXED, "r16", admitted=tuple(r.request_id for r in view.waiting))
 
 
-register_mode_policy("test-always-mixed", AlwaysMixed)
+@pytest.fixture(autouse=True)
+def _always_mixed_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registered only for this module's tests (the registry is process-wide)."""
+    monkeypatch.setitem(policies._REGISTRY, "test-always-mixed", AlwaysMixed)
 
 PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
 
