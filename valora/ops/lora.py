@@ -185,4 +185,9 @@ def lora_apply(
             f"y {y.shape[1]} vs slices {weights.slice_widths}")
     if x.shape[0] == 0:
         return
+    if batch.backend not in _BACKENDS:
+        _ensure_builtin_backends()
+        if batch.backend not in _BACKENDS:
+            raise ValoraError(f"unknown LoRA backend {batch.backend!r}; "
+                              f"available: {available_lora_backends()}")
     _BACKENDS[batch.backend][1](y, x, weights, batch, scale_multiplier)
