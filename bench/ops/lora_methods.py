@@ -9,7 +9,12 @@ each adapter's rank; the padded peers get zero-padded copies, as a real loader w
   mixed-batch forward);
 - ``gathered_bmm``: gather each token's A and B padded to the batch's largest rank, two ``bmm``;
 - ``vllm``: vLLM 0.33 ``lora_shrink`` + ``lora_expand``, every adapter padded to the batch's
-  largest rank, the scale folded into B (as vLLM does when it loads adapters);
+  largest rank, the scale folded into B (as vLLM does when it loads adapters). vLLM caches the
+  device pointer table and strides of a list of weight tensors keyed by their ``data_ptr``s only
+  (``_LORA_A_PTR_DICT`` / ``_LORA_B_PTR_DICT`` in its ``utils.py``), on the assumption that its
+  weight buffers live for the whole process. Here each grid point allocates new weights, so a
+  freed block reused at the same addresses with another shape would hit a stale entry (strides
+  of the old rank): ``build_vllm`` evicts its keys and fills the entries for its own tensors.
 - ``base_gemm``: ``x · Wᵀ`` of the layer the LoRA rides on.
 """
 
@@ -127,6 +132,7 @@ def build_vllm(s: InputSet) -> Call:
                * s.weights.scales[:, j, None, None]).to(s.x.dtype).contiguous()
               for j in range(num_slices)]
     num_tokens = s.x.shape[0]
+    refresh_vllm_pointer_cache(a_list, b_list, s.x.device)
     meta = meta_cls.make(max_loras=s.weights.num_slots, max_num_tokens=num_tokens,
                          device=s.x.device)
     meta.prepare_tensors(s.slots)
@@ -137,6 +143,17 @@ def build_vllm(s: InputSet) -> Call:
         lora_shrink(s.x, a_list, buffer, *args, 1.0)
         lora_expand(buffer, b_list, s.y, *args, offset_start=0, add_inputs=True)
     return run
+
+
+def refresh_vllm_pointer_cache(a_list: list[torch.Tensor], b_list: list[torch.Tensor],
+                               device: torch.device) -> None:
+    """Evict vLLM's cached pointer/stride entries for these tensors' addresses and rebuild them
+    from the tensors themselves (see the module docstring: ``vllm`` method)."""
+    from vllm.lora.ops.triton_ops import utils as vllm_utils
+    vllm_utils._LORA_A_PTR_DICT.pop(tuple(t.data_ptr() for t in a_list), None)
+    vllm_utils._LORA_B_PTR_DICT.pop(tuple(t.data_ptr() for t in b_list), None)
+    vllm_utils._get_lora_a_ptr(a_list, device)
+    vllm_utils._get_lora_b_ptr(b_list, 0, device)
 
 
 def build_base_gemm(x: torch.Tensor, weight: torch.Tensor) -> tuple[Call, torch.Tensor]:

@@ -95,6 +95,7 @@ def test_tuner_writes_and_resumes(tmp_path: Path) -> None:
         config = table.get(key)
         assert config is not None
         _valid(config)
+        assert "fused" in table.entries[key]["time_us"]  # type: ignore[operator]
     stamp = out.stat().st_mtime_ns
     assert tuning.main(argv) == 0  # resume: every bucket present, nothing re-tuned or rewritten
     assert out.stat().st_mtime_ns == stamp
