@@ -15,8 +15,9 @@ import httpx
 import pytest
 from server_helpers import BASE_NAME, ThreadServer, png_bytes
 
+from valora.cli_config import parse_lora_modules
 from valora.errors import InvalidRequestError
-from valora.server.cli import build_parser, parse_lora_modules
+from valora.server.cli import build_parser
 from valora.server.metrics import Histogram
 from valora.server.settings import ServerSettings
 
@@ -107,11 +108,15 @@ def test_settings_are_validated(kwargs: dict[str, object], needle: str) -> None:
 
 def test_cli_flags() -> None:
     args = build_parser().parse_args(["--lora-modules", "a=/x", "b=/y", "--lora-modules", "c=/z",
+                                      '{"name": "d", "path": "/w", "base_model_name": "m"}',
                                       "--api-key", "k1", "--max-loras", "3"])
-    assert parse_lora_modules(args.lora_modules) == [("a", "/x"), ("b", "/y"), ("c", "/z")]
+    assert parse_lora_modules(args.lora_modules) == {"a": "/x", "b": "/y", "c": "/z", "d": "/w"}
     assert args.host == "127.0.0.1" and args.port == 8000 and args.max_loras == 3
-    with pytest.raises(SystemExit, match="NAME=PATH"):
-        parse_lora_modules(["no-equals-sign"])
+    assert args.default_adapters and not build_parser().parse_args(
+        ["--no-default-adapters"]).default_adapters
+    for bad in ("no-equals-sign", "=/x", "a=", '{"name": "a"}', "{not json"):
+        with pytest.raises(SystemExit, match="NAME=PATH"):
+            parse_lora_modules([bad])
 
 
 def test_histogram_exposition() -> None:

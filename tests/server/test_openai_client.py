@@ -141,6 +141,10 @@ def test_model_listing(client: openai.OpenAI, served: Served) -> None:
         extra = models[name].model_extra or {}
         assert extra["parent"] == BASE_NAME and extra["rank"] == rank
         assert extra["residency"] in ("device", "cpu", "none")
+        assert extra["pinned"] is True  # registered at start-up (--lora-modules)
+    assert client.models.retrieve("r8").model_extra == models["r8"].model_extra
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("no-such-adapter")
         assert extra["root"] == str(served.adapters[name])
 
 

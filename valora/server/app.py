@@ -1,6 +1,7 @@
 """``create_app``: the FastAPI application of ``valora serve``, around an injected ``AsyncEngine``.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+``GET /v1/models/{id}``,
 ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``, ``GET /health``,
 ``GET /metrics``. The app never owns the engine: whoever built the engine shuts it down.
 FastAPI and uvicorn are needed by ``valora.server`` only (the ``server`` extra); nothing

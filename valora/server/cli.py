@@ -1,8 +1,10 @@
 """``valora serve``: build the engine from its flags, register adapters, run uvicorn.
 
-With no arguments it serves the embedded default model (and the adapters bundled with it) on
-http://127.0.0.1:8000. Engine flags are derived from the config dataclasses (``cli_config``);
-the flags below are the HTTP layer's (``ServerSettings``).
+With no arguments it serves the embedded default model and the adapters bundled with it
+(``valora.assets.default_adapter_paths()``; ``--no-default-adapters`` leaves them out) on
+http://127.0.0.1:8000. Start-up adapters (bundled and ``--lora-modules``) are registered pinned:
+they stay listed and servable until explicitly unloaded. Engine flags are derived from the config
+dataclasses (``cli_config``); the flags below are the HTTP layer's (``ServerSettings``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from valora.cli_config import add_engine_flags, engine_kwargs
+from valora.cli_config import add_engine_flags, engine_kwargs, parse_lora_modules
 from valora.logger import get_logger
 
 logger = get_logger(__name__)
@@ -26,7 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the base model's id in the API (default: the --model value)")
     server.add_argument("--lora-modules", nargs="+", action="extend", default=[],
                         metavar="NAME=PATH",
-                        help="PEFT adapter directories to register at start-up (repeatable)")
+                        help="PEFT adapter directories to register (pinned) at start-up; a name "
+                             "also bundled with the default model replaces that one")
+    server.add_argument("--no-default-adapters", dest="default_adapters", action="store_false",
+                        help="do not serve the adapters bundled with the embedded default model")
     server.add_argument("--api-key", action="append", default=[],
                         help="require 'Authorization: Bearer KEY' on /v1 routes (repeatable)")
     server.add_argument("--enable-lora-loading", action="store_true",
@@ -49,38 +54,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_lora_modules(items: list[str]) -> list[tuple[str, str]]:
-    pairs = []
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise SystemExit(f"valora serve: --lora-modules expects NAME=PATH, got {item!r}")
-        pairs.append((name.strip(), path.strip()))
-    return pairs
+def startup_adapters(model: str, lora_modules: list[str],
+                     default_adapters: bool = True) -> dict[str, str]:
+    """``name -> directory`` of the adapters to register at start-up: the bundled adapters when
+    ``model`` is the embedded default one and ``default_adapters`` is set, then ``lora_modules``
+    (``NAME=PATH`` items; a repeated name takes the later path)."""
+    from valora.assets import default_adapter_paths
 
-
-def bundled_adapters(model: str) -> list[tuple[str, str]]:
-    """Adapters shipped with the embedded default model (none when it is not installed)."""
-    if model != "default":
-        return []
-    import importlib
-
-    try:
-        assets = importlib.import_module("valora.assets")
-    except ImportError:
-        return []
-    paths = getattr(assets, "default_adapter_paths", None)
-    return [(str(name), str(path)) for name, path in dict(paths()).items()] if paths else []
+    modules: dict[str, str] = {}
+    if model == "default" and default_adapters:
+        modules.update({name: str(path) for name, path in default_adapter_paths().items()})
+    modules.update(parse_lora_modules(lora_modules))
+    return modules
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the server until interrupted; returns the process exit code."""
-    import asyncio
-
     import uvicorn
 
     from valora.config import EngineConfig
     from valora.engine.async_engine import AsyncEngine
+    from valora.server.adapters import register_startup_adapters
     from valora.server.app import create_app
     from valora.server.settings import ServerSettings
 
@@ -99,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         remote_image_timeout_s=args.remote_image_timeout_s,
         enable_lora_loading=args.enable_lora_loading,
     )
-    modules = bundled_adapters(model) + parse_lora_modules(args.lora_modules)
+    modules = startup_adapters(model, args.lora_modules, args.default_adapters)
     engine = AsyncEngine.from_config(EngineConfig.create(**kwargs))
     try:
-        for name, path in modules:
-            asyncio.run(engine.load_adapter(name, path))
-            logger.info("adapter %s registered from %s", name, path)
+        register_startup_adapters(engine, modules, settings.served_model_name)
+        logger.info("registered %d start-up adapter(s): %s", len(modules),
+                    ", ".join(modules) or "none")
         app = create_app(engine, settings)
         logger.info("serving %s on http://%s:%d", settings.served_model_name, args.host, args.port)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,

@@ -17,6 +17,11 @@ def _omit_none() -> Any:
     return Field(default=None, exclude_if=lambda value: value is None)
 
 
+def _now() -> Any:
+    """``created``: the Unix time at which the body is built."""
+    return Field(default_factory=lambda: int(time.time()))
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -46,17 +51,22 @@ class ChatMessageOut(BaseModel):
     valora_head_result: dict[str, Any] | None = _omit_none()
 
 
-class ChatChoice(BaseModel):
+class _ChatChoiceBase(BaseModel):
+    """What a chat choice and a streamed chat choice share (each adds its message part)."""
+
     index: int
-    message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+
+
+class ChatChoice(_ChatChoiceBase):
+    message: ChatMessageOut
 
 
 class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int = _now()
     model: str
     choices: list[ChatChoice]
     usage: Usage
@@ -68,17 +78,14 @@ class DeltaMessage(BaseModel):
     valora_head_result: dict[str, Any] | None = _omit_none()
 
 
-class ChatChunkChoice(BaseModel):
-    index: int
+class ChatChunkChoice(_ChatChoiceBase):
     delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
 
 
 class ChatCompletionChunk(BaseModel):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int = _now()
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = _omit_none()
@@ -104,7 +111,7 @@ class CompletionResponse(BaseModel):
 
     id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int = _now()
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = _omit_none()
@@ -112,12 +119,13 @@ class CompletionResponse(BaseModel):
 
 class ModelCard(BaseModel):
     """One entry of ``GET /v1/models``. ``parent`` is the base model for adapters; ``rank``,
-    ``residency`` (``gpu`` = in a device slot, ``cpu`` = decoded in host memory, ``none`` = on
-    disk only) and ``digest`` are valora extensions."""
+    ``residency`` (``device`` = in a resident LoRA slot, ``cpu`` = decoded in host memory,
+    ``none`` = on disk only), ``digest`` and ``pinned`` (registered pinned: start-up adapters)
+    are valora extensions."""
 
     id: str
     object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int = _now()
     owned_by: str = "valora"
     root: str | None = None
     parent: str | None = None

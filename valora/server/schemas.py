@@ -118,12 +118,14 @@ class CompletionRequest(_SamplingFields):
 
 
 class LoadLoRARequest(BaseModel):
-    """vLLM's ``POST /v1/load_lora_adapter`` body."""
+    """vLLM's ``POST /v1/load_lora_adapter`` body, plus SGLang's ``pinned`` (keep the adapter
+    decoded in host memory until it is unloaded)."""
 
     model_config = _STRICT
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
     load_inplace: bool = False
+    pinned: bool = False
 
 
 class UnloadLoRARequest(BaseModel):
