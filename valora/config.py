@@ -26,7 +26,8 @@ class ModelConfig:
     ``load_format``: ``"safetensors"`` reads weights; ``"dummy"`` fills random weights for any
     config (benchmarks at real shapes). ``max_model_len``: ``None`` = the config's own limit.
     ``attention_backend``: ``"auto"`` (Triton kernels on CUDA, plain PyTorch elsewhere),
-    ``"torch"`` or ``"triton"``.
+    ``"torch"`` or ``"triton"``. ``enforce_eager``: never capture CUDA graphs for decode steps
+    (they are captured on CUDA with the ``"triton"`` attention backend otherwise).
     """
 
     model: str = "default"
@@ -35,6 +36,7 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     attention_backend: str = "auto"
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         _require(

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from valora.config import EngineConfig
+from valora.engine.memory_plan import MemoryPlan, plan_gpu_memory
 from valora.errors import ModelLoadError
 from valora.logger import get_logger
 
@@ -63,15 +64,28 @@ def demo_model_path() -> Path:
 
 @dataclass
 class KVSizing:
+    """KV pool size; ``plan`` is the GPU memory plan it came from (``None`` on the CPU or when
+    ``num_pages`` was given explicitly)."""
+
     num_pages: int
     bytes_per_page: int
+    plan: MemoryPlan | None = None
 
 
 def size_kv_cache(
-    config: EngineConfig, spec: Any, dtype: torch.dtype, device: torch.device
+    config: EngineConfig,
+    model: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    lora_backend: str = "auto",
+    graph_batch: int = 0,
 ) -> KVSizing:
-    """Pages for the KV pool: explicit ``num_pages``, else a byte budget (CPU) or what is left of
-    ``memory_fraction`` of the GPU after weights (CUDA)."""
+    """Pages for the KV pool: explicit ``num_pages``, else a byte budget (CPU) or, on CUDA, what
+    ``plan_gpu_memory`` leaves of ``memory_fraction`` after weights, adapter slots, the profiled
+    activation peak and (``graph_batch`` > 0) the decode-graph reserve. Call it after
+    ``model.init_lora`` and before the KV cache is allocated."""
+    spec = model.spec
     element = torch.tensor([], dtype=dtype).element_size()
     per_page = (
         2 * spec.num_layers * config.cache.page_size * spec.num_kv_heads * spec.head_dim * element
@@ -79,12 +93,43 @@ def size_kv_cache(
     if config.cache.num_pages is not None:
         return KVSizing(config.cache.num_pages, per_page)
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        budget = int(total * config.cache.memory_fraction) - (total - free)
-    else:
-        budget = config.cache.cpu_cache_bytes
-    num_pages = max(budget // per_page, 2)
+        plan = plan_gpu_memory(
+            model,
+            page_size=config.cache.page_size,
+            memory_fraction=config.cache.memory_fraction,
+            max_num_tokens=config.scheduler.max_num_batched_tokens,
+            max_num_seqs=config.scheduler.max_num_seqs,
+            graph_batch=graph_batch,
+            lora_backend=lora_backend,
+        )
+        return KVSizing(plan.num_pages, plan.bytes_per_page, plan)
+    num_pages = max(config.cache.cpu_cache_bytes // per_page, 2)
     return KVSizing(int(num_pages), per_page)
+
+
+def use_cuda_graphs(
+    config: EngineConfig, device: torch.device, attention_backend: str, lora_backend: str
+) -> bool:
+    """Decode steps replay CUDA graphs on CUDA with the ``"triton"`` attention backend (the
+    PyTorch one is not capturable) and, with LoRA enabled, the ``"triton"`` LoRA backend (the
+    graphs launch it), unless ``enforce_eager`` is set."""
+    lora_ok = not config.lora.enable_lora or lora_backend == "triton"
+    return (
+        device.type == "cuda"
+        and attention_backend == "triton"
+        and lora_ok
+        and not config.model.enforce_eager
+    )
+
+
+def graph_variants(config: EngineConfig, num_lora_slots: int) -> tuple[str, ...]:
+    """Graph variants to capture: ``base`` always; ``lora`` with adapter slots; ``mixed`` too
+    when the mode policy can merge an adapter (its steps carry a correction launch)."""
+    if num_lora_slots == 0:
+        return ("base",)
+    if config.orchestrator.mode_policy == "unmerged-fcfs":
+        return ("base", "lora")
+    return ("base", "lora", "mixed")
 
 
 def attention_backend_for(name: str, device: torch.device) -> str:

@@ -4,7 +4,10 @@ server drive.
 Each ``step`` schedules a batch under the token budget, runs it, appends sampled tokens, checks
 stop conditions and returns the outputs of requests that progressed. A failure while preparing
 one request fails that request only; a failure inside the model step fails the requests of that
-step and, after ``max_consecutive_step_failures`` in a row, marks the engine dead.
+step and, after ``max_consecutive_step_failures`` in a row, marks the engine dead. A device fault
+(a CUDA error: ``valora.engine.faults.is_device_fault``) marks it dead at once — the CUDA
+context is unusable afterwards — so ``is_healthy`` (and the server's ``/health``) report it
+instead of later steps hanging or failing one by one.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import time
 from typing import Any
 
 from valora.config import EngineConfig
+from valora.engine.faults import is_device_fault
 from valora.engine.inputs import GenerateRequest
 from valora.engine.model_runner import StepResult
 from valora.engine.outputs_builder import build_output
@@ -204,11 +208,13 @@ class LLMEngine:
 
     def _fail_step(self, scheduled: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         self._consecutive_failures += 1
-        message = (
-            f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, ValoraError)
-            else f"internal error in step: {exc!r}"
-        )
+        device_fault = is_device_fault(exc)
+        if device_fault:
+            message = f"device error in step (the engine is now unhealthy): {exc}"
+        elif isinstance(exc, ValoraError):
+            message = f"{type(exc).__name__}: {exc}"
+        else:
+            message = f"internal error in step: {exc!r}"
         logger.exception("step failed; failing %d request(s)", len(scheduled.scheduled))
         outputs = []
         for item in scheduled.scheduled:
@@ -219,7 +225,10 @@ class LLMEngine:
                 )
                 request.error = message
                 outputs.append(self._retire(request))
-        if self._consecutive_failures >= self.max_consecutive_step_failures:
+        if device_fault:
+            self.dead_reason = f"device error in step: {exc}"
+            logger.error("engine marked dead: %s", self.dead_reason)
+        elif self._consecutive_failures >= self.max_consecutive_step_failures:
             self.dead_reason = (
                 f"{self._consecutive_failures} consecutive step failures; last: {message}"
             )

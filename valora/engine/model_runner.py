@@ -1,7 +1,15 @@
 """Run one scheduled step: build the batch, place image embeddings, run the model, sample.
 
 The runner owns the device state of a step: KV cache tensors, the image-embedding cache, the
-per-request random generators and partial hidden states collected for task heads.
+per-request random generators, partial hidden states collected for task heads and, on CUDA with
+the Triton attention backend, a ``CudaGraphRunner`` that replays decode steps.
+
+Graph use: ``enable_cuda_graphs`` (called once the KV caches are bound, i.e. right after
+construction) captures decode graphs over batch-size buckets; ``execute`` runs a step through
+``graphs.run`` when ``graphs.can_run(batch)`` (every sequence decodes one token, no image rows,
+a captured bucket and LoRA variant exist), else eagerly through ``model.forward``. Both paths
+compute the same function; LoRA metadata reaches the graphs through static buffers, so a change
+of adapters never recaptures. ``num_graph_steps`` / ``num_eager_steps`` count the two paths.
 """
 
 from __future__ import annotations
@@ -13,9 +21,11 @@ from typing import Any
 import torch
 
 from valora.engine.batch_builder import ImageRows, build_forward_batch
+from valora.engine.cuda_graph import CudaGraphRunner
 from valora.engine.image_cache import ImageEmbeddingCache
 from valora.engine.sampler import SamplingRow, make_generator, sample
 from valora.engine.scheduler_output import ScheduledRequest
+from valora.errors import ValoraError
 from valora.forward_batch import ForwardBatch
 from valora.logger import get_logger
 from valora.ops.lora import LoRABatch, prepare_lora_batch
@@ -80,6 +90,36 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator | None] = {}
         self._head_hidden: dict[str, list[torch.Tensor]] = {}
         self._num_generated_seeds = 0
+        self.graphs: CudaGraphRunner | None = None
+        self.num_graph_steps = 0
+        self.num_eager_steps = 0
+
+    def enable_cuda_graphs(
+        self, max_batch: int, max_context: int, variants: Sequence[str] = ("base", "lora")
+    ) -> bool:
+        """Capture decode graphs for up to ``max_batch`` sequences of ``max_context`` tokens.
+
+        Returns whether graphs are in use. A model the graph runner cannot serve (an attention
+        backend that is not capturable, length-dependent RoPE) keeps running eagerly, with a
+        warning. Must be called after the KV caches are bound and ``init_lora`` ran (both keep
+        their storage afterwards)."""
+        if self.num_lora_slots == 0:
+            variants = [v for v in variants if v == "base"] or ["base"]
+        try:
+            graphs = CudaGraphRunner(
+                self.model,
+                max_batch,
+                max_context=max_context,
+                page_size=self.page_size,
+                num_lora_slots=self.num_lora_slots,
+                variants=variants,
+            )
+            graphs.capture()
+        except ValoraError as exc:
+            logger.warning("CUDA graphs disabled, decode steps run eagerly: %s", exc)
+            return False
+        self.graphs = graphs
+        return True
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -102,14 +142,18 @@ class ModelRunner:
         slot_of: Callable[[Request], int],
         head_tokens_of: Callable[[Request], int],
         plan_lora: Callable[[list[int]], LoRAStepPlan] | None = None,
+        wait_slots: Callable[[list[int]], None] | None = None,
     ) -> StepResult:
-        """Run the model over ``scheduled`` and sample; K/V of the new tokens are written in place."""
+        """Run the model over ``scheduled`` and sample; K/V of the new tokens are written in place.
+
+        ``wait_slots`` is called with the LoRA slots the step reads before anything is launched
+        (the adapter manager orders the stream after their pending prefetches)."""
         batch, layout, image_rows, token_slots = build_forward_batch(
             scheduled, page_table_of, self.page_size, slot_of, self.device
         )
-        self._attach_lora(batch, token_slots, plan_lora)
+        self._attach_lora(batch, token_slots, plan_lora, wait_slots)
         self._attach_images(batch, image_rows)
-        hidden = self.model.forward(batch)
+        hidden = self._forward(batch)
         result = StepResult()
         self._collect_head_hidden(scheduled, layout.token_ranges, hidden, head_tokens_of, result)
         if layout.sampling_rows:
@@ -123,15 +167,29 @@ class ModelRunner:
                     result.logprobs[request.request_id] = logprob
         return result
 
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Hidden states of ``batch``: a graph replay when one serves it, else eager."""
+        graphs = self.graphs
+        if graphs is not None and graphs.can_run(batch):
+            self.num_graph_steps += 1
+            return graphs.run(batch)
+        self.num_eager_steps += 1
+        hidden: torch.Tensor = self.model.forward(batch)
+        return hidden
+
     def _attach_lora(
         self,
         batch: ForwardBatch,
         token_slots: list[int],
         plan_lora: Callable[[list[int]], LoRAStepPlan] | None,
+        wait_slots: Callable[[list[int]], None] | None = None,
     ) -> None:
         if self.num_lora_slots == 0:
             return
         plan = plan_lora(token_slots) if plan_lora is not None else LoRAStepPlan(token_slots)
+        if wait_slots is not None:
+            used = set(plan.token_slots) | set(plan.correction_slots or ())
+            wait_slots(sorted(s for s in used if s >= 0))
         batch.lora = self._lora_batch(plan.token_slots)
         if plan.correction_slots is not None:
             batch.lora_correction = self._lora_batch(plan.correction_slots)

@@ -11,13 +11,16 @@ import torch
 from valora.config import EngineConfig
 from valora.engine.components import (
     attention_backend_for,
+    graph_variants,
     resolve_device,
     resolve_dtype,
     resolve_model_path,
     size_kv_cache,
+    use_cuda_graphs,
 )
 from valora.engine.detokenizer import IncrementalDetokenizer
 from valora.engine.inputs import InputProcessor, ModelLimits
+from valora.engine.memory_plan import MemoryPlan, weight_and_slot_bytes
 from valora.engine.mode_controller import ModeController
 from valora.engine.model_runner import LoRAStepPlan, ModelRunner, StepResult
 from valora.engine.policy import get_policy
@@ -59,6 +62,7 @@ class EngineParts:
     _heads: dict[tuple[str, str | None], Any] = field(default_factory=dict)
     modes: ModeController | None = None
     admission_failures: list[tuple[Request, Exception]] = field(default_factory=list)
+    memory_plan: MemoryPlan | None = None
 
     # ----- per request ---------------------------------------------------------------------
     def detokenizer_of(self, request: Request) -> IncrementalDetokenizer:
@@ -151,6 +155,7 @@ class EngineParts:
             self.slot_of,
             self.head_tokens_of,
             self.plan_lora,
+            self.adapters.wait_for_slots,
         )
 
     def stats(self) -> dict[str, Any]:
@@ -173,13 +178,14 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.model.dtype, device)
     path = resolve_model_path(config.model.model)
+    attention_backend = attention_backend_for(config.model.attention_backend, device)
     model = load_model(
         str(path),
         dtype=dtype,
         device=device,
         load_format=config.model.load_format,
         seed=config.model.seed,
-        attention_backend=attention_backend_for(config.model.attention_backend, device),
+        attention_backend=attention_backend,
     )
     spec = model.spec
     max_model_len = min(
@@ -193,7 +199,16 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     num_slots = config.lora.max_loras if config.lora.enable_lora else 0
     if num_slots:
         model.init_lora(num_slots, config.lora.max_lora_rank, dtype)
-    sizing = size_kv_cache(config, spec, dtype, device)
+    lora_backend = resolve_lora_backend(config.lora.lora_backend, device)
+    graphs = use_cuda_graphs(config, device, attention_backend, lora_backend)
+    sizing = size_kv_cache(
+        config,
+        model,
+        dtype,
+        device,
+        lora_backend=lora_backend,
+        graph_batch=config.scheduler.max_num_seqs if graphs else 0,
+    )
     pool = PagePool(sizing.num_pages, config.cache.page_size, config.cache.enable_prefix_caching)
     kv_manager = KVCacheManager(pool)
     adapters = AdapterManager(
@@ -233,19 +248,33 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         page_size=config.cache.page_size,
         num_pages=sizing.num_pages,
         num_lora_slots=num_slots,
-        lora_backend=resolve_lora_backend(config.lora.lora_backend, device),
+        lora_backend=lora_backend,
         seed=config.model.seed,
     )
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    graph_bytes = 0
+    if graphs:
+        before = torch.cuda.memory_reserved(device)
+        runner.enable_cuda_graphs(
+            config.scheduler.max_num_seqs, max_model_len, graph_variants(config, num_slots)
+        )
+        graph_bytes = torch.cuda.memory_reserved(device) - before
+    weight_bytes, slot_bytes = weight_and_slot_bytes(model)
+    activation_bytes = sizing.plan.activation_peak_bytes if sizing.plan is not None else 0
     logger.info(
-        "model %s on %s (%s): weights %.1f MiB, KV cache %d pages = %.1f MiB, %d adapter slots",
+        "model %s on %s (%s, attention %s, %s): weights %.1f MiB, %d adapter slots %.1f MiB, "
+        "activation peak %.1f MiB, CUDA graphs %.1f MiB, KV cache %d pages = %.1f MiB",
         path,
         device,
         dtype,
+        attention_backend,
+        f"decode graphs {list(runner.graphs.buckets)}" if runner.graphs else "eager",
         weight_bytes / 2**20,
+        num_slots,
+        slot_bytes / 2**20,
+        activation_bytes / 2**20,
+        graph_bytes / 2**20,
         sizing.num_pages,
         runner.kv_cache_bytes / 2**20,
-        num_slots,
     )
     inputs = InputProcessor(tokenizer, image_processor, limits, config.image)
     return EngineParts(
@@ -262,5 +291,6 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         runner=runner,
         max_model_len=max_model_len,
         admission_failures=failures,
+        memory_plan=sizing.plan,
         modes=ModeController(config, model, adapters, device) if num_slots else None,
     )

@@ -6,18 +6,30 @@ Three tiers, each bounded:
   adapter eagerly, so a bad directory fails at ``register`` and never inside a step.
 - **host cache**: up to ``max_cpu_loras`` decoded adapters, least-recently-used evicted; an
   evicted adapter is re-read from disk on next use and must still have its registered digest.
+  Adapters registered with ``pinned=True`` (``valora serve --lora-modules``, bundled adapters)
+  stay decoded here until unregistered and do not count toward the bound: other adapters' loads,
+  unloads and traffic never evict them, and their weights are never re-read from disk.
 - **slots**: ``max_loras`` resident adapters whose weights sit in every LoRA-aware linear's
   :class:`LoRASlotWeights`. ``acquire`` pins an adapter in a slot (pin counts: many requests
   may share one); only unpinned residents are evicted, least-recently-used first.
 
+Slot writes go through a :class:`SlotPrefetcher`: host copies of cached adapters are pinned
+(in the slot dtype) and copied into the slot on a side CUDA stream, so a slot fills while the
+request still waits in the queue; the ticket of each write is kept per slot and the runner calls
+``wait_for_slots`` with the slots of a step before launching it (a stream-ordered wait, no host
+synchronisation). On the CPU the copies are synchronous. A failed write raises
+:class:`AdapterPrefetchError` from ``acquire``, which fails only the request being admitted.
+
 Invariants (``check_invariants``): a slot holds at most one adapter and an adapter at most one
-slot; pinned adapters are resident; pins are never negative; the host cache is within bound.
+slot; pinned adapters are resident; pins are never negative; the host cache is within bound
+(unpinned entries at most ``max_cpu_loras``) and holds every registry-pinned adapter.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,6 +37,7 @@ from typing import Literal
 import torch
 
 from valora.config import LoRAConfig
+from valora.engine.memory_plan import PrefetchTicket, SlotPrefetcher
 from valora.errors import (
     AdapterNotFoundError,
     InvalidAdapterError,
@@ -44,6 +57,10 @@ SlotMap = dict[ModuleKey, tuple[LoRASlotWeights, int]]
 Residency = Literal["device", "cpu", "none"]
 
 
+class AdapterPrefetchError(ValoraError):
+    """Copying an adapter's weights into a device slot failed (the slot is left empty)."""
+
+
 @dataclass
 class _Registration:
     name: str
@@ -54,6 +71,7 @@ class _Registration:
     target_modules: tuple[str, ...]
     pins: int = 0
     slot: int | None = None
+    pinned: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,8 @@ class AdapterInfo:
     slot: int | None
     nbytes: int
     target_modules: tuple[str, ...]
+    pinned: bool = False
+    """Registered with ``pinned=True``: kept in the host cache until unregistered."""
 
 
 @dataclass(frozen=True)
@@ -108,12 +128,20 @@ class AdapterManager:
         self._slot_owner: list[str | None] = [None] * num_slots
         self._slot_lru: OrderedDict[int, None] = OrderedDict()  # resident slots, oldest first
         self._lock = threading.RLock()
+        self._prefetcher: SlotPrefetcher | None = None
+        if self._groups:
+            self._prefetcher = SlotPrefetcher(self._groups[0][0].lora_a.device)
+        self._tickets: dict[int, PrefetchTicket] = {}
+        self._pinned_sources: dict[str, dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._counters = {"slot_loads": 0, "slot_evictions": 0, "disk_loads": 0,
                           "cpu_evictions": 0}
 
     # ---------------------------------------------------------------- registry
-    def register(self, name: str, path: str | Path) -> LoRAAdapter:
+    def register(self, name: str, path: str | Path, *, pinned: bool = False) -> LoRAAdapter:
         """Validate and decode the adapter at ``path`` and register it under ``name``.
+
+        ``pinned``: keep the decoded adapter in the host cache until ``unregister`` (never
+        evicted by other adapters' traffic, never re-read from disk).
 
         Raises :class:`InvalidAdapterError` for a bad adapter, a rank above the slot rank, a
         module the model does not expose, or a name already registered (unregister it first).
@@ -130,7 +158,7 @@ class AdapterManager:
                 raise InvalidAdapterError(f"adapter name {name!r} is already registered")
             self._registry[name] = _Registration(
                 name=name, path=adapter.path, digest=adapter.digest, rank=adapter.rank,
-                nbytes=adapter.nbytes, target_modules=adapter.target_modules)
+                nbytes=adapter.nbytes, target_modules=adapter.target_modules, pinned=pinned)
             self._cache(adapter)
             logger.info("registered adapter %s (rank %d, digest %s) from %s",
                         name, adapter.rank, adapter.digest[:12], adapter.path)
@@ -147,6 +175,7 @@ class AdapterManager:
             if registration.slot is not None:
                 self._vacate(registration.slot, clear=True)
             self._host.pop(name, None)
+            self._pinned_sources.pop(name, None)
             del self._registry[name]
 
     def resolve(self, name: str) -> LoRAAdapter:
@@ -182,7 +211,13 @@ class AdapterManager:
                 if self._slot_owner[slot] is not None:
                     self._vacate(slot, clear=False)
                     self._counters["slot_evictions"] += 1
-                self._write_slot(slot, adapter)
+                try:
+                    self._write_slot(slot, adapter)
+                except (ValoraError, RuntimeError) as exc:  # pinning or a copy failed
+                    self._discard_slot_contents(slot)
+                    raise AdapterPrefetchError(
+                        f"adapter {name!r} could not be copied into device slot {slot}: {exc}"
+                    ) from exc
                 self._slot_owner[slot] = name
                 self._slot_lru[slot] = None
                 registration.slot = slot
@@ -199,6 +234,23 @@ class AdapterManager:
                 raise ValoraError(f"release({name!r}) without a matching acquire")
             registration.pins -= 1
             self._slot_lru.move_to_end(registration.slot)
+
+    def wait_for_slots(self, slots: Iterable[int]) -> None:
+        """Order the current stream after the pending writes of ``slots`` (negative slots and
+        slots without a pending write are ignored). No host synchronisation."""
+        with self._lock:
+            for slot in set(slots):
+                ticket = self._tickets.get(slot)
+                if ticket is None:
+                    continue
+                ticket.wait()
+                if ticket.ready():
+                    del self._tickets[slot]
+
+    def pending_slot_writes(self) -> list[int]:
+        """Slots whose last write may still be in flight (tests, stats)."""
+        with self._lock:
+            return sorted(s for s, t in self._tickets.items() if not t.ready())
 
     def slot_of(self, name: str) -> int | None:
         with self._lock:
@@ -228,7 +280,8 @@ class AdapterManager:
         with self._lock:
             return [AdapterInfo(name=r.name, path=str(r.path), rank=r.rank, digest=r.digest,
                                 residency=self.residency(r.name), pin_count=r.pins, slot=r.slot,
-                                nbytes=r.nbytes, target_modules=r.target_modules)
+                                nbytes=r.nbytes, target_modules=r.target_modules,
+                                pinned=r.pinned)
                     for r in sorted(self._registry.values(), key=lambda r: r.name)]
 
     def stats(self) -> AdapterManagerStats:
@@ -255,7 +308,11 @@ class AdapterManager:
                 _expect(r.pins == 0 or r.slot is not None, f"{r.name} pinned but not resident")
                 _expect(r.slot is None or self._slot_owner[r.slot] == r.name,
                         f"{r.name} claims slot {r.slot} owned by another adapter")
-            _expect(len(self._host) <= self._config.max_cpu_loras, "host cache over bound")
+            unpinned = [n for n in self._host if n in self._registry
+                        and not self._registry[n].pinned]
+            _expect(len(unpinned) <= self._config.max_cpu_loras, "host cache over bound")
+            _expect(all(n in self._host for n, r in self._registry.items() if r.pinned),
+                    "a pinned adapter left the host cache")
             _expect(set(self._host) <= set(self._registry), "host cache holds unknown adapter")
 
     # ------------------------------------------------------------- internals
@@ -295,8 +352,10 @@ class AdapterManager:
     def _cache(self, adapter: LoRAAdapter) -> None:
         self._host[adapter.name] = adapter
         self._host.move_to_end(adapter.name)
-        while len(self._host) > self._config.max_cpu_loras:
-            evicted, _ = self._host.popitem(last=False)
+        unpinned = [n for n in self._host if not self._registry[n].pinned]  # oldest first
+        for evicted in unpinned[:max(0, len(unpinned) - self._config.max_cpu_loras)]:
+            del self._host[evicted]
+            self._pinned_sources.pop(evicted, None)
             self._counters["cpu_evictions"] += 1
             logger.debug("host cache evicted adapter %s", evicted)
 
@@ -323,27 +382,68 @@ class AdapterManager:
         """Copy ``adapter`` (or nothing: an empty slot) into ``slot`` of every LoRA linear.
 
         Targeted slices get A/B rows ``[:r]``, their rank and scale; every other row and every
-        untargeted slice is zeroed with rank 0. All device writes are ``copy_``/``zero_`` so the
-        whole method can later run on a side CUDA stream.
+        untargeted slice is zeroed with rank 0. All device writes are one
+        ``SlotPrefetcher.submit`` (side stream on CUDA); its ticket is kept for the slot until a
+        step waits on it. ``ranks_cpu`` is updated at once (host bookkeeping only).
         """
+        assert self._prefetcher is not None
+        prefetcher = self._prefetcher
+        sources = self._host_sources(adapter) if adapter is not None else {}
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        zeros: list[torch.Tensor] = []
+        new_ranks: list[tuple[LoRASlotWeights, list[int]]] = []
         for weights, slices in self._groups:
-            weights.lora_a[slot].zero_()
-            weights.lora_b[slot].zero_()
+            zeros += [weights.lora_a[slot], weights.lora_b[slot]]
             ranks = [0] * len(weights.slice_widths)
             scales = [0.0] * len(weights.slice_widths)
             for key, index in slices:
                 module = adapter.modules.get(key) if adapter is not None else None
                 if module is None:
                     continue
+                a, b = sources[key]
                 rank, offset = module.rank, sum(weights.slice_widths[:index])
                 width = weights.slice_widths[index]
-                weights.lora_a[slot, index, :rank].copy_(module.a, non_blocking=True)
-                weights.lora_b[slot, offset:offset + width, :rank].copy_(
-                    module.b, non_blocking=True)
+                copies.append((weights.lora_a[slot, index, :rank], a))
+                copies.append((weights.lora_b[slot, offset:offset + width, :rank], b))
                 ranks[index], scales[index] = rank, module.scale
-            weights.ranks[slot].copy_(torch.tensor(ranks, dtype=torch.int32))
-            weights.scales[slot].copy_(torch.tensor(scales, dtype=torch.float32))
+            copies.append((weights.ranks[slot],
+                           prefetcher.pin(torch.tensor(ranks, dtype=weights.ranks.dtype))))
+            copies.append((weights.scales[slot],
+                           prefetcher.pin(torch.tensor(scales, dtype=weights.scales.dtype))))
+            new_ranks.append((weights, ranks))
+        self._tickets[slot] = prefetcher.submit(copies, zeros)
+        for weights, ranks in new_ranks:
             weights.ranks_cpu[slot] = ranks
+
+    def _host_sources(self, adapter: LoRAAdapter
+                      ) -> dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]:
+        """``module -> (A, B)`` host tensors of ``adapter`` in its slots' dtype, page-locked on
+        CUDA machines; kept while the adapter stays in the host cache."""
+        cached = self._pinned_sources.get(adapter.name)
+        if cached is not None:
+            return cached
+        assert self._prefetcher is not None
+        sources: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key, module in adapter.modules.items():
+            entry = self._slot_map.get(key)
+            if entry is None:
+                continue
+            dtype = entry[0].lora_a.dtype
+            sources[key] = (self._prefetcher.pin(module.a.to(dtype).contiguous()),
+                            self._prefetcher.pin(module.b.to(dtype).contiguous()))
+        if adapter.name in self._host:
+            self._pinned_sources[adapter.name] = sources
+        return sources
+
+    def _discard_slot_contents(self, slot: int) -> None:
+        """After a failed write: the slot holds no adapter and reads as rank 0 everywhere."""
+        self._tickets.pop(slot, None)
+        for weights, _ in self._groups:
+            weights.ranks_cpu[slot] = [0] * len(weights.slice_widths)
+            try:
+                weights.ranks[slot].zero_()
+            except RuntimeError as exc:  # the device itself is failing: the step will say so
+                logger.warning("could not reset the ranks of slot %d: %s", slot, exc)
 
     def _check_slot_map(self) -> None:
         for (layer, module), (weights, index) in self._slot_map.items():
