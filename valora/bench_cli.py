@@ -78,12 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="random adapters to create when --lora-modules is not given")
     work.add_argument("--adapter-ranks", type=int, nargs="+", default=[8, 16, 32, 64])
     work.add_argument("--adapter-cache-dir", type=Path, default=None)
+    work.add_argument("--adapter-std", type=_positive_float, default=0.1,
+                      help="std of the random adapters' factors")
     work.add_argument("--lora-modules", nargs="+", action="extend", default=[],
                       metavar="NAME=PATH", help="serve these adapters instead of random ones")
     work.add_argument("--kind-mix", type=_kind_mix, default=(0.6, 0.3, 0.1),
                       help="weights of short,long,frames requests (default 0.6,0.3,0.1)")
     work.add_argument("--num-frames", type=int, default=4, help="images per frames request")
     work.add_argument("--num-requests", type=int, default=32, help="requests per run")
+    work.add_argument("--rates-of-capacity", type=_positive_float, nargs="+", default=None,
+                      metavar="FRACTION",
+                      help="measure capacity with a burst on the first policy's engine and sweep "
+                           "these fractions of it instead of --rates (e.g. 0.3 0.6 0.9)")
+    work.add_argument("--calibration-requests", type=int, default=48,
+                      help="requests in the capacity burst (--rates-of-capacity)")
+    work.add_argument("--run-budget-s", type=_positive_float, default=None,
+                      help="with --rates-of-capacity: choose requests per run so the runs' "
+                           "nominal durations sum to this many seconds")
     work.add_argument("--seed", type=int, default=0)
     run = serve.add_argument_group("run")
     run.add_argument("--policies", default="valora,unmerged-fcfs,dlora,merged-only",
@@ -94,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", default="serve", help="result files: NAME.jsonl/.md/.png")
     run.add_argument("--note", default="", help="a sentence added to the Markdown summary")
     run.add_argument("--warmup-requests", type=int, default=2)
+    run.add_argument("--deadline-s", type=_positive_float, default=None,
+                     help="skip runs that would start after this many seconds of the sweep")
     run.add_argument("--no-plot", action="store_true")
     add_engine_flags(serve, skip=ENGINE_FLAGS_SKIPPED)
     serve.set_defaults(command_parser=serve)
@@ -115,6 +128,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[st
         if len(policies) != 1:
             parser.error("--url: the server runs one policy; give exactly one --policies label")
         check_loopback(args.url)
+    if args.rates_of_capacity is not None and args.calibration_requests < 1:
+        parser.error("--calibration-requests must be at least 1")
     if args.num_requests < 1 or args.num_adapters < 1 or args.num_frames < 1:
         parser.error("--num-requests, --num-adapters and --num-frames must be at least 1")
     if any(rank < 1 for rank in args.adapter_ranks):
@@ -131,7 +146,7 @@ def _adapters(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, int]]
         paths = parse_modules(args.lora_modules)
     else:
         paths = random_adapters(args.model, args.num_adapters, args.adapter_ranks,
-                                args.adapter_cache_dir)
+                                args.adapter_cache_dir, std=args.adapter_std)
     ranks = {}
     for name, path in paths.items():
         config = json.loads((Path(path) / "adapter_config.json").read_text())
@@ -161,12 +176,18 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         adapter_ranks=ranks, model=args.model,
         trace=load_trace(args.trace, tuple(paths)) if args.trace is not None else None,
         url=args.url, warmup_requests=args.warmup_requests, engine_options=options,
+        capacity_fractions=args.rates_of_capacity,
+        calibration_requests=args.calibration_requests, run_budget_s=args.run_budget_s,
+        deadline_s=args.deadline_s,
     )
-    rows = run_sweep(bench, paths)
     jsonl = args.out / f"{args.name}.jsonl"
     if jsonl.exists():
         jsonl.unlink()
-    write_rows(rows, jsonl)
+
+    def append(row: dict[str, object]) -> None:
+        write_rows([row], jsonl)
+
+    rows = run_sweep(bench, paths, on_row=append)
     (args.out / f"{args.name}.md").write_text(markdown_summary(rows, args.note))
     if not args.no_plot:
         plot(rows, args.out / f"{args.name}.png")

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from valora.cli_config import add_engine_flags, engine_kwargs
+from valora.cli_config import add_engine_flags, engine_kwargs, parse_lora_modules
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -17,7 +17,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from valora.engine.llm import LLM
     from valora.sampling_params import SamplingParams
 
-    llm = LLM(**engine_kwargs(args), adapters=dict(_parse_modules(args.lora_modules)))
+    llm = LLM(**engine_kwargs(args), adapters=parse_lora_modules(args.lora_modules))
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -51,16 +51,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(output.text + "\n")
     return 0
-
-
-def _parse_modules(items: list[str]) -> list[tuple[str, str]]:
-    pairs = []
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--lora-modules expects name=path, got {item!r}")
-        pairs.append((name, path))
-    return pairs
 
 
 def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
@@ -107,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
             "accuracy-aware adapter generation (adapters build SPEC)",
         ),
         ("bench", "valora.bench_cli", "benchmarks (bench serve ...)"),
+        ("profile-modes", "valora.orchestrator.profile_cli", "profile the mode cost model here"),
     ):
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -119,6 +110,7 @@ DELEGATED = {
     "tune-kernels": "valora.ops.tuning",
     "adapters": "valora.training.cli",
     "bench": "valora.bench_cli",
+    "profile-modes": "valora.orchestrator.profile_cli",
 }
 
 

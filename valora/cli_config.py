@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
 from typing import Any, get_args, get_origin
 
@@ -70,3 +71,34 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The parsed flags that belong to the engine config, as ``EngineConfig.create`` kwargs."""
     names = {f.name for section in SECTIONS for f in dataclasses.fields(section)} | {"device"}
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+
+def parse_lora_modules(items: list[str]) -> dict[str, str]:
+    """``--lora-modules`` items as ``{name: path}``; a repeated name keeps the later path.
+
+    An item is ``NAME=PATH`` or, as vLLM also accepts, a JSON object with ``name`` and ``path``
+    (other keys, e.g. ``base_model_name``, are ignored). A malformed item exits with a usage
+    message.
+    """
+    modules: dict[str, str] = {}
+    for item in items:
+        name, path = _parse_lora_module(item)
+        modules[name] = path
+    return modules
+
+
+def _parse_lora_module(item: str) -> tuple[str, str]:
+    usage = f"valora: --lora-modules expects NAME=PATH or {{\"name\": ..., \"path\": ...}}, got {item!r}"
+    if item.lstrip().startswith("{"):
+        try:
+            entry = json.loads(item)
+        except json.JSONDecodeError:
+            raise SystemExit(usage) from None
+        name, path = (entry.get("name"), entry.get("path")) if isinstance(entry, dict) else ("", "")
+    else:
+        name, _, path = item.partition("=")
+    if not isinstance(name, str) or not isinstance(path, str) or not name.strip() \
+            or not path.strip():
+        raise SystemExit(usage)
+    return name.strip(), path.strip()

@@ -27,18 +27,21 @@ def random_adapters(
     count: int,
     ranks: Sequence[int] = DEFAULT_RANKS,
     cache_dir: str | Path | None = None,
+    std: float = 0.1,
 ) -> dict[str, str]:
     """``{adapter-i: path}`` for ``count`` random adapters of ``model`` with ranks assigned
-    round-robin from ``ranks``; existing complete adapters in the cache are reused."""
+    round-robin from ``ranks`` and factors ~ N(0, ``std``²); existing complete adapters in the
+    cache are reused (a non-default ``std`` is part of the directory name)."""
     base = resolve_model_path(model)
     digest = hashlib.sha256((base / "config.json").read_bytes()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     paths: dict[str, str] = {}
     for i, (name, rank) in enumerate(mixed_ranks(adapter_names(count), tuple(ranks)).items()):
-        out = root / digest / f"{name}-r{rank}"
+        suffix = "" if std == 0.1 else f"-s{std:g}"
+        out = root / digest / f"{name}-r{rank}{suffix}"
         if not (out / "adapter_model.safetensors").exists():
             logger.info("building random adapter %s (rank %d) at %s", name, rank, out)
-            build_tiny_adapter(base, out, rank, seed=i)
+            build_tiny_adapter(base, out, rank, seed=i, std=std)
         paths[name] = str(out)
     return paths
 

@@ -75,7 +75,33 @@ def markdown_summary(rows: Sequence[dict[str, Any]], note: str = "") -> str:
             f"| {_fmt(m['mean_tpot_s'], 1e3, 2)} | {_fmt(m['target_attainment'], 100)} "
             f"| {_fmt(m['throughput_rps'], 1.0, 2)} | {modes.get('num_switches', '–')} "
             f"| {int(m['num_failed'])} |")
+    comparison = policy_comparison(rows)
+    if comparison:
+        lines += ["", comparison]
     return "\n".join(lines) + "\n"
+
+
+def policy_comparison(rows: Sequence[dict[str, Any]], policy: str = "valora",
+                      bar: float = 0.20) -> str:
+    """Per (popularity, rate): ``policy``'s mean latency against the best other policy's, and
+    whether it is at least ``bar`` lower (issue 5's serving bar). Empty without both."""
+    cells: dict[tuple[str, float], dict[str, float]] = {}
+    for row in rows:
+        mean = row["metrics"].get("mean_latency_s")
+        if mean is not None:
+            cells.setdefault((row["popularity"], row["rate_per_s"]), {})[row["policy"]] = mean
+    lines = [f"| popularity | rate req/s | {policy} mean ms | best baseline | its mean ms | "
+             f"{policy} vs best | >= {bar:.0%} lower |", "|---|---|---|---|---|---|---|"]
+    for (popularity, rate), means in sorted(cells.items()):
+        others = {name: value for name, value in means.items() if name != policy}
+        if policy not in means or not others:
+            continue
+        best = min(others, key=lambda name: others[name])
+        change = means[policy] / others[best] - 1.0
+        lines.append(f"| {popularity} | {rate:g} | {means[policy] * 1e3:.1f} | {best} | "
+                     f"{others[best] * 1e3:.1f} | {change:+.1%} | "
+                     f"{'yes' if change <= -bar else 'no'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:

@@ -1,6 +1,15 @@
 """The serving benchmark's sweep: for each policy, build one engine (or use the server at
 ``url``), then for each popularity skew and rate generate the workload, run it and turn the
-timings into a result row. Rows of one sweep share the device, git sha and setup."""
+timings into a result row. Rows of one sweep share the device, git sha and setup.
+
+Rates relative to capacity (``capacity_fractions``): before the first policy's runs, its engine
+serves a burst (every request arriving at 0) of ``calibration_requests`` requests of the first
+skew; capacity = finished requests / wall time, and the swept rates become ``fraction ×
+capacity`` for every policy (so "light / medium / near saturation" mean the same load for all).
+With ``run_budget_s`` the requests per run are then chosen so the sum of the runs' nominal
+durations (requests / rate) fits that budget. ``deadline_s`` skips the runs that would start after
+that many seconds since the sweep began (a hard stop for time-boxed GPU runs).
+"""
 
 from __future__ import annotations
 
@@ -55,6 +64,13 @@ class ServeBench:
     url: str | None = None
     warmup_requests: int = 2
     engine_options: dict[str, Any] = field(default_factory=dict)
+    capacity_fractions: Sequence[float] | None = None
+    calibration_requests: int = 48
+    run_budget_s: float | None = None
+    deadline_s: float | None = None
+    capacity_per_s: float | None = None
+    min_requests: int = 8
+    max_requests: int = 400
 
 
 def _runs(bench: ServeBench) -> list[tuple[str, float, list[BenchRequest]]]:
@@ -70,6 +86,7 @@ def _row(bench: ServeBench, policy: str, popularity: str, rate: float, result: R
          common: dict[str, Any]) -> dict[str, Any]:
     return {
         **common, "policy": policy, "popularity": popularity, "rate_per_s": rate,
+        "capacity_per_s": bench.capacity_per_s,
         "arrival": "trace" if bench.trace is not None else bench.workload.arrival,
         "wall_s": result.wall_s, "metrics": summarize(result.timings),
         "modes": result.modes.as_dict() if result.modes is not None else None,
@@ -87,9 +104,12 @@ def _engine_runner(bench: ServeBench, policy: str, adapter_paths: dict[str, str]
     llm = LLM(model=bench.model, adapters=adapter_paths,
               **{**bench.engine_options, "mode_policy": policy})
     engine = llm.engine
-    sample = _runs(bench)[0][2][: bench.warmup_requests]
-    if sample:
-        warm_up(engine, sample, seed=bench.workload.seed)
+    sample = _runs(bench)[0][2]
+    warm = list(sample[: bench.warmup_requests])
+    if warm:  # plus one request per adapter: adapter files are read and decoded off the clock
+        warm += [replace(warm[0], request_id=f"adapter-{name}", adapter=name)
+                 for name in bench.adapter_ranks]
+        warm_up(engine, warm, seed=bench.workload.seed)
     return lambda tag, requests: run_inprocess(engine, requests, run_tag=tag,
                                                seed=bench.workload.seed)
 
@@ -100,8 +120,45 @@ def _http_runner(url: str, seed: int) -> Runner:
     return lambda tag, requests: run_http(url, requests, seed=seed)
 
 
-def run_sweep(bench: ServeBench, adapter_paths: dict[str, str]) -> list[dict[str, Any]]:
-    """Run every (policy, popularity, rate) and return one result row each."""
+def calibrate(bench: ServeBench, runner: Runner) -> ServeBench:
+    """Measure capacity with a burst and return ``bench`` with absolute rates (and, with
+    ``run_budget_s``, requests per run); see the module docstring."""
+    assert bench.capacity_fractions
+    first = bench.popularities[0].apply(bench.workload)
+    burst = generate(replace(first, num_requests=bench.calibration_requests,
+                             seed=bench.workload.seed + 7919))
+    result = runner("calibrate", [replace(r, arrival_s=0.0) for r in burst])
+    finished = sum(1 for t in result.timings if t.finish_s is not None and t.error is None)
+    capacity = max(finished, 1) / max(result.wall_s, 1e-6)
+    rates = [round(f * capacity, 3) for f in bench.capacity_fractions]
+    workload = bench.workload
+    if bench.run_budget_s is not None:
+        nominal_per_request = len(bench.policies) * len(bench.popularities) * sum(
+            1.0 / r for r in rates)
+        count = int(bench.run_budget_s / nominal_per_request)
+        workload = replace(workload, num_requests=min(max(count, bench.min_requests),
+                                                      bench.max_requests))
+    logger.info("capacity %.2f req/s (burst of %d in %.2f s): rates %s, %d requests per run",
+                capacity, len(burst), result.wall_s, rates, workload.num_requests)
+    return replace(bench, rates=rates, workload=workload, capacity_per_s=capacity)
+
+
+def _free_device() -> None:
+    """Drop a finished policy's engine before the next one allocates its KV cache."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_sweep(bench: ServeBench, adapter_paths: dict[str, str],
+              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run every (policy, popularity, rate) and return one result row each; ``on_row`` sees each
+    row as soon as its run ends (write it out, so a killed sweep keeps its finished runs)."""
+    started = time.monotonic()
     common = {
         "benchmark": "serve", "device": device_name(str(bench.engine_options.get("device", "auto"))),
         "git_sha": git_sha(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -113,13 +170,25 @@ def run_sweep(bench: ServeBench, adapter_paths: dict[str, str]) -> list[dict[str
                       "adapters", "rate_per_s", "popularity", "zipf_alpha", "hot_fraction")},
                   "engine": dict(bench.engine_options)},
     }
-    rows = []
-    for policy in bench.policies:
+    rows: list[dict[str, Any]] = []
+    for index, policy in enumerate(bench.policies):
+        if bench.deadline_s is not None and time.monotonic() - started > bench.deadline_s:
+            logger.warning("deadline: skipping policy %s", policy)
+            continue
         runner = (_http_runner(bench.url, bench.workload.seed) if bench.url is not None
                   else _engine_runner(bench, policy, adapter_paths))
+        if index == 0 and bench.capacity_fractions and bench.trace is None:
+            bench = calibrate(bench, runner)
         for popularity, rate, requests in _runs(bench):
+            if bench.deadline_s is not None and time.monotonic() - started > bench.deadline_s:
+                logger.warning("deadline: skipping %s %s %g", policy, popularity, rate)
+                continue
             logger.info("run: policy=%s popularity=%s rate=%g (%d requests)", policy,
                         popularity, rate, len(requests))
             result = runner(f"{policy}/{popularity}/{rate:g}", requests)
             rows.append(_row(bench, policy, popularity, rate, result, common))
+            if on_row is not None:
+                on_row(rows[-1])
+        del runner
+        _free_device()
     return rows

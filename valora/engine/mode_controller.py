@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,13 @@ from valora.orchestrator.merge import WeightSwitcher
 from valora.orchestrator.modes import Mode, ModeState
 from valora.orchestrator.policies import ModePolicy, get_mode_policy
 from valora.orchestrator.queue_view import AdapterInfo, ModeDecision, QueueView, views_from_requests
+from valora.orchestrator.step_profiler import (
+    PROFILES_DIR,
+    default_profile_path,
+    device_label,
+    load_profile,
+    model_signature,
+)
 from valora.orchestrator.transition import apply_decision
 from valora.request import Request
 
@@ -57,6 +65,23 @@ def analytic_cost_model(model: Any, device: torch.device) -> CostModel:
     return CostModel(f"analytic:{device.type}", step, {"const": 1e-4, "bytes": 2.0 / bandwidth})
 
 
+def select_cost_model(model: Any, device: torch.device, path: str | None = None,
+                      directory: Path = PROFILES_DIR) -> CostModel:
+    """The cost model the ``valora`` policy uses on ``device`` for ``model``.
+
+    A profile (``valora profile-modes``) for this device and model shape wins: from ``path`` when
+    given (it must hold one: ``ValoraError`` otherwise), else from the per-GPU file in
+    ``directory`` if that exists. Without one, :func:`analytic_cost_model` (a prior)."""
+    device_name = device_label(device)
+    profiled = load_profile(device_name, model_signature(model.spec), path, directory)
+    if profiled is not None:
+        logger.info("mode cost model: profile %r", profiled.device_name)
+        return profiled
+    logger.info("mode cost model: analytic prior (no profile for %s / %s in %s)", device_name,
+                model_signature(model.spec), default_profile_path(device_name, directory))
+    return analytic_cost_model(model, device)
+
+
 @dataclass
 class ModeStats:
     num_switches: int = 0
@@ -79,6 +104,7 @@ class ModeController:
         self.stats = ModeStats()
         self._last_progress: dict[str, float] = {}
         self._merge_bytes: dict[str, int] = {}
+        self.cost_model_source: str | None = None
         self.policy: ModePolicy = self._build_policy(orchestrator.mode_policy, model, device)
         self.switcher: WeightSwitcher | None = None
         self._can_merge = orchestrator.mode_policy != "unmerged-fcfs" and adapters.num_slots > 0
@@ -90,10 +116,8 @@ class ModeController:
                 {} if name == "unmerged-fcfs" else {"starvation_s": orchestrator.starvation_s}
             )
             return get_mode_policy(name, **options)
-        cost_model = analytic_cost_model(model, device)
-        if orchestrator.cost_model_path is not None:
-            device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-            cost_model = CostModel.load(orchestrator.cost_model_path, device_name)
+        cost_model = select_cost_model(model, device, orchestrator.cost_model_path)
+        self.cost_model_source = cost_model.device_name
         return get_mode_policy(
             "valora",
             cost_model=cost_model,
@@ -194,6 +218,7 @@ class ModeController:
         slot = self.adapters.slot_of(name)
         if slot is None:
             raise RuntimeError(f"adapter {name!r} is being merged but holds no slot")
+        self.adapters.wait_for_slots([slot])  # the merge reads the slot: after its prefetch
         return slot
 
     def mode_for_compute(self) -> Mode:

@@ -7,10 +7,12 @@ Restore strategies (``docs/modes.md`` has the memory/drift trade-off):
 
 - ``"pristine"`` (default): a pristine copy of every targetable module's rows is taken once, at
   construction. Unmerge copies it back, so the base weights come back **bit-exactly** after any
-  number of switches. Merge computes ``W_m = round(P + s·B·A)`` from the pristine copy when it is on
-  the weights' device (one read + one write per module, whatever was merged before), otherwise in
-  place. Cost: ``pristine_bytes`` extra memory on ``pristine_device`` (the weights' device by
-  default; pinned host memory makes unmerge a host-to-device copy).
+  number of switches. While nothing is merged the weights *are* the pristine copy bit for bit, so
+  merge runs in place, ``W_m = round(W + s·B·A) = round(P + s·B·A)``: one ``addmm_`` per module,
+  one read + one write (a copy-then-GEMM from the pristine copy would move twice the bytes).
+  ``switch(m1 → m2)`` first copies back every module of ``m1``, then merges ``m2`` in place, so
+  ``W_m`` never depends on history. Cost: ``pristine_bytes`` extra memory on ``pristine_device``
+  (the weights' device by default; pinned host memory makes unmerge a host-to-device copy).
 - ``"resync"``: the pristine copy lives in host memory only. Unmerge subtracts the same fp32 delta
   it added; every ``resync_every``-th unmerge copies the touched modules back from the host copy.
   Drift after ``k`` unmerges since the last re-sync is bounded elementwise by
@@ -174,9 +176,9 @@ class WeightSwitcher:
         if self.restore == "resync":
             # Subtract-unmerge must remove exactly what was added, even if the slot is rewritten.
             deltas = {k: _Delta(d.a.clone(), d.b.clone(), d.scale) for k, d in deltas.items()}
+        # Pristine mode: nothing merged => weights == pristine bit for bit, so in place is exact.
         for key, delta in deltas.items():
-            source = self._pristine[key] if self._exact_source(key) else self._weights[key]
-            self._add_delta(self._weights[key], source, delta, 1.0)
+            self._add_delta(self._weights[key], delta, 1.0)
         self._merged = deltas
         self._dirty.update(deltas)
         self.merged_adapter, self.merged_slot = adapter_name, slot
@@ -198,7 +200,7 @@ class WeightSwitcher:
                 self._unmerges_since_resync = 0
             else:
                 for key, delta in deltas.items():
-                    self._add_delta(self._weights[key], self._weights[key], delta, -1.0)
+                    self._add_delta(self._weights[key], delta, -1.0)
         self._merged = {}
         self.merged_adapter = self.merged_slot = None
         return self._report(deltas)
@@ -209,16 +211,6 @@ class WeightSwitcher:
             return SwitchReport(0, 0)
         if self.merged_adapter is None:
             return self.merge(slot, adapter_name)
-        if self.restore == "pristine" and all(self._exact_source(k) for k in self._weights):
-            # One pass: modules of the new adapter are rewritten from pristine, the rest restored.
-            targets = self._deltas(slot)
-            stale = [key for key in self._merged if key not in targets]
-            self._copy_back(stale)
-            self._merged = {}
-            self.merged_adapter = self.merged_slot = None
-            report = self.merge(slot, adapter_name)
-            return SwitchReport(report.num_modules + len(stale),
-                                report.weight_bytes + self._report(stale).weight_bytes)
         first = self.unmerge()
         second = self.merge(slot, adapter_name)
         return SwitchReport(first.num_modules + second.num_modules,
@@ -247,10 +239,6 @@ class WeightSwitcher:
                                  scale=float(scale))
         return deltas
 
-    def _exact_source(self, key: ModuleKey) -> bool:
-        same_device = self._pristine[key].device == self._weights[key].device
-        return self.restore == "pristine" and same_device
-
     def _copy_back(self, keys: Iterable[ModuleKey]) -> None:
         for key in keys:
             self._weights[key].copy_(self._pristine[key], non_blocking=True)
@@ -259,23 +247,22 @@ class WeightSwitcher:
         sizes = [self._weights[k].numel() * self._weights[k].element_size() for k in keys]
         return SwitchReport(len(sizes), sum(sizes))
 
-    def _add_delta(self, dst: torch.Tensor, src: torch.Tensor, delta: _Delta, sign: float) -> None:
-        """``dst = round(src + sign·scale·b@a)``, product and sum in fp32, one rounding."""
+    def _add_delta(self, dst: torch.Tensor, delta: _Delta, sign: float) -> None:
+        """``dst = round(dst + sign·scale·b@a)`` in place, product and sum in fp32, one rounding.
+
+        Fused: one ``addmm_`` in the weight dtype (cuBLAS accumulates bf16/fp16 GEMMs in fp32 and
+        applies ``beta·C`` in fp32), reading and writing ``dst`` once. Chunked: explicit fp32 row
+        chunks (the reference semantics)."""
         alpha = sign * delta.scale
         fused = self._compute == "fused" or (self._compute == "auto" and dst.is_cuda)
         if dst.dtype == torch.float32 or fused:
-            # cuBLAS accumulates low-precision GEMMs in fp32 and applies ``beta·C`` in fp32 too.
-            b, a = delta.b.to(dst.dtype), delta.a.to(dst.dtype)
-            if src is dst:
-                dst.addmm_(b, a, alpha=alpha)
-            else:
-                torch.addmm(src, b, a, alpha=alpha, out=dst)
+            dst.addmm_(delta.b.to(dst.dtype), delta.a.to(dst.dtype), alpha=alpha)
             return
         a32 = delta.a.float()
         rows = max(1, self._chunk_elements // max(1, dst.shape[1]))
         for start in range(0, dst.shape[0], rows):
             stop = min(start + rows, dst.shape[0])
-            acc = src[start:stop].float()
+            acc = dst[start:stop].float()
             acc.addmm_(delta.b[start:stop].float(), a32, alpha=alpha)
             dst[start:stop].copy_(acc)
 

@@ -1,0 +1,68 @@
+"""Serving-benchmark sweep helpers: capacity calibration (rates as fractions of a measured burst
+capacity, requests per run from a time budget) and the valora-vs-best-baseline comparison."""
+
+from __future__ import annotations
+
+from valora.benchmarks.inprocess import RunResult
+from valora.benchmarks.metrics import RequestTiming
+from valora.benchmarks.report import policy_comparison
+from valora.benchmarks.serve import Popularity, ServeBench, calibrate
+from valora.benchmarks.workload import BenchRequest, BenchWorkload
+
+
+def _bench(**options: object) -> ServeBench:
+    workload = BenchWorkload(num_requests=10, rate_per_s=1.0, adapters=("a", "b"))
+    return ServeBench(policies=["unmerged-fcfs", "valora"], rates=[1.0],
+                      popularities=[Popularity("zipf", 1.0), Popularity("one-hot", 0.7)],
+                      workload=workload, adapter_ranks={"a": 8, "b": 16}, model="default",
+                      capacity_fractions=(0.25, 0.5, 1.0), calibration_requests=20,
+                      **options)  # type: ignore[arg-type]
+
+
+def _burst_runner(wall_s: float) -> tuple[list[list[BenchRequest]],
+                                           object]:
+    seen: list[list[BenchRequest]] = []
+
+    def run(tag: str, requests: list[BenchRequest]) -> RunResult:
+        seen.append(requests)
+        timings = [RequestTiming(r.request_id, r.adapter, r.kind, r.arrival_s, finish_s=wall_s)
+                   for r in requests]
+        return RunResult(timings, None, wall_s)
+
+    return seen, run
+
+
+def test_calibrate_sets_rates_from_burst_capacity() -> None:
+    seen, runner = _burst_runner(wall_s=2.0)
+    bench = calibrate(_bench(), runner)  # type: ignore[arg-type]
+    assert len(seen) == 1 and len(seen[0]) == 20
+    assert all(r.arrival_s == 0.0 for r in seen[0])
+    assert bench.capacity_per_s == 10.0
+    assert list(bench.rates) == [2.5, 5.0, 10.0]
+    assert bench.workload.num_requests == 10  # no budget: unchanged
+
+
+def test_calibrate_fits_requests_to_budget() -> None:
+    _, runner = _burst_runner(wall_s=2.0)
+    # nominal seconds per request: 2 policies x 2 skews x (1/2.5 + 1/5 + 1/10) = 2.8
+    bench = calibrate(_bench(run_budget_s=57.0, min_requests=4), runner)  # type: ignore[arg-type]
+    assert bench.workload.num_requests == 20
+    small = calibrate(_bench(run_budget_s=1.0, min_requests=4), runner)  # type: ignore[arg-type]
+    assert small.workload.num_requests == 4
+
+
+def _row(policy: str, popularity: str, rate: float, mean: float) -> dict[str, object]:
+    return {"policy": policy, "popularity": popularity, "rate_per_s": rate,
+            "metrics": {"mean_latency_s": mean}}
+
+
+def test_policy_comparison_against_best_baseline() -> None:
+    rows = [_row("valora", "zipf:1", 2.0, 0.7), _row("dlora", "zipf:1", 2.0, 1.0),
+            _row("unmerged-fcfs", "zipf:1", 2.0, 0.9), _row("valora", "hot:0.7", 2.0, 0.8),
+            _row("dlora", "hot:0.7", 2.0, 0.9), _row("merged-only", "hot:0.7", 4.0, 1.0)]
+    text = policy_comparison(rows)
+    lines = text.splitlines()
+    assert len(lines) == 4  # header, rule, two comparable cells (hot:0.7 at 4/s has no valora)
+    assert "| zipf:1 | 2 | 700.0 | unmerged-fcfs | 900.0 | -22.2% | yes |" in lines
+    assert "| hot:0.7 | 2 | 800.0 | dlora | 900.0 | -11.1% | no |" in lines
+    assert policy_comparison([_row("dlora", "zipf:1", 2.0, 1.0)]) == ""

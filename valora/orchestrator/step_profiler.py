@@ -1,0 +1,283 @@
+"""Measure the cost model on the running device at the model level (``valora profile-modes``).
+
+Loads the model (``load_format="dummy"`` is fine: only shapes matter), puts one random adapter
+per profiling name (``profile-r{rank}-{i}``) in its own LoRA slot on all projections, and for each
+:class:`StepSpec` of :func:`profile_grid` builds the step's :class:`ForwardBatch` exactly as the
+engine would (rows of ``num_tokens`` new tokens at ``context_tokens`` after the step, per-token
+slots through :func:`plan_lora_batches`, the correction launch in mixed mode) and times
+``forward`` + ``compute_logits`` (synchronised wall time, median of ``repeats`` after one
+warm-up). Switches: a :class:`WeightSwitcher` merges and unmerges adapters targeting all seven
+projections, the attention four, and ``q``/``v`` only (three byte counts, so the constant and the
+per-byte cost separate). The fit is :func:`fit_cost_model`.
+
+Eager forwards: where the engine replays decode steps from CUDA graphs, real decode steps are
+cheaper than profiled (launch overhead); the policy's *relative* choices are what the profile
+serves. Profiles are stored per GPU (:func:`default_profile_path`) and, inside the file, per model
+shape (:func:`profile_key`): a profile of one model is never applied to another.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from valora.errors import ValoraError
+from valora.forward_batch import AttentionMetadata, ForwardBatch
+from valora.logger import get_logger
+from valora.ops.lora import prepare_lora_batch
+from valora.orchestrator.cost_model import CostModel, StepSpec
+from valora.orchestrator.merge import WeightSwitcher
+from valora.orchestrator.modes import plan_lora_batches
+from valora.orchestrator.profiling import adapter_name, profile, profile_grid
+
+_log = get_logger(__name__)
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+PAGE_SIZE = 16
+SWITCH_TARGETS: dict[str, tuple[str, ...]] = {
+    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qv": ("q_proj", "v_proj"),
+}
+
+
+def device_label(device: torch.device) -> str:
+    """``torch.cuda.get_device_name`` on CUDA, else ``"cpu"`` (the key profiles are stored by)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def default_profile_path(device_name: str, directory: Path = PROFILES_DIR) -> Path:
+    """``profiles/<device name, non-alphanumerics as _>.json`` (``NVIDIA H200`` →
+    ``NVIDIA_H200.json``)."""
+    return directory / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
+
+
+def model_signature(spec: Any) -> str:
+    """The model shape a profile belongs to (decoder sizes; the vision tower is not profiled)."""
+    return (f"h{spec.hidden_size}-i{spec.intermediate_size}-l{spec.num_layers}"
+            f"-q{spec.num_heads}-kv{spec.num_kv_heads}-d{spec.head_dim}")
+
+
+def profile_key(device_name: str, signature: str) -> str:
+    """Entry name inside a profile file: device and model shape."""
+    return f"{device_name} | {signature}"
+
+
+def load_profile(device_name: str, signature: str, path: str | Path | None = None,
+                 directory: Path = PROFILES_DIR) -> CostModel | None:
+    """The profiled cost model for this device and model shape, or ``None`` when there is none.
+
+    ``path`` (an explicit file) must hold an entry for the device: ``profile_key(device,
+    signature)`` first, else a plain ``device_name`` entry (hand-made or older files); a missing
+    entry there is an error (``ValoraError``). Without ``path`` the per-GPU default file is read
+    if it exists, and a missing file or entry gives ``None`` (the caller's analytic prior)."""
+    explicit = path is not None
+    file = Path(path) if path is not None else default_profile_path(device_name, directory)
+    if not file.exists():
+        if explicit:
+            raise ValoraError(f"cost model file {file} does not exist")
+        return None
+    for key in (profile_key(device_name, signature), device_name):
+        try:
+            return CostModel.load(file, key)
+        except ValoraError as exc:
+            if "no cost model for device" not in str(exc):
+                raise
+    if explicit:
+        raise ValoraError(f"{file} has no cost model for {device_name!r} / {signature}")
+    return None
+
+
+@dataclass
+class _Pool:
+    """Pages handed out per step (contents random; reset before each step)."""
+
+    num_pages: int
+    next_page: int = 1
+
+    def take(self, count: int) -> list[int]:
+        pages = list(range(self.next_page, self.next_page + count))
+        self.next_page += count
+        if self.next_page > self.num_pages:
+            raise ValoraError("profiling KV pool exhausted")
+        return pages
+
+
+class StepProfiler:
+    """Builds and times steps of ``model`` (already loaded, LoRA slots initialised here)."""
+
+    def __init__(self, model: Any, names: Sequence[str], ranks: dict[str, int],
+                 targets: dict[str, tuple[str, ...]], lora_backend: str, num_pages: int,
+                 seed: int = 0) -> None:
+        self.model = model
+        self.device: torch.device = model.device
+        self.slot_of = {name: slot for slot, name in enumerate(names)}
+        self.lora_backend = lora_backend
+        model.init_lora(len(names), max(ranks.values()))
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        slot_map = model.lora_slot_map()
+        seen: set[int] = set()
+        for (_, module), (weights, j) in slot_map.items():
+            if id(weights) not in seen:
+                seen.add(id(weights))
+                weights.lora_a.normal_(0.0, 0.02, generator=generator)
+                weights.lora_b.normal_(0.0, 0.02, generator=generator)
+            for name, slot in self.slot_of.items():
+                rank = ranks[name] if module in targets[name] else 0
+                weights.ranks[slot, j] = rank
+                weights.scales[slot, j] = 2.0
+                weights.ranks_cpu[slot][j] = rank
+        shape = model.kv_cache_shape(num_pages, PAGE_SIZE)
+        caches = []
+        for _ in range(model.spec.num_layers):
+            k = torch.empty(shape, dtype=model.dtype, device=self.device).normal_(
+                0.0, 1.0, generator=generator)
+            caches.append((k, torch.empty_like(k).normal_(0.0, 1.0, generator=generator)))
+        model.bind_kv_caches(caches)
+        self.num_pages = num_pages
+        self._batches: dict[StepSpec, ForwardBatch] = {}
+        self._switcher: WeightSwitcher | None = None
+
+    def batch(self, spec: StepSpec) -> ForwardBatch:
+        """The step's batch (built once per spec)."""
+        if spec in self._batches:
+            return self._batches[spec]
+        device, pool = self.device, _Pool(self.num_pages)
+        tables, slot_mapping, positions, token_slots = [], [], [], []
+        for row in spec.rows:
+            if row.num_tokens > row.context_tokens:
+                raise ValoraError(f"row with {row.num_tokens} tokens > context {row.context_tokens}")
+            table = pool.take(-(-row.context_tokens // PAGE_SIZE))
+            tables.append(table)
+            for position in range(row.context_tokens - row.num_tokens, row.context_tokens):
+                positions.append(position)
+                slot_mapping.append(table[position // PAGE_SIZE] * PAGE_SIZE
+                                    + position % PAGE_SIZE)
+            slot = self.slot_of[row.adapter] if row.adapter is not None else -1
+            token_slots += [slot] * row.num_tokens
+        query_lens = [row.num_tokens for row in spec.rows]
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        width = max(len(t) for t in tables)
+        attn = AttentionMetadata(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor([r.context_tokens for r in spec.rows], dtype=torch.int32,
+                                  device=device),
+            page_table=torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                    dtype=torch.int32, device=device),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+            page_size=PAGE_SIZE, query_lens_cpu=query_lens,
+            seq_lens_cpu=[r.context_tokens for r in spec.rows])
+        ids = torch.randint(0, max(2, self.model.spec.vocab_size - 1), (len(positions),),
+                            generator=torch.Generator().manual_seed(len(positions)))
+        batch = ForwardBatch(input_ids=ids.to(device),
+                             positions=torch.tensor(positions, device=device), attn=attn,
+                             logits_indices=torch.tensor(starts[1:], device=device) - 1)
+        merged_slot = (self.slot_of[spec.merged_adapter]
+                       if spec.mode.has_merged_adapter and spec.merged_adapter is not None
+                       else None)
+        lora_slots, correction = plan_lora_batches(token_slots, merged_slot, mode=spec.mode)
+        if any(s >= 0 for s in lora_slots):
+            batch.lora = self._lora_batch(lora_slots)
+        if correction is not None:
+            batch.lora_correction = self._lora_batch(correction)
+        self._batches[spec] = batch
+        return batch
+
+    def _lora_batch(self, token_slots: list[int]) -> Any:
+        """LoRA metadata on the model's device (``"auto"`` resolves by that device, as in the
+        engine: Triton on CUDA)."""
+        slots = torch.tensor(token_slots, dtype=torch.int32, device=self.device)
+        active = len({s for s in token_slots if s >= 0})
+        return prepare_lora_batch(slots, len(self.slot_of), self.lora_backend,
+                                  num_active_slots=active)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def measure_step(self, spec: StepSpec) -> float:
+        """Seconds of one forward + logits of ``spec`` (first call per spec also warms up)."""
+        fresh = spec not in self._batches
+        batch = self.batch(spec)
+        with torch.inference_mode():
+            if fresh:
+                self._run(batch)
+            self._sync()
+            start = time.perf_counter()
+            self._run(batch)
+            self._sync()
+        return time.perf_counter() - start
+
+    def _run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Forward, then logits of the sampled positions only (as the engine does)."""
+        hidden = self.model.forward(batch)
+        if hidden.shape[0] != batch.logits_indices.numel():
+            hidden = hidden[batch.logits_indices]
+        return self.model.compute_logits(hidden)
+
+    def measure_switch(self, target: str) -> tuple[int, float]:
+        """``(bytes, seconds)`` of one merge or unmerge (mean of a timed merge and unmerge) of
+        the rank-16 adapter targeting ``SWITCH_TARGETS[target]``."""
+        if self._switcher is None:
+            self._switcher = WeightSwitcher(self.model.lora_base_weights(),
+                                            self.model.lora_slot_map())
+        slot = self.slot_of[f"profile-switch-{target}"]
+        seconds = []
+        for op in ("merge", "unmerge"):
+            self._sync()
+            start = time.perf_counter()
+            report = (self._switcher.merge(slot, target) if op == "merge"
+                      else self._switcher.unmerge())
+            self._sync()
+            seconds.append(time.perf_counter() - start)
+        return report.weight_bytes, statistics.fmean(seconds)
+
+
+def grid_for(quick: bool) -> tuple[list[StepSpec], tuple[int, ...]]:
+    """The profiling grid (``quick``: tiny, for CPU tests) and its ranks."""
+    ranks: tuple[int, ...] = (4, 8) if quick else (8, 16, 64)
+    if quick:
+        return profile_grid(ranks, row_counts=(1, 4), prefill_tokens=(16,),
+                            adapter_counts=(1, 2), context_tokens=(16, 40)), ranks
+    return profile_grid(ranks), ranks
+
+
+def run_profile(model: Any, *, quick: bool = False, repeats: int = 3,
+                lora_backend: str = "auto") -> CostModel:
+    """Profile ``model`` (loaded, on its device) and return the fitted model, keyed by
+    :func:`profile_key`."""
+    specs, _ = grid_for(quick)
+    names: list[str] = []
+    ranks: dict[str, int] = {}
+    targets: dict[str, tuple[str, ...]] = {}
+    for spec in specs:
+        for row in spec.rows:
+            if row.adapter is not None and row.adapter not in ranks:
+                names.append(row.adapter)
+                ranks[row.adapter], targets[row.adapter] = row.rank, SWITCH_TARGETS["all"]
+    for target, modules in SWITCH_TARGETS.items():
+        name = f"profile-switch-{target}"
+        names.append(name)
+        ranks[name], targets[name] = 16, modules
+    pages = max(sum(-(-row.context_tokens // PAGE_SIZE) for row in spec.rows) for spec in specs)
+    profiler = StepProfiler(model, names, ranks, targets, lora_backend, pages + 2)
+    device_name = device_label(model.device)
+    started = time.perf_counter()
+    cost = profile(profiler.measure_step, specs,
+                   device_name=profile_key(device_name, model_signature(model.spec)),
+                   repeats=repeats, switch_cases=list(SWITCH_TARGETS),
+                   measure_switch=profiler.measure_switch)
+    _log.info("profiled %d steps in %.1f s", len(specs), time.perf_counter() - started)
+    return cost
+
+
+__all__ = ["PROFILES_DIR", "StepProfiler", "adapter_name", "default_profile_path", "device_label",
+           "grid_for", "load_profile", "model_signature", "profile_key", "run_profile"]
