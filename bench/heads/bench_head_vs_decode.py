@@ -7,7 +7,8 @@ both with Hugging Face transformers + PEFT on the same model, adapter and prompt
           tokens plus end-of-sequence, so every label fits): the same prefill, then
           ``decode_tokens - 1`` decode steps, then detokenisation.
 
-Per-request latency (batch 1 by default), median of ``--repeats`` after two warm-ups; on CUDA the
+Per-request latency (batch 1 by default), median of ``--repeats`` after two warm-ups, the two
+paths interleaved; on CUDA the
 clock is read after ``torch.cuda.synchronize``. Rows go to ``--out``/head_vs_decode.jsonl with
 device, git sha and setup; ``summary.md`` next to it. Benchmarks time, they never assert.
 
@@ -52,7 +53,13 @@ def git_sha() -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return str(torch.cuda.get_device_name(device))
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"cpu ({model}, {torch.get_num_threads()} threads)"
 
 
 def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
@@ -66,7 +73,7 @@ def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
             model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     else:
         model = LlavaForConditionalGeneration.from_pretrained(str(args.model), dtype=dtype)
-        model = model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]
     if args.adapter is not None:
         return PeftModel.from_pretrained(model, str(args.adapter)).eval()
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
@@ -122,18 +129,23 @@ def decode_tokens(args: argparse.Namespace, tokenizer: Any, labels: tuple[str, .
     return max(lengths) + 1
 
 
-def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
+def measure(fns: list[Callable[[], object]], repeats: int,
+            device: torch.device) -> list[list[float]]:
+    """Milliseconds per call of each function, interleaved (one call of each per round), so a
+    load change on a shared machine hits every path alike."""
     for _ in range(2):
-        fn()
-    samples = []
+        for fn in fns:
+            fn()
+    samples: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append((time.perf_counter() - start) * 1e3)
+        for fn, out in zip(fns, samples, strict=True):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            out.append((time.perf_counter() - start) * 1e3)
     return samples
 
 
@@ -186,8 +198,8 @@ def main() -> None:
              "prompt_tokens": int(inputs["input_ids"].shape[1]), "decode_tokens": steps,
              "repeats": args.repeats, "peer": "HF transformers + PEFT (both paths)"}
     rows = []
-    for path, fn in (("head", by_head), ("decode", by_decoding)):
-        samples = measure(fn, args.repeats, device)
+    timings = measure([by_head, by_decoding], args.repeats, device)
+    for path, samples in zip(("head", "decode"), timings, strict=True):
         rows.append({**setup, "path": path, "median_ms": statistics.median(samples),
                      "min_ms": min(samples), "max_ms": max(samples)})
     speedup = rows[1]["median_ms"] / rows[0]["median_ms"]
@@ -196,9 +208,10 @@ def main() -> None:
     with (args.out / "head_vs_decode.jsonl").open("a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    summary = (f"| device | model | batch | prompt tokens | decode tokens | head ms | decode ms | "
-               f"decode/head |\n|---|---|---|---|---|---|---|---|\n"
-               f"| {setup['device']} | {setup['model']} | {args.batch} | "
+    adapter = "random LoRA + head" if args.adapter is None else str(args.adapter)
+    summary = (f"| device | model | adapter | batch | prompt tokens | decode tokens | head ms | "
+               f"decode ms | decode/head |\n|---|---|---|---|---|---|---|---|---|\n"
+               f"| {setup['device']} | {setup['model']} | {adapter} | {args.batch} | "
                f"{setup['prompt_tokens']} | {steps} | {rows[0]['median_ms']:.2f} | "
                f"{rows[1]['median_ms']:.2f} | {speedup:.2f}× |\n")
     with (args.out / "summary.md").open("a") as f:

@@ -91,3 +91,13 @@ def test_spec_errors_stop_before_any_work(tiny_llava: Path, datasets: Path, tmp_
     assert main(["build", str(good), "--out", str(out), "--base", str(tmp_path / "no_model")]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(datasets: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    spec = _write(small_spec(), datasets, tmp_path / "spec.json")
+    out = tmp_path / "out"
+    assert main(["build", str(spec), "--out", str(out), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not out.exists()

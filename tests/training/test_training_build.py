@@ -136,3 +136,26 @@ def test_resume_refuses_a_different_spec(build: Path, tiny_llava: Path, datasets
     other = write_spec(small_spec(steps=41), datasets, build / "other.json")
     code = main(["build", str(other), "--out", str(build / "out"), "--base", str(tiny_llava)])
     assert code == 2
+
+
+@pytest.mark.gpu
+def test_reduced_build_on_cuda(tiny_llava: Path, datasets: Path, tmp_path: Path) -> None:
+    spec = write_spec(small_spec(), datasets, tmp_path / "spec.json")
+    out = tmp_path / "out"
+    assert main(["build", str(spec), "--out", str(out), "--base", str(tiny_llava),
+                 "--device", "cuda"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(task["met"] for task in manifest["tasks"].values())
+    assert "cuda" in json.loads((out / "report.json").read_text())["machine"]
+
+
+def test_parallel_single_task_adapters_match_the_sequential_build(
+        build: Path, tiny_llava: Path, datasets: Path, tmp_path: Path) -> None:
+    spec = write_spec(small_spec(), datasets, tmp_path / "spec.json")
+    out = tmp_path / "out"
+    assert main(["build", str(spec), "--out", str(out), "--base", str(tiny_llava), "--jobs", "2",
+                 "--threads", "1"]) == 0
+    sequential, parallel = manifest_of(build), json.loads((out / "manifest.json").read_text())
+    assert parallel["tasks"] == sequential["tasks"]
+    assert parallel["attempts"] == sequential["attempts"]
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["bright", "colour", "dark"]

@@ -26,9 +26,11 @@ from valora.training.spec import TrainingSpec
 
 
 class Backbone:
-    """A frozen LLaVA with one trainable PEFT LoRA named ``default``."""
+    """A frozen LLaVA with one trainable PEFT LoRA named ``default``, on ``device`` (every
+    tensor it returns lives there; callers build batches on ``self.device``)."""
 
-    def __init__(self, base_dir: str | Path, training: TrainingSpec, seed: int) -> None:
+    def __init__(self, base_dir: str | Path, training: TrainingSpec, seed: int,
+                 device: str | torch.device = "cpu") -> None:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -41,6 +43,7 @@ class Backbone:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load a LLaVA model from {path}: {exc}") from exc
         self.base_dir = path.resolve()
+        self.device = torch.device(device)
         self.tokenizer = self.processor.tokenizer
         config: Any = model.config
         self.config = config
@@ -53,6 +56,7 @@ class Backbone:
                           target_modules=training.target_modules, bias="none",
                           task_type="CAUSAL_LM")
         self.model = get_peft_model(model, lora)
+        self.model.to(self.device)
         self.model.eval()
         inner: Any = self.model.base_model.model
         self.language_model: Any = inner.model.language_model
@@ -103,7 +107,7 @@ class Backbone:
         """Projected image features ``[n, num_image_tokens, hidden]`` (frozen tower)."""
         pixels = self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
         out = self.llava.get_image_features(
-            pixel_values=pixels.float(), vision_feature_layer=self.config.vision_feature_layer,
+            pixel_values=pixels.float().to(self.device), vision_feature_layer=self.config.vision_feature_layer,
             vision_feature_select_strategy=self.config.vision_feature_select_strategy)
         return torch.stack(list(out.pooler_output))
 
@@ -125,7 +129,7 @@ class Backbone:
         from transformers.masking_utils import create_causal_mask
 
         lm = self.language_model
-        positions = torch.arange(hidden.shape[1]).unsqueeze(0)
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         causal = create_causal_mask(config=lm.config, inputs_embeds=hidden,
                                     attention_mask=attention_mask, cache=None,
                                     position_ids=positions)
@@ -156,7 +160,7 @@ class Backbone:
         out = self.language_model(inputs_embeds=embeds, use_cache=True)
         cache = out.cache
         tokens: list[list[int]] = [[] for _ in range(ids.shape[0])]
-        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         last = out.last_hidden_state[:, -1]
         for _ in range(max_new_tokens):
             nxt = self.lm_head(last).argmax(dim=-1)

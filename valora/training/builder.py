@@ -14,6 +14,7 @@ Every step is recorded once finished; rerunning the same command resumes.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,9 +26,14 @@ from tqdm import tqdm
 from valora.errors import ModelLoadError
 from valora.logger import get_logger
 from valora.training.backbone import Backbone
-from valora.training.checkpoints import BuildState, load_adapter, save_adapter, step_seed
+from valora.training.checkpoints import (
+    BuildState,
+    load_adapter,
+    save_adapter,
+    step_seed,
+)
 from valora.training.encoding import EncodedTask, encode_task
-from valora.training.errors import DataError, TeacherError
+from valora.training.errors import DataError, SpecError, TeacherError
 from valora.training.evaluate import base_accuracy, task_accuracy
 from valora.training.packing import PackingResult, TaskProfile, pack
 from valora.training.pipeline import check_sources, load_task, teacher_accuracy
@@ -42,6 +48,28 @@ def adapter_key(members: tuple[str, ...] | list[str]) -> str:
     return "+".join(members)
 
 
+MERGED_SECTIONS = ("data", "teacher", "base_accuracy", "single", "failed")
+
+
+def merge_single(out_dir: Path, part_dir: Path, task: str) -> None:
+    """Move ``task``'s finished single-task step from ``part_dir`` (a ``--single-only`` build of
+    the same spec and base) into the build in ``out_dir``: its checkpoint and its records. Refuses
+    parts of another spec or base; a task already finished in ``out_dir`` is left alone."""
+    part = BuildState.read(part_dir)
+    main = BuildState(out_dir, part["spec_digest"], Path(part["base_model"]), fresh=False)
+    if main.get("single", task) is not None:
+        return
+    source = part_dir / "work" / "single" / task
+    if task in part.get("single", {}):
+        target = out_dir / "work" / "single" / task
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+    for section in MERGED_SECTIONS:  # "single" after "data": the checkpoint is in place
+        if task in part.get(section, {}):
+            main.put(section, task, part[section][task])
+
+
 @dataclass
 class BuildOutcome:
     """What the build produced; ``unmet`` lists tasks below their requirement or failed."""
@@ -54,9 +82,14 @@ class BuildOutcome:
 
 
 class AdapterBuilder:
+    """Runs a build. ``device`` (``cpu``, ``cuda``...) is where the base model trains; it is
+    not part of the spec, so a build may resume on another device (results then differ in the
+    last bits, as floating-point order does)."""
+
     def __init__(self, spec: BuildSpec, out_dir: Path, base_dir: Path,
-                 restart: bool = False) -> None:
+                 restart: bool = False, device: str = "cpu") -> None:
         self.spec, self.out_dir, self.base_dir = spec, out_dir, base_dir.resolve()
+        self.device = device
         check_sources(spec)
         if not (self.base_dir / "config.json").is_file():
             raise ModelLoadError(f"base model directory {self.base_dir} has no config.json")
@@ -72,7 +105,7 @@ class AdapterBuilder:
         from valora.training.outputs import write_outputs
 
         started = time.monotonic()
-        self.backbone = Backbone(self.base_dir, self.spec.training, self.spec.seed)
+        self.backbone = Backbone(self.base_dir, self.spec.training, self.spec.seed, self.device)
         self._load_tasks()
         self._timed("data", started)
         t = time.monotonic()
@@ -101,6 +134,20 @@ class AdapterBuilder:
         unmet = sorted(unmet + list(failed))
         return BuildOutcome(self.out_dir, manifest, result, failed, unmet)
 
+    def run_single_only(self, task: str) -> float:
+        """Only ``task``'s data, base accuracy and single-task adapter (the first, independent
+        phase of a build, so several processes can share it; ``merge_single`` then moves the
+        result into the main output directory). Returns the single-task accuracy."""
+        if task not in {t.name for t in self.spec.tasks}:
+            raise SpecError(f"--single-only: {task!r} is not a task of the spec")
+        self.backbone = Backbone(self.base_dir, self.spec.training, self.spec.seed, self.device)
+        self._load_tasks(only=task)
+        if task not in self.tasks:
+            raise DataError(f"task {task} failed: {self.state.get('failed', task)}")
+        self._base_accuracies()
+        self._single_adapters()
+        return float(self.state.get("single", task)["accuracy"])
+
     def requirement(self, task: str) -> float:
         """The task's requirement, raised to ``teacher_fraction`` × the teacher's accuracy."""
         spec = self.tasks[task].task
@@ -110,8 +157,9 @@ class AdapterBuilder:
         return max(spec.requirement, spec.teacher_fraction * teacher)
 
     # ----- steps ---------------------------------------------------------------------------
-    def _load_tasks(self) -> None:
-        for task in tqdm(self.spec.tasks, desc="load data", leave=False):
+    def _load_tasks(self, only: str | None = None) -> None:
+        tasks = [t for t in self.spec.tasks if only is None or t.name == only]
+        for task in tqdm(tasks, desc="load data", leave=False):
             try:
                 data = load_task(self.spec, task)
             except (DataError, TeacherError) as exc:

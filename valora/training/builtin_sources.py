@@ -8,8 +8,8 @@ lower-case Fashion-MNIST names, ``["face", "no face"]``).
 ``sklearn_digits``: ``every`` [n, r] keeps images whose index i has ``i % n == r``, ``not_every``
 [n, r] drops them (to split on the same indices as another model's training data); ``ink``
 ``dark`` (default: dark ink on light paper, as scikit-learn's gallery shows them) or ``light``.
-``fashion_mnist``: ``path`` (folder of the idx ``.gz`` files, default
-``/usr/share/datasets/fashion-mnist``), ``part`` (``train`` or ``t10k``).
+``fashion_mnist``: ``path`` (folder of the idx ``.gz`` files, default ``$VALORA_FASHION_MNIST_DIR``
+or else ``/usr/share/datasets/fashion-mnist``), ``part`` (``train`` or ``t10k``).
 ``face_scenes``: ``size`` (canvas pixels, 48), ``patch_range`` ([first, end) index range of the
 100 lfw faces and 100 non-faces to paste, default [0, 100]), ``patch_scale`` (side of the pasted
 patch as a fraction of the canvas, [low, high], default [0.45, 0.7]), ``scene_seed``.
@@ -18,6 +18,7 @@ patch as a fraction of the canvas, [low, high], default [0.45, 0.7]), ``scene_se
 from __future__ import annotations
 
 import gzip
+import os
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,7 +34,7 @@ from valora.training.sources import SourceContext, apply_limit, register
 DIGIT_NAMES = tuple(str(d) for d in range(10))
 FASHION_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                  "bag", "ankle boot")
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_DIR = Path(os.environ.get("VALORA_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FACE, NO_FACE = "face", "no face"
 # scikit-image photos without faces, used as scene backgrounds.
 BACKGROUNDS = ("brick", "grass", "gravel", "coffee", "chelsea", "rocket", "coins", "moon", "page",

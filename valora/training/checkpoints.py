@@ -55,6 +55,15 @@ class BuildState:
         out_dir.mkdir(parents=True, exist_ok=True)
         self._flush()
 
+    @staticmethod
+    def read(out_dir: Path) -> dict[str, Any]:
+        """The recorded state of the build in ``out_dir`` (``SpecError`` if there is none)."""
+        path = out_dir / STATE_FILE
+        if not path.is_file():
+            raise SpecError(f"{out_dir} holds no build ({STATE_FILE} is missing)")
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+
     def get(self, section: str, key: str) -> Any:
         return self.data.get(section, {}).get(key)
 

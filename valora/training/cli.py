@@ -1,4 +1,5 @@
-"""``valora adapters build SPEC [--out DIR] [--base DIR] [--restart] [--threads N]``.
+"""``valora adapters build SPEC [--out DIR] [--base DIR] [--restart] [--threads N] [--device D]
+[--jobs N] [--single-only TASK]``.
 
 Exit status: 0 when every task meets its requirement, 1 when the build finished but some task
 is below its requirement or failed (everything else is still written), 2 on a spec or input
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "embedded default model)")
     build.add_argument("--restart", action="store_true", help="discard a previous build in --out")
     build.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    build.add_argument("--device", default="cpu",
+                       help="torch device to train on: cpu (default), cuda, cuda:1...")
+    build.add_argument("--jobs", type=int, default=1,
+                       help="train the single-task adapters in this many processes at once")
+    build.add_argument("--single-only", default=None, metavar="TASK",
+                       help="only TASK's data, base accuracy and single-task adapter (what each "
+                            "--jobs child runs)")
     return parser
 
 
@@ -57,7 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec)
         base = _base_dir(args.base, spec.base, spec.root)
-        outcome = AdapterBuilder(spec, args.out, base, restart=args.restart).run()
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValoraError(f"--device {args.device}: CUDA is not available")
+        builder = AdapterBuilder(spec, args.out, base, restart=args.restart, device=args.device)
+        if args.single_only is not None:
+            accuracy = builder.run_single_only(args.single_only)
+            sys.stdout.write(f"{args.single_only}: single-task accuracy {accuracy:.4f}\n")
+            return 0
+        if args.jobs > 1:
+            from valora.training.parallel import PARTS_DIR, parallel_singles
+
+            if args.restart:
+                shutil.rmtree(args.out / PARTS_DIR, ignore_errors=True)
+            parallel_singles(args.spec, spec, args.out, base, args.jobs, args.device,
+                             args.threads)
+            # The children's results are on disk now: resume from them.
+            builder = AdapterBuilder(spec, args.out, base, device=args.device)
+        outcome = builder.run()
     except ValoraError as exc:
         sys.stderr.write(f"valora adapters: error: {exc}\n")
         return 2

@@ -101,8 +101,8 @@ def encode_split(backbone: Backbone, task: TaskSpec, labels: tuple[str, ...],
         answers.append(answer)
     chunks = [backbone.image_features([ex.image for ex in examples[i:i + batch_size]])
               for i in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False)]
-    features = torch.cat(chunks) if chunks else torch.zeros(0, backbone.num_image_tokens,
-                                                            backbone.hidden_size)
+    features = torch.cat(chunks) if chunks else torch.zeros(
+        0, backbone.num_image_tokens, backbone.hidden_size, device=backbone.device)
     targets = [_target(ex, task, labels) for ex in examples]
     return EncodedSplit(prompts, answers_ids, features, targets, answers)
 
@@ -133,7 +133,8 @@ def encode_task(backbone: Backbone, data: TaskData) -> EncodedTask:
 
 def make_batch(split: EncodedSplit, rows: Sequence[int], pad_id: int,
                with_answers: bool = True) -> Batch:
-    """Rows ``rows`` of ``split``; sequences are prompt (+ answer when ``with_answers``)."""
+    """Rows ``rows`` of ``split``; sequences are prompt (+ answer when ``with_answers``).
+    Tensors are on the device of ``split.features`` (the backbone's)."""
     seqs = [split.prompt_ids[r] + (split.answer_ids[r] if with_answers else []) for r in rows]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -141,10 +142,11 @@ def make_batch(split: EncodedSplit, rows: Sequence[int], pad_id: int,
     for i, seq in enumerate(seqs):
         ids[i, :len(seq)] = torch.tensor(seq)
         mask[i, :len(seq)] = 1
+    device = split.features.device
     prefix = None
     if split.prefix is not None and with_answers:
-        prefix = torch.zeros(len(rows), width, split.prefix[0].shape[-1])
+        prefix = torch.zeros(len(rows), width, split.prefix[0].shape[-1], device=device)
         for i, r in enumerate(rows):
             prefix[i, :split.prefix[r].shape[0]] = split.prefix[r]
-    return Batch(ids, mask, split.features[list(rows)], [len(split.prompt_ids[r]) for r in rows],
+    return Batch(ids.to(device), mask.to(device), split.features[list(rows)], [len(split.prompt_ids[r]) for r in rows],
                  [split.answer_ids[r] for r in rows], [split.targets[r] for r in rows], prefix)

@@ -62,7 +62,7 @@ def decode_split(backbone: Backbone, split: EncodedSplit, max_new_tokens: int,
     for rows_all in by_length.values():
         for start in range(0, len(rows_all), batch_size):
             rows = rows_all[start:start + batch_size]
-            ids = torch.tensor([split.prompt_ids[r] for r in rows])
+            ids = torch.tensor([split.prompt_ids[r] for r in rows], device=split.features.device)
             for row, tokens in zip(rows, backbone.greedy(ids, split.features[rows], max_new_tokens),
                                    strict=True):
                 texts[row] = backbone.decode_text(tokens)

@@ -49,7 +49,7 @@ def refit_head(backbone: Backbone, enc: EncodedTask, head: TaskHead, steps: int,
     head.train()
     for _ in range(steps):
         rows = torch.randint(0, len(targets), (BATCH_SIZE,), generator=generator)
-        loss = head.loss(head(inputs[rows]), [targets[int(r)] for r in rows])
+        loss = head.loss(head(inputs[rows.to(inputs.device)]), [targets[int(r)] for r in rows])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from valora.training.builder import AdapterBuilder
 
 
-def machine_description() -> str:
-    """CPU model, core count and torch thread count of this machine."""
+def machine_description(device: str = "cpu") -> str:
+    """CPU model, core count and torch thread count of this machine, plus the accelerator the
+    build trained on when ``device`` is not the CPU."""
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -29,8 +30,11 @@ def machine_description() -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return (f"{platform.node()}: {model}, {os.cpu_count()} logical CPUs, "
+    text = (f"{platform.node()}: {model}, {os.cpu_count()} logical CPUs, "
             f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    if device.startswith("cuda") and torch.cuda.is_available():
+        text += f"; trained on {device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return text
 
 
 def _pct(value: float | None) -> str:
@@ -94,11 +98,12 @@ def write_plot(manifest: dict[str, Any], path: Path) -> None:
 
 def write_report(builder: AdapterBuilder, result: PackingResult, manifest: dict[str, Any]) -> Path:
     out = builder.out_dir
+    machine = machine_description(str(getattr(builder, "device", "cpu")))
     timings = builder.state.section("timings_s")
     failed = manifest["failed"]
     lines = [
         "# Adapter build report", "",
-        f"- machine: {machine_description()}",
+        f"- machine: {machine}",
         f"- base model: `{manifest['base_model']}`; seed {manifest['seed']}",
         f"- tasks: {len(manifest['tasks'])} trained, {len(failed)} failed; "
         f"adapters: {len(manifest['adapters'])}; fusion attempts: {len(result.attempts)} "
@@ -122,6 +127,6 @@ def write_report(builder: AdapterBuilder, result: PackingResult, manifest: dict[
         lines += ["**Failed tasks**:", "", *[f"- {k}: {v}" for k, v in failed.items()], ""]
     (out / "report.md").write_text("\n".join(lines))
     write_plot(manifest, out / "report.png")
-    summary = {"machine": machine_description(), "timings_s": timings, "manifest": manifest}
+    summary = {"machine": machine, "timings_s": timings, "manifest": manifest}
     (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out / "report.md"

@@ -56,7 +56,7 @@ def new_head(enc: EncodedTask, backbone: Backbone, seed: int) -> TaskHead:
                     num_input_tokens=int(options.pop("num_input_tokens", default_window)),
                     pooling=pooling, params=options)
     torch.manual_seed(seed)
-    return build_task_head(spec)
+    return build_task_head(spec).to(backbone.device)
 
 
 class _RowSampler:
@@ -88,8 +88,10 @@ def text_loss(backbone: Backbone, hidden: torch.Tensor, batch: Batch) -> torch.T
             rows.append(i)
             cols.append(start + j - 1)
             targets.append(token)
-    logits = backbone.lm_head(hidden[torch.tensor(rows), torch.tensor(cols)])
-    return F.cross_entropy(logits, torch.tensor(targets))
+    device = hidden.device
+    logits = backbone.lm_head(hidden[torch.tensor(rows, device=device),
+                                     torch.tensor(cols, device=device)])
+    return F.cross_entropy(logits, torch.tensor(targets, device=device))
 
 
 def head_input(hidden: torch.Tensor, batch: Batch, head: TaskHead) -> torch.Tensor:
@@ -122,11 +124,12 @@ def train_adapter(backbone: Backbone, tasks: Mapping[str, EncodedTask], init: Ad
         heads: dict[str, TaskHead] = {}
     else:
         backbone.load_lora_state(init.lora)
-        heads = copy.deepcopy(init.heads)
+        heads = {name: copy.deepcopy(h).to(backbone.device) for name, h in init.heads.items()}
     enc_new = tasks[new_task]
     if enc_new.task.bounded:
         warm = (warm_heads or {}).get(new_task)
-        heads[new_task] = new_head(enc_new, backbone, seed) if warm is None else copy.deepcopy(warm)
+        heads[new_task] = (new_head(enc_new, backbone, seed) if warm is None
+                           else copy.deepcopy(warm).to(backbone.device))
     lora_params = backbone.lora_parameters()
     head_params = [p for h in heads.values() for p in h.parameters()]
     groups: list[dict[str, object]] = [{"params": lora_params, "lr": spec.learning_rate}]
