@@ -1,4 +1,4 @@
-"""WeightSwitcher on a CUDA device: the fused in-place GEMM path rounds like the fp32 reference,
+"""WeightSwitcher on a CUDA device: the Triton in-place merge kernel rounds like the fp32 reference,
 and unmerge restores bit-exactly from device or pinned host pristine copies."""
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ def _layer_weights(out_features: int, in_features: int, rank: int, compute: str,
 
 
 @pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008)])
-def test_fused_gemm_merge_matches_fp32_reference_rounding(shape: tuple[int, int]) -> None:
-    fused_weight, fused = _layer_weights(*shape, 16, "fused", None)
+def test_triton_merge_matches_fp32_reference_rounding(shape: tuple[int, int]) -> None:
+    # (cuBLAS addmm_, compute="fused", failed this test on an H200: not one rounding.)
+    fused_weight, fused = _layer_weights(*shape, 16, "triton", None)
     chunked_weight, chunked = _layer_weights(*shape, 16, "chunked", None)
     fused.merge(1, "a")
     chunked.merge(1, "a")

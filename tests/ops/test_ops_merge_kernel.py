@@ -1,0 +1,71 @@
+"""The low-rank in-place update kernel against its PyTorch twin (CPU interpreter; GPU too)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from valora.errors import ValoraError
+from valora.ops.merge_kernel import (lowrank_update, lowrank_update_reference,
+                                     lowrank_update_triton)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _case(m: int, n: int, r: int, dtype: torch.dtype, device: str, seed: int,
+          factor_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    fdt = factor_dtype or dtype
+    w = torch.randn(m, n, generator=gen).to(dtype).to(device)
+    b = (torch.randn(m, r, generator=gen) * 0.1).to(fdt).to(device)
+    a = torch.randn(r, n, generator=gen).to(fdt).to(device)
+    return w, b, a
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(48, 80, 3), (130, 64, 16), (33, 257, 1), (64, 200, 64)])
+def test_triton_matches_reference(device: str, dtype: torch.dtype,
+                                  shape: tuple[int, int, int]) -> None:
+    m, n, r = shape
+    w, b, a = _case(m, n, r, dtype, device, seed=m * n + r)
+    expected = w.clone()
+    lowrank_update_reference(expected, b, a, alpha=-1.75)
+    before = w.clone()
+    lowrank_update_triton(w, b, a, alpha=-1.75, block_m=32, block_n=64, num_warps=4)
+    ref = expected.double()
+    if dtype == torch.float32:
+        torch.testing.assert_close(w.double(), ref, rtol=1e-5, atol=1e-5)
+    else:
+        # Same fp32 value up to summation order, one rounding: at most one unit in the last place.
+        # (+1e-4: fp32 summation-order noise where W and the delta cancel)
+        ulp = ref.abs() * (2.0**-7 if dtype == torch.bfloat16 else 2.0**-10) + 1e-4
+        assert bool(((w.double() - ref).abs() <= ulp).all())
+        if device == "cuda":  # the CPU interpreter truncates fp32 -> bf16 instead of rounding
+            assert float((w != expected).double().mean()) < 0.01
+    assert not torch.equal(w, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_and_mixed_factor_dtypes(device: str) -> None:
+    w, b, a = _case(40, 72, 8, torch.bfloat16, device, seed=1, factor_dtype=torch.float32)
+    wide_b = torch.zeros(40, 16, device=device)
+    wide_b[:, :8] = b
+    b_view = wide_b[:, :8]  # non-contiguous rank axis, as a slot slice is
+    expected = w.clone()
+    lowrank_update_reference(expected, b_view, a, alpha=0.5)
+    lowrank_update(w, b_view, a, alpha=0.5, backend="triton")
+    ulp = expected.double().abs() * 2.0**-7 + 1e-30
+    assert bool(((w.double() - expected.double()).abs() <= ulp).all())
+
+
+def test_bad_input_is_rejected() -> None:
+    w, b, a = _case(8, 8, 2, torch.bfloat16, "cpu", seed=2)
+    with pytest.raises(ValoraError, match="shapes disagree"):
+        lowrank_update_triton(w, b[:4], a, 1.0)
+    with pytest.raises(ValoraError, match="2-D"):
+        lowrank_update_reference(w[0], b, a, 1.0)
+    with pytest.raises(ValoraError, match="dtype"):
+        lowrank_update_reference(w.to(torch.int32), b, a, 1.0)
+    with pytest.raises(ValoraError, match="backend"):
+        lowrank_update(w, b, a, 1.0, backend="cublas")
