@@ -5,10 +5,17 @@ valora is benched at the model level: dummy weights (``load_format="dummy"``), t
 attention backend, the Triton LoRA backend, and decode steps replayed from ``CudaGraphRunner``
 graphs over our own ``ForwardBatch`` es (the engine's model runner does not call the graph
 runner yet). Each row: median/min/max ms per step (CUDA events, after warm-up), the floor (bytes
-that must move over the measured copy bandwidth) and the ratio. ``fused`` rows repeat the decode
-grid with the bench-local fused RMSNorm/rotary/SiLU kernels of ``fused_layers.py``.
+that must move over the measured copy bandwidth) and the ratio.
 
-    python bench/model/bench_decode.py --out DIR [--sha SHA] [--skip-hf] [--tiny CKPT_DIR]
+``--layers`` picks the per-layer op implementations to bench (default both): ``stock`` rows run
+valora's PyTorch twins (``VALORA_FUSED_LAYERS=0``), ``fused`` rows the in-package Triton kernels
+(residual add + RMSNorm, q/k rotary in one launch, SiLU-and-mul; valora's default on CUDA). The
+fused rows are preceded by a kernel-vs-twin check at 7B shapes; a ``kernels`` section counts the
+CUDA kernels of one eager decode step per decoder layer in each mode. The no-graph point and the
+prefill run with the last mode listed.
+
+    python bench/model/bench_decode.py --out DIR [--sha SHA] [--layers stock,fused] [--skip-hf]
+        [--tiny CKPT_DIR]
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload as wl
+from fused_layers import LABEL_MODES, check_against_stock, kernels_per_step
 from summary import write_summary
 
 import valora.layers.attention_triton  # noqa: F401  (registers "triton")
 from valora.engine.cuda_graph import CudaGraphRunner
+from valora.layers.fused_select import fused_layers
 from valora.models.loader import load_model
 
 CONFIG_DIR = Path(__file__).resolve().parent / "llava-1.5-7b"
@@ -94,6 +103,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
                  ceil: dict[str, float], rec: Recorder, label: str, repeats: int) -> None:
+    """The decode grid with the per-layer ops of ``label`` (captured and replayed in that mode)."""
+    with fused_layers(LABEL_MODES[label]):
+        _bench_decode(model, pool, ranks, batches, ceil, rec, label, repeats)
+
+
+def _bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
+                  ceil: dict[str, float], rec: Recorder, label: str, repeats: int) -> None:
     device = model.device
     runner = CudaGraphRunner(model, max(batches), max_context=4096, page_size=wl.PAGE_SIZE,
                              num_lora_slots=NUM_SLOTS, variants=("base", "lora"),
@@ -138,7 +154,7 @@ def bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[in
 
 
 def bench_eager_decode(model: Any, pool: wl.KVPool, batch: int, ceil: dict[str, float],
-                       rec: Recorder, repeats: int) -> None:
+                       rec: Recorder, repeats: int, layers: str) -> None:
     """One reference point without graphs: what launch overhead costs."""
     pool.reset()
     step = wl.decode_step(model, pool, [CONTEXT] * batch, [-1] * batch, NUM_SLOTS, "triton")
@@ -147,14 +163,31 @@ def bench_eager_decode(model: Any, pool: wl.KVPool, batch: int, ceil: dict[str, 
         with torch.inference_mode():
             model.compute_logits(model.forward(step.batch))
 
-    samples = time_ms(run, model.device, repeats)
+    with fused_layers(LABEL_MODES[layers]):
+        samples = time_ms(run, model.device, repeats)
     rec.emit({"section": "decode", "label": "eager_no_graph", "scenario": "base", "batch": batch,
-              "median_ms": statistics.median(samples), "min_ms": min(samples),
-              "max_ms": max(samples)})
+              "layers": layers, "median_ms": statistics.median(samples),
+              "min_ms": min(samples), "max_ms": max(samples)})
+
+
+def count_kernels(model: Any, pool: wl.KVPool, batch: int, labels: list[str],
+                  rec: Recorder) -> None:
+    """CUDA kernels of one eager base decode step (incl. LM head) per mode, and per layer."""
+    pool.reset()
+    step = wl.decode_step(model, pool, [CONTEXT] * batch, [-1] * batch, NUM_SLOTS, "triton")
+
+    def run() -> None:
+        with torch.inference_mode():
+            model.compute_logits(model.forward(step.batch))
+
+    for label in labels:
+        count = kernels_per_step(run, LABEL_MODES[label])
+        rec.emit({"section": "kernels", "label": label, "batch": batch,
+                  "kernels_per_step": count, "per_layer": count / model.spec.num_layers})
 
 
 def bench_prefill(model: Any, pool: wl.KVPool, prompts: int, ceil: dict[str, float],
-                  rec: Recorder, repeats: int) -> None:
+                  rec: Recorder, repeats: int, layers: str) -> None:
     """Image prompts: vision tower + projector for ``prompts`` images, then the decoder prefill
     of ``prompts`` × 600 tokens (576 image rows each); floor = flops / measured matmul rate."""
     spec = model.spec
@@ -171,7 +204,8 @@ def bench_prefill(model: Any, pool: wl.KVPool, prompts: int, ceil: dict[str, flo
             batch.image_embeds = embeds.reshape(-1, embeds.shape[-1])
             model.compute_logits(model.forward(batch).index_select(0, batch.logits_indices))
 
-    samples = time_ms(run, model.device, repeats, warmup=2)
+    with fused_layers(LABEL_MODES[layers]):
+        samples = time_ms(run, model.device, repeats, warmup=2)
     tokens = prompts * CONTEXT
     vision_params = sum(p.numel() for p in model.vision_tower.parameters())
     decoder_params = wl.decoder_bytes(model) // 2
@@ -179,7 +213,7 @@ def bench_prefill(model: Any, pool: wl.KVPool, prompts: int, ceil: dict[str, flo
     flops += 2 * 2 * spec.num_layers * spec.hidden_size * prompts * CONTEXT * CONTEXT // 2
     floor_ms = flops / ceil["bf16_flops_per_s"] * 1e3
     median = statistics.median(samples)
-    rec.emit({"section": "prefill", "label": "stock", "prompts": prompts, "tokens": tokens,
+    rec.emit({"section": "prefill", "label": layers, "prompts": prompts, "tokens": tokens,
               "median_ms": median, "min_ms": min(samples), "max_ms": max(samples),
               "tokens_per_s": tokens / (median * 1e-3), "floor_ms": floor_ms,
               "over_floor": median / floor_ms, "flops": flops})
@@ -193,7 +227,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--hf-batches", default="1,8,32")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--skip-fused", action="store_true")
+    parser.add_argument("--layers", default="stock,fused",
+                        help="comma list of per-layer op modes to bench: stock, fused")
+    parser.add_argument("--skip-fused", action="store_true", help="same as --layers stock")
     parser.add_argument("--tiny", type=Path, help="a tiny checkpoint: exercise the script only")
     return parser.parse_args()
 
@@ -230,7 +266,28 @@ def main() -> None:
             max(3, args.repeats // 4), spec, lambda row: rec.emit({"section": "peer", **row})),
             rec)
     write_summary(rec.rows, args.out / "summary.md")
+    print(kernel_table(rec.rows))
     print((args.out / "summary.md").read_text())
+
+
+def kernel_table(rows: list[dict[str, Any]]) -> str:
+    """Kernel counts and the base decode figure at batch 32 per mode (printed before the bars)."""
+    lines = ["| layers | kernels/step (eager) | per layer | base @32 ms | × floor |",
+             "| --- | --- | --- | --- | --- |"]
+    for label in LABEL_MODES:
+        count = next((r for r in rows if r.get("section") == "kernels"
+                      and r.get("label") == label), None)
+        step = next((r for r in rows if r.get("section") == "decode" and r.get("label") == label
+                     and r.get("scenario") == "base" and r.get("batch") == 32), None)
+        if count is None and step is None:
+            continue
+        cells = [label,
+                 str(count["kernels_per_step"]) if count else "",
+                 f"{count['per_layer']:.1f}" if count else "",
+                 f"{step['median_ms']:.3f}" if step else "",
+                 f"{step['over_floor']:.2f}" if step else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def run_valora(config_dir: Path, device: torch.device, dtype: torch.dtype, batches: list[int],
@@ -243,33 +300,42 @@ def run_valora(config_dir: Path, device: torch.device, dtype: torch.dtype, batch
     pages_per_seq = -(-(CONTEXT + 11) // wl.PAGE_SIZE)
     pool = wl.KVPool(model, max(batches) * pages_per_seq + 8 * pages_per_seq + 1, seed=2)
     small = min(32, max(batches))
-    sections: list[tuple[str, Callable[[], None]]] = [
-        ("decode_stock", lambda: bench_decode(model, pool, ranks, batches, ceil, rec, "stock",
-                                              args.repeats)),
-        ("decode_eager", lambda: bench_eager_decode(model, pool, small, ceil, rec, args.repeats)),
-        ("prefill", lambda: bench_prefill(model, pool, 4, ceil, rec, max(3, args.repeats // 4))),
+    labels = ["stock"] if args.skip_fused else [x for x in args.layers.split(",") if x]
+    unknown = set(labels) - set(LABEL_MODES)
+    if unknown:
+        raise SystemExit(f"--layers: unknown {sorted(unknown)}; known: {sorted(LABEL_MODES)}")
+    last = labels[-1]
+    sections: list[tuple[str, Callable[[], None]]] = []
+    for label in labels:
+        sections.append((f"decode_{label}", lambda label=label: decode_section(
+            model, pool, ranks, batches, ceil, rec, label, args.repeats)))
+    if device.type == "cuda":
+        sections.append(("kernels", lambda: count_kernels(model, pool, small, labels, rec)))
+    sections += [
+        ("decode_eager", lambda: bench_eager_decode(model, pool, small, ceil, rec, args.repeats,
+                                                    last)),
+        ("prefill", lambda: bench_prefill(model, pool, 4, ceil, rec, max(3, args.repeats // 4),
+                                          last)),
     ]
-    if not args.skip_fused:
-        sections.append(("decode_fused", lambda: fused_section(model, pool, ranks, batches, ceil,
-                                                               rec, args.repeats)))
     for label, section in sections:
         run_section(label, section, rec)
 
 
-def fused_section(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
-                  ceil: dict[str, float], rec: Recorder, repeats: int) -> None:
-    import fused_layers
-
-    errors = fused_layers.check_against_stock(model.device, model.dtype)
-    rec.emit({"section": "fused_check", **errors})
-    if max(errors.values()) > 1e-2:
-        raise RuntimeError(f"fused kernels disagree with the stock layers: {errors}")
-    fused_layers.install()
-    try:
+def decode_section(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
+                   ceil: dict[str, float], rec: Recorder, label: str, repeats: int) -> None:
+    """The decode grid in one mode; the fused grid only after its kernels pass the check."""
+    if label == "fused":
+        errors = check_against_stock(model.device, model.dtype)
+        rec.emit({"section": "fused_check", **errors})
+        if max(errors.values()) > 1e-2:
+            raise RuntimeError(f"fused kernels disagree with the stock layers: {errors}")
+    if device_is_cuda(model):
         torch.cuda.empty_cache()
-        bench_decode(model, pool, ranks, batches, ceil, rec, "fused", repeats)
-    finally:
-        fused_layers.uninstall()
+    bench_decode(model, pool, ranks, batches, ceil, rec, label, repeats)
+
+
+def device_is_cuda(model: Any) -> bool:
+    return bool(model.device.type == "cuda")
 
 
 def run_section(label: str, section: Callable[[], None], rec: Recorder) -> None:

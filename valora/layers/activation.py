@@ -7,6 +7,10 @@
 - ``gelu_pytorch_tanh``: tanh-approximated GELU
 - ``quick_gelu``: ``x * sigmoid(1.702 x)`` (OpenAI CLIP)
 - ``relu``
+
+``silu_and_mul`` runs one Triton kernel (``fused_kernels.silu_and_mul``) where ``fused_select``
+allows it, else the PyTorch twin ``silu_and_mul_torch``; both round ``silu(gate)`` to the dtype
+before the product.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from valora.errors import ModelLoadError
+from valora.layers import fused_select
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -56,4 +61,14 @@ def act_and_mul(x: torch.Tensor, act: Activation = F.silu) -> torch.Tensor:
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for a fused ``[..., 2 * d]`` (gate, up) tensor."""
+    if x.dim() >= 1 and x.shape[-1] % 2 == 0 and fused_select.usable(x):
+        from valora.layers import fused_kernels
+
+        y = fused_kernels.silu_and_mul(x.reshape(-1, x.shape[-1]))
+        return y.view(*x.shape[:-1], x.shape[-1] // 2)
+    return silu_and_mul_torch(x)
+
+
+def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
+    """The PyTorch twin of ``silu_and_mul`` (the reference semantics)."""
     return act_and_mul(x, F.silu)

@@ -1,14 +1,42 @@
-"""Root-mean-square layer norm, computed in float32 whatever the model dtype.
+"""Root-mean-square layer norm, computed in float32 whatever the model dtype, optionally fused
+with the residual add that precedes it in a pre-norm decoder.
 
 Semantics (matches Hugging Face's Llama ``RMSNorm`` bit for bit in float32)::
 
-    y = weight * (x.float() * rsqrt(mean(x.float()², -1) + eps)).to(x.dtype)
+    rms_norm(x)            = weight * (x.float() * rsqrt(mean(x.float()², -1) + eps)).to(x.dtype)
+    add_rms_norm(x, res)   = (rms_norm(s), s)   with  s = res + x   (rounded to the dtype)
+
+``forward`` / ``forward_add`` run one Triton kernel (``fused_kernels``) where ``fused_select``
+allows it, else the PyTorch twins ``rms_norm_torch`` / ``add_rms_norm_torch`` below; the residual
+is returned as a new tensor, never updated in place.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from valora.layers import fused_select
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The PyTorch twin of the RMSNorm kernel (the reference semantics)."""
+    x32 = x.float()
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch twin of the fused residual-add + RMSNorm kernel."""
+    total = residual + x
+    return rms_norm_torch(total, weight, eps), total
+
+
+def _fits_kernel(x: torch.Tensor) -> bool:
+    from valora.layers.fused_kernels import MAX_NORM_WIDTH
+
+    return x.dim() >= 1 and 0 < x.shape[-1] <= MAX_NORM_WIDTH
 
 
 class RMSNorm(nn.Module):
@@ -20,9 +48,26 @@ class RMSNorm(nn.Module):
         self.eps = float(eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        variance = x32.pow(2).mean(-1, keepdim=True)
-        return self.weight * (x32 * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        if fused_select.usable(x, self.weight) and _fits_kernel(x):
+            from valora.layers import fused_kernels
+
+            y, _ = fused_kernels.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps)
+            return y.view(x.shape)
+        return rms_norm_torch(x, self.weight, self.eps)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rms_norm(residual + x), residual + x)``; one kernel where the kernels serve."""
+        if (x.shape == residual.shape and fused_select.usable(x, residual, self.weight)
+                and _fits_kernel(x)):
+            from valora.layers import fused_kernels
+
+            width = x.shape[-1]
+            y, total = fused_kernels.rms_norm(x.reshape(-1, width), self.weight, self.eps,
+                                              residual.reshape(-1, width))
+            assert total is not None
+            return y.view(x.shape), total.view(x.shape)
+        return add_rms_norm_torch(x, residual, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

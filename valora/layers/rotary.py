@@ -10,7 +10,12 @@ Semantics, per token ``t`` at position ``p`` and head vector ``x`` of width ``D`
 ``longrope``): there a sequence whose context length (``seq_lens``, cached + new tokens) exceeds
 the scheme's threshold rotates its new tokens with the frequencies for that length. Keys already
 in the cache keep the rotation they were written with, as in Hugging Face's cached decoding.
-cos/sin are computed in float32 once per forward pass and shared by all layers.
+cos/sin are computed in float32 once per forward pass and shared by all layers; every RoPE
+scaling scheme lives in them, so ``apply_rotary`` is the same for all schemes.
+
+``apply_rotary`` rotates q and k in one Triton launch (``fused_kernels.rotary``: float32 maths,
+rounded once) where ``fused_select`` allows it, else runs the PyTorch twin ``apply_rotary_torch``
+(which rounds each product in the model dtype, as Hugging Face does).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 
 from valora.forward_batch import AttentionMetadata
+from valora.layers import fused_select
 from valora.layers.rope_scaling import RopeConfig, compute_inv_freq
 
 
@@ -30,7 +36,26 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(
     query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate ``query [T, H, D]`` and ``key [T, KV, D]`` by per-token ``cos``/``sin [T, D]``."""
+    """Rotate ``query [T, H, D]`` and ``key [T, KV, D]`` by per-token ``cos``/``sin [T, D]``.
+
+    Any token/head strides are accepted (q/k are usually column slices of the fused qkv output);
+    the kernel path returns contiguous tensors.
+    """
+    if (query.dim() == 3 and key.dim() == 3 and cos.dim() == 2 and sin.dim() == 2
+            and query.shape[2] % 2 == 0 and key.shape[2] == query.shape[2]
+            and key.shape[0] == query.shape[0] and cos.shape == sin.shape
+            and cos.shape == (query.shape[0], query.shape[2])
+            and fused_select.usable(query, key, cos, sin)):
+        from valora.layers import fused_kernels
+
+        return fused_kernels.rotary(query, key, cos, sin)
+    return apply_rotary_torch(query, key, cos, sin)
+
+
+def apply_rotary_torch(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch twin of ``apply_rotary`` (the reference semantics)."""
     cos = cos.unsqueeze(1)
     sin = sin.unsqueeze(1)
     return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin

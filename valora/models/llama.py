@@ -5,6 +5,10 @@ One decoder layer (``T`` flat tokens of every sequence in the step)::
     x = h + o_proj(attention(rope(qkv_proj(rms_norm(h)))))          # paged, causal, GQA
     h = x + down_proj(silu(gate) * up),  (gate, up) = gate_up_proj(rms_norm(x))
 
+Each residual add is fused into the RMSNorm that follows it (``RMSNorm.forward_add``): a layer
+takes and returns ``(delta, residual)`` with hidden state ``h = residual + delta``, the next
+layer's input norm (or the final norm) performs the add. Same values and roundings as above.
+
 ``qkv_proj`` fuses the checkpoint's q/k/v projections and ``gate_up_proj`` its gate/up
 projections (rows stacked in that order); each linear applies per-token LoRA deltas from the
 step's ``ForwardBatch``. The decoder returns final-normed hidden states of every token.
@@ -75,10 +79,18 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
-                kv_cache: KVCache, plan: object) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch, kv_cache, plan)
-        return h + self.mlp(self.post_attention_layernorm(h), batch)
+    def forward(self, delta: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, batch: ForwardBatch, kv_cache: KVCache, plan: object
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input hidden state ``residual + delta`` (just ``delta`` when ``residual`` is None);
+        returns the output hidden state as ``(delta', residual')`` with the same meaning."""
+        if residual is None:
+            x, residual = self.input_layernorm(delta), delta
+        else:
+            x, residual = self.input_layernorm.forward_add(delta, residual)
+        attn = self.self_attn(x, cos, sin, batch, kv_cache, plan)
+        x, residual = self.post_attention_layernorm.forward_add(attn, residual)
+        return self.mlp(x, batch), residual
 
     def fused_linears(self) -> tuple[FusedLinear, ...]:
         return (self.self_attn.qkv_proj, self.self_attn.o_proj,
@@ -102,10 +114,12 @@ class LlamaDecoder(nn.Module):
         """Final-normed hidden states ``[T, hidden]`` from input embeddings ``[T, hidden]``."""
         cos, sin = self.rotary.cos_sin(batch.positions, batch.attn, embeds.dtype)
         plan = self.backend.plan(batch.attn)
-        h = embeds
+        delta, residual = embeds, None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h = layer(h, cos, sin, batch, kv_cache, plan)
-        return self.norm(h)
+            delta, residual = layer(delta, residual, cos, sin, batch, kv_cache, plan)
+        if residual is None:
+            return self.norm(delta)
+        return self.norm.forward_add(delta, residual)[0]
 
     def lora_targets(self) -> dict[tuple[int, str], LoRATarget]:
         """``(layer, PEFT module name) -> (fused linear, slice index)`` for every layer."""
