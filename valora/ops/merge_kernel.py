@@ -73,14 +73,15 @@ def lowrank_update_triton(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alp
     a, b = a.to(factor_dtype), b.to(factor_dtype)
     m, n = w.shape
     rank = a.shape[0]
+    upcast = factor_dtype != torch.float32 and kernels_interpreted()
     block_r = max(16, triton.next_power_of_2(rank))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     lowrank_update_kernel[grid](
         w, b, a, float(alpha), m, n, rank,
         w.stride(0), w.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        IEEE=factor_dtype == torch.float32,
-        UPCAST=factor_dtype != torch.float32 and kernels_interpreted(), num_warps=num_warps)
+        PRECISION="ieee" if factor_dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
+        num_warps=num_warps)
 
 
 def lowrank_update(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float,

@@ -13,7 +13,7 @@ import triton.language as tl
 def lowrank_update_kernel(
     w_ptr, b_ptr, a_ptr, alpha, m, n, rank,
     stride_wm, stride_wn, stride_bm, stride_br, stride_ar, stride_an,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """One ``BLOCK_M × BLOCK_N`` tile of ``W``: ``W = round(W + alpha · B[rows] @ A[:, cols])``.
@@ -35,10 +35,7 @@ def lowrank_update_kernel(
     if UPCAST:  # the CPU interpreter multiplies half blocks wrongly; exact in fp32
         b = b.to(tl.float32)
         a = a.to(tl.float32)
-    if IEEE or UPCAST:
-        delta = tl.dot(b, a, input_precision="ieee")
-    else:
-        delta = tl.dot(b, a)
+    delta = tl.dot(b, a, input_precision=PRECISION)
     w_ptrs = w_ptr + rows[:, None] * stride_wm + cols[None, :] * stride_wn
     mask = row_ok[:, None] & col_ok[None, :]
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
