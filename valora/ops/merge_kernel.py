@@ -57,9 +57,18 @@ def lowrank_update_reference(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, 
 
 
 def lowrank_update_triton(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float,
-                          block_m: int = 128, block_n: int = 128, num_warps: int = 8) -> None:
-    """``w = round(w + alpha · b @ a)`` in place, one Triton launch (see module docstring)."""
+                          block_m: int | None = None, block_n: int | None = None,
+                          num_warps: int | None = None) -> None:
+    """``w = round(w + alpha · b @ a)`` in place, one Triton launch (see module docstring).
+
+    Tiles default by rank: 64×256 with 8 warps up to rank 32, else 64×128 with 4 warps — the
+    best whole-model merges of a tile sweep on an H200 (``bench/orchestrator/merge_kernel_sweep.py``,
+    ``bench/results/serve/merge-sweep-h200.jsonl``)."""
     check_lowrank_update(w, b, a)
+    small = a.shape[0] <= 32
+    block_m = block_m or 64
+    block_n = block_n or (256 if small else 128)
+    num_warps = num_warps or (8 if small else 4)
     if w.numel() == 0:
         return
     import triton
