@@ -127,8 +127,9 @@ class WeightSwitcher:
     ) -> None:
         if restore not in ("pristine", "resync"):
             raise ValoraError(f"restore must be 'pristine' or 'resync', got {restore!r}")
-        if compute not in ("auto", "fused", "chunked"):
-            raise ValoraError(f"compute must be 'auto', 'fused' or 'chunked', got {compute!r}")
+        if compute not in ("auto", "triton", "fused", "chunked"):
+            raise ValoraError(
+                f"compute must be 'auto', 'triton', 'fused' or 'chunked', got {compute!r}")
         if resync_every < 1:
             raise ValoraError(f"resync_every must be >= 1, got {resync_every}")
         missing = sorted(set(slot_map) - set(base_weights))
@@ -266,7 +267,9 @@ class WeightSwitcher:
         alpha = sign * delta.scale
         if self._compute == "triton" or (self._compute == "auto" and dst.is_cuda
                                          and _triton_available()):
-            lowrank_update_triton(dst, delta.b, delta.a, alpha)
+            # B is a rank-prefix view of the slot (row stride = the slots' storage rank): a
+            # contiguous copy is a few hundred KB and gives the kernel dense rows.
+            lowrank_update_triton(dst, delta.b.contiguous(), delta.a.contiguous(), alpha)
             return
         fused = self._compute == "fused" or (self._compute == "auto" and dst.is_cuda)
         if dst.dtype == torch.float32 or fused:
