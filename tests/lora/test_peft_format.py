@@ -270,3 +270,20 @@ def test_rank_limit(adapter_dir: Path, base_shapes: BaseModelShapes) -> None:
     with pytest.raises(InvalidAdapterError, match="rank 4 exceeds max_lora_rank=2"):
         load_peft_adapter("a", adapter_dir, base_shapes, max_rank=2)
     assert load_peft_adapter("a", adapter_dir, base_shapes, max_rank=4).rank == 4
+
+
+def test_loaded_weights_survive_an_in_place_rewrite_of_the_file(
+        adapter_dir: Path, base_shapes: BaseModelShapes, tmp_path: Path) -> None:
+    """The decoded tensors own their memory: rewriting the weights file in place (same inode,
+    same size) after loading changes neither the tensors nor the digest's meaning."""
+    path = copy_adapter(adapter_dir, tmp_path / "a")
+    adapter = load_peft_adapter("a", path, base_shapes)
+    before = {key: (m.a.clone(), m.b.clone()) for key, m in adapter.modules.items()}
+    data = bytearray((path / WEIGHTS).read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header:] = bytes(len(data) - header)  # zero every tensor byte, same file size
+    with (path / WEIGHTS).open("r+b") as f:
+        f.write(data)
+    assert all(bool((t == 0).all()) for t in load_file(str(path / WEIGHTS)).values())
+    for key, module in adapter.modules.items():
+        assert torch.equal(module.a, before[key][0]) and torch.equal(module.b, before[key][1])

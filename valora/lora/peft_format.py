@@ -182,9 +182,11 @@ def _read_tensors(name: str, directory: Path) -> dict[str, torch.Tensor]:
     safetensors_path, bin_path = directory / SAFETENSORS_FILE, directory / BIN_FILE
     try:
         if safetensors_path.is_file():
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            tensors: object = load_file(str(safetensors_path), device="cpu")
+            # Decoded from bytes read once, not memory-mapped: the tensors must not change if the
+            # file is rewritten in place while the adapter is registered (its digest is of these).
+            tensors: object = load(safetensors_path.read_bytes())
         elif bin_path.is_file():
             tensors = torch.load(str(bin_path), map_location="cpu", weights_only=True)
         else:
