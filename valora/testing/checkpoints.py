@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -64,7 +64,6 @@ def build_tiny_llava(directory: str | Path, spec: TinySpec | None = None) -> Pat
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -85,21 +84,7 @@ def build_tiny_llava(directory: str | Path, spec: TinySpec | None = None) -> Pat
         projection_dim=spec.vision_hidden,
         hidden_act="quick_gelu",
     )
-    text = LlamaConfig(
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=spec.max_position_embeddings,
-        rope_parameters=_rope_parameters(spec),
-        tie_word_embeddings=spec.tie_word_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        rms_norm_eps=1e-5,
-    )
+    text = _llama_config(spec, tokenizer, rms_norm_eps=1e-5)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -111,9 +96,7 @@ def build_tiny_llava(directory: str | Path, spec: TinySpec | None = None) -> Pat
     )
     torch.manual_seed(spec.seed)
     model = LlavaForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # larger than HF's init so that layers matter in the logits
-            p.normal_(0.0, 0.08) if p.dim() > 1 else p.uniform_(0.8, 1.2)
+    _randomize(model)
     model.save_pretrained(str(out))
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": spec.image_size},
@@ -135,15 +118,11 @@ def build_tiny_llava(directory: str | Path, spec: TinySpec | None = None) -> Pat
     return out
 
 
-def build_tiny_llama(directory: str | Path, spec: TinySpec | None = None) -> Path:
-    """Write a random tiny text-only ``LlamaForCausalLM`` checkpoint with tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _llama_config(spec: TinySpec, tokenizer: Any, **extra: Any) -> Any:
+    """The tiny Llama decoder config shared by the text-only and LLaVA builders."""
+    from transformers import LlamaConfig
 
-    spec = spec or TinySpec()
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = save_tokenizer(out, spec.vocab_size)
-    config = LlamaConfig(
+    return LlamaConfig(
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers,
@@ -156,12 +135,30 @@ def build_tiny_llama(directory: str | Path, spec: TinySpec | None = None) -> Pat
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
-    torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config).eval()
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Weights ~ N(0, 0.08) (larger than HF's init, so that every layer matters in the logits),
+    1-D parameters (norm scales, biases) ~ U(0.8, 1.2)."""
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.08) if p.dim() > 1 else p.uniform_(0.8, 1.2)
+
+
+def build_tiny_llama(directory: str | Path, spec: TinySpec | None = None) -> Path:
+    """Write a random tiny text-only ``LlamaForCausalLM`` checkpoint with tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    spec = spec or TinySpec()
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = save_tokenizer(out, spec.vocab_size)
+    config = _llama_config(spec, tokenizer)
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config).eval()
+    _randomize(model)
     model.save_pretrained(str(out))
     return out
 
