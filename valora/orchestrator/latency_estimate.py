@@ -95,9 +95,12 @@ class LatencyEstimator:
 
     def objective(self, choice: ModeChoice, served: Sequence[RequestView],
                   excluded: Sequence[RequestView], seats: int, switch_s: float,
-                  switch_back_s: float, now: float) -> float:
-        """Mean estimated latency (+ target penalty) of ``served`` then ``excluded`` requests."""
-        first = self.completion_times(served, seats - len(excluded), choice, switch_s)
+                  switch_back_s: float, now: float, held_seats: int = 0) -> float:
+        """Mean estimated latency (+ target penalty) of ``served`` then ``excluded`` requests.
+
+        ``held_seats``: seats phase 1 cannot use (running requests the candidate defers keep
+        their KV pages); excluded *waiting* requests hold none."""
+        first = self.completion_times(served, seats - held_seats, choice, switch_s)
         second: list[float] = []
         if excluded:
             phase_end = max(first, default=switch_s)

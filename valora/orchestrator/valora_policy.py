@@ -125,7 +125,8 @@ class ValoraPolicy:
         seats = len(view.running) + view.free_seats
         switch_s = self._switch_s(view, state, choice)
         back_s = self._bytes_switch_s(view, choice.merged)
-        cost = estimator.objective(choice, served, excluded, seats, switch_s, back_s, now)
+        cost = estimator.objective(choice, served, excluded, seats, switch_s, back_s, now,
+                                   held_seats=len(deferred))
         return _Scored(choice, admitted, tuple(r.request_id for r in deferred), cost)
 
     def _switch_s(self, view: QueueView, state: ModeState, choice: ModeChoice) -> float:
