@@ -1,7 +1,12 @@
 """Incremental detokenisation with stop-string handling.
 
-Byte-level tokenizers can end a token in the middle of a UTF-8 character, so text is only
-emitted once the decoded prefix is stable (does not end in U+FFFD). Stop strings are searched in
+Each step decodes only a short window of tokens, not the whole output (which would make a
+request's detokenisation quadratic in its length): the window starts at ``prefix_offset`` (tokens
+already turned into text, kept as context so that tokenizers whose decoding of a token depends on
+its left neighbour — leading-space rules, byte fallback — decode it as in the full sequence), and
+the text of ``token_ids[prefix_offset:read_offset]`` is cut off the window's text to get the new
+characters. Byte-level tokenizers can end a token in the middle of a UTF-8 character, so new text
+is only taken once the window does not end in U+FFFD; until then the offsets stay put. Stop strings are searched in
 the newly decoded text (plus a look-back of ``len(stop) - 1`` characters) and the output is
 truncated before the stop string, which is not returned (OpenAI semantics).
 """
@@ -22,18 +27,19 @@ class IncrementalDetokenizer:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     _emitted: int = 0
-    _stable_tokens: int = 0
+    prefix_offset: int = 0
+    read_offset: int = 0
 
     def add_tokens(self, new_token_ids: list[int]) -> str | None:
         """Append tokens; return the stop string that matched (``self.text`` is then truncated)."""
         self.token_ids.extend(new_token_ids)
-        decoded = self.tokenizer.decode(
-            self.token_ids, skip_special_tokens=self.skip_special_tokens
-        )
-        if decoded.endswith("\ufffd"):
-            return None  # wait for the rest of a multi-byte character
+        prefix_text = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+        window_text = self._decode(self.token_ids[self.prefix_offset:])
+        if window_text.endswith("\ufffd") or len(window_text) <= len(prefix_text):
+            return None  # the rest of a multi-byte character, or nothing visible yet
         previous = len(self.text)
-        self.text = decoded
+        self.text += window_text[len(prefix_text):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
         for stop in self.stop:
             start = max(0, previous - len(stop) + 1)
             index = self.text.find(stop, start)
@@ -66,3 +72,9 @@ class IncrementalDetokenizer:
         delta = self.text[self._emitted : end]
         self._emitted = end
         return delta
+
+    def _decode(self, token_ids: list[int]) -> str:
+        if not token_ids:
+            return ""
+        text: str = self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
+        return text
