@@ -114,3 +114,19 @@ def test_split_k_and_many_tiles_per_slot(in_features: int, split_k: int) -> None
 def test_uniform_rank_equal_to_storage() -> None:
     weights, slots, x, y = make_case(23, SLICES["single"], [16] * 6, torch.float16, "distinct")
     check(weights, slots, x, y)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_deferred_metadata_is_built_on_first_use(backend: str) -> None:
+    """``defer=True`` leaves the backend data to the first ``lora_apply``; results are identical."""
+    weights = make_slot_weights(mixed_ranks(6, 2), 32, SLICES["gate_up"], torch.float32, DEVICE, 0)
+    slots = make_token_slots(20, 6, "zipf", torch.Generator().manual_seed(1), 0.2).to(DEVICE)
+    x = torch.randn(20, 32, device=DEVICE)
+    eager_batch = prepare_lora_batch(slots, 6, backend)
+    deferred = prepare_lora_batch(slots, 6, backend, defer=True)
+    assert deferred.backend_data is None
+    y_eager, y_deferred = torch.zeros(20, 40, device=DEVICE), torch.zeros(20, 40, device=DEVICE)
+    lora_apply(y_eager, x, weights, eager_batch)
+    lora_apply(y_deferred, x, weights, deferred)
+    assert deferred.backend_data is not None
+    assert torch.equal(y_eager, y_deferred)

@@ -204,6 +204,7 @@ class ModelRunner:
             self.num_lora_slots,
             self.lora_backend,
             num_active_slots=len(active),
+            defer=True,  # a graph replay never reads backend data; eager builds it on first use
         )
 
     def _attach_images(self, batch: ForwardBatch, image_rows: list[ImageRows]) -> None:

@@ -140,8 +140,12 @@ def resolve_lora_backend(backend: str, device: torch.device) -> str:
 
 
 def prepare_lora_batch(token_slots: torch.Tensor, num_slots: int, backend: str = "reference",
-                       num_active_slots: int | None = None) -> LoRABatch:
+                       num_active_slots: int | None = None, defer: bool = False) -> LoRABatch:
     """Validate ``token_slots`` and build the step's LoRA metadata for ``backend``.
+
+    ``defer=True`` leaves ``backend_data`` unset: the first ``lora_apply`` of the step builds it
+    (still once per step, since every layer shares the batch). The engine defers because a decode
+    step replayed from a CUDA graph reads only ``token_slots`` and never needs it.
 
     ``backend`` may be ``"auto"`` (see ``resolve_lora_backend``). ``num_active_slots`` (distinct
     slots among the tokens, when the caller knows it) only steers the Triton tile choice; it is
@@ -161,7 +165,8 @@ def prepare_lora_batch(token_slots: torch.Tensor, num_slots: int, backend: str =
         num_active_slots = len({s for s in slots_cpu if s >= 0}) if slots_cpu else -1
     batch = LoRABatch(token_slots=token_slots.to(torch.int32), num_slots=num_slots, backend=backend,
                       token_slots_cpu=slots_cpu, num_active_slots=num_active_slots)
-    batch.backend_data = _BACKENDS[backend][0](batch)
+    if not defer:
+        batch.backend_data = _BACKENDS[backend][0](batch)
     return batch
 
 
@@ -190,4 +195,7 @@ def lora_apply(
         if batch.backend not in _BACKENDS:
             raise ValoraError(f"unknown LoRA backend {batch.backend!r}; "
                               f"available: {available_lora_backends()}")
-    _BACKENDS[batch.backend][1](y, x, weights, batch, scale_multiplier)
+    prepare, apply = _BACKENDS[batch.backend]
+    if batch.backend_data is None:  # deferred (see prepare_lora_batch)
+        batch.backend_data = prepare(batch)
+    apply(y, x, weights, batch, scale_multiplier)

@@ -97,7 +97,7 @@ def lowrank_update(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: flo
                    backend: str = "auto") -> None:
     """Dispatch: ``"triton"`` (CUDA default when Triton is installed), ``"reference"``."""
     if backend == "auto":
-        backend = "triton" if w.is_cuda and _triton_available() else "reference"
+        backend = "triton" if w.is_cuda and triton_available() else "reference"
     if backend == "triton":
         lowrank_update_triton(w, b, a, alpha)
     elif backend == "reference":
@@ -106,7 +106,8 @@ def lowrank_update(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: flo
         raise ValoraError(f"unknown lowrank update backend {backend!r}")
 
 
-def _triton_available() -> bool:
+def triton_available() -> bool:
+    """Whether Triton is installed (checked without importing it)."""
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None

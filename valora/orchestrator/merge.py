@@ -40,19 +40,17 @@ import torch
 from valora.errors import ValoraError
 from valora.logger import get_logger
 from valora.ops.lora import LoRASlotWeights
-from valora.ops.merge_kernel import lowrank_update_triton
+from valora.ops.merge_kernel import (
+    lowrank_update_reference,
+    lowrank_update_triton,
+    triton_available,
+)
 
 ModuleKey = tuple[int, str]
 RestoreStrategy = Literal["pristine", "resync"]
 ComputeStrategy = Literal["auto", "triton", "fused", "chunked"]
 
 _log = get_logger(__name__)
-
-
-def _triton_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
 
 
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -266,7 +264,7 @@ class WeightSwitcher:
         chunks (the reference semantics)."""
         alpha = sign * delta.scale
         if self._compute == "triton" or (self._compute == "auto" and dst.is_cuda
-                                         and _triton_available()):
+                                         and triton_available()):
             # B is a rank-prefix view of the slot (row stride = the slots' storage rank): a
             # contiguous copy is a few hundred KB and gives the kernel dense rows.
             lowrank_update_triton(dst, delta.b.contiguous(), delta.a.contiguous(), alpha)
@@ -275,13 +273,7 @@ class WeightSwitcher:
         if dst.dtype == torch.float32 or fused:
             dst.addmm_(delta.b.to(dst.dtype), delta.a.to(dst.dtype), alpha=alpha)
             return
-        a32 = delta.a.float()
-        rows = max(1, self._chunk_elements // max(1, dst.shape[1]))
-        for start in range(0, dst.shape[0], rows):
-            stop = min(start + rows, dst.shape[0])
-            acc = dst[start:stop].float()
-            acc.addmm_(delta.b[start:stop].float(), a32, alpha=alpha)
-            dst[start:stop].copy_(acc)
+        lowrank_update_reference(dst, delta.b, delta.a, alpha, self._chunk_elements)
 
 
 def _check_module(key: ModuleKey, weight: torch.Tensor, slots: LoRASlotWeights, j: int) -> None:
