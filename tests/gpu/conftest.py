@@ -29,6 +29,15 @@ def _one_cpu_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def exact_fp32() -> Iterator[None]:
+    """No TF32 in cuBLAS or cuDNN (CLIP's patch convolution): fp32 must mean fp32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LLaVA (GQA 4 query / 2 KV heads, head_dim 16, llama3 RoPE)."""

@@ -8,7 +8,6 @@ bf16 tolerance of fp32 while the two runs agree on the tokens so far.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +21,13 @@ from valora import LLM, SamplingParams
 from valora.engine import model_runner
 from valora.testing.checkpoints import build_tiny_adapter
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_fp32")]
 
 STEPS = 32
 PROMPT_IMAGE = "USER: <image>\nDescribe the image. ASSISTANT:"
 PROMPT_TEXT = "USER: What is the answer? ASSISTANT:"
 ADAPTER_RANKS = {"r4": 4, "r8": 8, "r16": 16}
 _SAMPLE = model_runner.sample  # the real sampler (recorders replace the module's name)
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32() -> Iterator[None]:
-    """No TF32 in cuBLAS or cuDNN (CLIP's patch convolution): fp32 must mean fp32."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture(scope="module")

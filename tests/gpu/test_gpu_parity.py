@@ -7,7 +7,6 @@ tolerance of the fp32 CPU reference. Both need a GPU (marked ``gpu``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,16 +19,9 @@ from valora.engine.cuda_graph import CudaGraphRunner
 from valora.models.base import CausalLMBase
 from valora.models.loader import load_model
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_fp32")]
 
 
-@pytest.fixture(autouse=True)
-def _exact_fp32() -> Iterator[None]:
-    """No TF32 in cuBLAS or cuDNN (CLIP's patch convolution): fp32 must mean fp32."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 NUM_SLOTS, MAX_RANK, PAGE_SIZE, STEPS = 4, 16, 16, 32
 SLOTS = [-1, 0, 1, 2, 0]
 
