@@ -128,7 +128,7 @@ def test_slot_writes_leave_tickets_that_a_step_consumes(
     llm.generate([{"prompt": PROMPT, "adapter": "r4"}, {"prompt": PROMPT}], GREEDY)
     slot = adapters.slot_of("r4")
     assert slot is not None and waited and all(w == [slot] for w in waited)
-    assert adapters.pending_slot_writes() == [] and slot not in adapters._tickets
+    assert adapters.pending_slot_writes() == [] and slot not in adapters._writer._tickets
     adapters.check_invariants()
 
 
@@ -136,7 +136,7 @@ def test_pinning_failure_fails_only_that_request(
     tiny_llava: Path, tiny_adapters: dict[str, Path]
 ) -> None:
     llm = make_llm(tiny_llava, tiny_adapters)
-    prefetcher = llm.engine.parts.adapters._prefetcher
+    prefetcher = llm.engine.parts.adapters._writer._prefetcher
     assert prefetcher is not None
 
     def failing_pin(tensor: torch.Tensor) -> torch.Tensor:
@@ -154,7 +154,7 @@ def test_prefetch_failure_fails_only_that_request(
 ) -> None:
     llm = make_llm(tiny_llava, tiny_adapters)
     adapters = llm.engine.parts.adapters
-    prefetcher = adapters._prefetcher
+    prefetcher = adapters._writer._prefetcher
     assert prefetcher is not None
 
     def failing_submit(*args: Any, **kwargs: Any) -> Any:

@@ -102,7 +102,7 @@ def test_fp32_engine_greedy_tokens_match_cpu(
     assert got == want
     assert counter.count == parts.runner.num_graph_steps >= STEPS - 2  # decode steps replayed
     assert parts.adapters.pending_slot_writes() == []
-    sources = parts.adapters._pinned_sources
+    sources = parts.adapters._writer._pinned_sources
     assert sources and all(a.is_pinned() and b.is_pinned()
                            for per in sources.values() for a, b in per.values())
 

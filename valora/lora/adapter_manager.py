@@ -13,7 +13,8 @@ Three tiers, each bounded:
   :class:`LoRASlotWeights`. ``acquire`` pins an adapter in a slot (pin counts: many requests
   may share one); only unpinned residents are evicted, least-recently-used first.
 
-Slot writes go through a :class:`SlotPrefetcher`: host copies of cached adapters are pinned
+Slot writes are done by a :class:`~valora.lora.slot_writer.SlotWriter` through a
+:class:`SlotPrefetcher`: host copies of cached adapters are pinned
 (in the slot dtype) and copied into the slot on a side CUDA stream, so a slot fills while the
 request still waits in the queue; the ticket of each write is kept per slot and the runner calls
 ``wait_for_slots`` with the slots of a step before launching it (a stream-ordered wait, no host
@@ -34,10 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from valora.config import LoRAConfig
-from valora.engine.memory_plan import PrefetchTicket, SlotPrefetcher
 from valora.errors import (
     AdapterNotFoundError,
     InvalidAdapterError,
@@ -45,15 +43,13 @@ from valora.errors import (
     ValoraError,
 )
 from valora.logger import get_logger
-from valora.lora.adapter import LoRAAdapter, ModuleKey
+from valora.lora.adapter import LoRAAdapter
 from valora.lora.peft_format import load_peft_adapter
 from valora.lora.shapes import BaseModelShapes
-from valora.ops.lora import LoRASlotWeights
+from valora.lora.slot_writer import SlotMap, SlotWriter
 
 logger = get_logger(__name__)
 
-SlotMap = dict[ModuleKey, tuple[LoRASlotWeights, int]]
-"""``(layer, PEFT module name) -> (fused linear's slot weights, slice index inside it)``."""
 Residency = Literal["device", "cpu", "none"]
 
 
@@ -118,21 +114,15 @@ class AdapterManager:
         self._slot_map = dict(slot_map)
         self._config = lora_config
         self._base = base
-        self._groups = _group_by_linear(self._slot_map)
         self._max_rank = min([lora_config.max_lora_rank]
                              + [w.max_rank for w, _ in self._slot_map.values()])
-        self._check_slot_map()
+        self._writer = SlotWriter(self._slot_map, base, lora_config.max_loras)
         self._registry: dict[str, _Registration] = {}
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()
         num_slots = lora_config.max_loras if self._slot_map else 0
         self._slot_owner: list[str | None] = [None] * num_slots
         self._slot_lru: OrderedDict[int, None] = OrderedDict()  # resident slots, oldest first
         self._lock = threading.RLock()
-        self._prefetcher: SlotPrefetcher | None = None
-        if self._groups:
-            self._prefetcher = SlotPrefetcher(self._groups[0][0].lora_a.device)
-        self._tickets: dict[int, PrefetchTicket] = {}
-        self._pinned_sources: dict[str, dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._counters = {"slot_loads": 0, "slot_evictions": 0, "disk_loads": 0,
                           "cpu_evictions": 0}
 
@@ -175,7 +165,7 @@ class AdapterManager:
             if registration.slot is not None:
                 self._vacate(registration.slot, clear=True)
             self._host.pop(name, None)
-            self._pinned_sources.pop(name, None)
+            self._writer.forget(name)
             del self._registry[name]
 
     def resolve(self, name: str) -> LoRAAdapter:
@@ -212,9 +202,9 @@ class AdapterManager:
                     self._vacate(slot, clear=False)
                     self._counters["slot_evictions"] += 1
                 try:
-                    self._write_slot(slot, adapter)
+                    self._writer.write(slot, adapter, keep_sources=name in self._host)
                 except (ValoraError, RuntimeError) as exc:  # pinning or a copy failed
-                    self._discard_slot_contents(slot)
+                    self._writer.discard(slot)
                     raise AdapterPrefetchError(
                         f"adapter {name!r} could not be copied into device slot {slot}: {exc}"
                     ) from exc
@@ -239,18 +229,12 @@ class AdapterManager:
         """Order the current stream after the pending writes of ``slots`` (negative slots and
         slots without a pending write are ignored). No host synchronisation."""
         with self._lock:
-            for slot in set(slots):
-                ticket = self._tickets.get(slot)
-                if ticket is None:
-                    continue
-                ticket.wait()
-                if ticket.ready():
-                    del self._tickets[slot]
+            self._writer.wait(slots)
 
     def pending_slot_writes(self) -> list[int]:
         """Slots whose last write may still be in flight (tests, stats)."""
         with self._lock:
-            return sorted(s for s, t in self._tickets.items() if not t.ready())
+            return self._writer.pending()
 
     def slot_of(self, name: str) -> int | None:
         with self._lock:
@@ -355,7 +339,7 @@ class AdapterManager:
         unpinned = [n for n in self._host if not self._registry[n].pinned]  # oldest first
         for evicted in unpinned[:max(0, len(unpinned) - self._config.max_cpu_loras)]:
             del self._host[evicted]
-            self._pinned_sources.pop(evicted, None)
+            self._writer.forget(evicted)
             self._counters["cpu_evictions"] += 1
             logger.debug("host cache evicted adapter %s", evicted)
 
@@ -376,100 +360,7 @@ class AdapterManager:
         self._slot_owner[slot] = None
         self._slot_lru.pop(slot, None)
         if clear:
-            self._write_slot(slot, None)
-
-    def _write_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
-        """Copy ``adapter`` (or nothing: an empty slot) into ``slot`` of every LoRA linear.
-
-        Targeted slices get A/B rows ``[:r]``, their rank and scale; every other row and every
-        untargeted slice is zeroed with rank 0. All device writes are one
-        ``SlotPrefetcher.submit`` (side stream on CUDA); its ticket is kept for the slot until a
-        step waits on it. ``ranks_cpu`` is updated at once (host bookkeeping only).
-        """
-        assert self._prefetcher is not None
-        prefetcher = self._prefetcher
-        sources = self._host_sources(adapter) if adapter is not None else {}
-        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        zeros: list[torch.Tensor] = []
-        new_ranks: list[tuple[LoRASlotWeights, list[int]]] = []
-        for weights, slices in self._groups:
-            zeros += [weights.lora_a[slot], weights.lora_b[slot]]
-            ranks = [0] * len(weights.slice_widths)
-            scales = [0.0] * len(weights.slice_widths)
-            for key, index in slices:
-                module = adapter.modules.get(key) if adapter is not None else None
-                if module is None:
-                    continue
-                a, b = sources[key]
-                rank, offset = module.rank, sum(weights.slice_widths[:index])
-                width = weights.slice_widths[index]
-                copies.append((weights.lora_a[slot, index, :rank], a))
-                copies.append((weights.lora_b[slot, offset:offset + width, :rank], b))
-                ranks[index], scales[index] = rank, module.scale
-            copies.append((weights.ranks[slot],
-                           prefetcher.pin(torch.tensor(ranks, dtype=weights.ranks.dtype))))
-            copies.append((weights.scales[slot],
-                           prefetcher.pin(torch.tensor(scales, dtype=weights.scales.dtype))))
-            new_ranks.append((weights, ranks))
-        self._tickets[slot] = prefetcher.submit(copies, zeros)
-        for weights, ranks in new_ranks:
-            weights.ranks_cpu[slot] = ranks
-
-    def _host_sources(self, adapter: LoRAAdapter
-                      ) -> dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]:
-        """``module -> (A, B)`` host tensors of ``adapter`` in its slots' dtype, page-locked on
-        CUDA machines; kept while the adapter stays in the host cache."""
-        cached = self._pinned_sources.get(adapter.name)
-        if cached is not None:
-            return cached
-        assert self._prefetcher is not None
-        sources: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]] = {}
-        for key, module in adapter.modules.items():
-            entry = self._slot_map.get(key)
-            if entry is None:
-                continue
-            dtype = entry[0].lora_a.dtype
-            sources[key] = (self._prefetcher.pin(module.a.to(dtype).contiguous()),
-                            self._prefetcher.pin(module.b.to(dtype).contiguous()))
-        if adapter.name in self._host:
-            self._pinned_sources[adapter.name] = sources
-        return sources
-
-    def _discard_slot_contents(self, slot: int) -> None:
-        """After a failed write: the slot holds no adapter and reads as rank 0 everywhere."""
-        self._tickets.pop(slot, None)
-        for weights, _ in self._groups:
-            weights.ranks_cpu[slot] = [0] * len(weights.slice_widths)
-            try:
-                weights.ranks[slot].zero_()
-            except RuntimeError as exc:  # the device itself is failing: the step will say so
-                logger.warning("could not reset the ranks of slot %d: %s", slot, exc)
-
-    def _check_slot_map(self) -> None:
-        for (layer, module), (weights, index) in self._slot_map.items():
-            in_features, out_features = self._base.module_shape(module)
-            if weights.num_slots < self._config.max_loras:
-                raise ValoraError(f"slot weights of layer {layer} {module} have "
-                                  f"{weights.num_slots} slots < max_loras={self._config.max_loras}")
-            if not 0 <= index < len(weights.slice_widths) or \
-                    weights.slice_widths[index] != out_features or \
-                    weights.lora_a.shape[3] != in_features:
-                raise ValoraError(f"slot map entry layer {layer} {module} (slice {index} of "
-                                  f"{weights.slice_widths}, in {weights.lora_a.shape[3]}) does not "
-                                  f"match the base model ({in_features} -> {out_features})")
-        for weights, _ in self._groups:
-            if len(weights.ranks_cpu) != weights.num_slots:
-                weights.ranks_cpu[:] = weights.ranks.tolist()
-
-
-def _group_by_linear(slot_map: SlotMap
-                     ) -> list[tuple[LoRASlotWeights, list[tuple[ModuleKey, int]]]]:
-    """Entries grouped by their (fused) linear, so each slot of each linear is written once."""
-    groups: dict[int, tuple[LoRASlotWeights, list[tuple[ModuleKey, int]]]] = {}
-    for key, (weights, index) in slot_map.items():
-        groups.setdefault(id(weights), (weights, []))[1].append((key, index))
-    return list(groups.values())
-
+            self._writer.write(slot, None)
 
 def _expect(condition: bool, message: str) -> None:
     if not condition:
