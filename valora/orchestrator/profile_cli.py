@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
-
-import torch
 
 from valora.errors import ValoraError
 
@@ -36,28 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Entry point; returns the exit code."""
-    from valora.engine.components import resolve_model_path
+    from valora.engine.components import (
+        attention_backend_for,
+        resolve_device,
+        resolve_dtype,
+        resolve_model_path,
+    )
     from valora.models.loader import load_model
     from valora.orchestrator.step_profiler import default_profile_path, device_label, run_profile
 
     args = build_parser().parse_args(argv)
     if args.repeats < 1:
         raise SystemExit("valora profile-modes: --repeats must be at least 1")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    backend = "torch"
-    if device.type == "cuda":
-        import contextlib
-        import importlib
-
-        from valora.layers.attention import available_attention_backends
-
-        with contextlib.suppress(ImportError):  # registers Triton where that is not lazy yet
-            importlib.import_module("valora.layers.attention_triton")
-
-        backend = "triton" if "triton" in available_attention_backends() else "torch"
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    backend = attention_backend_for("auto", device)
     try:
         model = load_model(str(resolve_model_path(args.model)), dtype=dtype, device=device,
                            load_format=args.load_format, attention_backend=backend)
@@ -67,5 +59,6 @@ def main(argv: list[str]) -> int:
     out = args.out or default_profile_path(device_label(device))
     out.parent.mkdir(parents=True, exist_ok=True)
     cost.save(out)
-    print(json.dumps({"file": str(out), "entry": cost.device_name, **cost.to_dict()}, indent=2))
+    result = {"file": str(out), "entry": cost.device_name, **cost.to_dict()}
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0
