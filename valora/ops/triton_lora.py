@@ -21,6 +21,8 @@ On the CPU the kernels run only under ``TRITON_INTERPRET=1`` (tests).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from valora.errors import ValoraError
@@ -174,15 +176,8 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
     """``y[t, slice j] += mult · scale · h_sum[p, j] · B[slot, slice j]ᵀ``, ≤ 4 slices a launch."""
     split_k, num_tokens, flat_rank = h.shape
     widths = weights.slice_widths
-    offsets = [sum(widths[:j]) for j in range(len(widths) + 1)]
     bound = segments.tile_bound(cfg.block_m)
-    for first in range(0, len(widths), SLICES_PER_EXPAND):
-        group = widths[first:first + SLICES_PER_EXPAND]
-        block_ends = [sum(_cdiv(w, cfg.block_n) for w in group[:g + 1]) for g in range(len(group))]
-        num_col_blocks = block_ends[-1]
-        starts = (block_ends[:-1] + [num_col_blocks] * SLICES_PER_EXPAND)[:SLICES_PER_EXPAND - 1]
-        cols = offsets[first:first + len(group) + 1]
-        cols = cols + [cols[-1]] * (SLICES_PER_EXPAND + 1 - len(cols))
+    for first, num_col_blocks, starts, cols in _slice_groups(widths, cfg.block_n):
         grid = (bound * num_col_blocks,)
         if grid[0] == 0:
             continue
@@ -197,25 +192,33 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
             **_dot_flags(y.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _slice_groups(widths: tuple[int, ...] | list[int], span: int
+                  ) -> Iterator[tuple[int, int, list[int], list[int]]]:
+    """Launch groups of up to ``SLICES_PER_EXPAND`` output slices: ``(first slice, number of
+    column blocks of width ``span`` over the group, the block index where each later slice
+    starts (padded), the slices' column offsets in ``y`` (padded))``."""
+    offsets = [sum(widths[:j]) for j in range(len(widths) + 1)]
+    for first in range(0, len(widths), SLICES_PER_EXPAND):
+        group = widths[first:first + SLICES_PER_EXPAND]
+        ends = [sum(_cdiv(w, span) for w in group[:g + 1]) for g in range(len(group))]
+        num_blocks = ends[-1]
+        starts = (ends[:-1] + [num_blocks] * SLICES_PER_EXPAND)[:SLICES_PER_EXPAND - 1]
+        cols = offsets[first:first + len(group) + 1]
+        cols = cols + [cols[-1]] * (SLICES_PER_EXPAND + 1 - len(cols))
+        yield first, num_blocks, starts, cols
+
+
 def launch_fused(x: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
                  segments: LoRASegments, cfg: FusedConfig, scale_multiplier: float) -> None:
     """``y += LoRA(x)`` in one launch per four slices (``lora_fused_kernel``), no ``h`` buffer."""
     in_features = x.shape[1]
     widths = weights.slice_widths
-    offsets = [sum(widths[:j]) for j in range(len(widths) + 1)]
     bound = segments.tile_bound(cfg.block_m)
-    span = cfg.block_n * cfg.col_blocks
     even_k = in_features % cfg.block_k == 0
     block_r = fused_block_r(weights.max_rank)
     full_rank = (block_r == weights.max_rank and bool(weights.ranks_cpu)
                  and all(r in (0, block_r) for row in weights.ranks_cpu for r in row))
-    for first in range(0, len(widths), SLICES_PER_EXPAND):
-        group = widths[first:first + SLICES_PER_EXPAND]
-        group_ends = [sum(_cdiv(w, span) for w in group[:g + 1]) for g in range(len(group))]
-        num_groups = group_ends[-1]
-        starts = (group_ends[:-1] + [num_groups] * SLICES_PER_EXPAND)[:SLICES_PER_EXPAND - 1]
-        cols = offsets[first:first + len(group) + 1]
-        cols = cols + [cols[-1]] * (SLICES_PER_EXPAND + 1 - len(cols))
+    for first, num_groups, starts, cols in _slice_groups(widths, cfg.block_n * cfg.col_blocks):
         grid = (bound * num_groups,)
         if grid[0] == 0:
             continue
