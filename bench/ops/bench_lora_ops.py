@@ -33,7 +33,7 @@ from lora_methods import (
 
 from valora.ops.lora import LoRASlotWeights, lora_apply, prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights, make_token_slots
-from valora.ops.timing import Timing, time_calls
+from valora.ops.timing import Timing, rotations_for, time_calls
 
 LAYERS = {"q": (4096, (4096,)), "qkv": (4096, (4096,) * 3), "gate_up": (4096, (11008,) * 2),
           "down": (11008, (4096,))}
@@ -43,7 +43,6 @@ MIXED = (8, 16, 32, 64, 128)
 CORE_COMBOS = ((32, "distinct"), (128, "zipf"), (8, "uniform"), (32, "one_hot"))
 FULL_COMBOS = tuple((n, p) for n in (1, 8, 32, 128) for p in ("distinct", "uniform", "zipf",
                                                                  "one_hot"))
-ROTATE_BYTES = 256 << 20
 GATHER_LIMIT = 6 << 30
 TINY_LAYERS = {"q": (64, (64,)), "qkv": (64, (64, 16, 16))}
 TINY_TOKENS = (40,)
@@ -91,10 +90,14 @@ def make_sets(point: dict, seed: int) -> list[InputSet]:
     in_features, widths = LAYERS[str(point["layer"])]
     tokens, adapters = int(point["tokens"]), int(point["adapters"])  # type: ignore[call-overload]
     ranks = slot_ranks(str(point["ranks"]), adapters)
-    touched = 2 * (tokens * (in_features + 2 * sum(widths))
-                   + sum(ranks) * (in_features * len(widths) + sum(widths)))
+    first = make_token_slots(tokens, adapters, str(point["popularity"]),
+                             torch.Generator().manual_seed(seed))
+    used = {int(s) for s in first.tolist() if s >= 0}
+    per_rank = in_features * len(widths) + sum(widths)
+    touched = 2 * (tokens * (in_features + 2 * sum(widths)) + sum(ranks[a] for a in used) * per_rank)
+    storage = 2 * adapters * max(ranks) * per_rank
     sets = []
-    for i in range(max(1, min(4, ROTATE_BYTES // touched))):
+    for i in range(rotations_for(touched, set_bytes=storage, limit=16)):
         generator = torch.Generator().manual_seed(seed + i)
         slots = make_token_slots(tokens, adapters, str(point["popularity"]), generator)
         weights = make_slot_weights(ranks, in_features, widths, torch.bfloat16, DEVICE, seed + i)
@@ -153,7 +156,7 @@ def base_gemm(point: dict, cache: dict) -> dict[str, object]:
     if key not in cache:
         in_features, widths = LAYERS[str(point["layer"])]
         tokens = int(point["tokens"])  # type: ignore[call-overload]
-        sets = max(1, min(4, ROTATE_BYTES // (2 * sum(widths) * in_features)))
+        sets = rotations_for(2 * sum(widths) * in_features, limit=16)
         calls = [build_base_gemm(torch.randn(tokens, in_features, device=DEVICE).bfloat16(),
                                  torch.randn(sum(widths), in_features, device=DEVICE).bfloat16())[0]
                  for _ in range(sets)]

@@ -18,7 +18,13 @@ from valora.ops.tile_config import (
     heuristic_config,
     shape_bucket,
 )
-from valora.ops.tile_table import TileTable, select_tile_config, table_file_name
+from valora.ops.tile_table import (
+    TileTable,
+    parse_bucket_key,
+    select_tile_config,
+    table_file_name,
+)
+from valora.ops.timing import rotations_for
 
 
 def _valid(config: TileConfig) -> None:
@@ -99,3 +105,40 @@ def test_tuner_writes_and_resumes(tmp_path: Path) -> None:
     stamp = out.stat().st_mtime_ns
     assert tuning.main(argv) == 0  # resume: every bucket present, nothing re-tuned or rewritten
     assert out.stat().st_mtime_ns == stamp
+
+
+def _config(split: int) -> TileConfig:
+    return TileConfig(ShrinkConfig(16, 16, 256, split, 4, 3), ExpandConfig(16, 128, 16, 4, 2))
+
+
+def test_bucket_keys_parse_back() -> None:
+    bucket = shape_bucket(32, 64, 4096, 12288, 32, 3)
+    assert bucket is not None and parse_bucket_key(bucket.key) == bucket
+    assert parse_bucket_key("t1-r16") is None
+
+
+def test_missing_bucket_takes_its_nearest_tuned_neighbour() -> None:
+    table = TileTable("NVIDIA H200")
+    table.put("t16-r64-i4096-o16384-a32-s3", _config(2), {})
+    table.put("t64-r64-i4096-o16384-a32-s3", _config(4), {})
+    table.put("t32-r16-i4096-o16384-a32-s3", _config(8), {})  # other rank: never a neighbour
+    table.put("t32-r64-i4096-o4096-a32-s1", _config(16), {})  # other layer: never a neighbour
+    exact = shape_bucket(16, 64, 4096, 12288, 32, 3)
+    between = shape_bucket(32, 64, 4096, 12288, 32, 3)
+    far = shape_bucket(1024, 64, 4096, 12288, 32, 3)
+    alone = shape_bucket(32, 128, 4096, 12288, 32, 3)
+    assert exact and between and far and alone
+    assert table.lookup(exact) == (_config(2), "table")
+    assert table.lookup(between) == (_config(4), "nearest")  # tie: the larger token count
+    assert table.lookup(far) == (_config(4), "nearest")
+    assert table.lookup(alone) is None
+    table.put(between.key, _config(32), {})  # a new entry invalidates the memo
+    assert table.lookup(between) == (_config(32), "table")
+
+
+def test_rotations_cover_the_target_and_respect_memory() -> None:
+    assert rotations_for(300 << 20) == 1
+    assert rotations_for(64 << 20) == 4
+    assert rotations_for(1) == 32
+    assert rotations_for(1 << 20, set_bytes=1 << 30, memory_bytes=3 << 30) == 3
+    assert rotations_for(1 << 20, set_bytes=8 << 30) == 1

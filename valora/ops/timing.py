@@ -92,3 +92,21 @@ def _time_wallclock(calls: Sequence[Callable[[], object]], repeats: int) -> Timi
             call()
         samples.append((time.perf_counter() - begin) * 1e6 / len(calls))
     return Timing(tuple(samples))
+
+
+ROTATE_BYTES = 256 << 20
+"""Bytes the rotating input sets of one timing should touch together: about five times the L2
+cache of an H100 / H200 (50 MB), so that a call never finds its operands left in L2 by its own
+previous replay (in a model step, every other layer's weights pass through L2 in between)."""
+MAX_ROTATIONS = 32
+
+
+def rotations_for(bytes_per_call: int, set_bytes: int = 0, target_bytes: int = ROTATE_BYTES,
+                  limit: int = MAX_ROTATIONS, memory_bytes: int = 4 << 30) -> int:
+    """How many input sets to rotate through: enough that together they touch ``target_bytes``
+    (``bytes_per_call`` = what one call reads and writes), at least 1, at most ``limit``, and
+    no more than fit in ``memory_bytes`` when each set allocates ``set_bytes``."""
+    count = min(limit, -(-target_bytes // max(1, bytes_per_call)))
+    if set_bytes > 0:
+        count = min(count, memory_bytes // set_bytes)
+    return max(1, count)

@@ -184,11 +184,11 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
         lora_expand_kernel[grid](
             h, weights.lora_b, y, weights.ranks, weights.scales, segments.sorted_tokens,
             segments.tile_list(cfg.block_m),
-            segments.tile_capacity, num_col_blocks, split_k, num_tokens * flat_rank,
+            segments.tile_capacity, num_col_blocks, num_tokens * flat_rank,
             *starts, *cols, first,
             len(widths), weights.max_rank, flat_rank, sum(widths), y.stride(0),
             float(scale_multiplier),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k,
             **_dot_flags(y.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

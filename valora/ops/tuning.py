@@ -30,7 +30,7 @@ from valora.ops.lora_segments import LoRASegments
 from valora.ops.tile_candidates import expand_candidates, shrink_candidates
 from valora.ops.tile_config import TileConfig, heuristic_fused_config, shape_bucket
 from valora.ops.tile_table import TABLE_DIR, TileTable, table_file_name
-from valora.ops.timing import time_calls
+from valora.ops.timing import rotations_for, time_calls
 from valora.ops.triton_lora import launch_expand, launch_fused, launch_shrink
 
 logger = get_logger(__name__)
@@ -42,7 +42,6 @@ LAYERS: dict[str, tuple[int, tuple[int, ...]]] = {
     "down": (11008, (4096,)),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ROTATE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,8 @@ def _layer(spec: str) -> tuple[int, tuple[int, ...]]:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="valora tune-kernels", description=__doc__)
-    parser.add_argument("--tokens", type=_ints, default=[1, 16, 64, 256, 1024, 4096, 16384])
+    parser.add_argument("--tokens", type=_ints,
+                        default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384])
     parser.add_argument("--ranks", type=_ints, default=[16, 64, 128])
     parser.add_argument("--adapters", type=_ints, default=[1, 8, 32, 128])
     parser.add_argument("--layers", default="q,qkv,gate_up,down",
@@ -114,20 +114,32 @@ class InputSet:
 
 def _problems(shape: TuneShape, dtype: torch.dtype, device: torch.device,
               seed: int) -> list[InputSet]:
-    """Rotating input sets for one bucket (as many as fit in ``ROTATE_BYTES``, at most 4)."""
+    """Rotating input sets for one bucket: enough that their calls together touch
+    ``ROTATE_BYTES`` (operands cold in L2, as in a model step; at most ``MAX_ROTATIONS``).
+
+    A call touches its tokens' activations and the factors of the adapters its tokens use (not
+    the whole slot storage): counting the storage instead gave one set for most large buckets,
+    whose replays then read adapters left in L2 and favoured configurations that lose when the
+    operands come from memory."""
     generator = torch.Generator().manual_seed(seed)
     width = sum(shape.slice_widths)
     item = torch.tensor([], dtype=dtype).element_size()
+    slot_sets = [make_token_slots(shape.num_tokens, shape.num_adapters, "uniform", generator)]
+    used = len(set(slot_sets[0].tolist()))
     touched = item * (shape.num_tokens * (shape.in_features + 2 * width)
-                      + shape.num_adapters * shape.max_rank * (shape.in_features + width)
-                      * len(shape.slice_widths))
-    rotations = max(1, min(4, ROTATE_BYTES // max(touched, 1)))
+                      + used * shape.max_rank * (shape.in_features * len(shape.slice_widths)
+                                                 + width))
+    storage = item * shape.num_adapters * shape.max_rank * (
+        shape.in_features * len(shape.slice_widths) + width)
+    rotations = rotations_for(touched, set_bytes=storage)
     sets: list[InputSet] = []
-    for _ in range(rotations):
+    for i in range(rotations):
         weights = make_slot_weights([shape.max_rank] * shape.num_adapters, shape.in_features,
-                                    shape.slice_widths, dtype, device, seed + len(sets))
-        slots = make_token_slots(shape.num_tokens, shape.num_adapters, "uniform", generator)
-        batch = prepare_lora_batch(slots.to(device), shape.num_adapters, "triton",
+                                    shape.slice_widths, dtype, device, seed + i)
+        if i >= len(slot_sets):
+            slot_sets.append(make_token_slots(shape.num_tokens, shape.num_adapters, "uniform",
+                                              generator))
+        batch = prepare_lora_batch(slot_sets[i].to(device), shape.num_adapters, "triton",
                                    num_active_slots=shape.num_adapters)
         x = torch.randn(shape.num_tokens, shape.in_features, device=device, dtype=dtype)
         y = torch.randn(shape.num_tokens, width, device=device, dtype=dtype)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One device call (<= 9.5 min) after the 2026-11-29 kernel changes (unrolled split-K sum in the
+# expand, cold-L2 tuning, grouped merge kernel): GPU op tests, then a re-tune of the decode-size
+# buckets of the H200 table (every power of two up to 256 tokens; storage rank 64, 128, 16, each
+# time-boxed; the table is copied out after each). Run from the repository root with OUT set;
+# afterwards:
+#   cp $files_at/NVIDIA_H200.json valora/ops/tables/
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -x tests/ops tests/orchestrator/test_merge_gpu.py \
+  > "$OUT/gpu_tests.log" 2>&1; tail -n 3 "$OUT/gpu_tests.log"
+tune() {
+  timeout --kill-after=5 "$1" python3 -m valora.ops.tuning --no-resume --fused-max-tokens 0 \
+    --tokens 1,2,4,8,16,32,64,128,256 --ranks "$2" --time-budget "$(( $1 - 15 ))" 2>&1 \
+    | tr '\r' '\n' | grep -v "it/s\]$" | tail -n 3
+}
+for step in "${TUNE_S1:-200} 64" "${TUNE_S2:-120} 128" "${TUNE_S3:-90} 16"; do
+  tune $step | tee -a "$OUT/tune.log"
+  cp valora/ops/tables/NVIDIA_H200.json "$OUT/"
+done
