@@ -81,16 +81,19 @@ def lora_shrink_kernel(
 
 
 @triton.jit
-def _expand_chunk(acc, h_rows, b_cols, k, rank, split_stride, scale, m_ok, n_ok,
+def _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_ok, n_ok,
                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                   MASK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``acc += (Σ_split h[:, k:k+BLOCK_K] · scale) · B[k:k+BLOCK_K, :]``; ``MASK_K`` for the
     rank tail (a mask along the contiguous rank axis would stop vectorised loads elsewhere).
 
-    The split sum is unrolled (``SPLIT_K`` is a compile-time constant): its loads are independent
-    and issue together. A run-time loop issued them one after another, one L2 round trip each
-    (split_k × rank chunks of them per program): in the first H200 table the T=1 expand cost
-    15.6 µs at rank 128 against 4.4 µs at rank 16 with the same split of 32."""
+    ``SPLIT_K`` > 0 (= ``split_k``) unrolls the split sum: its loads are independent and issue
+    together. A run-time loop issues them one after another, one L2 round trip each (split_k ×
+    rank chunks of them per program): in the first H200 table the T=1 expand cost 15.6 µs at
+    rank 128 against 4.4 µs at rank 16 with the same split of 32. Unrolled, the software
+    pipeliner stages every plane's tile in shared memory, so the launcher unrolls only when
+    ``split_k × BLOCK_M × BLOCK_K × 4 B × stages`` fits its budget (``SPLIT_K`` = 0: run-time
+    loop)."""
     offs_k = k + tl.arange(0, BLOCK_K)
     if MASK_K:
         h_mask = m_ok[:, None] & (offs_k < rank)[None, :]
@@ -99,8 +102,14 @@ def _expand_chunk(acc, h_rows, b_cols, k, rank, split_stride, scale, m_ok, n_ok,
         h_mask = m_ok[:, None]
         b_mask = n_ok[None, :]
     h_tile = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for split in tl.static_range(SPLIT_K):
-        h_tile += tl.load(h_rows + split * split_stride + offs_k[None, :], mask=h_mask, other=0.0)
+    if SPLIT_K > 0:
+        for split in tl.static_range(SPLIT_K):
+            h_tile += tl.load(h_rows + split * split_stride + offs_k[None, :], mask=h_mask,
+                              other=0.0)
+    else:
+        for split in range(0, split_k):
+            h_tile += tl.load(h_rows + split * split_stride + offs_k[None, :], mask=h_mask,
+                              other=0.0)
     b_tile = tl.load(b_cols + offs_k[:, None], mask=b_mask, other=0.0)
     h_tile = (h_tile * scale).to(b_tile.dtype)
     if UPCAST:
@@ -115,11 +124,11 @@ def _pick(index, v0, v1, v2, v3):
     return tl.where(index == 0, v0, tl.where(index == 1, v1, tl.where(index == 2, v2, v3)))
 
 
-@triton.jit(do_not_specialize=["tile_stride", "num_col_blocks",
+@triton.jit(do_not_specialize=["tile_stride", "num_col_blocks", "split_k",
                                "blocks_1", "blocks_2", "blocks_3", "slice_base"])
 def lora_expand_kernel(
     h_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, tiles_ptr,
-    tile_stride, num_col_blocks, split_stride,
+    tile_stride, num_col_blocks, split_k, split_stride,
     blocks_1, blocks_2, blocks_3, col_0, col_1, col_2, col_3, col_4, slice_base,
     num_slices, max_rank, flat_rank, out_features, stride_ym, scale_multiplier,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -156,11 +165,11 @@ def lora_expand_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     full = rank // BLOCK_K * BLOCK_K
     for k in range(0, full, BLOCK_K):  # whole rank chunks: no mask along the contiguous axis
-        acc = _expand_chunk(acc, h_rows, b_cols, k, rank, split_stride, scale, m_ok, n_ok,
-                            BLOCK_M, BLOCK_K, SPLIT_K, False, PRECISION, UPCAST)
+        acc = _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_ok,
+                            n_ok, BLOCK_M, BLOCK_K, SPLIT_K, False, PRECISION, UPCAST)
     if full < rank:
-        acc = _expand_chunk(acc, h_rows, b_cols, full, rank, split_stride, scale, m_ok, n_ok,
-                            BLOCK_M, BLOCK_K, SPLIT_K, True, PRECISION, UPCAST)
+        acc = _expand_chunk(acc, h_rows, b_cols, full, rank, split_k, split_stride, scale, m_ok,
+                            n_ok, BLOCK_M, BLOCK_K, SPLIT_K, True, PRECISION, UPCAST)
     tokens = tl.load(sorted_ptr + row_start + tl.minimum(offs_m, num_rows - 1)).to(tl.int64)
     y_ptrs = y_ptr + tokens[:, None] * stride_ym + offs_n[None, :]
     out_mask = m_ok[:, None] & n_ok[None, :]

@@ -184,12 +184,25 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
         lora_expand_kernel[grid](
             h, weights.lora_b, y, weights.ranks, weights.scales, segments.sorted_tokens,
             segments.tile_list(cfg.block_m),
-            segments.tile_capacity, num_col_blocks, num_tokens * flat_rank,
+            segments.tile_capacity, num_col_blocks, split_k, num_tokens * flat_rank,
             *starts, *cols, first,
             len(widths), weights.max_rank, flat_rank, sum(widths), y.stride(0),
             float(scale_multiplier),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            SPLIT_K=split_k if unrolled_split_fits(split_k, cfg) else 0,
             **_dot_flags(y.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+UNROLLED_SPLIT_BYTES = 144 << 10
+"""Shared memory the expand may spend on staged split-K planes when it unrolls their sum (of the
+~227 KB an H100 / H200 block may use; B tiles and the pipeline need the rest)."""
+
+
+def unrolled_split_fits(split_k: int, cfg: ExpandConfig) -> bool:
+    """Whether the expand unrolls its split-K sum for this config (``lora_kernels._expand_chunk``):
+    one plane needs no sum; otherwise the staged planes must fit ``UNROLLED_SPLIT_BYTES``."""
+    staged = split_k * cfg.block_m * cfg.block_k * 4 * max(1, cfg.num_stages)
+    return split_k > 1 and staged <= UNROLLED_SPLIT_BYTES
 
 
 def _slice_groups(widths: tuple[int, ...] | list[int], span: int

@@ -106,17 +106,38 @@ def label_set(task: TaskSpec, examples: list[Example]) -> tuple[str, ...]:
     return tuple(sorted(seen))
 
 
+def _cap_train(train: list[Example], distilled: set[int], max_train: int) -> list[Example]:
+    """``train`` with at most ``max_train`` of its ground-truth examples (the first ones, order
+    kept); teacher-labelled examples (``id`` in ``distilled``) are all kept."""
+    kept, labelled = [], 0
+    for ex in train:
+        if id(ex) in distilled:
+            kept.append(ex)
+        elif labelled < max_train:
+            kept.append(ex)
+            labelled += 1
+    return kept
+
+
 def split_task(task: TaskSpec, parts: list[tuple[SourceSpec, LoadedSource]], seed: int) -> TaskData:
     """Assign examples to train/validation by each source's ``split`` (``both``: a seeded
-    ``validation_fraction`` hold-out), then cap both sides by the task's maxima (seeded)."""
+    ``validation_fraction`` hold-out), then cap both sides by the task's maxima (seeded).
+
+    ``max_train`` caps the ground-truth training examples only: teacher-labelled examples cost
+    no annotation and their number is already chosen by the teacher source's pool, so all of
+    them train (a larger pool is distillation's way to a better student). Validation is capped
+    by ``max_validation`` whatever its origin."""
     rng = random.Random(f"{seed}:split:{task.name}")
     train: list[Example] = []
     validation: list[Example] = []
+    distilled: set[int] = set()
     teacher, skipped = None, 0
     for source, loaded in parts:
         skipped += loaded.num_skipped
         teacher = teacher if loaded.teacher is None else loaded.teacher
         items = list(loaded.examples)
+        if loaded.teacher is not None:
+            distilled.update(id(ex) for ex in items)
         if source.split == "train":
             train += items
         elif source.split == "validation":
@@ -136,7 +157,8 @@ def split_task(task: TaskSpec, parts: list[tuple[SourceSpec, LoadedSource]], see
                         f"{len(train)} and {len(validation)} (check its sources' split and limit)")
     rng.shuffle(train)
     rng.shuffle(validation)
-    train, validation = train[:task.max_train], validation[:task.max_validation]
+    train = _cap_train(train, distilled, task.max_train)
+    validation = validation[:task.max_validation]
     if task.hflip:
         mirror = Image.Transpose.FLIP_LEFT_RIGHT
         train += [Example(ex.image.transpose(mirror), ex.target, ex.question)

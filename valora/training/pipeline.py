@@ -25,9 +25,10 @@ def _source_name(spec: BuildSpec, source: SourceSpec) -> str:
 
 
 def check_sources(spec: BuildSpec) -> None:
-    """Raise ``SpecError`` for unknown source types or teacher kinds (before loading anything)."""
+    """Raise ``SpecError`` for unknown source types, teacher kinds or a bad teacher ``pool_size``
+    (before loading anything)."""
     import valora.training.builtin_sources  # noqa: F401  (registers the built-in loaders)
-    from valora.training.teachers import TEACHER_KINDS
+    from valora.training.teachers import TEACHER_KINDS, pool_size
 
     def check(kind: str, options: Mapping[str, Any], name: str) -> None:
         if kind not in LOADERS:
@@ -39,6 +40,8 @@ def check_sources(spec: BuildSpec) -> None:
             if teacher.get("kind") not in TEACHER_KINDS:
                 raise SpecError(f"{name}: unknown teacher kind {teacher.get('kind')!r}; "
                                 f"known: {sorted(TEACHER_KINDS)}")
+            if "pool_size" in options:
+                pool_size(options["pool_size"], name)
             check(str(images.get("type", "")), images, f"{name}.images")
 
     for source in spec.sources:

@@ -2,7 +2,12 @@
 
 A source ``{type = "teacher", teacher = {...}, images = {...}}`` loads the images of the nested
 ``images`` source (any source type; its labels are ignored), labels them with the teacher and
-yields them as training examples. Teacher kinds (``teacher.kind``):
+yields them as training examples. ``pool_size`` (optional, a positive integer) is how many
+unlabelled images the teacher labels: it is passed to the ``images`` source as its ``limit``
+(a generator such as ``face_scenes`` renders that many; a folder yields at most that many).
+Teacher labels cost no annotation, so a distilled task's training set is as large as this pool:
+``split_task`` does not cap teacher-labelled examples by the task's ``max_train``.
+Teacher kinds (``teacher.kind``):
 
 - ``opencv_haar``: an OpenCV cascade (``path``, default ``haarcascade_frontalface_default.xml``
   from ``cv2.data.haarcascades``); label ``positive`` (default ``face``) when it finds an object,
@@ -203,6 +208,13 @@ def build_teacher(options: Mapping[str, Any], ctx: SourceContext) -> Teacher:
     return Teacher(f"{kind}({path.name if path else 'default'})", factory(options, path, ctx.name))
 
 
+def pool_size(value: Any, source: str) -> int:
+    """A teacher source's ``pool_size``: a positive integer (``SpecError`` naming ``source``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SpecError(f"{source}: pool_size must be a positive integer, got {value!r}")
+    return value
+
+
 @register("teacher")
 def load_teacher_source(options: Mapping[str, Any], ctx: SourceContext) -> LoadedSource:
     teacher_opts, image_opts = options.get("teacher"), options.get("images")
@@ -210,6 +222,8 @@ def load_teacher_source(options: Mapping[str, Any], ctx: SourceContext) -> Loade
         raise SpecError(f"source {ctx.name}: a teacher source needs 'teacher' and 'images' tables")
     teacher = build_teacher(teacher_opts, ctx)
     inner = {k: v for k, v in image_opts.items() if k != "type"}
+    if "pool_size" in options:
+        inner["limit"] = pool_size(options["pool_size"], f"source {ctx.name}")
     unlabelled = load_source(str(image_opts.get("type", "")), inner,
                              SourceContext(ctx.resolve, ctx.seed, f"{ctx.name}.images"))
     images = [ex.image for ex in unlabelled.examples]
