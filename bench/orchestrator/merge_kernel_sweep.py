@@ -3,8 +3,7 @@
 LLaVA-1.5-7B decoder shapes (32 layers × q, k, v, o, gate, up, down; bf16), one adapter of rank
 16 and 64: for each ``(BLOCK_M, BLOCK_N, num_warps)`` the merge of all 224 modules is timed as
 ``WeightSwitcher`` runs it (one launch per module, wall clock with a synchronize before and after,
-median of 7 after warm-up), and as one launch per module shape (``lowrank_update_many``, what
-``WeightSwitcher`` runs now), next to cuBLAS ``addmm_`` and the read + write floor at a copy
+median of 7 after warm-up), next to cuBLAS ``addmm_`` and the read + write floor at a copy
 bandwidth measured in the same run. Prints a table; writes ``merge_sweep.jsonl`` under ``--out``.
 
     PYTHONPATH=$PWD python3 bench/orchestrator/merge_kernel_sweep.py --out "$OUT"   # H200, ~1 min
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from valora.ops.merge_kernel import lowrank_update_many, lowrank_update_triton
+from valora.ops.merge_kernel import lowrank_update_triton
 
 CONFIGS = [(64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4), (32, 256, 4), (256, 128, 8),
            (128, 256, 8), (64, 64, 4)]
@@ -73,13 +72,6 @@ def main() -> None:
                 for w, (b, a) in zip(weights, factors, strict=True):
                     lowrank_update_triton(w, b, a, 0.5, block_m=bm, block_n=bn, num_warps=nw)
             results[f"triton {bm}x{bn} w{nw}"] = wall_ms(triton_merge)
-
-            def grouped_merge(bm: int = bm, bn: int = bn, nw: int = nw,
-                              factors: list[tuple[torch.Tensor, torch.Tensor]] = factors) -> None:
-                lowrank_update_many([(w, b, a, 0.5) for w, (b, a) in zip(weights, factors,
-                                                                         strict=True)],
-                                    block_m=bm, block_n=bn, num_warps=nw)
-            results[f"grouped {bm}x{bn} w{nw}"] = wall_ms(grouped_merge)
         for impl, ms in results.items():
             row = {"device": name, "rank": rank, "impl": impl, "ms": round(ms, 3),
                    "floor_ms": round(floor_ms, 3), "x_floor": round(ms / floor_ms, 2),

@@ -8,7 +8,6 @@ import torch
 from valora.errors import ValoraError
 from valora.ops.merge_kernel import (
     lowrank_update,
-    lowrank_update_many,
     lowrank_update_reference,
     lowrank_update_triton,
 )
@@ -81,55 +80,6 @@ def _within_one_ulp(got: torch.Tensor, expected: torch.Tensor) -> bool:
     ref = expected.double()
     ulp = ref.abs() * (2.0**-7 if got.dtype == torch.bfloat16 else 2.0**-10) + 1e-4
     return bool(((got.double() - ref).abs() <= ulp).all())
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_grouped_updates_match_the_twin(device: str, dtype: torch.dtype) -> None:
-    """A model-like merge: row slices of a fused qkv weight, separate o / down weights of other
-    shapes, slot-storage factors (rank-prefix views with the storage rank as row stride), ranks
-    differing per module, one fp32 module (its own launch) — one launch per shape."""
-    gen = torch.Generator().manual_seed(7)
-    storage_rank = 16
-
-    def factors(m: int, n: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        b_store = (torch.randn(m, storage_rank, generator=gen) * 0.1).to(dtype).to(device)
-        a_store = torch.randn(storage_rank, n, generator=gen).to(dtype).to(device)
-        return b_store[:, :r], a_store[:r]
-
-    qkv = torch.randn(3 * 24, 40, generator=gen).to(dtype).to(device)
-    o = torch.randn(24, 40, generator=gen).to(dtype).to(device)  # same shape as a qkv slice
-    down = torch.randn(40, 56, generator=gen).to(dtype).to(device)
-    full = torch.randn(24, 40, generator=gen).to(device)  # fp32: a launch of its own
-    weights = [qkv[0:24], qkv[24:48], qkv[48:72], o, down, full]
-    ranks = [16, 3, 8, 1, 12, 5]
-    alphas = [0.5, -1.25, 2.0, 1.0, -0.5, 0.75]
-    updates = []
-    for w, r, alpha in zip(weights, ranks, alphas, strict=True):
-        b, a = factors(w.shape[0], w.shape[1], r)
-        updates.append((w, b.to(w.dtype), a.to(w.dtype), alpha))
-    expected = []
-    for w, b, a, alpha in updates:
-        e = w.clone()
-        lowrank_update_reference(e, b, a, alpha)
-        expected.append(e)
-    before = qkv.clone()
-    assert lowrank_update_many(updates, block_m=16, block_n=32, num_warps=4) == 3
-    for (w, _, _, _), e in zip(updates, expected, strict=True):
-        if w.dtype == torch.float32:
-            torch.testing.assert_close(w, e, rtol=1e-5, atol=1e-5)
-        else:
-            assert _within_one_ulp(w, e)
-    assert not torch.equal(qkv, before)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_grouped_update_rejects_bad_shapes_and_skips_empty(device: str) -> None:
-    w, b, a = _case(16, 32, 4, torch.bfloat16, device, seed=3)
-    with pytest.raises(ValoraError, match="disagree"):
-        lowrank_update_many([(w, b[:8], a, 1.0)])
-    empty = torch.zeros(0, 32, dtype=torch.bfloat16, device=device)
-    assert lowrank_update_many([(empty, b[:0], a, 1.0)]) == 0
 
 
 def _switcher_model(device: str, compute: str) -> tuple[dict, object]:

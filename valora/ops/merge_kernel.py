@@ -20,8 +20,6 @@ that also reads ``C``), which is why this kernel exists.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from valora.errors import ValoraError
@@ -93,78 +91,6 @@ def lowrank_update_triton(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alp
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
         PRECISION="ieee" if factor_dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
         num_warps=num_warps)
-
-
-LowRankUpdate = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]
-"""``(w, b, a, alpha)``: the update ``w = round(w + alpha · b @ a)``."""
-
-
-def lowrank_update_many(updates: Sequence[LowRankUpdate], block_m: int | None = None,
-                        block_n: int | None = None, num_warps: int | None = None) -> int:
-    """Every update of ``updates`` (distinct ``w``), with one Triton launch per ``W`` shape.
-
-    Semantics are ``lowrank_update_triton``'s for each item. A whole-model merge is 224 modules
-    at LLaVA-1.5-7B shapes; one launch each cost more host time than the GPU needed for the
-    update (``bench/results/serve/``), so modules of one shape and dtype share a launch that finds
-    each module's operands through a small table of element offsets from the lowest address.
-    Items whose operands are not unit-stride along columns, or whose factors differ in dtype from
-    ``W``, take a launch of their own. Returns the number of launches."""
-    groups: dict[tuple[int, int, torch.dtype, torch.device], list[LowRankUpdate]] = {}
-    launches = 0
-    for item in updates:
-        w, b, a, _ = item
-        check_lowrank_update(w, b, a)
-        if w.numel() == 0:
-            continue
-        if (w.stride(1) != 1 or b.stride(1) != 1 or a.stride(1) != 1
-                or not (w.dtype == b.dtype == a.dtype) or w.dtype == torch.float32):
-            lowrank_update_triton(w, b.contiguous(), a.contiguous(), item[3], block_m, block_n,
-                                  num_warps)
-            launches += 1
-            continue
-        groups.setdefault((w.shape[0], w.shape[1], w.dtype, w.device), []).append(item)
-    for (m, n, _, device), items in groups.items():
-        _launch_group(items, m, n, device, block_m, block_n, num_warps)
-        launches += 1
-    return launches
-
-
-def _launch_group(items: list[LowRankUpdate], m: int, n: int, device: torch.device,
-                  block_m: int | None, block_n: int | None, num_warps: int | None) -> None:
-    import triton
-
-    from valora.ops.merge_kernel_impl import lowrank_update_group_kernel
-    from valora.ops.triton_lora import kernels_interpreted
-
-    item_size = items[0][0].element_size()
-    operands = [(w, b, a) for w, b, a, _ in items]
-    bases = [min((ops[k] for ops in operands), key=torch.Tensor.data_ptr) for k in range(3)]
-    rows: list[list[int]] = []
-    for w, b, a in operands:
-        offsets = []
-        for tensor, base in zip((w, b, a), bases, strict=True):
-            gap = tensor.data_ptr() - base.data_ptr()
-            if gap % item_size:
-                raise ValoraError("lowrank update: operand not aligned to its element size")
-            offsets.append(gap // item_size)
-        rows.append([*offsets, a.shape[0], w.stride(0), b.stride(0), a.stride(0)])
-    align = 16
-    while align > 1 and any(r[0] % align or r[4] % align for r in rows):
-        align //= 2
-    meta = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-    alphas = torch.tensor([it[3] for it in items], dtype=torch.float32).to(device,
-                                                                          non_blocking=True)
-    max_rank = max(r[3] for r in rows)
-    small = max_rank <= 32
-    block_m = block_m or 64
-    block_n = block_n or (256 if small else 128)
-    num_warps = num_warps or (8 if small else 4)
-    upcast = kernels_interpreted()
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), len(items))
-    lowrank_update_group_kernel[grid](
-        bases[0], bases[1], bases[2], meta, alphas, m, n,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(max_rank)),
-        ALIGN=align, PRECISION="ieee" if upcast else "tf32", UPCAST=upcast, num_warps=num_warps)
 
 
 def lowrank_update(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float,

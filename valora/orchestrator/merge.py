@@ -18,11 +18,8 @@ Restore strategies (``docs/modes.md`` has the memory/drift trade-off):
   Drift after ``k`` unmerges since the last re-sync is bounded elementwise by
   :func:`resync_drift_bound`.
 
-Compute (``compute=``): ``"triton"`` runs ``valora.ops.merge_kernel.lowrank_update_many`` — one
-launch per module shape for the whole adapter (three at Llama shapes: q/k/v/o, gate/up, down),
-fp32 accumulation, one rounding, ``W`` read and written once; default on CUDA with Triton. (One
-launch per module, the first version, spent more host time launching 224 kernels than the GPU
-spent updating: 2.1× the copy floor at 7B shapes on an H200.)
+Compute (``compute=``): ``"triton"`` runs one launch of ``valora.ops.merge_kernel`` per module
+(fp32 accumulation, one rounding, ``W`` read and written once; default on CUDA with Triton);
 ``"fused"`` runs one in-place cuBLAS ``addmm_`` per module in the weight dtype (measured 2.3× the
 copy floor on an H200 at 7B shapes, hence the kernel); ``"chunked"`` adds an explicit fp32 product in row chunks (reference semantics on any
 device; default elsewhere — CPU low-precision GEMMs round twice).
@@ -44,8 +41,8 @@ from valora.errors import ValoraError
 from valora.logger import get_logger
 from valora.ops.lora import LoRASlotWeights
 from valora.ops.merge_kernel import (
-    lowrank_update_many,
     lowrank_update_reference,
+    lowrank_update_triton,
     triton_available,
 )
 
@@ -189,7 +186,8 @@ class WeightSwitcher:
             # Subtract-unmerge must remove exactly what was added, even if the slot is rewritten.
             deltas = {k: _Delta(d.a.clone(), d.b.clone(), d.scale) for k, d in deltas.items()}
         # Pristine mode: nothing merged => weights == pristine bit for bit, so in place is exact.
-        self._add_deltas(deltas, 1.0)
+        for key, delta in deltas.items():
+            self._add_delta(self._weights[key], delta, 1.0)
         self._merged = deltas
         self._dirty.update(deltas)
         self.merged_adapter, self.merged_slot = adapter_name, slot
@@ -210,7 +208,8 @@ class WeightSwitcher:
                 self._dirty.clear()
                 self._unmerges_since_resync = 0
             else:
-                self._add_deltas(deltas, -1.0)
+                for key, delta in deltas.items():
+                    self._add_delta(self._weights[key], delta, -1.0)
         self._merged = {}
         self.merged_adapter = self.merged_slot = None
         return self._report(deltas)
@@ -257,26 +256,19 @@ class WeightSwitcher:
         sizes = [self._weights[k].numel() * self._weights[k].element_size() for k in keys]
         return SwitchReport(len(sizes), sum(sizes))
 
-    def _uses_triton(self, dst: torch.Tensor) -> bool:
-        return self._compute == "triton" or (self._compute == "auto" and dst.is_cuda
-                                             and triton_available())
-
-    def _add_deltas(self, deltas: Mapping[ModuleKey, _Delta], sign: float) -> None:
-        """``W[key] = round(W[key] + sign·scale·b@a)`` in place for every module of ``deltas``,
-        product and sum in fp32, one rounding (Triton: all modules in one launch per shape)."""
-        grouped = [(self._weights[key], delta.b, delta.a, sign * delta.scale)
-                   for key, delta in deltas.items() if self._uses_triton(self._weights[key])]
-        if grouped:
-            lowrank_update_many(grouped)
-        for key, delta in deltas.items():
-            if not self._uses_triton(self._weights[key]):
-                self._add_delta(self._weights[key], delta, sign)
-
     def _add_delta(self, dst: torch.Tensor, delta: _Delta, sign: float) -> None:
-        """One module off the Triton path. Fused: one ``addmm_`` in the weight dtype (cuBLAS
-        accumulates bf16/fp16 GEMMs in fp32 and applies ``beta·C`` in fp32), reading and writing
-        ``dst`` once. Chunked: explicit fp32 row chunks (the reference semantics)."""
+        """``dst = round(dst + sign·scale·b@a)`` in place, product and sum in fp32, one rounding.
+
+        Fused: one ``addmm_`` in the weight dtype (cuBLAS accumulates bf16/fp16 GEMMs in fp32 and
+        applies ``beta·C`` in fp32), reading and writing ``dst`` once. Chunked: explicit fp32 row
+        chunks (the reference semantics)."""
         alpha = sign * delta.scale
+        if self._compute == "triton" or (self._compute == "auto" and dst.is_cuda
+                                         and triton_available()):
+            # B is a rank-prefix view of the slot (row stride = the slots' storage rank): a
+            # contiguous copy is a few hundred KB and gives the kernel dense rows.
+            lowrank_update_triton(dst, delta.b.contiguous(), delta.a.contiguous(), alpha)
+            return
         fused = self._compute == "fused" or (self._compute == "auto" and dst.is_cuda)
         if dst.dtype == torch.float32 or fused:
             dst.addmm_(delta.b.to(dst.dtype), delta.a.to(dst.dtype), alpha=alpha)
