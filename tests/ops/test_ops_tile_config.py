@@ -142,3 +142,10 @@ def test_rotations_cover_the_target_and_respect_memory() -> None:
     assert rotations_for(1) == 32
     assert rotations_for(1 << 20, set_bytes=1 << 30, memory_bytes=3 << 30) == 3
     assert rotations_for(1 << 20, set_bytes=8 << 30) == 1
+
+
+def test_unknown_adapter_count_takes_the_worst_case_bucket() -> None:
+    """Graph-captured segments do not know their adapters: one adapter per token, not one."""
+    unknown = shape_bucket(32, 64, 4096, 12288, -1, 3)
+    assert unknown is not None and unknown == shape_bucket(32, 64, 4096, 12288, 32, 3)
+    assert unknown.num_adapters == 32

@@ -114,8 +114,14 @@ def shape_bucket(num_tokens: int, max_rank: int, in_features: int, out_features:
                  num_adapters: int, num_slices: int) -> ShapeBucket | None:
     """The bucket of a call, or None when the table cannot cover it (rank above ``MAX_TABLE_RANK``).
 
-    ``num_adapters`` < 1 means unknown: the worst case ``min(num_tokens, …)`` is the caller's job.
+    ``num_adapters`` < 1 means unknown and takes the worst case, one adapter per token (a CUDA
+    graph captures one configuration for whatever adapters its replays bring: the graphs of the
+    decode path once took the single-adapter entry this way and ran 32 distinct adapters through
+    a configuration tuned for one: 2.26× the memory floor at batch 32 on an H200, against 1.64×
+    with the worst-case heuristic the day before).
     """
+    if num_adapters < 1:
+        num_adapters = num_tokens
     rank = _ceil_bucket(max_rank, RANK_BUCKETS)
     if rank is None:
         return None

@@ -122,8 +122,10 @@ def lora_apply_triton(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights
         x = x.contiguous()
     if config is None:
         active = segments.num_active_slots
+        # Unknown adapter count (graph-captured segments): the worst case, one per token.
+        worst = min(x.shape[0], segments.num_slots)
         config, _ = select_tile_config(x.device, x.shape[0], weights.max_rank, x.shape[1],
-                                       weights.slice_widths, active if active > 0 else -1)
+                                       weights.slice_widths, active if active > 0 else worst)
         limit = FUSED_MAX_TOKENS if fused_max_tokens is None else fused_max_tokens
         if config.fused is None and x.shape[0] <= limit and weights.max_rank <= FUSED_MAX_RANK:
             config = TileConfig(config.shrink, config.expand, heuristic_fused_config(
