@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="profile file (default: the per-GPU file the engine reads)")
     parser.add_argument("--quick", action="store_true", help="a tiny grid (tests, CPU)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="time decode steps as eager forwards (default on CUDA: CUDA-graph "
+                             "replays, as the engine runs them)")
     return parser
 
 
@@ -53,7 +56,8 @@ def main(argv: list[str]) -> int:
     try:
         model = load_model(str(resolve_model_path(args.model)), dtype=dtype, device=device,
                            load_format=args.load_format, attention_backend=backend)
-        cost = run_profile(model, quick=args.quick, repeats=args.repeats)
+        cost = run_profile(model, quick=args.quick, repeats=args.repeats,
+                           graphs=not args.enforce_eager)
     except ValoraError as exc:
         raise SystemExit(f"valora profile-modes: {exc}") from exc
     out = args.out or default_profile_path(device_label(device))
