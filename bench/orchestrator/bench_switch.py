@@ -114,7 +114,8 @@ def copy_bandwidth(device: torch.device, num_bytes: int, repeats: int) -> float:
 
 
 def build_valora(shapes: Shapes, ranks: list[int], device: torch.device, dtype: torch.dtype,
-                 seed: int) -> tuple[dict[ModuleKey, torch.Tensor], WeightSwitcher]:
+                 seed: int, graphs: bool = True) -> tuple[dict[ModuleKey, torch.Tensor],
+                                                          WeightSwitcher]:
     """Fused base weights (random), one LoRA slot per rank on all seven projections."""
     torch.manual_seed(seed)
     base: dict[ModuleKey, torch.Tensor] = {}
@@ -136,7 +137,7 @@ def build_valora(shapes: Shapes, ranks: list[int], device: torch.device, dtype: 
                 base[(layer, name)] = weight[offset:offset + width]
                 slot_map[(layer, name)] = (slots, j)
                 offset += width
-    return base, WeightSwitcher(base, slot_map)
+    return base, WeightSwitcher(base, slot_map, graphs=graphs)
 
 
 def reference_error(merged: torch.Tensor, pristine: torch.Tensor, a: torch.Tensor,
@@ -148,8 +149,11 @@ def reference_error(merged: torch.Tensor, pristine: torch.Tensor, a: torch.Tenso
 
 
 def bench_valora(shapes: Shapes, ranks: list[int], device: torch.device, dtype: torch.dtype,
-                 repeats: int, floor_rate: float) -> list[dict[str, Any]]:
-    base, switcher = build_valora(shapes, ranks, device, dtype, seed=0)
+                 repeats: int, floor_rate: float, graphs: bool = True) -> list[dict[str, Any]]:
+    """``valora`` (merges replayed from a CUDA graph after the first two, the default) or
+    ``valora-eager`` (``graphs=False``: one Python launch per module every time)."""
+    impl = "valora" if graphs else "valora-eager"
+    base, switcher = build_valora(shapes, ranks, device, dtype, seed=0, graphs=graphs)
     rows: list[dict[str, Any]] = []
     probe: ModuleKey = (0, "q_proj")
     for slot, rank in enumerate(ranks):
@@ -170,7 +174,7 @@ def bench_valora(shapes: Shapes, ranks: list[int], device: torch.device, dtype: 
         unmerge_walls, unmerge_events = _unmerge_times(switcher, slot, name, device, repeats)
         for op, walls, events in (("merge", merge_walls, merge_events),
                                   ("unmerge", unmerge_walls, unmerge_events)):
-            rows.append(_row("valora", op, rank, affected, floor, walls, events,
+            rows.append(_row(impl, op, rank, affected, floor, walls, events,
                              {"rel_error_vs_fp32": error, "restore_bit_exact": exact,
                               "num_modules": len(switcher._deltas(slot)),
                               "pristine_bytes": switcher.pristine_bytes}))
@@ -308,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {name}; copy bandwidth {rate / 1e12:.3f} TB/s (read + write)", flush=True)
     rows = bench_valora(shapes, args.ranks, device, dtype, repeats, rate)
     if device.type == "cuda":
+        torch.cuda.empty_cache()
+        rows += bench_valora(shapes, args.ranks, device, dtype, repeats, rate, graphs=False)
         torch.cuda.empty_cache()
     if not args.no_peft:
         rows += bench_peft(shapes, args.ranks, device, dtype, repeats, rate)

@@ -9,6 +9,7 @@ from valora.errors import ValoraError
 from valora.ops.merge_kernel import (
     lowrank_update,
     lowrank_update_reference,
+    lowrank_update_slot,
     lowrank_update_triton,
 )
 from valora.ops.triton_lora import kernels_interpreted
@@ -113,7 +114,7 @@ def _switcher_model(device: str, compute: str) -> tuple[dict, object]:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_switcher_grouped_merge_matches_chunked_and_restores(device: str) -> None:
+def test_switcher_slot_merge_matches_chunked_and_restores(device: str) -> None:
     fast_base, fast = _switcher_model(device, "triton")
     ref_base, ref = _switcher_model(device, "chunked")
     originals = {k: w.clone() for k, w in fast_base.items()}
@@ -125,3 +126,25 @@ def test_switcher_grouped_merge_matches_chunked_and_restores(device: str) -> Non
     fast.unmerge()  # type: ignore[attr-defined]
     for key, weight in fast_base.items():
         assert torch.equal(weight, originals[key]), key
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("rank", "sign"), [(5, 1.0), (16, -1.0), (0, 1.0), (40, 1.0)])
+def test_slot_update_reads_rank_and_scale_on_the_device(device: str, rank: int,
+                                                        sign: float) -> None:
+    """Slot storage at rank 16; the slot's rank (clipped to the storage) and scale come from
+    one-element device tensors; rank 0 leaves W bit-identical."""
+    w, b, a = _case(48, 80, 16, torch.bfloat16, device, seed=rank + 3)
+    scale = torch.tensor([1.75], device=device)
+    rank_ref = torch.tensor([rank], dtype=torch.int32, device=device)
+    expected = w.clone()
+    used = min(rank, 16)
+    if used:
+        lowrank_update_reference(expected, b[:, :used], a[:used], sign * 1.75)
+    lowrank_update_slot(w, b, a, scale, rank_ref, sign)
+    if used == 0:
+        assert torch.equal(w, expected)
+    else:
+        assert _within_one_ulp(w, expected)
+    with pytest.raises(ValoraError, match="1 element"):
+        lowrank_update_slot(w, b, a, scale, rank_ref.long(), sign)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from valora.ops.lora import LoRASlotWeights
+from valora.ops.merge_kernel import lowrank_update_reference
 from valora.orchestrator.merge import WeightSwitcher
 
 pytestmark = [pytest.mark.gpu,
@@ -58,3 +59,29 @@ def test_unmerge_restores_bit_exactly_on_device(pristine_device: str | None) -> 
     assert torch.equal(weight, original)
     assert switcher.pristine_device is not None
     assert switcher.pristine_device.type == (pristine_device or "cuda")
+
+
+def test_graph_replayed_merges_follow_the_slot_contents() -> None:
+    """Merge 1 runs eagerly, merge 2 captures a CUDA graph, merge 3 replays it after the slot got
+    another adapter of the same rank block (new factors, scale and a smaller rank): every merge
+    rounds like the fp32 reference and every unmerge restores the base bit for bit."""
+    weight, switcher = _layer_weights(4096, 4096, 64, "triton", None)
+    slots, _ = switcher._slots[(0, "q_proj")]
+    original = weight.clone()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for step, rank in enumerate((64, 64, 40)):
+        if step == 2:  # a new adapter in slot 1: same storage, other values and rank
+            slots.lora_a[1, 0].normal_(generator=gen)
+            slots.lora_b[1].normal_(0.0, 0.1, generator=gen)
+            slots.scales[1, 0] = -0.75
+            slots.ranks[1, 0] = rank
+            slots.ranks_cpu[1][0] = rank
+        expected = original.clone()
+        lowrank_update_reference(expected, slots.lora_b[1, :, :rank], slots.lora_a[1, 0, :rank],
+                                 float(slots.scales[1, 0]))
+        switcher.merge(1, f"adapter-{step}")
+        one_ulp = expected.float().abs() * 2.0**-7 + 1e-4
+        assert bool(((weight.float() - expected.float()).abs() <= one_ulp).all()), step
+        switcher.unmerge()
+        assert torch.equal(weight, original), step
+    assert len(switcher._graphs) == 1

@@ -65,10 +65,30 @@ def lowrank_update_triton(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alp
     best whole-model merges of a tile sweep on an H200 (``bench/orchestrator/merge_kernel_sweep.py``,
     ``bench/results/serve/merge-sweep-h200.jsonl``)."""
     check_lowrank_update(w, b, a)
-    small = a.shape[0] <= 32
-    block_m = block_m or 64
-    block_n = block_n or (256 if small else 128)
-    num_warps = num_warps or (8 if small else 4)
+    factor_dtype = a.dtype if a.dtype == b.dtype and a.dtype != torch.float32 else torch.float32
+    _launch(w, b.to(factor_dtype), a.to(factor_dtype), alpha, a.shape[0], None, None,
+            block_m, block_n, num_warps)
+
+
+def lowrank_update_slot(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+                        scale: torch.Tensor, rank: torch.Tensor, sign: float = 1.0) -> None:
+    """``w = round(w + sign·scale · b[:, :r] @ a[:r])`` in place with ``r = min(rank, a.shape[0])``,
+    one Triton launch that reads ``scale`` (fp32) and ``rank`` (int32) — one-element tensors,
+    a LoRA slot's entries — on the device, so the launch captured in a CUDA graph stays right when
+    the slot is given another adapter. ``b`` / ``a`` are the slot's factor storage at full
+    storage rank (same dtype as ``w``); rank 0 leaves ``w`` untouched (not even read)."""
+    check_lowrank_update(w, b, a)
+    if b.dtype != w.dtype or a.dtype != w.dtype or w.dtype == torch.float32:
+        raise ValoraError("lowrank_update_slot needs half-precision factors of w's dtype")
+    if scale.numel() != 1 or rank.numel() != 1 or rank.dtype != torch.int32 \
+            or scale.dtype != torch.float32:
+        raise ValoraError("lowrank_update_slot: scale (float32) and rank (int32) are 1 element")
+    _launch(w, b, a, sign, a.shape[0], scale, rank, None, None, None)
+
+
+def _launch(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float, rank: int,
+            scale: torch.Tensor | None, rank_ref: torch.Tensor | None,
+            block_m: int | None, block_n: int | None, num_warps: int | None) -> None:
     if w.numel() == 0:
         return
     import triton
@@ -76,21 +96,21 @@ def lowrank_update_triton(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alp
     from valora.ops.merge_kernel_impl import lowrank_update_kernel
     from valora.ops.triton_lora import kernels_interpreted
 
-    # Both factors in one dtype for tl.dot: their own half type when they share it, else fp32
-    # (exact for any input, with an IEEE fp32 dot rather than TF32).
-    factor_dtype = a.dtype if a.dtype == b.dtype and a.dtype != torch.float32 else torch.float32
-    a, b = a.to(factor_dtype), b.to(factor_dtype)
+    small = rank <= 32
+    block_m = block_m or 64
+    block_n = block_n or (256 if small else 128)
+    num_warps = num_warps or (8 if small else 4)
     m, n = w.shape
-    rank = a.shape[0]
-    upcast = factor_dtype != torch.float32 and kernels_interpreted()
+    upcast = a.dtype != torch.float32 and kernels_interpreted()
     block_r = max(16, triton.next_power_of_2(rank))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    from_memory = scale is not None and rank_ref is not None
     lowrank_update_kernel[grid](
-        w, b, a, float(alpha), m, n, rank,
-        w.stride(0), w.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1),
+        w, b, a, scale if from_memory else w, rank_ref if from_memory else w, float(alpha), m, n,
+        rank, w.stride(0), w.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        PRECISION="ieee" if factor_dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
-        num_warps=num_warps)
+        PRECISION="ieee" if a.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
+        FROM_MEMORY=from_memory, num_warps=num_warps)
 
 
 def lowrank_update(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float,

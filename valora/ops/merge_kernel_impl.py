@@ -11,15 +11,23 @@ import triton.language as tl
 
 @triton.jit
 def lowrank_update_kernel(
-    w_ptr, b_ptr, a_ptr, alpha, m, n, rank,
+    w_ptr, b_ptr, a_ptr, scale_ptr, rank_ptr, alpha, m, n, rank,
     stride_wm, stride_wn, stride_bm, stride_br, stride_ar, stride_an,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, FROM_MEMORY: tl.constexpr,
 ):
     """One ``BLOCK_M × BLOCK_N`` tile of ``W``: ``W = round(W + alpha · B[rows] @ A[:, cols])``.
 
     The rank axis is padded to ``BLOCK_R`` (a power of two ≥ 16) with zeros, so the padded terms
-    add nothing; the accumulation is fp32 and ``W`` is rounded once on the store."""
+    add nothing; the accumulation is fp32 and ``W`` is rounded once on the store.
+    ``FROM_MEMORY``: the rank is ``min(*rank_ptr, rank)`` and the factor ``alpha · *scale_ptr``,
+    read on the device (a LoRA slot's rank and scale: a CUDA graph of the launch then serves
+    whatever adapter the slot holds); rank 0 returns before touching ``W``."""
+    if FROM_MEMORY:
+        rank = tl.minimum(tl.load(rank_ptr), rank)
+        if rank <= 0:
+            return
+        alpha = alpha * tl.load(scale_ptr)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -19,10 +19,14 @@ Restore strategies (``docs/modes.md`` has the memory/drift trade-off):
   :func:`resync_drift_bound`.
 
 Compute (``compute=``): ``"triton"`` runs one launch of ``valora.ops.merge_kernel`` per module
-(fp32 accumulation, one rounding, ``W`` read and written once; default on CUDA with Triton);
-``"fused"`` runs one in-place cuBLAS ``addmm_`` per module in the weight dtype (measured 2.3× the
-copy floor on an H200 at 7B shapes, hence the kernel); ``"chunked"`` adds an explicit fp32 product in row chunks (reference semantics on any
-device; default elsewhere — CPU low-precision GEMMs round twice).
+(fp32 accumulation, one rounding, ``W`` read and written once; default on CUDA with Triton). In
+pristine mode on half-precision weights the launches read the slot's rank and scale on the
+device (``lowrank_update_slot``), and from the second merge of a (slot, rank block, module set)
+on they replay from a CUDA graph captured for it (``graphs=False``: always eager) — a merge
+then costs no host time per module. ``"fused"`` runs one in-place cuBLAS ``addmm_`` per module
+in the weight dtype (measured 2.3× the copy floor on an H200 at 7B shapes, hence the kernel);
+``"chunked"`` adds an explicit fp32 product in row chunks (reference semantics on any device;
+default elsewhere — CPU low-precision GEMMs round twice).
 
 Invariant: the weights are base weights exactly when ``merged_adapter is None`` (pristine mode),
 or within the drift bound of them (resync mode). Merging while merged is an error; ``switch``
@@ -42,6 +46,7 @@ from valora.logger import get_logger
 from valora.ops.lora import LoRASlotWeights
 from valora.ops.merge_kernel import (
     lowrank_update_reference,
+    lowrank_update_slot,
     lowrank_update_triton,
     triton_available,
 )
@@ -122,6 +127,7 @@ class WeightSwitcher:
         resync_every: int = 16,
         compute: ComputeStrategy = "auto",
         chunk_elements: int = 1 << 22,
+        graphs: bool = True,
     ) -> None:
         if restore not in ("pristine", "resync"):
             raise ValoraError(f"restore must be 'pristine' or 'resync', got {restore!r}")
@@ -146,7 +152,10 @@ class WeightSwitcher:
         self._chunk_elements = max(1, chunk_elements)
         self._pristine = {key: _copy_to(weight, pristine_device, restore)
                           for key, weight in self._weights.items()}
-        self._merged: dict[ModuleKey, _Delta] = {}
+        self._merged: dict[ModuleKey, _Delta | None] = {}
+        self._graphs_enabled = graphs
+        self._graphs: dict[tuple[int, int, tuple[ModuleKey, ...]], torch.cuda.CUDAGraph] = {}
+        self._warm: set[tuple[int, int, tuple[ModuleKey, ...]]] = set()
         self._dirty: set[ModuleKey] = set()
         self._unmerges_since_resync = 0
         self.merged_adapter: str | None = None
@@ -179,20 +188,97 @@ class WeightSwitcher:
         """Fold the adapter in ``slot`` into the weights: ``W[key] = round(W[key] + s·B·A)``."""
         if self.merged_adapter is not None:
             raise ValoraError(f"adapter {self.merged_adapter!r} is merged; unmerge or switch first")
-        deltas = self._deltas(slot)
-        if not deltas:
-            raise ValoraError(f"slot {slot} ({adapter_name!r}) targets no module: nothing to merge")
-        if self.restore == "resync":
-            # Subtract-unmerge must remove exactly what was added, even if the slot is rewritten.
-            deltas = {k: _Delta(d.a.clone(), d.b.clone(), d.scale) for k, d in deltas.items()}
-        # Pristine mode: nothing merged => weights == pristine bit for bit, so in place is exact.
-        for key, delta in deltas.items():
-            self._add_delta(self._weights[key], delta, 1.0)
-        self._merged = deltas
-        self._dirty.update(deltas)
+        if self._slot_path():
+            keys = self._targeted(slot)
+            if not keys:
+                raise ValoraError(f"slot {slot} ({adapter_name!r}) targets no module: "
+                                  "nothing to merge")
+            self._merge_slot(slot, keys)
+            merged: dict[ModuleKey, _Delta | None] = dict.fromkeys(keys)
+        else:
+            deltas = self._deltas(slot)
+            if not deltas:
+                raise ValoraError(f"slot {slot} ({adapter_name!r}) targets no module: "
+                                  "nothing to merge")
+            if self.restore == "resync":
+                # Subtract-unmerge must remove exactly what was added, even if the slot is
+                # rewritten.
+                deltas = {k: _Delta(d.a.clone(), d.b.clone(), d.scale) for k, d in deltas.items()}
+            # Pristine mode: nothing merged => weights == pristine bit for bit: in place is exact.
+            for key, delta in deltas.items():
+                self._add_delta(self._weights[key], delta, 1.0)
+            merged = dict(deltas)
+        self._merged = merged
+        self._dirty.update(merged)
         self.merged_adapter, self.merged_slot = adapter_name, slot
-        _log.debug("merged %s (slot %d) into %d modules", adapter_name, slot, len(deltas))
-        return self._report(deltas)
+        _log.debug("merged %s (slot %d) into %d modules", adapter_name, slot, len(merged))
+        return self._report(merged)
+
+    def _slot_path(self) -> bool:
+        """Pristine restore with the Triton kernel on half-precision weights whose slot factors
+        share their dtype: merges read rank and scale on the device (``lowrank_update_slot``),
+        replayed from a CUDA graph per (slot, rank block, targeted modules) on CUDA."""
+        if self.restore != "pristine" or not self._weights:
+            return False
+        for key, weight in self._weights.items():
+            slots, _ = self._slots[key]
+            if (weight.dtype == torch.float32 or slots.lora_a.dtype != weight.dtype
+                    or not self._uses_triton(weight)):
+                return False
+        return True
+
+    def _uses_triton(self, dst: torch.Tensor) -> bool:
+        return self._compute == "triton" or (self._compute == "auto" and dst.is_cuda
+                                             and triton_available())
+
+    def _targeted(self, slot: int) -> tuple[ModuleKey, ...]:
+        """Modules the adapter in ``slot`` targets (rank > 0 in the host mirror of the ranks)."""
+        keys = []
+        for key, (weights, j) in self._slots.items():
+            if not 0 <= slot < weights.num_slots:
+                raise ValoraError(f"slot {slot} out of range [0, {weights.num_slots}) for {key}")
+            ranks = weights.ranks_cpu or weights.ranks.tolist()
+            if int(ranks[slot][j]) > 0:
+                keys.append(key)
+        return tuple(keys)
+
+    def _merge_slot(self, slot: int, keys: tuple[ModuleKey, ...]) -> None:
+        """One ``lowrank_update_slot`` launch per targeted module. The first merge of a (slot,
+        rank block, module set) runs eagerly (and compiles); the second captures the launches in
+        a CUDA graph, which every later merge of that key replays: 224 launches at 7B shapes cost
+        the host more than the GPU needed for them (``bench/results/serve``)."""
+        rank_block = max(16, 1 << (max(self._rank_of(slot, k) for k in keys) - 1).bit_length())
+        graph_key = (slot, rank_block, keys)
+        graph = self._graphs.get(graph_key)
+        if graph is not None:
+            graph.replay()
+            return
+        capture = (self._graphs_enabled and graph_key in self._warm
+                   and all(self._weights[k].is_cuda for k in keys))
+        if not capture:
+            self._launch_slot(slot, keys, rank_block)
+            self._warm.add(graph_key)
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._launch_slot(slot, keys, rank_block)
+        self._graphs[graph_key] = graph
+        graph.replay()
+
+    def _rank_of(self, slot: int, key: ModuleKey) -> int:
+        weights, j = self._slots[key]
+        ranks = weights.ranks_cpu or weights.ranks.tolist()
+        return min(int(ranks[slot][j]), weights.max_rank)
+
+    def _launch_slot(self, slot: int, keys: tuple[ModuleKey, ...], rank_block: int) -> None:
+        for key in keys:
+            weights, j = self._slots[key]
+            offset = sum(weights.slice_widths[:j])
+            width = weights.slice_widths[j]
+            rank = min(rank_block, weights.max_rank)
+            lowrank_update_slot(self._weights[key], weights.lora_b[slot, offset:offset + width, :rank],
+                                weights.lora_a[slot, j, :rank], weights.scales[slot, j:j + 1],
+                                weights.ranks[slot, j:j + 1])
 
     def unmerge(self) -> SwitchReport:
         """Take the merged adapter out again (exact copy-back, or subtract + periodic re-sync)."""
@@ -209,6 +295,7 @@ class WeightSwitcher:
                 self._unmerges_since_resync = 0
             else:
                 for key, delta in deltas.items():
+                    assert delta is not None  # resync merges keep their factors
                     self._add_delta(self._weights[key], delta, -1.0)
         self._merged = {}
         self.merged_adapter = self.merged_slot = None
@@ -263,8 +350,7 @@ class WeightSwitcher:
         applies ``beta·C`` in fp32), reading and writing ``dst`` once. Chunked: explicit fp32 row
         chunks (the reference semantics)."""
         alpha = sign * delta.scale
-        if self._compute == "triton" or (self._compute == "auto" and dst.is_cuda
-                                         and triton_available()):
+        if self._uses_triton(dst):
             # B is a rank-prefix view of the slot (row stride = the slots' storage rank): a
             # contiguous copy is a few hundred KB and gives the kernel dense rows.
             lowrank_update_triton(dst, delta.b.contiguous(), delta.a.contiguous(), alpha)
