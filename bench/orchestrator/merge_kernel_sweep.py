@@ -1,10 +1,12 @@
 """Whole-model merge time of the Triton low-rank update kernel over tile configurations.
 
 LLaVA-1.5-7B decoder shapes (32 layers × q, k, v, o, gate, up, down; bf16), one adapter of rank
-16 and 64: for each ``(BLOCK_M, BLOCK_N, num_warps)`` the merge of all 224 modules is timed as
-``WeightSwitcher`` runs it (one launch per module, wall clock with a synchronize before and after,
-median of 7 after warm-up), next to cuBLAS ``addmm_`` and the read + write floor at a copy
-bandwidth measured in the same run. Prints a table; writes ``merge_sweep.jsonl`` under ``--out``.
+16 and 64: for each ``(BLOCK_M, BLOCK_N, num_warps, column tiles per program)`` the merge of all
+224 modules (one launch per module) is captured in a CUDA graph and its replays are timed with
+CUDA events (median of 7), as ``WeightSwitcher`` replays merges — host launch time is out of the
+figure (the first sweeps timed eager launches by wall clock, which mixed it in). Next to it:
+cuBLAS ``addmm_`` (also graph-replayed) and the read + write floor at a copy bandwidth measured
+in the same run. Prints a table; writes ``merge_sweep.jsonl`` under ``--out``.
 
     PYTHONPATH=$PWD python3 bench/orchestrator/merge_kernel_sweep.py --out "$OUT"   # H200, ~1 min
 """
@@ -22,8 +24,30 @@ import torch
 
 from valora.ops.merge_kernel import lowrank_update_triton
 
-CONFIGS = [(64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4), (32, 256, 4), (256, 128, 8),
-           (128, 256, 8), (64, 64, 4)]
+# (BLOCK_M, BLOCK_N, num_warps, column tiles per program)
+CONFIGS = [(64, 256, 8, 1), (64, 128, 4, 1), (32, 256, 4, 1), (32, 128, 4, 1), (128, 64, 4, 1),
+           (64, 64, 4, 1), (64, 128, 4, 4), (64, 128, 4, 8), (32, 128, 4, 8), (32, 256, 4, 4),
+           (64, 256, 8, 4), (16, 256, 4, 8), (32, 64, 4, 16)]
+
+
+def graph_ms(fn: Callable[[], None], repeats: int = 7) -> float:
+    """Median ms of CUDA-graph replays of ``fn`` (run once eagerly first: compiles, warms)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times)
 
 
 def wall_ms(fn: Callable[[], None], repeats: int = 7) -> float:
@@ -65,13 +89,17 @@ def main() -> None:
             for w, (b, a) in zip(weights, factors, strict=True):
                 w.addmm_(b, a, alpha=0.5)
 
-        results = {"addmm_": wall_ms(addmm)}
-        for bm, bn, nw in CONFIGS:
-            def triton_merge(bm: int = bm, bn: int = bn, nw: int = nw,
+        results = {"addmm_": graph_ms(addmm)}
+        for bm, bn, nw, tn in CONFIGS:
+            def triton_merge(bm: int = bm, bn: int = bn, nw: int = nw, tn: int = tn,
                              factors: list[tuple[torch.Tensor, torch.Tensor]] = factors) -> None:
                 for w, (b, a) in zip(weights, factors, strict=True):
-                    lowrank_update_triton(w, b, a, 0.5, block_m=bm, block_n=bn, num_warps=nw)
-            results[f"triton {bm}x{bn} w{nw}"] = wall_ms(triton_merge)
+                    lowrank_update_triton(w, b, a, 0.5, block_m=bm, block_n=bn, num_warps=nw,
+                                          tiles_n=tn)
+            try:
+                results[f"triton {bm}x{bn} w{nw} t{tn}"] = graph_ms(triton_merge)
+            except Exception as exc:  # a configuration that does not compile: say so, go on
+                print(f"triton {bm}x{bn} w{nw} t{tn}: {type(exc).__name__}: {exc}"[:200])
         for impl, ms in results.items():
             row = {"device": name, "rank": rank, "impl": impl, "ms": round(ms, 3),
                    "floor_ms": round(floor_ms, 3), "x_floor": round(ms / floor_ms, 2),
