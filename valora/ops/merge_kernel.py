@@ -101,9 +101,9 @@ def _launch(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float, ran
     from valora.ops.triton_lora import kernels_interpreted
 
     small = rank <= 32
-    block_m = block_m or 64
-    block_n = block_n or (256 if small else 128)
-    num_warps = num_warps or (8 if small else 4)
+    block_m = block_m or (32 if small else 64)
+    block_n = block_n or 128
+    num_warps = num_warps or 4
     m, n = w.shape
     upcast = a.dtype != torch.float32 and kernels_interpreted()
     block_r = max(16, triton.next_power_of_2(rank))
