@@ -1,7 +1,7 @@
 """Whole-model merge time of the Triton low-rank update kernel over tile configurations.
 
 LLaVA-1.5-7B decoder shapes (32 layers × q, k, v, o, gate, up, down; bf16), one adapter of rank
-16 and 64: for each ``(BLOCK_M, BLOCK_N, num_warps, column tiles per program)`` the merge of all
+16 and 64: for each ``(BLOCK_M, BLOCK_N, num_warps)`` the merge of all
 224 modules (one launch per module) is captured in a CUDA graph and its replays are timed with
 CUDA events (median of 7), as ``WeightSwitcher`` replays merges — host launch time is out of the
 figure (the first sweeps timed eager launches by wall clock, which mixed it in). Next to it:
@@ -24,10 +24,10 @@ import torch
 
 from valora.ops.merge_kernel import lowrank_update_triton
 
-# (BLOCK_M, BLOCK_N, num_warps, column tiles per program)
-CONFIGS = [(64, 256, 8, 1), (64, 128, 4, 1), (32, 256, 4, 1), (32, 128, 4, 1), (128, 64, 4, 1),
-           (64, 64, 4, 1), (64, 128, 4, 4), (64, 128, 4, 8), (32, 128, 4, 8), (32, 256, 4, 4),
-           (64, 256, 8, 4), (16, 256, 4, 8), (32, 64, 4, 16)]
+# (BLOCK_M, BLOCK_N, num_warps). Several column tiles per program (the next W tile loaded ahead)
+# were in the sweep of 396c3b3 and lost: bench/results/serve/merge-sweep-graphs-h200.jsonl.
+CONFIGS = [(64, 256, 8), (64, 128, 4), (32, 256, 4), (32, 128, 4), (128, 64, 4), (64, 64, 4),
+           (16, 128, 4), (32, 64, 4), (128, 128, 8)]
 
 
 def graph_ms(fn: Callable[[], None], repeats: int = 7) -> float:
@@ -90,16 +90,15 @@ def main() -> None:
                 w.addmm_(b, a, alpha=0.5)
 
         results = {"addmm_": graph_ms(addmm)}
-        for bm, bn, nw, tn in CONFIGS:
-            def triton_merge(bm: int = bm, bn: int = bn, nw: int = nw, tn: int = tn,
+        for bm, bn, nw in CONFIGS:
+            def triton_merge(bm: int = bm, bn: int = bn, nw: int = nw,
                              factors: list[tuple[torch.Tensor, torch.Tensor]] = factors) -> None:
                 for w, (b, a) in zip(weights, factors, strict=True):
-                    lowrank_update_triton(w, b, a, 0.5, block_m=bm, block_n=bn, num_warps=nw,
-                                          tiles_n=tn)
+                    lowrank_update_triton(w, b, a, 0.5, block_m=bm, block_n=bn, num_warps=nw)
             try:
-                results[f"triton {bm}x{bn} w{nw} t{tn}"] = graph_ms(triton_merge)
+                results[f"triton {bm}x{bn} w{nw}"] = graph_ms(triton_merge)
             except Exception as exc:  # a configuration that does not compile: say so, go on
-                print(f"triton {bm}x{bn} w{nw} t{tn}: {type(exc).__name__}: {exc}"[:200])
+                print(f"triton {bm}x{bn} w{nw}: {type(exc).__name__}: {exc}"[:200])
         for impl, ms in results.items():
             row = {"device": name, "rank": rank, "impl": impl, "ms": round(ms, 3),
                    "floor_ms": round(floor_ms, 3), "x_floor": round(ms / floor_ms, 2),

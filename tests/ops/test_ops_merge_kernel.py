@@ -148,15 +148,3 @@ def test_slot_update_reads_rank_and_scale_on_the_device(device: str, rank: int,
         assert _within_one_ulp(w, expected)
     with pytest.raises(ValoraError, match="1 element"):
         lowrank_update_slot(w, b, a, scale, rank_ref.long(), sign)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("tiles_n", [2, 3])
-def test_several_column_tiles_per_program(device: str, tiles_n: int) -> None:
-    """A program walking 2-3 column tiles with the next tile's W load ahead (ragged last tile)."""
-    w, b, a = _case(40, 100, 6, torch.bfloat16, device, seed=tiles_n)
-    expected = w.clone()
-    lowrank_update_reference(expected, b, a, alpha=0.75)
-    lowrank_update_triton(w, b, a, alpha=0.75, block_m=16, block_n=16, num_warps=4,
-                          tiles_n=tiles_n)
-    assert _within_one_ulp(w, expected)

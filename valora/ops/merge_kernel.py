@@ -25,9 +25,7 @@ import torch
 from valora.errors import ValoraError
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
-DEFAULT_TILES_N = 1
-"""Column tiles per program (``merge_kernel_impl``): 1 until a graph-timed sweep on the GPU
-(``bench/orchestrator/merge_kernel_sweep.py --graphs``) says otherwise."""
+
 
 
 def check_lowrank_update(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> None:
@@ -61,16 +59,18 @@ def lowrank_update_reference(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, 
 
 def lowrank_update_triton(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float,
                           block_m: int | None = None, block_n: int | None = None,
-                          num_warps: int | None = None, tiles_n: int | None = None) -> None:
+                          num_warps: int | None = None) -> None:
     """``w = round(w + alpha · b @ a)`` in place, one Triton launch (see module docstring).
 
-    Tiles default by rank: 64×256 with 8 warps up to rank 32, else 64×128 with 4 warps — the
-    best whole-model merges of a tile sweep on an H200 (``bench/orchestrator/merge_kernel_sweep.py``,
-    ``bench/results/serve/merge-sweep-h200.jsonl``)."""
+    Tiles default by rank: 32×128 up to rank 32, else 64×128, 4 warps — the best whole-model
+    merges of a graph-timed tile sweep on an H200 (1.17× / 1.31× the copy floor;
+    ``bench/orchestrator/merge_kernel_sweep.py``, ``bench/results/serve/merge-sweep-graphs-h200.jsonl``).
+    Programs that walked several column tiles with the next ``W`` tile loaded ahead were
+    measured in the same sweep and lost (1.32–2.2×); they were removed."""
     check_lowrank_update(w, b, a)
     factor_dtype = a.dtype if a.dtype == b.dtype and a.dtype != torch.float32 else torch.float32
     _launch(w, b.to(factor_dtype), a.to(factor_dtype), alpha, a.shape[0], None, None,
-            block_m, block_n, num_warps, tiles_n)
+            block_m, block_n, num_warps)
 
 
 def lowrank_update_slot(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
@@ -86,13 +86,12 @@ def lowrank_update_slot(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
     if scale.numel() != 1 or rank.numel() != 1 or rank.dtype != torch.int32 \
             or scale.dtype != torch.float32:
         raise ValoraError("lowrank_update_slot: scale (float32) and rank (int32) are 1 element")
-    _launch(w, b, a, sign, a.shape[0], scale, rank, None, None, None, None)
+    _launch(w, b, a, sign, a.shape[0], scale, rank, None, None, None)
 
 
 def _launch(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float, rank: int,
             scale: torch.Tensor | None, rank_ref: torch.Tensor | None,
-            block_m: int | None, block_n: int | None, num_warps: int | None,
-            tiles_n: int | None) -> None:
+            block_m: int | None, block_n: int | None, num_warps: int | None) -> None:
     if w.numel() == 0:
         return
     import triton
@@ -107,15 +106,14 @@ def _launch(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float, ran
     m, n = w.shape
     upcast = a.dtype != torch.float32 and kernels_interpreted()
     block_r = max(16, triton.next_power_of_2(rank))
-    tiles_n = max(1, min(tiles_n or DEFAULT_TILES_N, triton.cdiv(n, block_n)))
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n * tiles_n))
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     from_memory = scale is not None and rank_ref is not None
     lowrank_update_kernel[grid](
         w, b, a, scale if from_memory else w, rank_ref if from_memory else w, float(alpha), m, n,
         rank, w.stride(0), w.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
         PRECISION="ieee" if a.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
-        FROM_MEMORY=from_memory, TILES_N=tiles_n, num_warps=num_warps)
+        FROM_MEMORY=from_memory, num_warps=num_warps)
 
 
 def lowrank_update(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float,
