@@ -46,6 +46,13 @@ def test_plan_arithmetic_and_table() -> None:
     assert sum(shares) == pytest.approx(1000.0, abs=0.5), "rows add up to the device"
 
 
+def test_pristine_copy_is_its_own_row_and_costs_kv_pages() -> None:
+    plan = make_plan(in_use_bytes=330 * MIB, pristine_bytes=30 * MIB)
+    assert plan.other_bytes == 50 * MIB and plan.num_pages == 900 - 330 - 100 - 20
+    row = next(line for line in plan.table().splitlines() if line.startswith("pristine copy"))
+    assert float(row.split()[-2]) == pytest.approx(30.0)
+
+
 def test_plan_without_room_raises() -> None:
     plan = make_plan(activation_peak_bytes=700 * MIB)
     assert plan.num_pages == 0

@@ -148,3 +148,15 @@ def test_slot_update_reads_rank_and_scale_on_the_device(device: str, rank: int,
         assert _within_one_ulp(w, expected)
     with pytest.raises(ValoraError, match="1 element"):
         lowrank_update_slot(w, b, a, scale, rank_ref.long(), sign)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_warm_up_compiles_without_touching_weights(device: str) -> None:
+    base, switcher = _switcher_model(device, "triton")
+    before = {k: w.clone() for k, w in base.items()}
+    # two shapes (qkv slices, o) x rank blocks {16}: storage rank 8 -> one block each
+    assert switcher.warm_up() == 2  # type: ignore[attr-defined]
+    for key, weight in base.items():
+        assert torch.equal(weight, before[key]), key
+    _, chunked = _switcher_model(device, "chunked")
+    assert chunked.warm_up() == 0  # type: ignore[attr-defined]

@@ -80,11 +80,13 @@ def size_kv_cache(
     *,
     lora_backend: str = "auto",
     graph_batch: int = 0,
+    pristine_bytes: int = 0,
 ) -> KVSizing:
     """Pages for the KV pool: explicit ``num_pages``, else a byte budget (CPU) or, on CUDA, what
     ``plan_gpu_memory`` leaves of ``memory_fraction`` after weights, adapter slots, the profiled
     activation peak and (``graph_batch`` > 0) the decode-graph reserve. Call it after
-    ``model.init_lora`` and before the KV cache is allocated."""
+    ``model.init_lora`` (and after a merging mode policy's pristine copy exists:
+    ``pristine_bytes`` names it in the plan) and before the KV cache is allocated."""
     spec = model.spec
     element = torch.tensor([], dtype=dtype).element_size()
     per_page = (
@@ -101,6 +103,7 @@ def size_kv_cache(
             max_num_seqs=config.scheduler.max_num_seqs,
             graph_batch=graph_batch,
             lora_backend=lora_backend,
+            pristine_bytes=pristine_bytes,
         )
         return KVSizing(plan.num_pages, plan.bytes_per_page, plan)
     num_pages = max(config.cache.cpu_cache_bytes // per_page, 2)

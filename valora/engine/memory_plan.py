@@ -7,7 +7,8 @@ every token when slots exist) over a small temporary KV cache, and the peak of o
 at the largest CUDA-graph bucket (graph pools are sized from it). Then::
 
     budget    = memory_fraction · total
-    in_use    = total - free                 (context, weights, adapter slots, other tensors)
+    in_use    = total - free                 (context, weights, adapter slots, the pristine copy
+                                              of a merging mode policy, other tensors)
     kv_bytes  = budget - in_use - activation_peak - graph_reserve
     num_pages = kv_bytes // bytes_per_page,  bytes_per_page = 2 · layers · page_size · KV · D · e
 
@@ -45,6 +46,9 @@ class MemoryPlan:
     activation_peak_bytes: int
     graph_reserve_bytes: int
     bytes_per_page: int
+    pristine_bytes: int = 0
+    """Device bytes of the mode switcher's pristine copy (inside ``in_use_bytes``; 0 when the
+    policy never merges or the copy lives in host memory)."""
 
     @property
     def budget_bytes(self) -> int:
@@ -52,8 +56,9 @@ class MemoryPlan:
 
     @property
     def other_bytes(self) -> int:
-        """In use before the plan but neither weights nor adapter slots (context, others)."""
-        return self.in_use_bytes - self.weight_bytes - self.adapter_slot_bytes
+        """In use before the plan but neither weights, adapter slots nor the pristine copy."""
+        return (self.in_use_bytes - self.weight_bytes - self.adapter_slot_bytes
+                - self.pristine_bytes)
 
     @property
     def kv_budget_bytes(self) -> int:
@@ -85,6 +90,7 @@ class MemoryPlan:
         rows = [
             ("weights", self.weight_bytes),
             ("adapter slots", self.adapter_slot_bytes),
+            ("pristine copy (switching)", self.pristine_bytes),
             ("context + other", self.other_bytes),
             ("activation peak", self.activation_peak_bytes),
             ("cuda graphs (reserve)", self.graph_reserve_bytes),
@@ -211,8 +217,11 @@ def plan_gpu_memory(
     max_num_seqs: int,
     graph_batch: int = 0,
     lora_backend: str = "auto",
+    pristine_bytes: int = 0,
 ) -> MemoryPlan:
-    """Profile ``model`` on its CUDA device and size the KV cache (module docstring)."""
+    """Profile ``model`` on its CUDA device and size the KV cache (module docstring).
+    ``pristine_bytes``: device bytes of an already allocated pristine copy (a row of the table;
+    the bytes are in use either way)."""
     device = model.device
     if device.type != "cuda":
         raise ValoraError("plan_gpu_memory needs a CUDA model; size CPU caches in bytes instead")
@@ -243,6 +252,7 @@ def plan_gpu_memory(
         activation_peak_bytes=activation,
         graph_reserve_bytes=graph_reserve,
         bytes_per_page=kv_bytes_per_page(model, page_size, model.dtype),
+        pristine_bytes=pristine_bytes,
     )
     plan.check()
     logger.info("memory plan on %s:\n%s", torch.cuda.get_device_name(device), plan.table())

@@ -21,7 +21,7 @@ from valora.engine.components import (
 from valora.engine.detokenizer import IncrementalDetokenizer
 from valora.engine.inputs import InputProcessor, ModelLimits
 from valora.engine.memory_plan import MemoryPlan, weight_and_slot_bytes
-from valora.engine.mode_controller import ModeController
+from valora.engine.mode_controller import ModeController, build_switcher, merging_policy
 from valora.engine.model_runner import LoRAStepPlan, ModelRunner, StepResult
 from valora.engine.policy import get_policy
 from valora.engine.scheduler import Scheduler
@@ -201,6 +201,13 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         model.init_lora(num_slots, config.lora.max_lora_rank, dtype)
     lora_backend = resolve_lora_backend(config.lora.lora_backend, device)
     graphs = use_cuda_graphs(config, device, attention_backend, lora_backend)
+    # A merging policy's pristine copy exists before the KV cache is sized (the plan counts it).
+    switcher = build_switcher(config, model) if num_slots and merging_policy(config) else None
+    pristine_on_device = (
+        switcher is not None
+        and switcher.pristine_device is not None
+        and switcher.pristine_device.type == device.type == "cuda"
+    )
     sizing = size_kv_cache(
         config,
         model,
@@ -208,6 +215,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         device,
         lora_backend=lora_backend,
         graph_batch=config.scheduler.max_num_seqs if graphs else 0,
+        pristine_bytes=switcher.pristine_bytes if pristine_on_device and switcher else 0,
     )
     pool = PagePool(sizing.num_pages, config.cache.page_size, config.cache.enable_prefix_caching)
     kv_manager = KVCacheManager(pool)
@@ -292,5 +300,5 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         max_model_len=max_model_len,
         admission_failures=failures,
         memory_plan=sizing.plan,
-        modes=ModeController(config, model, adapters, device) if num_slots else None,
+        modes=ModeController(config, model, adapters, device, switcher) if num_slots else None,
     )

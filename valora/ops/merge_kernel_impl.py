@@ -9,7 +9,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# The slot's scale / rank entries sit at any 4-byte offset: no alignment specialisation, so one
+# compiled kernel (warmed up before the first switch) serves every slot and slice.
+@triton.jit(do_not_specialize=["scale_ptr", "rank_ptr"])
 def lowrank_update_kernel(
     w_ptr, b_ptr, a_ptr, scale_ptr, rank_ptr, alpha, m, n, rank,
     stride_wm, stride_wn, stride_bm, stride_br, stride_ar, stride_an,

@@ -214,6 +214,38 @@ class WeightSwitcher:
         _log.debug("merged %s (slot %d) into %d modules", adapter_name, slot, len(merged))
         return self._report(merged)
 
+    def warm_up(self) -> int:
+        """Compile the merge kernel for every module shape and rank block it can meet, before
+        the first switch needs it (a compile inside a switch cost ≈ 1 s on the H200). Launches
+        read a zero rank and return before touching any weight. Returns the launches made (0
+        off the slot path: other compute strategies compile nothing)."""
+        if not self._slot_path():
+            return 0
+        zeros: dict[torch.device, torch.Tensor] = {}
+        seen: set[tuple[object, ...]] = set()
+        launches = 0
+        for key, weight in self._weights.items():
+            weights, j = self._slots[key]
+            zero = zeros.setdefault(weight.device,
+                                    torch.zeros(1, dtype=torch.int32, device=weight.device))
+            offset = sum(weights.slice_widths[:j])
+            width = weights.slice_widths[j]
+            block = 16
+            while True:
+                rank = min(block, weights.max_rank)
+                signature = (tuple(weight.shape), weight.stride(), weight.dtype, rank,
+                             weights.max_rank, weights.lora_a.shape[-1])
+                if signature not in seen:
+                    seen.add(signature)
+                    lowrank_update_slot(weight, weights.lora_b[0, offset:offset + width, :rank],
+                                        weights.lora_a[0, j, :rank],
+                                        weights.scales[0, j:j + 1], zero)
+                    launches += 1
+                if block >= weights.max_rank:
+                    break
+                block *= 2
+        return launches
+
     def _slot_path(self) -> bool:
         """Pristine restore with the Triton kernel on half-precision weights whose slot factors
         share their dtype: merges read rank and scale on the device (``lowrank_update_slot``),
