@@ -76,3 +76,18 @@ def test_max_train_caps_ground_truth_but_keeps_every_teacher_label() -> None:
     assert len(data.validation) == 10
     without_teacher = split_task(task, parts[1:], seed=0)
     assert len(without_teacher.train) == 10  # plain labelled data: capped as before
+
+
+def test_a_larger_pool_keeps_the_smaller_pools_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(TEACHER_KINDS, "brightness", _brightness_teacher)
+    ctx = SourceContext(lambda p: Path(p), 0, "src")
+    images = {"type": "face_scenes", "size": 16, "scene_seed": 1}
+
+    def pool(size: int) -> list[Example]:
+        source = {"teacher": {"kind": "brightness"}, "images": images, "pool_size": size}
+        return load_source("teacher", source, ctx).examples
+
+    small, large = pool(3), pool(8)
+    assert len(small) == 3 and len(large) == 8
+    for a, b in zip(small, large, strict=False):
+        assert a.image.tobytes() == b.image.tobytes() and a.target == b.target
