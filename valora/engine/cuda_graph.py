@@ -279,3 +279,30 @@ class CudaGraphRunner:
                 buffer[num_seqs:size].zero_()
             self.token_slots[num_seqs:size].fill_(-1)
             self.correction_slots[num_seqs:size].fill_(-1)
+
+
+def capture_decode_graphs(
+    model: CausalLMBase,
+    max_batch: int,
+    *,
+    max_context: int,
+    page_size: int,
+    num_lora_slots: int,
+    variants: Iterable[str],
+    purpose: str = "decode steps run eagerly",
+) -> CudaGraphRunner | None:
+    """A captured ``CudaGraphRunner``, or None (with a warning naming ``purpose``) where the
+    runner cannot serve the model: an attention backend that is not capturable, length-dependent
+    RoPE. Without LoRA slots only the ``"base"`` variant is captured."""
+    wanted = list(variants)
+    if num_lora_slots == 0:
+        wanted = [v for v in wanted if v == "base"] or ["base"]
+    try:
+        runner = CudaGraphRunner(model, max_batch, max_context=max_context, page_size=page_size,
+                                 num_lora_slots=num_lora_slots, variants=wanted)
+        runner.capture()
+    except ValoraError as exc:
+        logger.warning("CUDA graphs disabled, %s: %s", purpose, exc)
+        return None
+    return runner
+

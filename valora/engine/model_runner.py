@@ -21,11 +21,10 @@ from typing import Any
 import torch
 
 from valora.engine.batch_builder import ImageRows, build_forward_batch
-from valora.engine.cuda_graph import CudaGraphRunner
+from valora.engine.cuda_graph import CudaGraphRunner, capture_decode_graphs
 from valora.engine.image_cache import ImageEmbeddingCache
 from valora.engine.sampler import SamplingRow, make_generator, sample
 from valora.engine.scheduler_output import ScheduledRequest
-from valora.errors import ValoraError
 from valora.forward_batch import ForwardBatch
 from valora.logger import get_logger
 from valora.ops.lora import LoRABatch, prepare_lora_batch
@@ -103,23 +102,15 @@ class ModelRunner:
         backend that is not capturable, length-dependent RoPE) keeps running eagerly, with a
         warning. Must be called after the KV caches are bound and ``init_lora`` ran (both keep
         their storage afterwards)."""
-        if self.num_lora_slots == 0:
-            variants = [v for v in variants if v == "base"] or ["base"]
-        try:
-            graphs = CudaGraphRunner(
-                self.model,
-                max_batch,
-                max_context=max_context,
-                page_size=self.page_size,
-                num_lora_slots=self.num_lora_slots,
-                variants=variants,
-            )
-            graphs.capture()
-        except ValoraError as exc:
-            logger.warning("CUDA graphs disabled, decode steps run eagerly: %s", exc)
-            return False
-        self.graphs = graphs
-        return True
+        self.graphs = capture_decode_graphs(
+            self.model,
+            max_batch,
+            max_context=max_context,
+            page_size=self.page_size,
+            num_lora_slots=self.num_lora_slots,
+            variants=variants,
+        )
+        return self.graphs is not None
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from valora.engine.cuda_graph import CudaGraphRunner
+from valora.engine.cuda_graph import CudaGraphRunner, capture_decode_graphs
 from valora.errors import ValoraError
 from valora.forward_batch import AttentionMetadata, ForwardBatch
 from valora.logger import get_logger
@@ -156,16 +156,11 @@ class StepProfiler:
         forwards, with a warning) where the runner cannot serve this model or device."""
         if self.device.type != "cuda":
             return False
-        try:
-            runner = CudaGraphRunner(self.model, max_batch, max_context=max_context,
-                                     page_size=PAGE_SIZE, num_lora_slots=len(self.slot_of),
-                                     variants=("base", "lora", "mixed"))
-            runner.capture()
-        except ValoraError as exc:
-            _log.warning("profiling decode steps eagerly (no CUDA graphs): %s", exc)
-            return False
-        self.graphs = runner
-        return True
+        self.graphs = capture_decode_graphs(
+            self.model, max_batch, max_context=max_context, page_size=PAGE_SIZE,
+            num_lora_slots=len(self.slot_of), variants=("base", "lora", "mixed"),
+            purpose="profiling decode steps eagerly")
+        return self.graphs is not None
 
     def batch(self, spec: StepSpec) -> ForwardBatch:
         """The step's batch (built once per spec)."""
