@@ -3,9 +3,11 @@ capacity, requests per run from a time budget) and the valora-vs-best-baseline c
 
 from __future__ import annotations
 
+import pytest
+
 from valora.benchmarks.inprocess import RunResult
 from valora.benchmarks.metrics import RequestTiming
-from valora.benchmarks.report import policy_comparison
+from valora.benchmarks.report import paired_change_interval, policy_comparison
 from valora.benchmarks.serve import Popularity, ServeBench, calibrate
 from valora.benchmarks.workload import BenchRequest, BenchWorkload
 
@@ -63,6 +65,28 @@ def test_policy_comparison_against_best_baseline() -> None:
     text = policy_comparison(rows)
     lines = text.splitlines()
     assert len(lines) == 4  # header, rule, two comparable cells (hot:0.7 at 4/s has no valora)
-    assert "| zipf:1 | 2 | 700.0 | unmerged-fcfs | 900.0 | -22.2% | yes |" in lines
-    assert "| hot:0.7 | 2 | 800.0 | dlora | 900.0 | -11.1% | no |" in lines
+    assert "| zipf:1 | 2 | 700.0 | unmerged-fcfs | 900.0 | -22.2% | – | yes |" in lines
+    assert "| hot:0.7 | 2 | 800.0 | dlora | 900.0 | -11.1% | – | no |" in lines
     assert policy_comparison([_row("dlora", "zipf:1", 2.0, 1.0)]) == ""
+
+
+def _requests(latencies: list[float]) -> list[dict[str, object]]:
+    return [{"request_id": f"r{i}", "arrival_s": 1.0, "finish_s": 1.0 + value, "error": None}
+            for i, value in enumerate(latencies)]
+
+
+def test_paired_interval_brackets_the_change_and_shrinks_with_agreement() -> None:
+    """Requests pair by id: a uniform 30 % gain gives a tight interval at -30 %; noisy per-request
+    ratios give a wide one that still holds the point estimate."""
+    base = [0.5 + 0.1 * (i % 7) for i in range(40)]
+    exact = paired_change_interval(
+        {f"r{i}": 0.7 * v for i, v in enumerate(base)}, {f"r{i}": v for i, v in enumerate(base)})
+    assert exact is not None and exact[0] == pytest.approx(-0.3) and exact[1] == pytest.approx(-0.3)
+    noisy_ours = {f"r{i}": v * (0.4 if i % 2 else 1.0) for i, v in enumerate(base)}
+    noisy = paired_change_interval(noisy_ours, {f"r{i}": v for i, v in enumerate(base)})
+    point = sum(noisy_ours.values()) / sum(base) - 1.0
+    assert noisy is not None and noisy[0] < point < noisy[1] and noisy[1] - noisy[0] > 0.1
+    assert paired_change_interval({"r0": 1.0}, {"r0": 2.0}) is None  # too few pairs
+    rows = [{**_row("valora", "zipf:1", 2.0, 0.7), "requests": _requests([0.7] * 10)},
+            {**_row("dlora", "zipf:1", 2.0, 1.0), "requests": _requests([1.0] * 10)}]
+    assert "| -30% … -30% | yes |" in policy_comparison(rows)

@@ -81,25 +81,64 @@ def markdown_summary(rows: Sequence[dict[str, Any]], note: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _latencies(row: dict[str, Any]) -> dict[str, float]:
+    """Per request id: end-to-end latency (s) of the requests of ``row`` that finished."""
+    found: dict[str, float] = {}
+    for request in row.get("requests") or []:
+        if request.get("error") is None and request.get("finish_s") is not None:
+            found[str(request["request_id"])] = (float(request["finish_s"])
+                                                 - float(request["arrival_s"]))
+    return found
+
+
+def paired_change_interval(ours: dict[str, float], theirs: dict[str, float],
+                           resamples: int = 2000, seed: int = 0,
+                           level: float = 0.95) -> tuple[float, float] | None:
+    """Bootstrap interval of ``mean(ours) / mean(theirs) − 1`` over the requests both runs
+    finished (the policies replay one workload, so requests pair by id); None under 5 pairs."""
+    import random
+
+    ids = sorted(set(ours) & set(theirs))
+    if len(ids) < 5:
+        return None
+    generator = random.Random(seed)
+    changes = []
+    for _ in range(resamples):
+        picks = [generator.choice(ids) for _ in ids]
+        den = sum(theirs[i] for i in picks)
+        if den > 0:
+            changes.append(sum(ours[i] for i in picks) / den - 1.0)
+    changes.sort()
+    tail = (1.0 - level) / 2.0
+    return (changes[int(tail * (len(changes) - 1))],
+            changes[int((1.0 - tail) * (len(changes) - 1))])
+
+
 def policy_comparison(rows: Sequence[dict[str, Any]], policy: str = "valora",
                       bar: float = 0.20) -> str:
     """Per (popularity, rate): ``policy``'s mean latency against the best other policy's, and
-    whether it is at least ``bar`` lower (issue 5's serving bar). Empty without both."""
-    cells: dict[tuple[str, float], dict[str, float]] = {}
+    whether it is at least ``bar`` lower (issue 5's serving bar), with a paired bootstrap 95 %
+    interval of the change over the requests both runs finished (how much of the difference a
+    short run can tell from noise). Empty without both."""
+    cells: dict[tuple[str, float], dict[str, dict[str, Any]]] = {}
     for row in rows:
-        mean = row["metrics"].get("mean_latency_s")
-        if mean is not None:
-            cells.setdefault((row["popularity"], row["rate_per_s"]), {})[row["policy"]] = mean
+        if row["metrics"].get("mean_latency_s") is not None:
+            cells.setdefault((row["popularity"], row["rate_per_s"]), {})[row["policy"]] = row
     lines = [f"| popularity | rate req/s | {policy} mean ms | best baseline | its mean ms | "
-             f"{policy} vs best | >= {bar:.0%} lower |", "|---|---|---|---|---|---|---|"]
-    for (popularity, rate), means in sorted(cells.items()):
+             f"{policy} vs best | 95 % interval (paired bootstrap) | >= {bar:.0%} lower |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (popularity, rate), by_policy in sorted(cells.items()):
+        means = {name: row["metrics"]["mean_latency_s"] for name, row in by_policy.items()}
         others = {name: value for name, value in means.items() if name != policy}
         if policy not in means or not others:
             continue
         best = min(others, key=lambda name: others[name])
         change = means[policy] / others[best] - 1.0
+        interval = paired_change_interval(_latencies(by_policy[policy]),
+                                          _latencies(by_policy[best]))
+        spread = "–" if interval is None else f"{interval[0]:+.0%} … {interval[1]:+.0%}"
         lines.append(f"| {popularity} | {rate:g} | {means[policy] * 1e3:.1f} | {best} | "
-                     f"{others[best] * 1e3:.1f} | {change:+.1%} | "
+                     f"{others[best] * 1e3:.1f} | {change:+.1%} | {spread} | "
                      f"{'yes' if change <= -bar else 'no'} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
