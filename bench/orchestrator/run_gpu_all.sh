@@ -7,7 +7,9 @@
 #      engine's ModeController then loads for step 3                           (<= 120 s)
 #   3. the serving benchmark (bench/orchestrator/run_serve_gpu.sh)            (<= 255 s)
 # usage (repository root): OUT=/some/dir bash bench/orchestrator/run_gpu_all.sh [--tiny]
-# Files under $OUT (8): switch.jsonl switch.md <GPU>.json profile.log serve-gpu.{jsonl,md,png,log}
+# Files under $OUT (8): switch.jsonl switch.md <GPU>.json profile-samples.jsonl
+#   serve-gpu.{jsonl,md,png} logs.tgz (profile.log and serve-gpu.log; the device tool brings
+#   back at most 8 files)
 set -uo pipefail
 OUT=${OUT:-/tmp/valora-gpu}
 mkdir -p "$OUT"
@@ -30,7 +32,7 @@ if [[ "$TINY" == "--tiny" ]]; then
   PROFILE_ARGS=(--model default --device cpu --quick --out "$WORK/profile.json")
 else
   python3 bench/orchestrator/make_model_dir.py --out "$WORK/model7b"
-  PROFILE_ARGS=(--model "$WORK/model7b" --load-format dummy --repeats 2)
+  PROFILE_ARGS=(--model "$WORK/model7b" --load-format dummy --repeats 2 --samples "$OUT/profile-samples.jsonl")
 fi
 timeout --kill-after=5 120 python3 -m valora.cli --log-level info profile-modes "${PROFILE_ARGS[@]}" \
   >"$OUT/profile.log" 2>&1 || echo "profile-modes exit status $?" | tee -a "$OUT/profile.log"
@@ -41,6 +43,8 @@ echo "== 3. serving benchmark"
 OUT="$OUT" HARD_LIMIT_S=${HARD_LIMIT_S:-255} bash bench/orchestrator/run_serve_gpu.sh $TINY
 RC=$?
 rm -rf "$WORK"
+tar -C "$OUT" -czf "$OUT/logs.tgz" profile.log serve-gpu.log 2>/dev/null \
+  && rm -f "$OUT/profile.log" "$OUT/serve-gpu.log"
 echo "== switch summary"
 tail -n 6 "$OUT/switch.md" 2>/dev/null
 exit "$RC"

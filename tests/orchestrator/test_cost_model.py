@@ -87,8 +87,13 @@ def _synthetic_measure(noise: float, seed: int) -> tuple[
 
 def test_profile_recovers_coefficients_exactly_without_noise() -> None:
     _, measure, measure_switch = _synthetic_measure(0.0, 0)
+    samples: list[dict[str, object]] = []
     model = profile(measure, profile_grid(), device_name="synthetic", repeats=1,
-                    switch_cases=[1 << 20, 1 << 30, 13 << 30], measure_switch=measure_switch)
+                    switch_cases=[1 << 20, 1 << 30, 13 << 30], measure_switch=measure_switch,
+                    samples=samples)
+    steps = [row for row in samples if row["kind"] == "step"]
+    assert len(steps) == len(profile_grid()) and len(samples) == len(steps) + 3
+    assert {"mode", "lora_token_rank", "seconds"} <= set(steps[0])
     for name in STEP_FEATURES:
         assert model.step_coefficients[name] == pytest.approx(TRUE_STEP[name], rel=1e-6), name
     assert model.switch_coefficients["bytes"] == pytest.approx(TRUE_SWITCH["bytes"], rel=1e-6)

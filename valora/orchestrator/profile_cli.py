@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="profile file (default: the per-GPU file the engine reads)")
     parser.add_argument("--quick", action="store_true", help="a tiny grid (tests, CPU)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--samples", type=Path, default=None,
+                        help="also write every fitted sample (features, seconds) as JSONL here")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="time decode steps as eager forwards (default on CUDA: CUDA-graph "
                              "replays, as the engine runs them)")
@@ -56,13 +58,17 @@ def main(argv: list[str]) -> int:
     try:
         model = load_model(str(resolve_model_path(args.model)), dtype=dtype, device=device,
                            load_format=args.load_format, attention_backend=backend)
+        samples: list[dict[str, object]] = []
         cost = run_profile(model, quick=args.quick, repeats=args.repeats,
-                           graphs=not args.enforce_eager)
+                           graphs=not args.enforce_eager, samples=samples)
     except ValoraError as exc:
         raise SystemExit(f"valora profile-modes: {exc}") from exc
     out = args.out or default_profile_path(device_label(device))
     out.parent.mkdir(parents=True, exist_ok=True)
     cost.save(out)
+    if args.samples is not None:
+        args.samples.parent.mkdir(parents=True, exist_ok=True)
+        args.samples.write_text("".join(json.dumps(row) + "\n" for row in samples))
     result = {"file": str(out), "entry": cost.device_name, **cost.to_dict()}
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0

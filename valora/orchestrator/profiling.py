@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import TypeVar
 
 from valora.errors import ValoraError
@@ -83,8 +84,11 @@ def profile(
     repeats: int = 3,
     switch_cases: Sequence[CaseT] = (),
     measure_switch: Callable[[CaseT], tuple[int, float]] | None = None,
+    samples: list[dict[str, object]] | None = None,
 ) -> CostModel:
-    """Measure every spec ``repeats`` times (median) and every switch case, then fit."""
+    """Measure every spec ``repeats`` times (median) and every switch case, then fit.
+    ``samples`` (a list) receives every fitted sample — step features or switch bytes, the
+    median seconds and the mode — so a fit can be examined or redone offline."""
     if repeats < 1:
         raise ValoraError(f"repeats must be >= 1, got {repeats}")
     if switch_cases and measure_switch is None:
@@ -92,12 +96,19 @@ def profile(
     step_samples: list[tuple[StepShape, float]] = []
     for spec in specs:
         seconds = statistics.median(measure_step(spec) for _ in range(repeats))
-        step_samples.append((step_shape(spec), seconds))
+        shape = step_shape(spec)
+        step_samples.append((shape, seconds))
+        if samples is not None:
+            samples.append({"kind": "step", "mode": spec.mode.value, **asdict(shape),
+                            "seconds": seconds})
     switch_samples: list[tuple[int, float]] = []
     for case in switch_cases:
         assert measure_switch is not None
         measured = [measure_switch(case) for _ in range(repeats)]
         switch_samples.append((measured[0][0], statistics.median(s for _, s in measured)))
+        if samples is not None:
+            samples.append({"kind": "switch", "bytes": switch_samples[-1][0],
+                            "seconds": switch_samples[-1][1]})
     model = fit_cost_model(device_name, step_samples, switch_samples)
     _log.info("cost model for %s: step rel. RMSE %.3f over %d samples", device_name,
               model.fit_info["step_rel_rmse"], len(step_samples))

@@ -273,10 +273,11 @@ def grid_for(quick: bool) -> tuple[list[StepSpec], tuple[int, ...]]:
 
 
 def run_profile(model: Any, *, quick: bool = False, repeats: int = 3,
-                lora_backend: str = "auto", graphs: bool = True) -> CostModel:
+                lora_backend: str = "auto", graphs: bool = True,
+                samples: list[dict[str, object]] | None = None) -> CostModel:
     """Profile ``model`` (loaded, on its device) and return the fitted model, keyed by
     :func:`profile_key`. ``graphs``: replay decode steps from CUDA graphs where the device and
-    model allow (module docstring)."""
+    model allow (module docstring). ``samples`` receives the fitted samples (``profile``)."""
     specs, _ = grid_for(quick)
     names: list[str] = []
     ranks: dict[str, int] = {}
@@ -303,7 +304,7 @@ def run_profile(model: Any, *, quick: bool = False, repeats: int = 3,
     cost = profile(profiler.measure_step, specs,
                    device_name=profile_key(device_name, model_signature(model.spec)),
                    repeats=repeats, switch_cases=list(SWITCH_TARGETS),
-                   measure_switch=profiler.measure_switch)
+                   measure_switch=profiler.measure_switch, samples=samples)
     _log.info("profiled %d steps in %.1f s (%d timed runs replayed CUDA graphs)", len(specs),
               time.perf_counter() - started, profiler.num_graph_steps)
     return cost
