@@ -55,11 +55,15 @@ def test_end_to_end_in_process(tiny_model: Path, tiny_adapters: dict[str, str],
         assert row["device"].startswith("CPU") and row["git_sha"]
         assert row["setup"]["num_adapters"] == 2
         assert row["modes"]["num_steps"] > 0 and row["modes"]["timeline"]
+        # CPU: no graphs; every step eager. The policy's host time is recorded.
+        assert row["modes"]["eager_steps"] > 0 and row["modes"]["graph_steps"] == 0
+        assert row["modes"]["decision_seconds"] >= 0.0
         expected = {r.request_id: r.output_tokens for r in generate(BenchWorkload(
             num_requests=4, rate_per_s=50.0, adapters=tuple(tiny_adapters),
             popularity="one-hot", kind_mix=(1.0, 0.0, 1.0), num_frames=2))}
         assert {r["request_id"]: r["num_output_tokens"] for r in row["requests"]} == expected
     assert rows[1]["modes"]["num_switches"] == 0  # unmerged-fcfs never merges
+    assert rows[0]["modes"]["decision_seconds"] > 0.0  # valora decided every step
     summary = (tmp_path / "e2e.md").read_text()
     assert "| valora | hot:0.7 |" in summary and "| unmerged-fcfs | hot:0.7 |" in summary
 

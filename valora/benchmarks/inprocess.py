@@ -35,11 +35,16 @@ class ModeTrace:
     switch_seconds: float = 0.0
     steps_by_mode: dict[str, int] = field(default_factory=dict)
     num_steps: int = 0
+    decision_seconds: float = 0.0
+    graph_steps: int = 0
+    eager_steps: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"timeline": [list(entry) for entry in self.timeline],
                 "num_switches": self.num_switches, "switch_seconds": self.switch_seconds,
-                "steps_by_mode": dict(self.steps_by_mode), "num_steps": self.num_steps}
+                "steps_by_mode": dict(self.steps_by_mode), "num_steps": self.num_steps,
+                "decision_seconds": self.decision_seconds, "graph_steps": self.graph_steps,
+                "eager_steps": self.eager_steps}
 
 
 @dataclass
@@ -69,8 +74,12 @@ class _ModeSampler:
         self.start = self._read()
 
     def _read(self) -> dict[str, Any] | None:
-        modes = self.engine.stats().get("modes")
-        return dict(modes) if modes else None
+        stats = self.engine.stats()
+        modes = stats.get("modes")
+        if not modes:
+            return None
+        return {**modes, "graph_steps": stats.get("graph_steps", 0),
+                "eager_steps": stats.get("eager_steps", 0)}
 
     def sample(self, now_s: float) -> None:
         self.trace.num_steps += 1
@@ -83,6 +92,9 @@ class _ModeSampler:
         self.trace.num_switches = int(current["num_switches"]) - int(self.start["num_switches"])
         self.trace.switch_seconds = float(current["switch_seconds"]) - float(
             self.start["switch_seconds"])
+        for name in ("decision_seconds", "graph_steps", "eager_steps"):
+            gained = current.get(name, 0) - self.start.get(name, 0)
+            setattr(self.trace, name, type(getattr(self.trace, name))(gained))
         before = self.start.get("steps_by_mode", {})
         self.trace.steps_by_mode = {
             mode: int(count) - int(before.get(mode, 0))

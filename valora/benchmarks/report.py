@@ -62,8 +62,9 @@ def markdown_summary(rows: Sequence[dict[str, Any]], note: str = "") -> str:
     if note:
         lines += [note, ""]
     lines += ["| policy | popularity | arrival | rate req/s | n | mean lat ms | P50 | P90 | P99 |"
-              " TTFT mean ms | TPOT mean ms | target att. % | thr req/s | switches | failed |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              " TTFT mean ms | TPOT mean ms | target att. % | thr req/s | switches | failed |"
+              " decide ms/step | eager/graph steps |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         m = row["metrics"]
         modes = row.get("modes") or {}
@@ -74,7 +75,7 @@ def markdown_summary(rows: Sequence[dict[str, Any]], note: str = "") -> str:
             f"| {_fmt(m['p99_latency_s'], 1e3)} | {_fmt(m['mean_ttft_s'], 1e3)} "
             f"| {_fmt(m['mean_tpot_s'], 1e3, 2)} | {_fmt(m['target_attainment'], 100)} "
             f"| {_fmt(m['throughput_rps'], 1.0, 2)} | {modes.get('num_switches', '–')} "
-            f"| {int(m['num_failed'])} |")
+            f"| {int(m['num_failed'])} | {_decide_ms(modes)} | {_step_paths(modes)} |")
     comparison = policy_comparison(rows)
     if comparison:
         lines += ["", comparison]
@@ -112,6 +113,19 @@ def paired_change_interval(ours: dict[str, float], theirs: dict[str, float],
     tail = (1.0 - level) / 2.0
     return (changes[int(tail * (len(changes) - 1))],
             changes[int((1.0 - tail) * (len(changes) - 1))])
+
+
+def _decide_ms(modes: dict[str, Any]) -> str:
+    steps = modes.get("num_steps") or 0
+    if "decision_seconds" not in modes or not steps:
+        return "–"
+    return f"{1e3 * float(modes['decision_seconds']) / steps:.3f}"
+
+
+def _step_paths(modes: dict[str, Any]) -> str:
+    if "graph_steps" not in modes:
+        return "–"
+    return f"{int(modes.get('eager_steps', 0))}/{int(modes['graph_steps'])}"
 
 
 def policy_comparison(rows: Sequence[dict[str, Any]], policy: str = "valora",

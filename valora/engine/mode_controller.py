@@ -117,6 +117,8 @@ class ModeStats:
     switch_seconds: float = 0.0
     switch_bytes: int = 0
     steps_by_mode: dict[str, int] = field(default_factory=dict)
+    decision_seconds: float = 0.0
+    """Host time of building the queue view and the policy's decisions (switches excluded)."""
 
 
 class ModeController:
@@ -170,8 +172,10 @@ class ModeController:
         """Decide this step; switch weights if needed; return the scheduler's ``allow`` filter."""
         if not self._can_merge or not (running or waiting):
             return None
+        started = time.perf_counter()
         view = self._view(running, waiting)
         decision = self.policy.decide(view, self.state, now)
+        self.stats.decision_seconds += time.perf_counter() - started
         self._switch_to(decision, now)
         mode = self.state.mode.value
         self.stats.steps_by_mode[mode] = self.stats.steps_by_mode.get(mode, 0) + 1
@@ -259,5 +263,6 @@ class ModeController:
             "switch_bytes": self.stats.switch_bytes,
             "switch_seconds": self.stats.switch_seconds,
             "steps_by_mode": dict(self.stats.steps_by_mode),
+            "decision_seconds": self.stats.decision_seconds,
             "pristine_bytes": self.switcher.pristine_bytes if self.switcher is not None else 0,
         }

@@ -167,6 +167,8 @@ class EngineParts:
             "kv_pages_free": pool.num_free_pages,
             "adapters": self.adapters.stats(),
             "image_cache_entries": len(self.runner.image_cache),
+            "graph_steps": self.runner.num_graph_steps,
+            "eager_steps": self.runner.num_eager_steps,
             "modes": self.modes.summary() if self.modes is not None else None,
         }
 
