@@ -190,3 +190,18 @@ def test_valora_horizon_limits_the_estimate_not_the_admissions() -> None:
     policy = get_mode_policy("valora", cost_model=FREE_LORA, horizon_requests=1)
     waiting = [req(f"w{i}", "cold", 99.0 + i / 10) for i in range(3)]
     assert policy.decide(view([], waiting, seats=3), ModeState(), NOW).admitted == ("w0", "w1", "w2")
+
+
+def test_valora_needs_a_gain_beyond_its_cost_models_error() -> None:
+    """A profiled model's relative step error raises the switch margin: a predicted gain inside
+    the model's error does not move the weights; a confident model still merges."""
+    def fitted(error: float) -> CostModel:
+        return CostModel("sim", dict(EXPENSIVE_LORA.step_coefficients),
+                         dict(EXPENSIVE_LORA.switch_coefficients), {"step_rel_rmse": error})
+
+    confident = get_mode_policy("valora", cost_model=fitted(0.01), starvation_s=5.0)
+    assert confident.switch_margin == pytest.approx(0.05)  # the default hysteresis
+    assert confident.decide(_hot_queue(), ModeState(), NOW).merged_adapter == "hot"
+    unsure = get_mode_policy("valora", cost_model=fitted(3.0), starvation_s=5.0)
+    assert unsure.switch_margin == pytest.approx(0.95)  # capped
+    assert unsure.decide(_hot_queue(), ModeState(), NOW).mode is Mode.UNMERGED
