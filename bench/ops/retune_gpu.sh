@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.tx
 timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -x tests/ops tests/orchestrator/test_merge_gpu.py \
   > "$OUT/gpu_tests.log" 2>&1; tail -n 3 "$OUT/gpu_tests.log"
 tune() {
-  timeout --kill-after=5 "$1" python3 -m valora.ops.tuning --no-resume --fused-max-tokens 0 \
+  timeout --kill-after=5 "$1" python3 -m valora.ops.tuning --no-resume \
     --tokens 1,2,4,8,16,32,64,128,256 --ranks "$2" --time-budget "$(( $1 - 15 ))" 2>&1 \
     | tr '\r' '\n' | grep -v "it/s\]$" | tail -n 3
 }

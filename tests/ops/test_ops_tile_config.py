@@ -93,7 +93,7 @@ def test_tuner_writes_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "table.json"
     argv = ["--device", "cpu", "--layers", "24:16,8", "--tokens", "4,16", "--ranks", "8",
             "--adapters", "2", "--max-candidates", "2", "--repeats", "1", "--out", str(out),
-            "--dtype", "fp32", "--fused-max-tokens", "256"]
+            "--dtype", "fp32"]
     assert tuning.main(argv) == 0
     table = TileTable.load(out)
     assert set(table.entries) == {"t4-r16-i32-o32-a8-s2", "t16-r16-i32-o32-a8-s2"}
@@ -101,7 +101,6 @@ def test_tuner_writes_and_resumes(tmp_path: Path) -> None:
         config = table.get(key)
         assert config is not None
         _valid(config)
-        assert "fused" in table.entries[key]["time_us"]  # type: ignore[operator]
     stamp = out.stat().st_mtime_ns
     assert tuning.main(argv) == 0  # resume: every bucket present, nothing re-tuned or rewritten
     assert out.stat().st_mtime_ns == stamp

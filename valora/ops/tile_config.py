@@ -55,37 +55,18 @@ class ExpandConfig:
 
 
 @dataclass(frozen=True)
-class FusedConfig:
-    """Tiles of the single-launch kernel (``valora.ops.lora_fused_kernel``): ``block_k`` along
-    the input width, ``block_n`` output columns per step, ``col_blocks`` steps per program."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    col_blocks: int
-    num_warps: int
-    num_stages: int
-
-
-@dataclass(frozen=True)
 class TileConfig:
-    """How one call is launched: ``fused`` set → the single-launch kernel (``shrink`` and
-    ``expand`` unused); else the two-launch shrink + expand."""
+    """How one call is launched: the shrink and the expand kernel's tiles."""
 
     shrink: ShrinkConfig
     expand: ExpandConfig
-    fused: FusedConfig | None = None
 
     def to_json(self) -> dict[str, dict[str, int]]:
-        data = {"shrink": asdict(self.shrink), "expand": asdict(self.expand)}
-        if self.fused is not None:
-            data["fused"] = asdict(self.fused)
-        return data
+        return {"shrink": asdict(self.shrink), "expand": asdict(self.expand)}
 
     @classmethod
     def from_json(cls, data: dict[str, dict[str, int]]) -> TileConfig:
-        fused = FusedConfig(**data["fused"]) if data.get("fused") else None
-        return cls(ShrinkConfig(**data["shrink"]), ExpandConfig(**data["expand"]), fused)
+        return cls(ShrinkConfig(**data["shrink"]), ExpandConfig(**data["expand"]))
 
 
 @dataclass(frozen=True)
@@ -166,31 +147,3 @@ def heuristic_config(num_tokens: int, max_rank: int, in_features: int, max_slice
     exp_k = min(max(16, next_power_of_2(max_rank)), 16 if small_m else 32)
     expand = ExpandConfig(exp_m, exp_n, exp_k, 4, 2 if small_m else 3)
     return TileConfig(shrink, expand)
-
-
-def fused_block_r(max_rank: int) -> int:
-    """Register width of the rank axis in the fused kernel: storage rank → power of two ≥ 16."""
-    return max(16, next_power_of_2(max_rank))
-
-
-def heuristic_fused_config(num_tokens: int, max_rank: int, in_features: int,
-                           slice_widths: tuple[int, ...], num_adapters: int,
-                           num_sms: int = 132, col_blocks: int = 0) -> FusedConfig:
-    """A single-launch configuration for small token counts.
-
-    Programs ≈ (used tiles) × (column groups); column groups are sized so that the grid holds
-    about one program per multiprocessor (each program re-reads x rows and ``A[s, j]`` from L2,
-    so more programs cost L2 traffic, fewer cost parallelism). ``col_blocks`` > 0 forces it.
-    """
-    adapters = max(1, min(num_adapters if num_adapters > 0 else num_tokens, num_tokens))
-    per_adapter = max(1, -(-num_tokens // adapters))
-    block_m = 16 if per_adapter <= 16 else (32 if per_adapter <= 32 else 64)
-    block_r = fused_block_r(max_rank)
-    block_n = 128 if block_m <= 32 else 64
-    block_k = min(max(16, next_power_of_2(in_features)), 128 if block_r <= 64 else 64)
-    if col_blocks <= 0:
-        tiles = adapters * -(-per_adapter // block_m)
-        total_blocks = sum(-(-w // block_n) for w in slice_widths)
-        groups = max(len(slice_widths), num_sms // max(1, tiles))
-        col_blocks = max(1, min(32, -(-total_blocks // groups)))
-    return FusedConfig(block_m, block_n, block_k, col_blocks, 4, 3)

@@ -27,28 +27,13 @@ import torch
 
 from valora.errors import ValoraError
 from valora.ops.lora import LoRABatch, LoRASlotWeights
-from valora.ops.lora_fused_kernel import lora_fused_kernel
 from valora.ops.lora_kernels import lora_expand_kernel, lora_shrink_kernel
 from valora.ops.lora_segments import LoRASegments
-from valora.ops.tile_config import (
-    ExpandConfig,
-    FusedConfig,
-    ShrinkConfig,
-    TileConfig,
-    fused_block_r,
-    heuristic_fused_config,
-)
+from valora.ops.tile_config import ExpandConfig, ShrinkConfig, TileConfig
 from valora.ops.tile_table import select_tile_config
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SLICES_PER_EXPAND = 4
-FUSED_MAX_TOKENS = 0
-"""Calls with at most this many tokens use the single-launch kernel when their table entry does
-not choose (0 = off: the two-launch kernels everywhere, until the decode-size measurement of
-``bench/ops/variants_gpu.py`` says otherwise). A table entry with a ``fused`` part always wins."""
-FUSED_MAX_RANK = 128
-"""Storage ranks above this never switch to the fused kernel automatically (its rank axis lives
-in registers and shared memory whole)."""
 _INT32_MAX = 2**31 - 1
 
 
@@ -108,10 +93,8 @@ def _check(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,
 
 def lora_apply_triton(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,
                       batch: LoRABatch, scale_multiplier: float = 1.0,
-                      config: TileConfig | None = None,
-                      fused_max_tokens: int | None = None) -> None:
-    """``y += LoRA(x)`` (module Semantics). ``config`` overrides the table lookup (tuning);
-    ``fused_max_tokens`` overrides ``FUSED_MAX_TOKENS`` for this call."""
+                      config: TileConfig | None = None) -> None:
+    """``y += LoRA(x)`` (module Semantics). ``config`` overrides the table lookup (tuning)."""
     segments = batch.backend_data
     if not isinstance(segments, LoRASegments):
         raise ValoraError("triton LoRA: batch was not prepared by the triton backend")
@@ -126,16 +109,9 @@ def lora_apply_triton(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights
         worst = min(x.shape[0], segments.num_slots)
         config, _ = select_tile_config(x.device, x.shape[0], weights.max_rank, x.shape[1],
                                        weights.slice_widths, active if active > 0 else worst)
-        limit = FUSED_MAX_TOKENS if fused_max_tokens is None else fused_max_tokens
-        if config.fused is None and x.shape[0] <= limit and weights.max_rank <= FUSED_MAX_RANK:
-            config = TileConfig(config.shrink, config.expand, heuristic_fused_config(
-                x.shape[0], weights.max_rank, x.shape[1], weights.slice_widths, active))
     target = y if y.stride(1) == 1 else y.contiguous()
-    if config.fused is not None:
-        launch_fused(x, target, weights, segments, config.fused, scale_multiplier)
-    else:
-        h = launch_shrink(x, weights, segments, config.shrink)
-        launch_expand(h, target, weights, segments, config.expand, scale_multiplier)
+    h = launch_shrink(x, weights, segments, config.shrink)
+    launch_expand(h, target, weights, segments, config.expand, scale_multiplier)
     if target is not y:
         y.copy_(target)
 
@@ -221,28 +197,3 @@ def _slice_groups(widths: tuple[int, ...] | list[int], span: int
         cols = offsets[first:first + len(group) + 1]
         cols = cols + [cols[-1]] * (SLICES_PER_EXPAND + 1 - len(cols))
         yield first, num_blocks, starts, cols
-
-
-def launch_fused(x: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
-                 segments: LoRASegments, cfg: FusedConfig, scale_multiplier: float) -> None:
-    """``y += LoRA(x)`` in one launch per four slices (``lora_fused_kernel``), no ``h`` buffer."""
-    in_features = x.shape[1]
-    widths = weights.slice_widths
-    bound = segments.tile_bound(cfg.block_m)
-    even_k = in_features % cfg.block_k == 0
-    block_r = fused_block_r(weights.max_rank)
-    full_rank = (block_r == weights.max_rank and bool(weights.ranks_cpu)
-                 and all(r in (0, block_r) for row in weights.ranks_cpu for r in row))
-    for first, num_groups, starts, cols in _slice_groups(widths, cfg.block_n * cfg.col_blocks):
-        grid = (bound * num_groups,)
-        if grid[0] == 0:
-            continue
-        lora_fused_kernel[grid](
-            x, weights.lora_a, weights.lora_b, y, weights.ranks, weights.scales,
-            segments.sorted_tokens, segments.tile_list(cfg.block_m),
-            segments.tile_capacity, num_groups, cfg.col_blocks, *starts, *cols, first,
-            len(widths), in_features, weights.max_rank, sum(widths), x.stride(0), y.stride(0),
-            float(scale_multiplier),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            BLOCK_R=block_r, EVEN_K=even_k, FULL_RANK=full_rank,
-            **_dot_flags(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -4,9 +4,7 @@ For every shape bucket (tokens × rank × layer × adapters in the batch) the tu
 problem at the bucket's shape (uniform rank, uniform popularity), times every shrink candidate
 under CUDA graphs with rotating inputs, then every expand candidate on the best shrink's output;
 the best expand is then timed after the next-best shrinks too (fewer split-K planes make the
-expand cheaper), and the pair with the smallest sum wins. Buckets of at most
-``--fused-max-tokens`` tokens also time the single-launch kernel (a few ``col_blocks``); when it
-beats the pair the entry gets a ``fused`` part. Winners are stored under the bucket key in
+expand cheaper), and the pair with the smallest sum wins. Winners are stored under the bucket key in
 ``valora/ops/tables/<GPU>.json`` (or ``--out``).
 The table is written after each bucket; a rerun skips buckets already present (resume) unless
 ``--no-resume``. ``--time-budget`` stops cleanly between buckets. A progress bar shows the way.
@@ -28,10 +26,10 @@ from valora.ops.lora import LoRASlotWeights, prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights, make_token_slots
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.tile_candidates import expand_candidates, shrink_candidates
-from valora.ops.tile_config import TileConfig, heuristic_fused_config, shape_bucket
+from valora.ops.tile_config import TileConfig, shape_bucket
 from valora.ops.tile_table import TABLE_DIR, TileTable, table_file_name
 from valora.ops.timing import rotations_for, time_calls
-from valora.ops.triton_lora import launch_expand, launch_fused, launch_shrink
+from valora.ops.triton_lora import launch_expand, launch_shrink
 
 logger = get_logger(__name__)
 
@@ -80,9 +78,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-budget", type=float, default=0.0, help="seconds; 0 = no limit")
     parser.add_argument("--max-candidates", type=int, default=0, help="per kernel; 0 = all")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--fused-max-tokens", type=int, default=0,
-                        help="also time the single-launch kernel up to this many tokens (0: "
-                             "never; it lost at every decode size on the H200)")
     parser.add_argument("--pair-shrinks", type=int, default=3,
                         help="shrinks (best first) whose output the best expand is timed on")
     return parser.parse_args(argv)
@@ -149,13 +144,10 @@ def _problems(shape: TuneShape, dtype: torch.dtype, device: torch.device,
     return sets
 
 
-FUSED_COL_BLOCKS = (0, 1, 4, 16)  # 0: the heuristic's choice
-
-
 def tune_bucket(shape: TuneShape, dtype: torch.dtype, device: torch.device, num_sms: int,
-                max_candidates: int, repeats: int, fused_max_tokens: int = 0,
+                max_candidates: int, repeats: int,
                 pair_shrinks: int = 1) -> tuple[TileConfig, dict[str, float]]:
-    """Time the candidates for one shape (module docstring): shrink, expand, pairs, fused."""
+    """Time the candidates for one shape (module docstring): shrink, expand, pairs."""
     sets = _problems(shape, dtype, device, seed=shape.num_tokens * 7919 + shape.max_rank)
     args = (shape.num_tokens, shape.max_rank)
     shrinks = shrink_candidates(*args, shape.in_features, shape.num_adapters,
@@ -188,23 +180,7 @@ def tune_bucket(shape: TuneShape, dtype: torch.dtype, device: torch.device, num_
         if shrink_times[cfg] + expand_us < pair_total:
             best_shrink, pair_total = cfg, shrink_times[cfg] + expand_us
             times.update(shrink=shrink_times[cfg], expand=expand_us)
-    config = TileConfig(best_shrink, best_expand)
-    if shape.num_tokens <= fused_max_tokens:
-        fused_times = {}
-        for col_blocks in FUSED_COL_BLOCKS[:max_candidates or None]:
-            fcfg = heuristic_fused_config(shape.num_tokens, shape.max_rank, shape.in_features,
-                                          shape.slice_widths, shape.num_adapters, num_sms,
-                                          col_blocks)
-            if fcfg in fused_times:
-                continue
-            fused_calls = [partial(launch_fused, s.x, s.y, s.weights, s.segments, fcfg, 1.0)
-                           for s in sets]
-            fused_times[fcfg] = time_calls(fused_calls, device, repeats=repeats).median_us
-        best_fused = min(fused_times, key=fused_times.__getitem__)
-        times["fused"] = fused_times[best_fused]
-        if fused_times[best_fused] < pair_total:
-            config = TileConfig(best_shrink, best_expand, best_fused)
-    return config, times
+    return TileConfig(best_shrink, best_expand), times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                            len(pending) - done, len(pending))
             break
         config, times = tune_bucket(shape, DTYPES[args.dtype], device, num_sms,
-                                    args.max_candidates, args.repeats, args.fused_max_tokens,
-                                    args.pair_shrinks)
+                                    args.max_candidates, args.repeats, args.pair_shrinks)
         table.put(key, config, times)
         table.save(out)
         done += 1
