@@ -52,6 +52,10 @@ class LoRASlotWeights:
     def max_rank(self) -> int:
         return int(self.lora_a.shape[2])
 
+    def host_ranks(self) -> list[list[int]]:
+        """``ranks[slot][slice]`` on the host: the mirror when kept, else one device read."""
+        return self.ranks_cpu or self.ranks.tolist()
+
     @classmethod
     def empty(
         cls,

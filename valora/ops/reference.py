@@ -27,7 +27,7 @@ def lora_apply_reference(
 ) -> None:
     """Per-slot loop: gather the slot's tokens, shrink with its true rank, expand, scatter-add."""
     groups: dict[int, torch.Tensor] = batch.backend_data  # type: ignore[assignment]
-    ranks = weights.ranks_cpu or weights.ranks.tolist()
+    ranks = weights.host_ranks()
     scales = weights.scales.tolist()
     for slot, rows in groups.items():
         xs = x.index_select(0, rows).float()

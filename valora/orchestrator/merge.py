@@ -21,7 +21,7 @@ Restore strategies (``docs/modes.md`` has the memory/drift trade-off):
 Compute (``compute=``): ``"triton"`` runs one launch of ``valora.ops.merge_kernel`` per module
 (fp32 accumulation, one rounding, ``W`` read and written once; default on CUDA with Triton). In
 pristine mode on half-precision weights the launches read the slot's rank and scale on the
-device (``lowrank_update_slot``), and from the second merge of a (slot, rank block, module set)
+device (``lowrank_update_slot``, through ``slot_merge.SlotMerger``), and from the second merge of a (slot, rank block, module set)
 on they replay from a CUDA graph captured for it (``graphs=False``: always eager) — a merge
 then costs no host time per module. ``"fused"`` runs one in-place cuBLAS ``addmm_`` per module
 in the weight dtype (measured 2.3× the copy floor on an H200 at 7B shapes, hence the kernel);
@@ -46,10 +46,10 @@ from valora.logger import get_logger
 from valora.ops.lora import LoRASlotWeights
 from valora.ops.merge_kernel import (
     lowrank_update_reference,
-    lowrank_update_slot,
     lowrank_update_triton,
     triton_available,
 )
+from valora.orchestrator.slot_merge import SlotMerger
 
 ModuleKey = tuple[int, str]
 RestoreStrategy = Literal["pristine", "resync"]
@@ -153,9 +153,12 @@ class WeightSwitcher:
         self._pristine = {key: _copy_to(weight, pristine_device, restore)
                           for key, weight in self._weights.items()}
         self._merged: dict[ModuleKey, _Delta | None] = {}
-        self._graphs_enabled = graphs
-        self._graphs: dict[tuple[int, int, tuple[ModuleKey, ...]], torch.cuda.CUDAGraph] = {}
-        self._warm: set[tuple[int, int, tuple[ModuleKey, ...]]] = set()
+        # Pristine restore, Triton, half-precision weights with factors of their dtype: merges
+        # go through SlotMerger (device-read rank/scale, graph replays). Decided once here.
+        slot_path = restore == "pristine" and bool(self._weights) and all(
+            weight.dtype != torch.float32 and self._slots[key][0].lora_a.dtype == weight.dtype
+            and self._uses_triton(weight) for key, weight in self._weights.items())
+        self._slot_merger = SlotMerger(self._weights, self._slots, graphs) if slot_path else None
         self._dirty: set[ModuleKey] = set()
         self._unmerges_since_resync = 0
         self.merged_adapter: str | None = None
@@ -188,12 +191,12 @@ class WeightSwitcher:
         """Fold the adapter in ``slot`` into the weights: ``W[key] = round(W[key] + s·B·A)``."""
         if self.merged_adapter is not None:
             raise ValoraError(f"adapter {self.merged_adapter!r} is merged; unmerge or switch first")
-        if self._slot_path():
-            keys = self._targeted(slot)
+        if self._slot_merger is not None:
+            keys = self._slot_merger.targeted(slot)
             if not keys:
                 raise ValoraError(f"slot {slot} ({adapter_name!r}) targets no module: "
                                   "nothing to merge")
-            self._merge_slot(slot, keys)
+            self._slot_merger.merge(slot, keys)
             merged: dict[ModuleKey, _Delta | None] = dict.fromkeys(keys)
         else:
             deltas = self._deltas(slot)
@@ -215,102 +218,14 @@ class WeightSwitcher:
         return self._report(merged)
 
     def warm_up(self) -> int:
-        """Compile the merge kernel for every module shape and rank block it can meet, before
-        the first switch needs it (a compile inside a switch cost ≈ 1 s on the H200). Launches
-        read a zero rank and return before touching any weight. Returns the launches made (0
+        """Compile the merge kernels before the first switch needs them (a compile inside a
+        switch cost ≈ 1 s on the H200); weights are not touched. Returns the launches made (0
         off the slot path: other compute strategies compile nothing)."""
-        if not self._slot_path():
-            return 0
-        zeros: dict[torch.device, torch.Tensor] = {}
-        seen: set[tuple[object, ...]] = set()
-        launches = 0
-        for key, weight in self._weights.items():
-            weights, j = self._slots[key]
-            zero = zeros.setdefault(weight.device,
-                                    torch.zeros(1, dtype=torch.int32, device=weight.device))
-            offset = sum(weights.slice_widths[:j])
-            width = weights.slice_widths[j]
-            block = 16
-            while True:
-                rank = min(block, weights.max_rank)
-                signature = (tuple(weight.shape), weight.stride(), weight.dtype, rank,
-                             weights.max_rank, weights.lora_a.shape[-1])
-                if signature not in seen:
-                    seen.add(signature)
-                    lowrank_update_slot(weight, weights.lora_b[0, offset:offset + width, :rank],
-                                        weights.lora_a[0, j, :rank],
-                                        weights.scales[0, j:j + 1], zero)
-                    launches += 1
-                if block >= weights.max_rank:
-                    break
-                block *= 2
-        return launches
-
-    def _slot_path(self) -> bool:
-        """Pristine restore with the Triton kernel on half-precision weights whose slot factors
-        share their dtype: merges read rank and scale on the device (``lowrank_update_slot``),
-        replayed from a CUDA graph per (slot, rank block, targeted modules) on CUDA."""
-        if self.restore != "pristine" or not self._weights:
-            return False
-        for key, weight in self._weights.items():
-            slots, _ = self._slots[key]
-            if (weight.dtype == torch.float32 or slots.lora_a.dtype != weight.dtype
-                    or not self._uses_triton(weight)):
-                return False
-        return True
+        return self._slot_merger.warm_up() if self._slot_merger is not None else 0
 
     def _uses_triton(self, dst: torch.Tensor) -> bool:
         return self._compute == "triton" or (self._compute == "auto" and dst.is_cuda
                                              and triton_available())
-
-    def _targeted(self, slot: int) -> tuple[ModuleKey, ...]:
-        """Modules the adapter in ``slot`` targets (rank > 0 in the host mirror of the ranks)."""
-        keys = []
-        for key, (weights, j) in self._slots.items():
-            if not 0 <= slot < weights.num_slots:
-                raise ValoraError(f"slot {slot} out of range [0, {weights.num_slots}) for {key}")
-            ranks = weights.ranks_cpu or weights.ranks.tolist()
-            if int(ranks[slot][j]) > 0:
-                keys.append(key)
-        return tuple(keys)
-
-    def _merge_slot(self, slot: int, keys: tuple[ModuleKey, ...]) -> None:
-        """One ``lowrank_update_slot`` launch per targeted module. The first merge of a (slot,
-        rank block, module set) runs eagerly (and compiles); the second captures the launches in
-        a CUDA graph, which every later merge of that key replays: 224 launches at 7B shapes cost
-        the host more than the GPU needed for them (``bench/results/serve``)."""
-        rank_block = max(16, 1 << (max(self._rank_of(slot, k) for k in keys) - 1).bit_length())
-        graph_key = (slot, rank_block, keys)
-        graph = self._graphs.get(graph_key)
-        if graph is not None:
-            graph.replay()
-            return
-        capture = (self._graphs_enabled and graph_key in self._warm
-                   and all(self._weights[k].is_cuda for k in keys))
-        if not capture:
-            self._launch_slot(slot, keys, rank_block)
-            self._warm.add(graph_key)
-            return
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._launch_slot(slot, keys, rank_block)
-        self._graphs[graph_key] = graph
-        graph.replay()
-
-    def _rank_of(self, slot: int, key: ModuleKey) -> int:
-        weights, j = self._slots[key]
-        ranks = weights.ranks_cpu or weights.ranks.tolist()
-        return min(int(ranks[slot][j]), weights.max_rank)
-
-    def _launch_slot(self, slot: int, keys: tuple[ModuleKey, ...], rank_block: int) -> None:
-        for key in keys:
-            weights, j = self._slots[key]
-            offset = sum(weights.slice_widths[:j])
-            width = weights.slice_widths[j]
-            rank = min(rank_block, weights.max_rank)
-            lowrank_update_slot(self._weights[key], weights.lora_b[slot, offset:offset + width, :rank],
-                                weights.lora_a[slot, j, :rank], weights.scales[slot, j:j + 1],
-                                weights.ranks[slot, j:j + 1])
 
     def unmerge(self) -> SwitchReport:
         """Take the merged adapter out again (exact copy-back, or subtract + periodic re-sync)."""
@@ -352,7 +267,7 @@ class WeightSwitcher:
         for key, (weights, j) in self._slots.items():
             if not 0 <= slot < weights.num_slots:
                 raise ValoraError(f"slot {slot} out of range [0, {weights.num_slots}) for {key}")
-            ranks = weights.ranks_cpu or weights.ranks.tolist()
+            ranks = weights.host_ranks()
             if int(ranks[slot][j]) > 0:
                 targeted.append((key, weights, j, int(ranks[slot][j])))
         if not targeted:
