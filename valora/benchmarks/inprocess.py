@@ -92,9 +92,10 @@ class _ModeSampler:
         self.trace.num_switches = int(current["num_switches"]) - int(self.start["num_switches"])
         self.trace.switch_seconds = float(current["switch_seconds"]) - float(
             self.start["switch_seconds"])
-        for name in ("decision_seconds", "graph_steps", "eager_steps"):
-            gained = current.get(name, 0) - self.start.get(name, 0)
-            setattr(self.trace, name, type(getattr(self.trace, name))(gained))
+        self.trace.decision_seconds = float(current.get("decision_seconds", 0.0)) - float(
+            self.start.get("decision_seconds", 0.0))
+        self.trace.graph_steps = int(current["graph_steps"]) - int(self.start["graph_steps"])
+        self.trace.eager_steps = int(current["eager_steps"]) - int(self.start["eager_steps"])
         before = self.start.get("steps_by_mode", {})
         self.trace.steps_by_mode = {
             mode: int(count) - int(before.get(mode, 0))

@@ -205,11 +205,6 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     graphs = use_cuda_graphs(config, device, attention_backend, lora_backend)
     # A merging policy's pristine copy exists before the KV cache is sized (the plan counts it).
     switcher = build_switcher(config, model) if num_slots and merging_policy(config) else None
-    pristine_on_device = (
-        switcher is not None
-        and switcher.pristine_device is not None
-        and switcher.pristine_device.type == device.type == "cuda"
-    )
     sizing = size_kv_cache(
         config,
         model,
@@ -217,7 +212,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         device,
         lora_backend=lora_backend,
         graph_batch=config.scheduler.max_num_seqs if graphs else 0,
-        pristine_bytes=switcher.pristine_bytes if pristine_on_device and switcher else 0,
+        pristine_bytes=switcher.pristine_bytes_on("cuda") if switcher is not None else 0,
     )
     pool = PagePool(sizing.num_pages, config.cache.page_size, config.cache.enable_prefix_caching)
     kv_manager = KVCacheManager(pool)

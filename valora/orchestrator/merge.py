@@ -169,6 +169,11 @@ class WeightSwitcher:
         """Bytes held by the pristine copy (on ``pristine_device``)."""
         return sum(t.numel() * t.element_size() for t in self._pristine.values())
 
+    def pristine_bytes_on(self, device_type: str) -> int:
+        """``pristine_bytes`` when the copy lives on a ``device_type`` device, else 0."""
+        device = self.pristine_device
+        return self.pristine_bytes if device is not None and device.type == device_type else 0
+
     @property
     def pristine_device(self) -> torch.device | None:
         return next(iter(self._pristine.values())).device if self._pristine else None
