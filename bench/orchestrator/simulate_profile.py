@@ -5,7 +5,8 @@ mode policy win over unmerged-FCFS? Every policy replays the same workload (16 a
 ranks 8/16/32/64 round-robin, image-sized prompts of 600-700 tokens, 8-64 output tokens, Poisson
 arrivals, Zipf(1) or one adapter with 70 % of the traffic) through ``valora.orchestrator.
 simulator``; the ``valora`` policy plans with the same cost model that times the steps. Prints a
-table of mean latencies (ms) and switches; ``--out`` also writes it as JSONL.
+table of mean latencies (ms) and switches, and each policy's median host time per decision
+(CPython on the machine running the script); ``--out`` also writes it as JSONL.
 
     python bench/orchestrator/simulate_profile.py \\
         --profile valora/orchestrator/profiles/NVIDIA_H200.json \\
@@ -16,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
+from typing import Any
 
 from valora.orchestrator.cost_model import CostModel
 from valora.orchestrator.policies import get_mode_policy
@@ -30,6 +34,19 @@ from valora.orchestrator.workload import (
 )
 
 MERGE_BYTES_7B = 12_952_010_752  # all seven projections of LLaVA-1.5-7B's decoder, bf16
+
+
+class _Timed:
+    """A policy whose ``decide`` calls are timed (host wall clock)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.name, self.seconds = inner, inner.name, []
+
+    def decide(self, *args: Any) -> Any:
+        started = time.perf_counter()
+        decision = self.inner.decide(*args)
+        self.seconds.append(time.perf_counter() - started)
+        return decision
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,13 +80,15 @@ def main(argv: list[str] | None = None) -> int:
             means: dict[str, float] = {}
             cells = []
             for name, kwargs in policies:
-                summary = simulate(get_mode_policy(name, **kwargs), requests, config,
-                                   truth).summary()
+                policy = _Timed(get_mode_policy(name, **kwargs))
+                summary = simulate(policy, requests, config, truth).summary()  # type: ignore[arg-type]
+                decide_ms = 1e3 * statistics.median(policy.seconds)
                 means[name] = float(summary["mean_latency_s"])
-                cells.append(f"{means[name] * 1e3:.0f} ({int(summary['num_switches'])})")
+                cells.append(f"{means[name] * 1e3:.0f} ({int(summary['num_switches'])}, "
+                             f"{decide_ms:.3f} ms)")
                 rows.append({"profile": args.entry, "popularity": popularity, "rate": rate,
-                             "policy": name, **{k: v for k, v in summary.items()
-                                                if isinstance(v, int | float)}})
+                             "policy": name, "median_decision_ms": decide_ms,
+                             **{k: v for k, v in summary.items() if isinstance(v, int | float)}})
             best = min(v for k, v in means.items() if k != "valora")
             print(f"| {popularity} | {rate:g} | {' | '.join(cells)} | "
                   f"{means['valora'] / best - 1:+.1%} |")
