@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload as wl
-from fused_layers import LABEL_MODES, check_against_stock, kernels_per_step
+from fused_layers import LABEL_MODES, LABEL_OVERLAP, check_against_stock, kernels_per_step
 from summary import write_summary
 
 import valora.layers.attention_triton  # noqa: F401  (registers "triton")
@@ -104,8 +104,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
                  ceil: dict[str, float], rec: Recorder, label: str, repeats: int) -> None:
     """The decode grid with the per-layer ops of ``label`` (captured and replayed in that mode)."""
-    with fused_layers(LABEL_MODES[label]):
-        _bench_decode(model, pool, ranks, batches, ceil, rec, label, repeats)
+    model.set_lora_overlap(*LABEL_OVERLAP.get(label, (0, 0)))
+    try:
+        with fused_layers(LABEL_MODES[label]):
+            _bench_decode(model, pool, ranks, batches, ceil, rec, label, repeats)
+    finally:
+        model.set_lora_overlap(0)
 
 
 def _bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
@@ -228,7 +232,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--layers", default="stock,fused",
-                        help="comma list of per-layer op modes to bench: stock, fused")
+                        help="comma list of per-layer op modes to bench: stock, fused, overlap "
+                             "(fused + LoRA beside the base GEMM), overlap_hi (same, "
+                             "high-priority side stream)")
     parser.add_argument("--skip-fused", action="store_true", help="same as --layers stock")
     parser.add_argument("--tiny", type=Path, help="a tiny checkpoint: exercise the script only")
     return parser.parse_args()

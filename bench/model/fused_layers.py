@@ -20,7 +20,11 @@ from valora.layers.fused_select import FusedMode, fused_layers
 from valora.layers.norm import add_rms_norm_torch, rms_norm_torch
 from valora.layers.rotary import apply_rotary_torch
 
-LABEL_MODES: dict[str, FusedMode] = {"stock": "off", "fused": "on"}
+LABEL_MODES: dict[str, FusedMode] = {"stock": "off", "fused": "on", "overlap": "on",
+                                     "overlap_hi": "on"}
+LABEL_OVERLAP: dict[str, tuple[int, int]] = {"overlap": (256, 0), "overlap_hi": (256, -1)}
+"""Labels whose LoRA deltas run beside the base GEMM (``Model.set_lora_overlap``): (max tokens,
+side-stream priority). The others run them in series."""
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 BAR_BATCH = 32
+LABELS = ("stock", "fused", "overlap", "overlap_hi")
 
 
 def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
@@ -17,7 +18,7 @@ def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
 
 def _bars(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| bar | figure | target | met |", "| --- | --- | --- | --- |"]
-    for label in ("stock", "fused"):
+    for label in LABELS:
         for scenario, name in (("base", "base decode"), ("mixed32_ranks", "32 mixed adapters")):
             row = _find(rows, section="decode", label=label, scenario=scenario, batch=BAR_BATCH)
             if row:
@@ -26,7 +27,7 @@ def _bars(rows: list[dict[str, Any]]) -> list[str]:
                              f"({row['median_ms']:.2f} vs {row['floor_ms']:.2f} ms) | ≤ 1.3× | "
                              f"{'yes' if ratio <= 1.3 else 'no'} |")
     peer = _find(rows, section="peer", mode="adapter_names_mixed8_r16", batch=BAR_BATCH)
-    for label in ("stock", "fused"):
+    for label in LABELS:
         ours = _find(rows, section="decode", label=label, scenario="mixed8_r16", batch=BAR_BATCH)
         if peer and ours:
             speedup = peer["median_ms"] / ours["median_ms"]

@@ -101,9 +101,14 @@ def test_refuses_backends_that_cannot_be_captured(tiny_llava: Path) -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_graphs_match_eager_and_survive_adapter_changes(tiny_llava: Path) -> None:
+@pytest.mark.parametrize("overlap", [0, 64], ids=["serial", "lora-overlap"])
+def test_gpu_graphs_match_eager_and_survive_adapter_changes(tiny_llava: Path,
+                                                           overlap: int) -> None:
+    """With ``overlap``, the graphed model's LoRA deltas (prefill and captured decode) run on
+    the side stream; the eager reference runs them in series."""
     ranks = [8, 2, 5, 7]
     graphed = make_model(tiny_llava, "triton", DEVICE, torch.float32, ranks)
+    graphed.set_lora_overlap(overlap, priority=-1 if overlap else 0)
     eager = make_model(tiny_llava, "triton", DEVICE, torch.float32, ranks)
     # 11 sequences (bucket 16, padded), some subtracting a merged adapter: the "mixed" graph.
     slots = [(i % 5 - 1, 3 if i % 3 == 0 else -1) for i in range(11)]

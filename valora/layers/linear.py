@@ -14,6 +14,11 @@ Semantics of ``forward(x, lora, lora_correction)``::
 
 The LoRA terms are computed by ``valora.ops.lora_apply`` on the slot storage in
 ``lora_weights`` (layout in ``valora.ops.lora``); rows whose slot is ``-1`` are untouched.
+
+On CUDA, a call of at most ``lora_overlap_tokens`` tokens computes the LoRA terms into a
+separate buffer on a side stream while the base GEMM runs, then adds it (``lora_overlap``; the
+same value up to one rounding of the delta to the activation dtype). ``0`` (the default) runs
+them in series after the GEMM.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from valora.layers.lora_overlap import lora_side_stream
 from valora.ops.lora import LoRABatch, LoRASlotWeights, lora_apply
 
 
@@ -47,6 +53,8 @@ class FusedLinear(nn.Module):
         self.bias: nn.Parameter | None = (
             nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None)
         self.lora_weights: LoRASlotWeights | None = None
+        self.lora_overlap_tokens = 0
+        self.lora_stream_priority = 0
 
     def slice_rows(self, index: int) -> slice:
         """Rows of ``weight`` (and ``bias``) that belong to slice ``index``."""
@@ -71,15 +79,40 @@ class FusedLinear(nn.Module):
         lora: LoRABatch | None = None,
         lora_correction: LoRABatch | None = None,
     ) -> torch.Tensor:
+        weights = self.lora_weights
+        if weights is None or (lora is None and lora_correction is None):
+            return F.linear(x, self.weight, self.bias)
+        if x.is_cuda and 0 < x.shape[0] <= self.lora_overlap_tokens:
+            return self._forward_overlapped(x, weights, lora, lora_correction)
         y = F.linear(x, self.weight, self.bias)
-        if self.lora_weights is not None:
-            if lora is not None:
-                lora_apply(y, x, self.lora_weights, lora)
-            if lora_correction is not None:
-                lora_apply(y, x, self.lora_weights, lora_correction, scale_multiplier=-1.0)
+        _add_lora(y, x, weights, lora, lora_correction)
         return y
+
+    def _forward_overlapped(self, x: torch.Tensor, weights: LoRASlotWeights,
+                            lora: LoRABatch | None, lora_correction: LoRABatch | None
+                            ) -> torch.Tensor:
+        """The LoRA delta on the side stream while the base GEMM runs (see ``lora_overlap``)."""
+        main = torch.cuda.current_stream(x.device)
+        side = lora_side_stream(x.device, self.lora_stream_priority)
+        delta = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            delta.zero_()
+            _add_lora(delta, x, weights, lora, lora_correction)
+        y = F.linear(x, self.weight, self.bias)
+        main.wait_stream(side)
+        return y.add_(delta)
 
     def extra_repr(self) -> str:
         pairs = zip(self.slice_names, self.slice_widths, strict=True)
         slices = ", ".join(f"{n}={w}" for n, w in pairs)
         return f"in={self.in_features}, {slices}, bias={self.bias is not None}"
+
+
+def _add_lora(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights, lora: LoRABatch | None,
+              lora_correction: LoRABatch | None) -> None:
+    """``y += LoRA(x; lora) − LoRA(x; lora_correction)`` (either may be absent)."""
+    if lora is not None:
+        lora_apply(y, x, weights, lora)
+    if lora_correction is not None:
+        lora_apply(y, x, weights, lora_correction, scale_multiplier=-1.0)

@@ -89,6 +89,7 @@ class Model(Protocol):
     def init_lora(
         self, num_slots: int, max_rank: int, dtype: torch.dtype | None = None
     ) -> None: ...
+    def set_lora_overlap(self, max_tokens: int, priority: int = 0) -> None: ...
     def lora_slot_map(self) -> dict[LoRAKey, tuple[LoRASlotWeights, int]]: ...
     def lora_base_weights(self) -> dict[LoRAKey, torch.Tensor]: ...
 
@@ -169,6 +170,17 @@ class CausalLMBase(nn.Module):
             if id(linear) not in seen:
                 seen.add(id(linear))
                 linear.init_lora_slots(num_slots, max_rank, dtype or self.dtype, self.device)
+
+    def set_lora_overlap(self, max_tokens: int, priority: int = 0) -> None:
+        """Overlap every decoder linear's LoRA delta with its base GEMM on a side CUDA stream
+        for calls of at most ``max_tokens`` tokens (``0``: never; see ``layers.lora_overlap``).
+        ``priority``: the side stream's CUDA priority (``-1`` high, ``0`` default). Takes effect
+        for CUDA graphs captured afterwards."""
+        if max_tokens < 0:
+            raise ValoraError(f"max_tokens must be >= 0, got {max_tokens}")
+        for linear, _ in self.decoder.lora_targets().values():
+            linear.lora_overlap_tokens = max_tokens
+            linear.lora_stream_priority = priority
 
     def lora_slot_map(self) -> dict[LoRAKey, tuple[LoRASlotWeights, int]]:
         result: dict[LoRAKey, tuple[LoRASlotWeights, int]] = {}
