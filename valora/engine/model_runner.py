@@ -195,6 +195,7 @@ class ModelRunner:
             self.num_lora_slots,
             self.lora_backend,
             num_active_slots=len(active),
+            active_slots=active,  # the tile choice keys by the largest rank among them
             defer=True,  # a graph replay never reads backend data; eager builds it on first use
         )
 

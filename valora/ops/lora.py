@@ -25,7 +25,7 @@ proportional to each token's own adapter rank.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +56,23 @@ class LoRASlotWeights:
         """``ranks[slot][slice]`` on the host: the mirror when kept, else one device read."""
         return self.ranks_cpu or self.ranks.tolist()
 
+    def active_slice_ranks(self, slots: tuple[int, ...]) -> tuple[int, ...] | None:
+        """Per slice ``j``: ``max(min(ranks[s][j], max_rank) for s in slots)`` (0 for no slots),
+        from the host mirror ``ranks_cpu`` only; None when no complete mirror is kept.
+
+        Never reads ``ranks`` (no device synchronisation). O(len(slots) × num_slices), in C-level
+        builtins. ``slots`` must lie in ``[0, num_slots)``.
+        """
+        mirror = self.ranks_cpu
+        if len(mirror) != self.num_slots:
+            return None
+        num_slices, storage = len(self.slice_widths), self.max_rank
+        if not slots:
+            return (0,) * num_slices
+        columns = zip(*map(mirror.__getitem__, slots), strict=True)
+        ranks = tuple(max(min(max(column), storage), 0) for column in columns)
+        return ranks if len(ranks) == num_slices else None
+
     @classmethod
     def empty(
         cls,
@@ -84,6 +101,9 @@ class LoRABatch:
 
     ``token_slots``: ``[T]`` int32 slot per token (-1 = none). ``backend_data`` holds whatever the
     chosen backend precomputes from it (sorted token order, segments); layers never read it.
+    ``active_slots`` (sorted, distinct, in ``[0, num_slots)``) covers every slot of
+    ``token_slots`` when the host knows them, None otherwise (e.g. CUDA-graph batches); the
+    Triton backend keys its tile choice by the largest rank among them (``triton_lora``).
     """
 
     token_slots: torch.Tensor
@@ -93,6 +113,8 @@ class LoRABatch:
     token_slots_cpu: list[int] = field(default_factory=list)
     num_active_slots: int = -1
     """Distinct slots among the tokens when the host knows it (-1 = unknown); a tiling hint only."""
+    active_slots: tuple[int, ...] | None = None
+    """Every slot among the tokens, sorted (None = unknown). Computed once per batch."""
 
 
 LoRAApplyFn = Callable[[torch.Tensor, torch.Tensor, LoRASlotWeights, LoRABatch, float], None]
@@ -144,7 +166,8 @@ def resolve_lora_backend(backend: str, device: torch.device) -> str:
 
 
 def prepare_lora_batch(token_slots: torch.Tensor, num_slots: int, backend: str = "reference",
-                       num_active_slots: int | None = None, defer: bool = False) -> LoRABatch:
+                       num_active_slots: int | None = None, defer: bool = False,
+                       active_slots: Iterable[int] | None = None) -> LoRABatch:
     """Validate ``token_slots`` and build the step's LoRA metadata for ``backend``.
 
     ``defer=True`` leaves ``backend_data`` unset: the first ``lora_apply`` of the step builds it
@@ -154,6 +177,12 @@ def prepare_lora_batch(token_slots: torch.Tensor, num_slots: int, backend: str =
     ``backend`` may be ``"auto"`` (see ``resolve_lora_backend``). ``num_active_slots`` (distinct
     slots among the tokens, when the caller knows it) only steers the Triton tile choice; it is
     derived here when ``token_slots`` lives on the CPU. Nothing here synchronises with a GPU.
+
+    ``active_slots``: the slots ``token_slots`` uses, for a caller that knows them on the host
+    while ``token_slots`` lives on the device (a superset is allowed: it only weakens the tile
+    hint; a set missing a used slot is a caller bug: the Triton backend may then skip or trim
+    work that slot needed). Derived (exactly) when ``token_slots`` lives on the CPU; when given
+    as well it must cover the derived set. It defaults ``num_active_slots`` to its size.
     """
     backend = resolve_lora_backend(backend, token_slots.device)
     if backend not in _BACKENDS:
@@ -165,13 +194,33 @@ def prepare_lora_batch(token_slots: torch.Tensor, num_slots: int, backend: str =
     if slots_cpu and (max(slots_cpu) >= num_slots or min(slots_cpu) < -1):
         raise ValoraError(f"token_slots out of range [-1, {num_slots}): "
                           f"min {min(slots_cpu)}, max {max(slots_cpu)}")
+    active = _active_slot_set(slots_cpu, num_slots, active_slots)
     if num_active_slots is None:
-        num_active_slots = len({s for s in slots_cpu if s >= 0}) if slots_cpu else -1
+        num_active_slots = len(active) if active is not None else -1
     batch = LoRABatch(token_slots=token_slots.to(torch.int32), num_slots=num_slots, backend=backend,
-                      token_slots_cpu=slots_cpu, num_active_slots=num_active_slots)
+                      token_slots_cpu=slots_cpu, num_active_slots=num_active_slots,
+                      active_slots=active)
     if not defer:
         batch.backend_data = _BACKENDS[backend][0](batch)
     return batch
+
+
+def _active_slot_set(slots_cpu: list[int], num_slots: int,
+                     given: Iterable[int] | None) -> tuple[int, ...] | None:
+    """The batch's sorted active slots: derived from host slots, else ``given``, else None."""
+    derived = sorted({s for s in slots_cpu if s >= 0}) if slots_cpu else None
+    if given is None:
+        return tuple(derived) if derived is not None else None
+    claimed = sorted({int(s) for s in given})
+    if claimed and (claimed[0] < 0 or claimed[-1] >= num_slots):
+        raise ValoraError(f"active_slots out of range [0, {num_slots}): {claimed}")
+    if derived is not None:
+        missing = set(derived).difference(claimed)
+        if missing:
+            raise ValoraError(f"active_slots {claimed} miss slots used by the tokens: "
+                              f"{sorted(missing)}")
+        return tuple(derived)
+    return tuple(claimed)
 
 
 def lora_apply(

@@ -39,6 +39,9 @@ class LoRASegments:
     """Static device buffers describing how one step's tokens group by slot.
 
     ``tiles``: ``[len(BLOCK_M_CHOICES), 3, tile_capacity]`` int32 — rows slot / start / rows.
+    ``num_active_slots`` / ``active_slots``: host hints for the current slots, set by each
+    ``update`` (-1 / None = unknown, as for CUDA-graph replays, whose slots change on the device
+    only); ``active_slots``, when known, holds every slot of the tokens (sorted).
     """
 
     num_tokens: int
@@ -48,10 +51,12 @@ class LoRASegments:
     tiles: torch.Tensor
     _block_sizes: torch.Tensor
     _tile_index: torch.Tensor
+    active_slots: tuple[int, ...] | None = None
 
     @classmethod
     def allocate(cls, num_tokens: int, num_slots: int, device: torch.device | str,
-                 num_active_slots: int = -1) -> LoRASegments:
+                 num_active_slots: int = -1,
+                 active_slots: tuple[int, ...] | None = None) -> LoRASegments:
         if num_slots < 1:
             raise ValoraError(f"LoRA segments need at least one slot, got {num_slots}")
         if num_tokens < 0:
@@ -71,6 +76,7 @@ class LoRASegments:
             _block_sizes=blocks,
             _tile_index=torch.arange(capacity, dtype=torch.int64, device=device)
             .expand(len(BLOCK_M_CHOICES), capacity).contiguous(),
+            active_slots=active_slots,
         )
 
     @staticmethod
@@ -88,12 +94,15 @@ class LoRASegments:
     def tile_capacity(self) -> int:
         return int(self.tiles.shape[2])
 
-    def update(self, token_slots: torch.Tensor, num_active_slots: int = -1) -> None:
-        """Rewrite every buffer in place for ``token_slots`` (no host synchronisation on CUDA)."""
+    def update(self, token_slots: torch.Tensor, num_active_slots: int = -1,
+               active_slots: tuple[int, ...] | None = None) -> None:
+        """Rewrite every buffer in place for ``token_slots`` (no host synchronisation on CUDA).
+        The host hints are replaced too: left out, they read as unknown."""
         if token_slots.shape != (self.num_tokens,):
             raise ValoraError(
                 f"token_slots shape {tuple(token_slots.shape)} != ({self.num_tokens},)")
         self.num_active_slots = num_active_slots
+        self.active_slots = active_slots
         if self.num_tokens == 0:
             return
         num_slots = self.num_slots

@@ -12,6 +12,14 @@ powers of two, ties to the larger token count) — a configuration tuned for a n
 size is far closer to right than the shape-blind heuristic, which served every decode batch of
 8, 32 and 128 before. ``heuristic_config`` remains for no table, no neighbour, or a rank above
 what the tables cover. Results are memoised per bucket; it never touches the GPU.
+
+Rank axis: a call is keyed by the rank its tiles should serve — the slot storage rank, or the
+batch's *effective rank* (the largest rank its adapters use, ``tile_rank``) when the host knows
+it. A key rank below the storage rank whose bucket has no tuned entry (not even a neighbour)
+takes the smallest tuned rank bucket above it, up to the storage rank's bucket: a configuration
+tuned for a larger rank is valid for a smaller one and closer than the heuristic. Any
+configuration is correct for any rank (the kernels take each slot's rank from the device); the
+key only decides speed.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -26,7 +35,13 @@ from pathlib import Path
 import torch
 
 from valora.logger import get_logger
-from valora.ops.tile_config import ShapeBucket, TileConfig, heuristic_config, shape_bucket
+from valora.ops.tile_config import (
+    RANK_BUCKETS,
+    ShapeBucket,
+    TileConfig,
+    heuristic_config,
+    shape_bucket,
+)
 
 logger = get_logger(__name__)
 
@@ -146,16 +161,67 @@ def _device_facts(device: torch.device) -> tuple[str, int]:
     return props.name, int(props.multi_processor_count)
 
 
+def tile_rank(effective_rank: int, storage_rank: int) -> int:
+    """The rank a call's tile lookup is keyed by, given the largest rank its adapters use.
+
+    ``effective_rank`` rounded up to its ``RANK_BUCKETS`` bucket (at least 1; unrounded above the
+    last bucket), never above ``storage_rank`` — so the key lands in the same table bucket as the
+    rounded rank, and an effective rank at or above the storage rank keys exactly as the storage
+    rank always did. ``effective_rank`` 0 (nothing to compute) keys as 1.
+    """
+    rank = max(effective_rank, 1)
+    if rank >= storage_rank:
+        return storage_rank
+    return min(_rank_bucket(rank) or rank, storage_rank)
+
+
+def _key_ranks(max_rank: int, storage_rank: int | None) -> Iterator[int]:
+    """``max_rank``, then (lazily: only walked on a miss) one rank in each larger rank bucket up
+    to ``storage_rank``'s — the rank axis walk of the module docstring."""
+    yield max_rank
+    if storage_rank is None or storage_rank <= max_rank:
+        return
+    last = _rank_bucket(max_rank)
+    for rank in (*(b for b in RANK_BUCKETS if max_rank < b < storage_rank), storage_rank):
+        bucket = _rank_bucket(rank)
+        if bucket != last:
+            last = bucket
+            yield rank
+
+
+def _rank_bucket(rank: int) -> int | None:
+    return next((b for b in RANK_BUCKETS if rank <= b), None)
+
+
 def select_tile_config(device: torch.device, num_tokens: int, max_rank: int, in_features: int,
-                       slice_widths: tuple[int, ...], num_adapters: int) -> tuple[TileConfig, str]:
+                       slice_widths: tuple[int, ...], num_adapters: int,
+                       storage_rank: int | None = None) -> tuple[TileConfig, str]:
     """The configuration for one call and where it came from (``"table"``, ``"nearest"`` or
-    ``"heuristic"``)."""
+    ``"heuristic"``).
+
+    ``max_rank`` is the key rank: the slot storage rank, or ``tile_rank`` of the batch's
+    effective rank. With ``storage_rank`` above it, a key rank whose bucket has no tuned entry
+    walks up the rank buckets to ``storage_rank``'s (module docstring; such a hit reports
+    ``"nearest"``). The heuristic, the last resort, is given ``max_rank``. Tables serve CUDA
+    devices only (``select_from_table`` with the device's table)."""
     name, num_sms = _device_facts(device)
-    bucket = shape_bucket(num_tokens, max_rank, in_features, sum(slice_widths), num_adapters,
-                          len(slice_widths))
-    if bucket is not None and device.type == "cuda":
-        found = table_for_device(name).lookup(bucket)
-        if found is not None:
-            return found
+    table = table_for_device(name) if device.type == "cuda" else None
+    return select_from_table(table, num_sms, num_tokens, max_rank, in_features, slice_widths,
+                             num_adapters, storage_rank)
+
+
+def select_from_table(table: TileTable | None, num_sms: int, num_tokens: int, max_rank: int,
+                      in_features: int, slice_widths: tuple[int, ...], num_adapters: int,
+                      storage_rank: int | None = None) -> tuple[TileConfig, str]:
+    """``select_tile_config`` against a given table (None: the heuristic only)."""
+    if table is not None:
+        for step, rank in enumerate(_key_ranks(max_rank, storage_rank)):
+            bucket = shape_bucket(num_tokens, rank, in_features, sum(slice_widths), num_adapters,
+                                  len(slice_widths))
+            if bucket is None:
+                break
+            found = table.lookup(bucket)
+            if found is not None:
+                return found if step == 0 else (found[0], "nearest")
     return heuristic_config(num_tokens, max_rank, in_features, max(slice_widths), num_adapters,
                             len(slice_widths), num_sms), "heuristic"

@@ -14,9 +14,35 @@ computed as two launches: shrink into an fp32 buffer ``h[split_k, T, J·R]`` and
 sums the K splits, scales, and adds into ``y``). fp16 / bf16 / fp32 inputs, fp32 accumulation;
 the rank-space product is rounded to the input dtype before the expand product (as every
 tensor-core LoRA kernel does). Neither ``prepare_lora_triton`` nor ``lora_apply_triton``
-synchronises with the GPU: grids come from (T, S, shapes) only, and are CUDA-graph capturable
-once each kernel configuration has been compiled (run the call once before capturing).
+synchronises with the GPU: grids come from (T, S, shapes) and host-side hints only, and are
+CUDA-graph capturable once each kernel configuration has been compiled (run the call once before
+capturing).
 On the CPU the kernels run only under ``TRITON_INTERPRET=1`` (tests).
+
+Effective rank. When the host knows the batch's slots (``LoRASegments.active_slots``) and the
+layer keeps its rank mirror (``LoRASlotWeights.ranks_cpu``), ``active_slice_ranks`` gives per
+slice ``r_j = max over active slots of min(ranks_cpu[s][j], R)`` in O(active slots × slices)
+host work (no device read); the batch's *effective rank* is ``max_j r_j``. Otherwise (CUDA-graph
+batches, no mirror) everything below uses the storage rank ``R``, exactly as before.
+
+- Tile choice: keyed by ``tile_rank(effective rank, R)`` (its rank bucket, at least 1, at most
+  ``R``) instead of ``R``. Correctness never depends on the configuration: both kernels read
+  each slot's rank from the device ``ranks`` and mask / loop over rank blocks up to it for any
+  block sizes and split, and ``h`` keeps its storage layout ``[split_k, T, J·R]``.
+- Effective rank 0 (no active slot targets any slice of this layer): nothing is launched; the
+  kernels' programs would all return before touching memory, so ``y`` is the same.
+- The shrink grid covers the flat rank prefix ``[0, L)``, ``L = max_{j: r_j>0} (j·R + r_j)``,
+  instead of ``[0, J·R)``: a dropped rank block holds only ``n = j·R + ρ ≥ L`` with
+  ``ρ ≥ r_j ≥ ranks[s, j]`` for every active ``s``, i.e. programs that would return at once, and
+  the expand reads only ``h[.., j·R + ρ]`` with ``ρ < ranks[s, j]``, inside ``[0, L)``.
+
+The last two rest on the host facts bounding the device ones: ``active_slots`` covers every
+token's slot (derived or checked by ``prepare_lora_batch``) and ``min(ranks[s, j], R) ≤
+ranks_cpu[s][j]`` for those slots (``valora.lora.slot_writer.SlotWriter`` keeps the mirror equal;
+the reference backend and slot merging rely on it alike). The tile choice rests on nothing. A
+CUDA graph must be captured with unknown slots (``active_slots`` None, as
+``LoRASegments.update(slots)`` leaves them): a capture would bake the skip and the trimmed grid
+into replays of other slots.
 """
 
 from __future__ import annotations
@@ -30,7 +56,7 @@ from valora.ops.lora import LoRABatch, LoRASlotWeights
 from valora.ops.lora_kernels import lora_expand_kernel, lora_shrink_kernel
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.tile_config import ExpandConfig, ShrinkConfig, TileConfig
-from valora.ops.tile_table import select_tile_config
+from valora.ops.tile_table import select_tile_config, tile_rank
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SLICES_PER_EXPAND = 4
@@ -49,8 +75,9 @@ def kernels_interpreted() -> bool:
 def prepare_lora_triton(batch: LoRABatch) -> LoRASegments:
     """The backend's prepare step: slot-sorted token order and tile lists, on the device."""
     segments = LoRASegments.allocate(int(batch.token_slots.shape[0]), batch.num_slots,
-                                     batch.token_slots.device, batch.num_active_slots)
-    segments.update(batch.token_slots, batch.num_active_slots)
+                                     batch.token_slots.device, batch.num_active_slots,
+                                     batch.active_slots)
+    segments.update(batch.token_slots, batch.num_active_slots, batch.active_slots)
     return segments
 
 
@@ -91,26 +118,58 @@ def _check(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,
             "triton LoRA runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
 
 
+def active_slice_ranks(weights: LoRASlotWeights, segments: LoRASegments
+                       ) -> tuple[int, ...] | None:
+    """``r_j`` per slice over the batch's active slots (module docstring, "Effective rank");
+    None when the host does not know the slots or the layer keeps no rank mirror."""
+    if segments.active_slots is None:
+        return None
+    return weights.active_slice_ranks(segments.active_slots)
+
+
+def live_flat_rank(slice_ranks: tuple[int, ...], max_rank: int) -> int:
+    """``L = max_{j: r_j > 0} (j·R + r_j)`` (0 when every ``r_j`` is 0): the prefix of the flat
+    rank axis ``n = j·R + ρ`` holding every entry the batch's slots can use."""
+    return max((j * max_rank + min(r, max_rank) for j, r in enumerate(slice_ranks) if r > 0),
+               default=0)
+
+
+def choose_tile_config(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegments,
+                       slice_ranks: tuple[int, ...] | None) -> tuple[TileConfig, str]:
+    """The call's tile configuration and its source (``select_tile_config``), keyed by the
+    batch's effective rank ``max(slice_ranks)`` when known, else by the storage rank."""
+    storage = weights.max_rank
+    rank = storage if slice_ranks is None else tile_rank(max(slice_ranks, default=0), storage)
+    active = segments.num_active_slots
+    # Unknown adapter count (graph-captured segments): the worst case, one per token.
+    worst = min(x.shape[0], segments.num_slots)
+    return select_tile_config(x.device, x.shape[0], rank, x.shape[1], weights.slice_widths,
+                              active if active > 0 else worst, storage_rank=storage)
+
+
 def lora_apply_triton(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,
                       batch: LoRABatch, scale_multiplier: float = 1.0,
                       config: TileConfig | None = None) -> None:
-    """``y += LoRA(x)`` (module Semantics). ``config`` overrides the table lookup (tuning)."""
+    """``y += LoRA(x)`` (module Semantics). ``config`` overrides the table lookup (tuning).
+
+    Tiles follow the batch's effective rank when the host knows it; the result does not depend
+    on the tiles (module docstring, "Effective rank")."""
     segments = batch.backend_data
     if not isinstance(segments, LoRASegments):
         raise ValoraError("triton LoRA: batch was not prepared by the triton backend")
     _check(y, x, weights, segments)
     if x.shape[0] == 0 or segments.num_slots == 0:
         return
+    slice_ranks = active_slice_ranks(weights, segments)
+    live = None if slice_ranks is None else live_flat_rank(slice_ranks, weights.max_rank)
+    if live == 0:
+        return  # no active slot targets this layer: every program would return at once
     if x.stride(1) != 1:
         x = x.contiguous()
     if config is None:
-        active = segments.num_active_slots
-        # Unknown adapter count (graph-captured segments): the worst case, one per token.
-        worst = min(x.shape[0], segments.num_slots)
-        config, _ = select_tile_config(x.device, x.shape[0], weights.max_rank, x.shape[1],
-                                       weights.slice_widths, active if active > 0 else worst)
+        config, _ = choose_tile_config(x, weights, segments, slice_ranks)
     target = y if y.stride(1) == 1 else y.contiguous()
-    h = launch_shrink(x, weights, segments, config.shrink)
+    h = launch_shrink(x, weights, segments, config.shrink, live)
     launch_expand(h, target, weights, segments, config.expand, scale_multiplier)
     if target is not y:
         y.copy_(target)
@@ -123,11 +182,15 @@ def _dot_flags(dtype: torch.dtype) -> dict[str, object]:
 
 
 def launch_shrink(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegments,
-                  cfg: ShrinkConfig) -> torch.Tensor:
-    """``h[split, p, j·R+ρ]`` (fp32) for every token position ``p`` with an adapter."""
+                  cfg: ShrinkConfig, live_rank: int | None = None) -> torch.Tensor:
+    """``h[split, p, j·R+ρ]`` (fp32) for every token position ``p`` with an adapter, ``ρ`` below
+    its slot's rank. ``h`` always has the storage layout ``[split_k, T, J·R]``; ``live_rank``
+    (``live_flat_rank`` of the batch, None = ``J·R``) bounds the rank blocks launched (module
+    docstring: only valid when every slot of the batch has ``j·R + ranks[s, j] ≤ live_rank``)."""
     num_tokens, in_features = x.shape
     max_rank = weights.max_rank
     flat_rank = len(weights.slice_widths) * max_rank
+    live = flat_rank if live_rank is None else min(live_rank, flat_rank)
     split_k = max(1, min(cfg.split_k, _cdiv(in_features, cfg.block_k)))
     even_k = in_features % (cfg.block_k * split_k) == 0
     k_split = _cdiv(_cdiv(in_features, split_k), cfg.block_k) * cfg.block_k
@@ -135,7 +198,7 @@ def launch_shrink(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegme
         raise ValoraError(
             f"triton LoRA: split-K buffer too large ({split_k}×{num_tokens}×{flat_rank})")
     h = torch.empty(split_k, num_tokens, flat_rank, dtype=torch.float32, device=x.device)
-    num_rank_blocks = _cdiv(flat_rank, cfg.block_n)
+    num_rank_blocks = _cdiv(live, cfg.block_n)
     grid = (segments.tile_bound(cfg.block_m) * split_k * num_rank_blocks,)
     if grid[0] == 0:
         return h
