@@ -35,6 +35,7 @@ from valora.lora.peft_format import BaseModelShapes
 from valora.models.loader import load_model
 from valora.multimodal.processor import ImageProcessor
 from valora.ops.lora import resolve_lora_backend
+from valora.ops.warmup import WarmUpReport, warm_up_lora_kernels
 from valora.orchestrator.modes import plan_lora_batches
 from valora.request import Request
 
@@ -173,6 +174,40 @@ class EngineParts:
         }
 
 
+def warm_up_lora(
+    config: EngineConfig, model: Any, device: torch.device, lora_backend: str, num_slots: int
+) -> WarmUpReport | None:
+    """Compile every LoRA kernel variant that steps of up to ``max_num_batched_tokens`` tokens
+    over up to ``num_slots`` adapters can select (``valora.ops.warmup``), so none compiles in
+    the middle of serving. Runs only with adapter slots, on CUDA, with the ``"triton"`` backend
+    and ``warm_up_lora_kernels`` set; ``None`` when skipped. Call after ``model.init_lora``."""
+    if not (
+        num_slots
+        and config.lora.warm_up_lora_kernels
+        and device.type == "cuda"
+        and lora_backend == "triton"
+    ):
+        return None
+    report = warm_up_lora_kernels(
+        [weights for weights, _ in model.lora_slot_map().values()],
+        config.scheduler.max_num_batched_tokens,
+        num_slots,
+        device,
+        lora_backend,
+    )
+    logger.info(
+        "compiled %d LoRA kernel variants in %.1f s (%d shrink + %d expand kernels, "
+        "%d launches over %d layer shapes)",
+        report.kernels,
+        report.seconds,
+        report.shrink_kernels,
+        report.expand_kernels,
+        report.launches,
+        report.layer_shapes,
+    )
+    return report
+
+
 def build_engine_parts(config: EngineConfig) -> EngineParts:
     """Load the model and build every component (logs where the memory goes)."""
     from transformers import AutoTokenizer
@@ -201,7 +236,10 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     num_slots = config.lora.max_loras if config.lora.enable_lora else 0
     if num_slots:
         model.init_lora(num_slots, config.lora.max_lora_rank, dtype)
+        if device.type == "cuda":  # before graph capture: graphs record the overlapped layers
+            model.set_lora_overlap(config.lora.overlap_max_tokens)
     lora_backend = resolve_lora_backend(config.lora.lora_backend, device)
+    warm_up_lora(config, model, device, lora_backend, num_slots)
     graphs = use_cuda_graphs(config, device, attention_backend, lora_backend)
     # A merging policy's pristine copy exists before the KV cache is sized (the plan counts it).
     switcher = build_switcher(config, model) if num_slots and merging_policy(config) else None
