@@ -12,7 +12,9 @@ valora's PyTorch twins (``VALORA_FUSED_LAYERS=0``), ``fused`` rows the in-packag
 (residual add + RMSNorm, q/k rotary in one launch, SiLU-and-mul; valora's default on CUDA). The
 fused rows are preceded by a kernel-vs-twin check at 7B shapes; a ``kernels`` section counts the
 CUDA kernels of one eager decode step per decoder layer in each mode. The no-graph point and the
-prefill run with the last mode listed.
+prefill run with the last mode listed. ``serial`` / ``overlap`` rows are ``fused`` with the LoRA
+deltas never / always (≤ 256 tokens) on the side stream (``valora/layers/lora_overlap.py``);
+``fused`` and ``stock`` overlap as the engine does by default (``LoRAConfig.overlap_max_tokens``).
 
     python bench/model/bench_decode.py --out DIR [--sha SHA] [--layers stock,fused] [--skip-hf]
         [--tiny CKPT_DIR]
@@ -104,7 +106,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
                  ceil: dict[str, float], rec: Recorder, label: str, repeats: int) -> None:
     """The decode grid with the per-layer ops of ``label`` (captured and replayed in that mode)."""
-    model.set_lora_overlap(*LABEL_OVERLAP.get(label, (0, 0)))
+    model.set_lora_overlap(LABEL_OVERLAP[label])
     try:
         with fused_layers(LABEL_MODES[label]):
             _bench_decode(model, pool, ranks, batches, ceil, rec, label, repeats)
@@ -232,9 +234,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--layers", default="stock,fused",
-                        help="comma list of per-layer op modes to bench: stock, fused, overlap "
-                             "(fused + LoRA beside the base GEMM), overlap_hi (same, "
-                             "high-priority side stream)")
+                        help="comma list of per-layer op modes to bench: stock, fused (engine "
+                             "defaults), serial (fused, LoRA never overlapped), overlap "
+                             "(fused, LoRA beside the base GEMM up to 256 tokens)")
     parser.add_argument("--skip-fused", action="store_true", help="same as --layers stock")
     parser.add_argument("--tiny", type=Path, help="a tiny checkpoint: exercise the script only")
     return parser.parse_args()

@@ -14,17 +14,21 @@ from collections.abc import Callable
 
 import torch
 
+from valora.config import LoRAConfig
 from valora.layers import fused_kernels
 from valora.layers.activation import silu_and_mul_torch
 from valora.layers.fused_select import FusedMode, fused_layers
 from valora.layers.norm import add_rms_norm_torch, rms_norm_torch
 from valora.layers.rotary import apply_rotary_torch
 
-LABEL_MODES: dict[str, FusedMode] = {"stock": "off", "fused": "on", "overlap": "on",
-                                     "overlap_hi": "on"}
-LABEL_OVERLAP: dict[str, tuple[int, int]] = {"overlap": (256, 0), "overlap_hi": (256, -1)}
-"""Labels whose LoRA deltas run beside the base GEMM (``Model.set_lora_overlap``): (max tokens,
-side-stream priority). The others run them in series."""
+LABEL_MODES: dict[str, FusedMode] = {"stock": "off", "fused": "on", "serial": "on",
+                                     "overlap": "on"}
+DEFAULT_OVERLAP = LoRAConfig().overlap_max_tokens
+LABEL_OVERLAP: dict[str, int] = {"stock": DEFAULT_OVERLAP, "fused": DEFAULT_OVERLAP,
+                                 "serial": 0, "overlap": 256}
+"""Per label, the largest step (tokens) whose LoRA deltas run beside the base GEMM
+(``Model.set_lora_overlap``): ``stock`` / ``fused`` as the engine runs by default, ``serial``
+never, ``overlap`` at every decode size benched."""
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

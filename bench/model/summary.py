@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 BAR_BATCH = 32
-LABELS = ("stock", "fused", "overlap", "overlap_hi")
+LABELS = ("stock", "fused", "serial", "overlap")
 
 
 def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
