@@ -38,13 +38,18 @@ class ModeTrace:
     decision_seconds: float = 0.0
     graph_steps: int = 0
     eager_steps: int = 0
+    step_totals: dict[str, float] = field(default_factory=dict)
+    """Engine-side sums over the run: ``graph_seconds`` / ``eager_seconds`` (host wall time of
+    graph-replayed and eager steps), ``graph_rows`` (sequences in graph steps) and
+    ``eager_tokens`` (tokens in eager steps) and ``slot_loads`` (adapters written into GPU
+    slots)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"timeline": [list(entry) for entry in self.timeline],
                 "num_switches": self.num_switches, "switch_seconds": self.switch_seconds,
                 "steps_by_mode": dict(self.steps_by_mode), "num_steps": self.num_steps,
                 "decision_seconds": self.decision_seconds, "graph_steps": self.graph_steps,
-                "eager_steps": self.eager_steps}
+                "eager_steps": self.eager_steps, **self.step_totals}
 
 
 @dataclass
@@ -67,6 +72,10 @@ def to_generate_request(request: BenchRequest, run_tag: str, seed: int) -> Gener
     )
 
 
+_STEP_TOTALS = ("graph_seconds", "eager_seconds", "graph_rows", "eager_tokens", "slot_loads")
+_STEP_KEYS = ("graph_steps", "eager_steps", *_STEP_TOTALS[:-1])
+
+
 class _ModeSampler:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -78,8 +87,9 @@ class _ModeSampler:
         modes = stats.get("modes")
         if not modes:
             return None
-        return {**modes, "graph_steps": stats.get("graph_steps", 0),
-                "eager_steps": stats.get("eager_steps", 0)}
+        adapters = stats.get("adapters")
+        return {**modes, **{key: stats.get(key, 0) for key in _STEP_KEYS},
+                "slot_loads": getattr(adapters, "slot_loads", 0)}
 
     def sample(self, now_s: float) -> None:
         self.trace.num_steps += 1
@@ -96,6 +106,8 @@ class _ModeSampler:
             self.start.get("decision_seconds", 0.0))
         self.trace.graph_steps = int(current["graph_steps"]) - int(self.start["graph_steps"])
         self.trace.eager_steps = int(current["eager_steps"]) - int(self.start["eager_steps"])
+        self.trace.step_totals = {key: float(current[key]) - float(self.start[key])
+                                  for key in _STEP_TOTALS}
         before = self.start.get("steps_by_mode", {})
         self.trace.steps_by_mode = {
             mode: int(count) - int(before.get(mode, 0))

@@ -14,6 +14,7 @@ of adapters never recaptures. ``num_graph_steps`` / ``num_eager_steps`` count th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,11 @@ class ModelRunner:
         self.graphs: CudaGraphRunner | None = None
         self.num_graph_steps = 0
         self.num_eager_steps = 0
+        self.graph_seconds = 0.0
+        self.eager_seconds = 0.0
+        self.eager_tokens = 0
+        self.graph_rows = 0
+        self._last_graph = False
 
     def enable_cuda_graphs(
         self, max_batch: int, max_context: int, variants: Sequence[str] = ("base", "lora")
@@ -139,6 +145,7 @@ class ModelRunner:
 
         ``wait_slots`` is called with the LoRA slots the step reads before anything is launched
         (the adapter manager orders the stream after their pending prefetches)."""
+        started = time.perf_counter()
         batch, layout, image_rows, token_slots = build_forward_batch(
             scheduled, page_table_of, self.page_size, slot_of, self.device
         )
@@ -156,12 +163,22 @@ class ModelRunner:
                 result.sampled[request.request_id] = token
                 if logprob is not None:
                     result.logprobs[request.request_id] = logprob
+        # Host wall time of the step; sampling reads the tokens back, so it includes the GPU's
+        # time too (a step that samples nothing is charged to the next one that does).
+        elapsed = time.perf_counter() - started
+        if self._last_graph:
+            self.graph_seconds += elapsed
+            self.graph_rows += len(scheduled)
+        else:
+            self.eager_seconds += elapsed
+            self.eager_tokens += int(batch.input_ids.shape[0])
         return result
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states of ``batch``: a graph replay when one serves it, else eager."""
         graphs = self.graphs
-        if graphs is not None and graphs.can_run(batch):
+        self._last_graph = graphs is not None and graphs.can_run(batch)
+        if graphs is not None and self._last_graph:
             self.num_graph_steps += 1
             return graphs.run(batch)
         self.num_eager_steps += 1

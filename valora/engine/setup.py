@@ -170,6 +170,10 @@ class EngineParts:
             "image_cache_entries": len(self.runner.image_cache),
             "graph_steps": self.runner.num_graph_steps,
             "eager_steps": self.runner.num_eager_steps,
+            "graph_seconds": self.runner.graph_seconds,
+            "eager_seconds": self.runner.eager_seconds,
+            "graph_rows": self.runner.graph_rows,
+            "eager_tokens": self.runner.eager_tokens,
             "modes": self.modes.summary() if self.modes is not None else None,
         }
 
