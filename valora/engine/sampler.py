@@ -57,37 +57,44 @@ def sample(
 
     Returns the token ids and, for rows that asked for logprobs, the sampled token's logprob
     (from the unmodified distribution, as OpenAI reports) and the top alternatives.
+
+    Greedy rows without banned tokens share one batched ``argmax`` (row-wise, first maximum on
+    ties, as the per-row call); every token reaches the host in one device-to-host copy, so a
+    step synchronises once however many rows it samples (logprob rows add their own reads).
     """
     logits = logits.float()
-    tokens: list[int] = []
-    logprobs: list[TokenLogprob | None] = []
     raw_logprobs = (
         torch.log_softmax(logits, dim=-1)
         if any(r.params.logprobs is not None for r in rows)
         else None
     )
+    chosen = torch.argmax(logits, dim=-1)
     for i, row in enumerate(rows):
+        p = row.params
+        if p.greedy and not row.banned_token_ids:
+            continue
         row_logits = logits[i]
         if row.banned_token_ids:
             row_logits = row_logits.clone()
             row_logits[list(row.banned_token_ids)] = float("-inf")
-        p = row.params
         if p.greedy:
-            token = int(torch.argmax(row_logits).item())
+            chosen[i] = torch.argmax(row_logits)
         else:
             scaled = _filter_top_k_top_p(row_logits / float(p.temperature), p.top_k, float(p.top_p))
             probs = torch.softmax(scaled, dim=-1)
             # Exponential race == categorical sampling, drawn from this request's own stream.
             noise = torch.empty_like(probs).exponential_(1.0, generator=row.generator)
-            token = int(torch.argmax(probs / noise).item())
-        tokens.append(token)
-        if raw_logprobs is not None and p.logprobs is not None:
-            row_lp = raw_logprobs[i]
-            top: dict[int, float] = {}
-            if p.logprobs > 0:
-                values, ids = torch.topk(row_lp, p.logprobs)
-                top = {int(t): float(v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)}
-            logprobs.append(TokenLogprob(token_id=token, logprob=float(row_lp[token]), top=top))
-        else:
+            chosen[i] = torch.argmax(probs / noise)
+    tokens: list[int] = chosen.tolist()
+    logprobs: list[TokenLogprob | None] = []
+    for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+        if raw_logprobs is None or row.params.logprobs is None:
             logprobs.append(None)
+            continue
+        row_lp = raw_logprobs[i]
+        top: dict[int, float] = {}
+        if row.params.logprobs > 0:
+            values, ids = torch.topk(row_lp, row.params.logprobs)
+            top = {int(t): float(v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)}
+        logprobs.append(TokenLogprob(token_id=token, logprob=float(row_lp[token]), top=top))
     return tokens, logprobs
