@@ -45,7 +45,9 @@ else
   NOTE="LLaVA-1.5-7B shapes, dummy bf16 weights, 16 random adapters (ranks 8-64, all 7 projections); rates = 0.3/0.6/0.9 x burst capacity of the unmerged-fcfs engine; one process per policy; short runs (time-boxed)."
 fi
 # valora runs second so a time cut drops a baseline (merged-only is usually the worst), not it.
-POLICIES=(unmerged-fcfs valora dlora merged-only)
+# POLICY_ORDER (space-separated) reorders them, e.g. to repeat a grid in reverse and see how much
+# of a difference is the process's place in the call; the first one calibrates.
+read -r -a POLICIES <<<"${POLICY_ORDER:-unmerged-fcfs valora dlora merged-only}"
 COMMON=(--model "$WORK/model" "${ENGINE[@]}" "${WORK_FLAGS[@]}" --adapter-std 0.02
         --adapter-cache-dir "$WORK/adapters" --popularity zipf:1 hot:0.7 --latency-target-s 5
         --starvation-s 10 --warmup-requests 16 --out "$WORK" --no-plot)
