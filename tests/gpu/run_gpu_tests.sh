@@ -11,7 +11,7 @@
 # interrupted with SIGINT, so the report of the tests that ran is still written).
 set -u
 OUT="${OUT:-/tmp/valora_gpu_tests}"
-BUDGET_S="${BUDGET_S:-115}"
+BUDGET_S="${BUDGET_S:-160}"
 MARK="${MARK:-gpu or not gpu}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

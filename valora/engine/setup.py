@@ -307,9 +307,11 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         graph_bytes = torch.cuda.memory_reserved(device) - before
     weight_bytes, slot_bytes = weight_and_slot_bytes(model)
     activation_bytes = sizing.plan.activation_peak_bytes if sizing.plan is not None else 0
+    pristine = switcher.pristine_bytes_on(device.type) if switcher is not None else 0
     logger.info(
         "model %s on %s (%s, attention %s, %s): weights %.1f MiB, %d adapter slots %.1f MiB, "
-        "activation peak %.1f MiB, CUDA graphs %.1f MiB, KV cache %d pages = %.1f MiB",
+        "pristine copy %.1f MiB, activation peak %.1f MiB%s, CUDA graphs %.1f MiB, "
+        "KV cache %d pages = %.1f MiB",
         path,
         device,
         dtype,
@@ -318,7 +320,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         weight_bytes / 2**20,
         num_slots,
         slot_bytes / 2**20,
+        pristine / 2**20,
         activation_bytes / 2**20,
+        "" if sizing.plan is not None else " (not profiled: the KV pages were given)",
         graph_bytes / 2**20,
         sizing.num_pages,
         runner.kv_cache_bytes / 2**20,
