@@ -5,7 +5,7 @@
 #
 #   OUT=/some/dir bash tests/gpu/run_gpu_tests.sh     # from the repository root
 #
-# MARK selects tests (default: all of tests/gpu); BUDGET_S bounds the pytest run (default 115).
+# MARK selects tests (default: all of tests/gpu); BUDGET_S bounds the pytest run (default 160).
 # Writes $OUT/gpu_tests.log (pytest output) and $OUT/gpu_tests.xml (JUnit), prints a short
 # per-test table last. Exit status: pytest's (124 when the time budget ran out: pytest is
 # interrupted with SIGINT, so the report of the tests that ran is still written).
