@@ -15,7 +15,14 @@ tune() {
     --tokens 1,2,4,8,16,32,64,128,256 --ranks "$2" --time-budget "$(( $1 - 15 ))" 2>&1 \
     | tr '\r' '\n' | grep -v "it/s\]$" | tail -n 3
 }
-for step in "${TUNE_S1:-200} 64" "${TUNE_S2:-120} 128" "${TUNE_S3:-90} 16"; do
+# RANKS_ONLY="32" (e.g.) tunes just those storage ranks, TUNE_S seconds each: rank-32 buckets
+# serve batches whose largest adapter rank is 17..32 now that tiles follow the effective rank.
+if [[ -n "${RANKS_ONLY:-}" ]]; then
+  STEPS=(); for r in $RANKS_ONLY; do STEPS+=("${TUNE_S:-90} $r"); done
+else
+  STEPS=("${TUNE_S1:-200} 64" "${TUNE_S2:-120} 128" "${TUNE_S3:-90} 16")
+fi
+for step in "${STEPS[@]}"; do
   tune $step | tee -a "$OUT/tune.log"
   cp valora/ops/tables/NVIDIA_H200.json "$OUT/"
 done
