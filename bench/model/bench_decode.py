@@ -239,18 +239,21 @@ def parse() -> argparse.Namespace:
                              "(fused, LoRA beside the base GEMM up to 256 tokens)")
     parser.add_argument("--skip-fused", action="store_true", help="same as --layers stock")
     parser.add_argument("--tiny", type=Path, help="a tiny checkpoint: exercise the script only")
+    parser.add_argument("--config", type=Path, default=CONFIG_DIR,
+                        help="directory of the config.json to bench (default LLaVA-1.5-7B; "
+                             "bench/model/llava-1.5-13b for 13B shapes)")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config_dir = args.tiny or CONFIG_DIR
+    config_dir = args.tiny or args.config
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     batches = [int(b) for b in args.batches.split(",")]
     rec = Recorder(args.out / "decode.jsonl", {"device": name, "git_sha": args.sha,
-                                               "model": "llava-1.5-7b-dummy" if not args.tiny
+                                               "model": f"{args.config.name}-dummy" if not args.tiny
                                                else "tiny", "dtype": str(dtype)})
     ceil = ceilings(device)
     rec.emit({"section": "ceilings", **ceil})
