@@ -11,6 +11,9 @@ R=$OUT/r && mkdir -p "$R"/{tests,decode}
 OUT=$R/tests BUDGET_S=${TESTS_S:-150} bash tests/gpu/run_gpu_tests.sh > "$R/tests/summary.txt" 2>&1
 timeout -s INT 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/layers \
   tests/orchestrator/test_merge_gpu.py > "$R/tests/ops_layers.log" 2>&1
+# Unmarked kernel tests that take the GPU when there is one (effective-rank tiles).
+timeout -s INT 60 python3 -m pytest -q -p no:cacheprovider tests/ops/test_effective_rank.py \
+  >> "$R/tests/ops_layers.log" 2>&1
 timeout 170 python3 bench/model/bench_decode.py --out "$R/decode" --hf-batches 32 \
   --layers fused,serial --sha "$SHA" > "$R/decode/log.txt" 2>&1
 timeout 150 python3 bench/ops/bench_lora_ops.py --out "$OUT/lora_ops.jsonl" --sha "$SHA" \
@@ -18,7 +21,7 @@ timeout 150 python3 bench/ops/bench_lora_ops.py --out "$OUT/lora_ops.jsonl" --sh
 tar -C "$R" -czf "$OUT/results.tgz" . && rm -rf "$R"
 mkdir -p /tmp/v && tar -C /tmp/v -xzf "$OUT/results.tgz"
 echo "== tests/gpu";  tail -n 6 /tmp/v/tests/summary.txt
-echo "== ops+layers+merge (gpu)"; grep -E "FAILED|ERROR" /tmp/v/tests/ops_layers.log | head; tail -n 1 /tmp/v/tests/ops_layers.log
+echo "== ops+layers+merge (gpu)"; grep -E "FAILED|ERROR" /tmp/v/tests/ops_layers.log | head; grep -E "passed|failed" /tmp/v/tests/ops_layers.log
 echo "== ops bench"; tail -n 6 /tmp/v/ops_bench.log
 echo "== decode"; sed -n '/^## Bars/,/^## valora/p' /tmp/v/decode/summary.md 2>/dev/null || tail -n 20 /tmp/v/decode/log.txt
 grep -E "^\| (fused|serial) \| (one_adapter_r16|mixed32_ranks|mixed8_r16) \| (1|8|32) " /tmp/v/decode/summary.md
