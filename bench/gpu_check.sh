@@ -8,16 +8,16 @@ set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 SHA=${SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 R=$OUT/r && mkdir -p "$R"/{tests,decode}
-OUT=$R/tests BUDGET_S=${TESTS_S:-150} bash tests/gpu/run_gpu_tests.sh > "$R/tests/summary.txt" 2>&1
+OUT=$R/tests BUDGET_S=${TESTS_S:-140} bash tests/gpu/run_gpu_tests.sh > "$R/tests/summary.txt" 2>&1
 timeout -s INT 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/layers \
   tests/orchestrator/test_merge_gpu.py > "$R/tests/ops_layers.log" 2>&1
 # Unmarked kernel tests that take the GPU when there is one (effective-rank tiles).
-timeout -s INT 60 python3 -m pytest -q -p no:cacheprovider tests/ops/test_effective_rank.py \
+timeout -s INT 40 python3 -m pytest -q -p no:cacheprovider tests/ops/test_effective_rank.py \
   >> "$R/tests/ops_layers.log" 2>&1
 timeout 170 python3 bench/model/bench_decode.py --out "$R/decode" --hf-batches 32 \
   --layers fused,serial --sha "$SHA" > "$R/decode/log.txt" 2>&1
-timeout 150 python3 bench/ops/bench_lora_ops.py --out "$OUT/lora_ops.jsonl" --sha "$SHA" \
-  --time-budget "${OPS_BUDGET:-130}" > "$R/ops_bench.log" 2>&1
+timeout 140 python3 bench/ops/bench_lora_ops.py --out "$OUT/lora_ops.jsonl" --sha "$SHA" \
+  --time-budget "${OPS_BUDGET:-120}" > "$R/ops_bench.log" 2>&1
 tar -C "$R" -czf "$OUT/results.tgz" . && rm -rf "$R"
 mkdir -p /tmp/v && tar -C /tmp/v -xzf "$OUT/results.tgz"
 echo "== tests/gpu";  tail -n 6 /tmp/v/tests/summary.txt
