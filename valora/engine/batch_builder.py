@@ -35,6 +35,38 @@ class ImageRows:
     flat_start: int
 
 
+def upload_ints(dtype: torch.dtype, lists: Sequence[Sequence[int]], device: torch.device
+                ) -> list[torch.Tensor]:
+    """``lists`` as 1-D ``dtype`` tensors on ``device``. On CUDA they travel as one pinned host
+    buffer in one non-blocking copy (a tensor built from a Python list straight on the device
+    would synchronise the host with the stream once per list); the results are disjoint,
+    16-byte-aligned views of one device buffer, valid in stream order."""
+    if device.type != "cuda":
+        return [torch.tensor(list(values), dtype=dtype, device=device) for values in lists]
+    host, padded = pack_ints(dtype, lists)
+    return unpack_ints(host.pin_memory().to(device, non_blocking=True), padded, lists)
+
+
+def pack_ints(dtype: torch.dtype, lists: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[int]]:
+    """One host tensor holding ``lists`` back to back, each padded with zeros to a multiple of 16
+    bytes (so every piece starts 16-byte aligned, as a separately allocated tensor would: Triton
+    specialises kernels on pointer alignment), and the padded lengths."""
+    step = max(1, 16 // torch.empty(0, dtype=dtype).element_size())
+    padded = [-(-len(values) // step) * step for values in lists]
+    flat: list[int] = []
+    for values, size in zip(lists, padded, strict=True):
+        flat.extend(values)
+        flat.extend([0] * (size - len(values)))
+    return torch.tensor(flat, dtype=dtype), padded
+
+
+def unpack_ints(flat: torch.Tensor, padded: Sequence[int], lists: Sequence[Sequence[int]]
+                ) -> list[torch.Tensor]:
+    """The views of ``flat`` (from ``pack_ints``) that hold ``lists``."""
+    pieces = flat.split(list(padded))
+    return [piece[:len(values)] for piece, values in zip(pieces, lists, strict=True)]
+
+
 def build_forward_batch(
     scheduled: Sequence[ScheduledRequest],
     page_table_of: Callable[[str], list[int]],
@@ -83,24 +115,19 @@ def build_forward_batch(
                 image_rows.append(
                     ImageRows(span, lo - span.offset, hi - span.offset, flat_start + lo - start)
                 )
-    max_pages = max((len(t) for t in tables), default=0)
-    table_tensor = torch.zeros(len(tables), max(max_pages, 1), dtype=torch.int32)
-    for row, pages in enumerate(tables):
-        if pages:
-            table_tensor[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+    max_pages = max(max((len(t) for t in tables), default=0), 1)
+    flat_table = [p for pages in tables for p in (*pages, *([0] * (max_pages - len(pages))))]
+    small = upload_ints(torch.int32, [query_start, seq_lens, flat_table], device)
+    large = upload_ints(torch.int64, [slot_mapping, input_ids, positions, logits_indices], device)
     attn = AttentionMetadata(
-        query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        page_table=table_tensor.to(device),
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+        query_start_loc=small[0],
+        seq_lens=small[1],
+        page_table=small[2].view(len(tables), max_pages),
+        slot_mapping=large[0],
         page_size=page_size,
         query_lens_cpu=query_lens,
         seq_lens_cpu=seq_lens,
     )
-    batch = ForwardBatch(
-        input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        attn=attn,
-        logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=device),
-    )
+    batch = ForwardBatch(input_ids=large[1], positions=large[2], attn=attn,
+                         logits_indices=large[3])
     return batch, StepLayout(ranges, sampling_rows), image_rows, token_slots

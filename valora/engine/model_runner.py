@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from valora.engine.batch_builder import ImageRows, build_forward_batch
+from valora.engine.batch_builder import ImageRows, build_forward_batch, upload_ints
 from valora.engine.cuda_graph import CudaGraphRunner, capture_decode_graphs
 from valora.engine.image_cache import ImageEmbeddingCache
 from valora.engine.sampler import SamplingRow, make_generator, sample
@@ -208,7 +208,7 @@ class ModelRunner:
         if not active:
             return None
         return prepare_lora_batch(
-            torch.tensor(slots, dtype=torch.int32, device=self.device),
+            upload_ints(torch.int32, [slots], self.device)[0],
             self.num_lora_slots,
             self.lora_backend,
             num_active_slots=len(active),
