@@ -49,6 +49,16 @@ class _Timed:
         return decision
 
 
+def scaled(model: CostModel, lora: float, switch: float, exact: bool) -> CostModel:
+    """``model`` with its ``lora_*`` step coefficients times ``lora``, its switch coefficients
+    times ``switch`` and, with ``exact``, no recorded fit error."""
+    step = {k: v * lora if k.startswith("lora_") else v
+            for k, v in model.step_coefficients.items()}
+    return CostModel(model.device_name, step,
+                     {k: v * switch for k, v in model.switch_coefficients.items()},
+                     {} if exact else dict(model.fit_info))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", type=Path, required=True)
@@ -60,8 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge-bytes", type=int, default=MERGE_BYTES_7B)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--lora-scale", type=float, default=1.0,
+                        help="multiply the profile's LoRA step coefficients (what-if: a slower "
+                             "or faster LoRA kernel)")
+    parser.add_argument("--switch-scale", type=float, default=1.0,
+                        help="multiply the profile's switch coefficients")
+    parser.add_argument("--exact-model", action="store_true",
+                        help="the valora policy trusts the model (no fit-error switch margin): "
+                             "in the simulator the model is the truth")
     args = parser.parse_args(argv)
-    truth = CostModel.load(args.profile, args.entry)
+    truth = scaled(CostModel.load(args.profile, args.entry), args.lora_scale, args.switch_scale,
+                   args.exact_model)
     names = adapter_names(16)
     ranks = mixed_ranks(names, (8, 16, 32, 64))
     config = SimConfig({n: AdapterInfo(ranks[n], args.merge_bytes) for n in names},
@@ -86,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                 means[name] = float(summary["mean_latency_s"])
                 cells.append(f"{means[name] * 1e3:.0f} ({int(summary['num_switches'])}, "
                              f"{decide_ms:.3f} ms)")
-                rows.append({"profile": args.entry, "popularity": popularity, "rate": rate,
+                rows.append({"profile": args.entry, "lora_scale": args.lora_scale,
+                             "switch_scale": args.switch_scale, "exact_model": args.exact_model,
+                             "popularity": popularity, "rate": rate,
                              "policy": name, "median_decision_ms": decide_ms,
                              **{k: v for k, v in summary.items() if isinstance(v, int | float)}})
             best = min(v for k, v in means.items() if k != "valora")
