@@ -57,8 +57,7 @@ class InputSet:
 
 
 def build_valora(s: InputSet) -> Call:
-    batch = prepare_lora_batch(s.slots, s.weights.num_slots, "triton",
-                               num_active_slots=len(s.active), active_slots=s.active)
+    batch = prepare_lora_batch(s.slots, s.weights.num_slots, "triton", active_slots=s.active)
     return lambda: lora_apply(s.y, s.x, s.weights, batch)
 
 

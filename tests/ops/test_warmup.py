@@ -19,15 +19,13 @@ from typing import Any
 import pytest
 import torch
 
+import valora.ops.lora_variants as lora_variants
 import valora.ops.tile_table as tile_table
 import valora.ops.triton_lora as triton_lora
-import valora.ops.warmup as warmup
 from valora.ops.lora import LoRABatch, LoRASlotWeights, lora_apply, prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights
 from valora.ops.lora_segments import LoRASegments
-from valora.ops.tile_config import ExpandConfig, ShrinkConfig, TileConfig
-from valora.ops.tile_table import TileTable, select_tile_config, tile_rank
-from valora.ops.warmup import (
+from valora.ops.lora_variants import (
     ExpandVariant,
     LoRALayerShape,
     LoRAVariant,
@@ -36,9 +34,10 @@ from valora.ops.warmup import (
     kernel_variants,
     key_ranks,
     plan_launches,
-    warm_up_enabled,
-    warm_up_lora_kernels,
 )
+from valora.ops.tile_config import ExpandConfig, ShrinkConfig, TileConfig
+from valora.ops.tile_table import TileTable, select_tile_config, tile_rank
+from valora.ops.warmup import warm_up_enabled, warm_up_lora_kernels
 
 CPU = torch.device("cpu")
 FAKE_CUDA = torch.device("cuda", 0)  # a device object only: lookups never touch a GPU
@@ -285,7 +284,7 @@ def test_warm_up_launches_every_binary_the_launcher_can(
             return select_tile_config(FAKE_CUDA, *args, **kwargs)
 
         monkeypatch.setattr(triton_lora, "select_tile_config", on_gpu)
-        monkeypatch.setattr(warmup, "select_tile_config", on_gpu)
+        monkeypatch.setattr(lora_variants, "select_tile_config", on_gpu)
     layers, max_tokens = _layers(), 36
     report = warm_up_lora_kernels(layers, max_tokens, 3, CPU)
     compiled = set(recorded)

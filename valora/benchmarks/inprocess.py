@@ -72,8 +72,10 @@ def to_generate_request(request: BenchRequest, run_tag: str, seed: int) -> Gener
     )
 
 
-_STEP_TOTALS = ("graph_seconds", "eager_seconds", "graph_rows", "eager_tokens", "slot_loads")
-_STEP_KEYS = ("graph_steps", "eager_steps", *_STEP_TOTALS[:-1])
+_ENGINE_COUNTERS = ("graph_steps", "eager_steps", "graph_seconds", "eager_seconds",
+                    "graph_rows", "eager_tokens")
+"""Counters of ``LLMEngine.stats()`` a run reports as differences (plus ``slot_loads``)."""
+_STEP_TOTALS = (*_ENGINE_COUNTERS[2:], "slot_loads")
 
 
 class _ModeSampler:
@@ -87,9 +89,8 @@ class _ModeSampler:
         modes = stats.get("modes")
         if not modes:
             return None
-        adapters = stats.get("adapters")
-        return {**modes, **{key: stats.get(key, 0) for key in _STEP_KEYS},
-                "slot_loads": getattr(adapters, "slot_loads", 0)}
+        return {**modes, **{key: stats.get(key, 0) for key in _ENGINE_COUNTERS},
+                "slot_loads": getattr(stats.get("adapters"), "slot_loads", 0)}
 
     def sample(self, now_s: float) -> None:
         self.trace.num_steps += 1

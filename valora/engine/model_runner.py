@@ -97,7 +97,6 @@ class ModelRunner:
         self.eager_seconds = 0.0
         self.eager_tokens = 0
         self.graph_rows = 0
-        self._last_graph = False
 
     def enable_cuda_graphs(
         self, max_batch: int, max_context: int, variants: Sequence[str] = ("base", "lora")
@@ -151,7 +150,7 @@ class ModelRunner:
         )
         self._attach_lora(batch, token_slots, plan_lora, wait_slots)
         self._attach_images(batch, image_rows)
-        hidden = self._forward(batch)
+        hidden, graphed = self._forward(batch)
         result = StepResult()
         self._collect_head_hidden(scheduled, layout.token_ranges, hidden, head_tokens_of, result)
         if layout.sampling_rows:
@@ -166,7 +165,7 @@ class ModelRunner:
         # Host wall time of the step; sampling reads the tokens back, so it includes the GPU's
         # time too (a step that samples nothing is charged to the next one that does).
         elapsed = time.perf_counter() - started
-        if self._last_graph:
+        if graphed:
             self.graph_seconds += elapsed
             self.graph_rows += len(scheduled)
         else:
@@ -174,16 +173,16 @@ class ModelRunner:
             self.eager_tokens += int(batch.input_ids.shape[0])
         return result
 
-    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Hidden states of ``batch``: a graph replay when one serves it, else eager."""
+    def _forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, bool]:
+        """Hidden states of ``batch`` (a graph replay when one serves it, else eager) and
+        whether a graph served it."""
         graphs = self.graphs
-        self._last_graph = graphs is not None and graphs.can_run(batch)
-        if graphs is not None and self._last_graph:
+        if graphs is not None and graphs.can_run(batch):
             self.num_graph_steps += 1
-            return graphs.run(batch)
+            return graphs.run(batch), True
         self.num_eager_steps += 1
         hidden: torch.Tensor = self.model.forward(batch)
-        return hidden
+        return hidden, False
 
     def _attach_lora(
         self,
@@ -211,8 +210,7 @@ class ModelRunner:
             upload_ints(torch.int32, [slots], self.device)[0],
             self.num_lora_slots,
             self.lora_backend,
-            num_active_slots=len(active),
-            active_slots=active,  # the tile choice keys by the largest rank among them
+            active_slots=active,  # tiles key by their count and their largest rank
             defer=True,  # a graph replay never reads backend data; eager builds it on first use
         )
 

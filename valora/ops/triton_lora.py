@@ -191,8 +191,7 @@ def launch_shrink(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegme
     max_rank = weights.max_rank
     flat_rank = len(weights.slice_widths) * max_rank
     live = flat_rank if live_rank is None else min(live_rank, flat_rank)
-    split_k = max(1, min(cfg.split_k, _cdiv(in_features, cfg.block_k)))
-    even_k = in_features % (cfg.block_k * split_k) == 0
+    split_k, even_k = shrink_split(in_features, cfg)
     k_split = _cdiv(_cdiv(in_features, split_k), cfg.block_k) * cfg.block_k
     if split_k * num_tokens * flat_rank > _INT32_MAX:
         raise ValoraError(
@@ -212,13 +211,26 @@ def launch_shrink(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegme
     return h
 
 
+def shrink_split(in_features: int, cfg: ShrinkConfig) -> tuple[int, bool]:
+    """The split-K a shrink of ``in_features`` runs with ``cfg`` (at most one ``block_k`` per
+    split) and whether the splits tile ``in_features`` exactly (the ``EVEN_K`` constexpr)."""
+    split_k = max(1, min(cfg.split_k, _cdiv(in_features, cfg.block_k)))
+    return split_k, in_features % (cfg.block_k * split_k) == 0
+
+
+def expand_split_constexpr(split_k: int, cfg: ExpandConfig) -> int:
+    """The expand's ``SPLIT_K`` constexpr: the plane count when it unrolls their sum, else 0
+    (a run-time loop)."""
+    return split_k if unrolled_split_fits(split_k, cfg) else 0
+
+
 def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
                   segments: LoRASegments, cfg: ExpandConfig, scale_multiplier: float) -> None:
     """``y[t, slice j] += mult · scale · h_sum[p, j] · B[slot, slice j]ᵀ``, ≤ 4 slices a launch."""
     split_k, num_tokens, flat_rank = h.shape
     widths = weights.slice_widths
     bound = segments.tile_bound(cfg.block_m)
-    for first, num_col_blocks, starts, cols in _slice_groups(widths, cfg.block_n):
+    for first, num_col_blocks, starts, cols in slice_groups(widths, cfg.block_n):
         grid = (bound * num_col_blocks,)
         if grid[0] == 0:
             continue
@@ -230,7 +242,7 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
             len(widths), weights.max_rank, flat_rank, sum(widths), y.stride(0),
             float(scale_multiplier),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            SPLIT_K=split_k if unrolled_split_fits(split_k, cfg) else 0,
+            SPLIT_K=expand_split_constexpr(split_k, cfg),
             **_dot_flags(y.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -246,7 +258,7 @@ def unrolled_split_fits(split_k: int, cfg: ExpandConfig) -> bool:
     return split_k > 1 and staged <= UNROLLED_SPLIT_BYTES
 
 
-def _slice_groups(widths: tuple[int, ...] | list[int], span: int
+def slice_groups(widths: tuple[int, ...] | list[int], span: int
                   ) -> Iterator[tuple[int, int, list[int], list[int]]]:
     """Launch groups of up to ``SLICES_PER_EXPAND`` output slices: ``(first slice, number of
     column blocks of width ``span`` over the group, the block index where each later slice

@@ -213,9 +213,9 @@ class StepProfiler:
         """LoRA metadata on the model's device (``"auto"`` resolves by that device, as in the
         engine: Triton on CUDA)."""
         slots = torch.tensor(token_slots, dtype=torch.int32, device=self.device)
-        active = sorted({s for s in token_slots if s >= 0})
+        active = {s for s in token_slots if s >= 0}
         return prepare_lora_batch(slots, len(self.slot_of), self.lora_backend,
-                                  num_active_slots=len(active), active_slots=active)
+                                  active_slots=active)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
