@@ -8,11 +8,16 @@
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -x tests/ops tests/orchestrator/test_merge_gpu.py \
-  > "$OUT/gpu_tests.log" 2>&1; tail -n 3 "$OUT/gpu_tests.log"
+if [[ -z "${SKIP_TESTS:-}" ]]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -x tests/ops tests/orchestrator/test_merge_gpu.py \
+    > "$OUT/gpu_tests.log" 2>&1; tail -n 3 "$OUT/gpu_tests.log"
+fi
+# STEPS_SPEC="seconds:rank:tokens ..." (tokens comma-separated) overrides both of the above, e.g.
+#   STEPS_SPEC="90:32:1,2,4,8,16,32,64,128,256 120:16:1024,4096" (the first two fields as above).
 tune() {
-  timeout --kill-after=5 "$1" python3 -m valora.ops.tuning --no-resume \
-    --tokens 1,2,4,8,16,32,64,128,256 --ranks "$2" --time-budget "$(( $1 - 15 ))" 2>&1 \
+  # RESUME=1 keeps buckets already in the table (finishes a time-boxed step); LAYERS as the tuner's.
+  timeout --kill-after=5 "$1" python3 -m valora.ops.tuning $([[ -n "${RESUME:-}" ]] || echo --no-resume) \
+    --layers "${LAYERS:-q,qkv,gate_up,down}" --tokens "${3:-1,2,4,8,16,32,64,128,256}" --ranks "$2" --time-budget "$(( $1 - 15 ))" 2>&1 \
     | tr '\r' '\n' | grep -v "it/s\]$" | tail -n 3
 }
 # RANKS_ONLY="32" (e.g.) tunes just those storage ranks, TUNE_S seconds each: rank-32 buckets
@@ -22,7 +27,17 @@ if [[ -n "${RANKS_ONLY:-}" ]]; then
 else
   STEPS=("${TUNE_S1:-200} 64" "${TUNE_S2:-120} 128" "${TUNE_S3:-90} 16")
 fi
+if [[ -n "${STEPS_SPEC:-}" ]]; then
+  STEPS=(); for spec in $STEPS_SPEC; do STEPS+=("${spec//:/ }"); done
+fi
 for step in "${STEPS[@]}"; do
   tune $step | tee -a "$OUT/tune.log"
   cp valora/ops/tables/NVIDIA_H200.json "$OUT/"
 done
+# GRID_S=<seconds>: then the operator grid against vLLM (carry .peers) with the new table.
+if [[ -n "${GRID_S:-}" ]]; then
+  SHA=${SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+  timeout $(( GRID_S + 20 )) python3 bench/ops/bench_lora_ops.py --out "$OUT/lora_ops.jsonl" --sha "$SHA" \
+    --time-budget "$GRID_S" > "$OUT/ops_bench.log" 2>&1
+  tail -n 8 "$OUT/ops_bench.log"
+fi

@@ -91,7 +91,7 @@ def _case(ranks: list[list[int]], slices: tuple[int, ...], storage: int, slots: 
     generator = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(len(slots), IN_FEATURES, generator=generator).to(DEVICE, dtype)
     y = (0.1 * torch.randn(len(slots), sum(slices), generator=generator)).to(DEVICE, dtype)
-    return weights, x, y, torch.tensor(slots, dtype=torch.int32)
+    return weights, x, y, torch.tensor(slots, dtype=torch.int32, device=DEVICE)
 
 
 def _run(weights: LoRASlotWeights, x: torch.Tensor, y: torch.Tensor,
@@ -173,7 +173,7 @@ def test_rank16_adapters_in_rank64_storage_take_the_rank16_entry(
     _check(out, y, x, weights, token_slots)
     # Slot 3 (rank 64) joins: the storage entry, the whole rank axis.
     slots[2] = 3
-    token_slots = torch.tensor(slots, dtype=torch.int32)
+    token_slots = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
     spy.keys.clear()
     spy.shrinks.clear()
     out = _run(weights, x, y, prepare_lora_batch(token_slots, weights.num_slots, "triton"))
