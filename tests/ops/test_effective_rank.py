@@ -94,6 +94,13 @@ def _case(ranks: list[list[int]], slices: tuple[int, ...], storage: int, slots: 
     return weights, x, y, torch.tensor(slots, dtype=torch.int32, device=DEVICE)
 
 
+def _prepare(token_slots: torch.Tensor, num_slots: int) -> LoRABatch:
+    """A batch whose active slots the host knows, as the engine builds it (on a CPU tensor they
+    are derived; on a device tensor the caller passes them: nothing may read the device)."""
+    active = {int(s) for s in token_slots.tolist() if s >= 0}
+    return prepare_lora_batch(token_slots, num_slots, "triton", active_slots=active)
+
+
 def _run(weights: LoRASlotWeights, x: torch.Tensor, y: torch.Tensor,
          batch: LoRABatch) -> torch.Tensor:
     out = y.clone()
@@ -165,7 +172,7 @@ def test_rank16_adapters_in_rank64_storage_take_the_rank16_entry(
         assert bucket is not None
         table.put(bucket.key, config, {})
     spy = Spy(monkeypatch, table)
-    batch = prepare_lora_batch(token_slots, weights.num_slots, "triton")
+    batch = _prepare(token_slots, weights.num_slots)
     assert batch.active_slots == (0, 1, 2)
     out = _run(weights, x, y, batch)
     assert spy.keys == [(16, 64)]
@@ -176,7 +183,7 @@ def test_rank16_adapters_in_rank64_storage_take_the_rank16_entry(
     token_slots = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
     spy.keys.clear()
     spy.shrinks.clear()
-    out = _run(weights, x, y, prepare_lora_batch(token_slots, weights.num_slots, "triton"))
+    out = _run(weights, x, y, _prepare(token_slots, weights.num_slots))
     assert spy.keys == [(64, 64)] and spy.shrinks == [(LARGE.shrink, 64)]
     ref = reference_output(y, x, weights, token_slots, weights.num_slots)
     assert relative_error(out, ref) <= TOLERANCE[torch.float32]
@@ -199,7 +206,7 @@ def test_mixed_ranks_match_the_reference_on_the_effective_path(
     slots = [0, 2, -1, 1, 3, 0, -1, 2, 2, 1, -1, 3, 0]
     weights, x, y, token_slots = _case(ranks, slices, storage, slots, dtype, seed=5)
     spy = Spy(monkeypatch)
-    batch = prepare_lora_batch(token_slots, weights.num_slots, "triton")
+    batch = _prepare(token_slots, weights.num_slots)
     segments = batch.backend_data
     assert isinstance(segments, LoRASegments) and segments.active_slots == (0, 1, 2, 3)
     expected = tuple(max(ranks[s][j] for s in range(4)) for j in range(len(slices)))
@@ -219,7 +226,7 @@ def test_unknown_slots_or_mirror_keep_the_storage_rank(monkeypatch: pytest.Monke
     weights, x, y, token_slots = _case([[2, 5], [3, 1], [32, 32]], (8, 16), 32, slots)
     if no_mirror:
         weights.ranks_cpu = []
-        batch = prepare_lora_batch(token_slots, weights.num_slots, "triton")
+        batch = _prepare(token_slots, weights.num_slots)
         assert batch.active_slots == (0, 1)
     else:
         batch = _unknown_slots_batch(token_slots, weights.num_slots)
@@ -249,7 +256,7 @@ def test_no_active_slot_targets_the_layer_skips_the_launch(
     slots = [0, -1, 2, 0, -1]
     weights, x, y, token_slots = _case([[0, 0], [4, 4], [0, 0]], (8, 16), 8, slots)
     spy = Spy(monkeypatch)
-    skipped = _run(weights, x, y, prepare_lora_batch(token_slots, weights.num_slots, "triton"))
+    skipped = _run(weights, x, y, _prepare(token_slots, weights.num_slots))
     assert spy.shrinks == [] and spy.expands == [] and spy.grids == []
     assert torch.equal(skipped, y)
     launched = _run(weights, x, y, _unknown_slots_batch(token_slots, weights.num_slots))
@@ -257,7 +264,7 @@ def test_no_active_slot_targets_the_layer_skips_the_launch(
     assert torch.equal(launched, skipped)
     # Slot 1 (rank 4) joins: it runs, and only its row changes.
     token_slots[1] = 1
-    out = _run(weights, x, y, prepare_lora_batch(token_slots, weights.num_slots, "triton"))
+    out = _run(weights, x, y, _prepare(token_slots, weights.num_slots))
     assert len(spy.shrinks) == 2
     changed = (out != y).any(dim=1).tolist()
     assert changed == [False, True, False, False, False]
