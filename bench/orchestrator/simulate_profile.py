@@ -19,6 +19,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +51,15 @@ class _Timed:
 
 
 def scaled(model: CostModel, lora: float, switch: float, exact: bool) -> CostModel:
-    """``model`` with its ``lora_*`` step coefficients times ``lora``, its switch coefficients
-    times ``switch`` and, with ``exact``, no recorded fit error."""
-    step = {k: v * lora if k.startswith("lora_") else v
+    """``model`` with its LoRA step coefficients (``lora_*`` and ``eager_lora_launches``) times
+    ``lora``, its switch coefficients times ``switch`` and, with ``exact``, no recorded fit error
+    (its graph coverage unchanged)."""
+    step = {k: v * lora if k.startswith("lora_") or k == "eager_lora_launches" else v
             for k, v in model.step_coefficients.items()}
-    return CostModel(model.device_name, step,
-                     {k: v * switch for k, v in model.switch_coefficients.items()},
-                     {} if exact else dict(model.fit_info))
+    return replace(model, step_coefficients=step,
+                   switch_coefficients={k: v * switch
+                                        for k, v in model.switch_coefficients.items()},
+                   fit_info={} if exact else dict(model.fit_info))
 
 
 def main(argv: list[str] | None = None) -> int:

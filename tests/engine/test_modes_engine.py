@@ -68,6 +68,9 @@ def test_policy_matches_unmerged(policy: str, tiny_llava: Path, tiny_adapters: d
     summary = llm.engine.stats()["modes"]
     if policy in ("test-always-mixed", "merged-only"):
         assert summary["num_switches"] >= 1, summary
+    if policy == "valora":  # the cost model charges steps as this engine runs them: eager
+        modes = llm.engine.parts.modes
+        assert modes is not None and modes.policy.cost_model.graph_max_rows == 0  # type: ignore[attr-defined]
     # Every merging policy takes its pristine copy at start-up (before the KV cache is sized).
     assert summary["pristine_bytes"] > 0, summary
 

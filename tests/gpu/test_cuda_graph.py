@@ -52,7 +52,8 @@ def test_buckets() -> None:
     ("base", [(-1, -1)] * 3),
     ("lora", [(0, -1), (2, -1)]),
     ("mixed", [(0, 1), (-1, 1), (1, -1)]),
-])
+    ("mixed", [(-1, 1), (-1, 1)]),  # base rows while slot 1 is merged: a correction alone
+], ids=["base", "lora", "mixed", "correction-only"])
 def test_eager_runner_matches_reference(tiny_llava: Path, variant: str,
                                         slots: list[tuple[int, int]]) -> None:
     ranks = [3, 8, 5]

@@ -16,6 +16,8 @@ from valora.orchestrator.cost_model import (
     RowWork,
     StepSpec,
     fit_cost_model,
+    is_eager,
+    lora_launches_per_row,
     step_shape,
 )
 from valora.orchestrator.modes import Mode, plan_lora_batches
@@ -23,7 +25,9 @@ from valora.orchestrator.profiling import profile, profile_grid
 
 TRUE_STEP = {"const": 8e-3, "num_tokens": 2e-5, "num_rows": 3e-5, "context_tokens": 1e-7,
              "attention_pairs": 2e-9, "lora_token_rank": 2e-7, "lora_segment_rank": 2e-5,
-             "lora_segments": 2e-4, "lora_launches": 5e-4}
+             "lora_segments": 2e-4, "lora_launches": 5e-4, "eager": 6e-3,
+             "eager_lora_launches": 1.5e-2}
+GRAPH_MAX_ROWS = 64  # the synthetic device replays decode steps of up to 64 rows as graphs
 TRUE_SWITCH = {"const": 1e-4, "bytes": 1 / 2.4e12}
 
 
@@ -73,7 +77,7 @@ def test_lora_features_agree_with_plan_lora_batches(seed: int) -> None:
 def _synthetic_measure(noise: float, seed: int) -> tuple[
         CostModel, Callable[[StepSpec], float], Callable[[int], tuple[int, float]]]:
     """A step/switch 'device' whose times follow known coefficients, with relative noise."""
-    truth = CostModel("truth", TRUE_STEP, TRUE_SWITCH)
+    truth = CostModel("truth", TRUE_STEP, TRUE_SWITCH, graph_max_rows=GRAPH_MAX_ROWS)
     rng = np.random.default_rng(seed)
 
     def measure(spec: StepSpec) -> float:
@@ -90,7 +94,7 @@ def test_profile_recovers_coefficients_exactly_without_noise() -> None:
     samples: list[dict[str, object]] = []
     model = profile(measure, profile_grid(), device_name="synthetic", repeats=1,
                     switch_cases=[1 << 20, 1 << 30, 13 << 30], measure_switch=measure_switch,
-                    samples=samples)
+                    samples=samples, graph_max_rows=GRAPH_MAX_ROWS)
     steps = [row for row in samples if row["kind"] == "step"]
     assert len(steps) == len(profile_grid()) and len(samples) == len(steps) + 3
     assert {"mode", "lora_token_rank", "seconds"} <= set(steps[0])
@@ -98,12 +102,15 @@ def test_profile_recovers_coefficients_exactly_without_noise() -> None:
         assert model.step_coefficients[name] == pytest.approx(TRUE_STEP[name], rel=1e-6), name
     assert model.switch_coefficients["bytes"] == pytest.approx(TRUE_SWITCH["bytes"], rel=1e-6)
     assert model.fit_info["step_rel_rmse"] < 1e-9
+    assert {row["eager"] for row in steps} == {0, 1}
 
 
 def test_profile_with_noise_predicts_held_out_steps() -> None:
     truth, measure, measure_switch = _synthetic_measure(0.02, 1)
     model = profile(measure, profile_grid(), device_name="synthetic", repeats=3,
-                    switch_cases=[1 << 20, 1 << 30, 13 << 30], measure_switch=measure_switch)
+                    switch_cases=[1 << 20, 1 << 30, 13 << 30], measure_switch=measure_switch,
+                    graph_max_rows=GRAPH_MAX_ROWS)
+    assert model.graph_max_rows == GRAPH_MAX_ROWS
     assert all(v >= 0 for v in model.step_coefficients.values())
     held_out = profile_grid(ranks=(32,), row_counts=(16, 48), prefill_tokens=(300,),
                             adapter_counts=(2, 8), context_tokens=(400,))
@@ -112,9 +119,45 @@ def test_profile_with_noise_predicts_held_out_steps() -> None:
     assert model.switch_time(6 << 30) == pytest.approx(truth.switch_time(6 << 30), rel=0.05)
 
 
+def test_eager_steps_are_prefills_and_batches_above_the_graphs() -> None:
+    decode = tuple(RowWork("a", 8, 1, 100) for _ in range(4))
+    assert not is_eager(decode, 4) and is_eager(decode, 3) and is_eager(decode, 0)
+    assert is_eager((*decode[:3], RowWork("a", 8, 2, 100)), 64)  # a chunk or a prefill
+    shape = step_shape(StepSpec(decode), graph_max_rows=4)
+    assert shape.eager == 0 and shape.features()[-2:] == [0, 0]
+    shape = step_shape(StepSpec(decode, Mode.MIXED, "m", 16))  # no graphs: eager
+    assert shape.eager == 1 and shape.features()[-2:] == [1, 2]
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("adapter", [None, "a", "m"])
+def test_prefill_time_charges_the_eager_step_and_its_launches(mode: Mode,
+                                                               adapter: str | None) -> None:
+    """A prefill alone in a step costs what ``step_time`` charges that one-row eager step, less
+    the step's base (``const``, ``num_rows``, ``context_tokens``)."""
+    if mode is Mode.MERGED and adapter != "m":
+        return
+    merged = "m" if mode.has_merged_adapter else None
+    rank = 0 if adapter is None else 8
+    row = RowWork(adapter, rank, 300, 300)
+    spec = StepSpec((row,), mode, merged, 16 if merged else 0)
+    shape = step_shape(spec, GRAPH_MAX_ROWS)
+    assert shape.eager == 1 and lora_launches_per_row(adapter, rank, mode, merged) == \
+        shape.lora_launches
+    model = CostModel("truth", TRUE_STEP, TRUE_SWITCH, graph_max_rows=GRAPH_MAX_ROWS)
+    per_token = shape.lora_token_rank // 300
+    base = (TRUE_STEP["const"] + TRUE_STEP["num_rows"] + TRUE_STEP["context_tokens"] * 300
+            + TRUE_STEP["lora_segment_rank"] * shape.lora_segment_rank
+            + TRUE_STEP["lora_segments"] * shape.lora_segments
+            + TRUE_STEP["lora_launches"] * shape.lora_launches)
+    got = model.prefill_time(300, 300, per_token, shape.lora_launches)
+    assert got == pytest.approx(model.step_time(spec) - base, rel=1e-12)
+
+
 def test_json_roundtrip_keyed_by_device(tmp_path: Path) -> None:
     path = tmp_path / "cost_models.json"
-    first = CostModel("NVIDIA H200", TRUE_STEP, TRUE_SWITCH, {"step_rel_rmse": 0.01})
+    first = CostModel("NVIDIA H200", TRUE_STEP, TRUE_SWITCH, {"step_rel_rmse": 0.01},
+                      graph_max_rows=64)
     second = CostModel("cpu", {"const": 1.0}, {"bytes": 1e-9})
     first.save(path)
     second.save(path)
@@ -123,6 +166,10 @@ def test_json_roundtrip_keyed_by_device(tmp_path: Path) -> None:
     assert CostModel.load(path, "cpu") == second
     with pytest.raises(ValoraError, match="profiled devices"):
         CostModel.load(path, "NVIDIA A100")
+    # Files written before the eager terms have no graph_max_rows: 0 (and no eager costs).
+    legacy = {"step": {"const": 1.0}, "switch": {}, "fit": {}}
+    (tmp_path / "legacy.json").write_text(json.dumps({"version": 1, "devices": {"x": legacy}}))
+    assert CostModel.load(tmp_path / "legacy.json", "x").graph_max_rows == 0
     (tmp_path / "bad.json").write_text('{"version": 1, "devices": {"x": {"step": 3}}}')
     with pytest.raises(ValoraError, match="malformed"):
         CostModel.load(tmp_path / "bad.json", "x")

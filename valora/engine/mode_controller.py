@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +131,12 @@ class ModeController:
         adapters: AdapterManager,
         device: torch.device,
         switcher: WeightSwitcher | None = None,
+        graph_max_rows: int = 0,
     ) -> None:
+        """``graph_max_rows``: the largest decode batch this engine replays as a CUDA graph (0 =
+        none); the cost model charges every other step as eager whatever its profile recorded."""
         orchestrator = config.orchestrator
+        self.graph_max_rows = graph_max_rows
         self.config = config
         self.model = model
         self.adapters = adapters
@@ -152,7 +156,8 @@ class ModeController:
                 {} if name == "unmerged-fcfs" else {"starvation_s": orchestrator.starvation_s}
             )
             return get_mode_policy(name, **options)
-        cost_model = select_cost_model(model, device, orchestrator.cost_model_path)
+        cost_model = replace(select_cost_model(model, device, orchestrator.cost_model_path),
+                             graph_max_rows=self.graph_max_rows)
         self.cost_model_source = cost_model.device_name
         return get_mode_policy(
             "valora",

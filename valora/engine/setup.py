@@ -343,5 +343,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         max_model_len=max_model_len,
         admission_failures=failures,
         memory_plan=sizing.plan,
-        modes=ModeController(config, model, adapters, device, switcher) if num_slots else None,
+        modes=ModeController(
+            config, model, adapters, device, switcher,
+            graph_max_rows=runner.graphs.buckets[-1] if runner.graphs else 0,
+        ) if num_slots else None,
     )

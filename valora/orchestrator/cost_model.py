@@ -9,7 +9,16 @@ the merged adapter's rank again for the correction launch; base rows pay only th
              + c_attention·attention_pairs
              + c_lora·Σ_segments tokens·rank + c_segment_rank·Σ_segments rank
              + c_segment·num_segments + c_launch·num_launches
+             + eager·(c_eager + c_eager_launch·num_launches)
     t_switch = s_const + s_byte·bytes      (one merge or one unmerge of that many weight bytes)
+
+``eager`` is 1 for a step no CUDA graph serves: one with a row computing more than one token (a
+prefill or a chunk) or more rows than the largest captured decode graph (``graph_max_rows``; 0 =
+the device replays no graphs, every step is eager). An eager step pays the host's per-kernel
+launch work, and every LoRA launch of it pays that for its two kernels in each of the model's
+LoRA-targeted layers: on an H200 at 7B shapes ≈ 8 ms per eager step plus ≈ 18 ms per LoRA launch,
+against ≈ 1.4 ms per launch in a graph replay — a term no linear mix of the other features can
+stand in for (the graph-era fit without it was off by 35 % RMS, mostly on exactly these steps).
 
 A *segment* is one adapter's group of rows in one LoRA launch (the correction launch is one
 segment of the merged adapter); ``Σ_segments rank`` tracks adapter weight bytes read, which
@@ -35,7 +44,8 @@ from valora.errors import ValoraError
 from valora.orchestrator.modes import Mode
 
 STEP_FEATURES = ("const", "num_tokens", "num_rows", "context_tokens", "attention_pairs",
-                 "lora_token_rank", "lora_segment_rank", "lora_segments", "lora_launches")
+                 "lora_token_rank", "lora_segment_rank", "lora_segments", "lora_launches",
+                 "eager", "eager_lora_launches")
 SWITCH_FEATURES = ("const", "bytes")
 _FORMAT_VERSION = 1
 
@@ -73,11 +83,18 @@ class StepShape:
     lora_segment_rank: int
     lora_segments: int
     lora_launches: int
+    eager: int = 1
 
     def features(self) -> list[float]:
         return [1.0, self.num_tokens, self.num_rows, self.context_tokens, self.attention_pairs,
                 self.lora_token_rank, self.lora_segment_rank, self.lora_segments,
-                self.lora_launches]
+                self.lora_launches, self.eager, self.eager * self.lora_launches]
+
+
+def is_eager(rows: tuple[RowWork, ...], graph_max_rows: int) -> bool:
+    """Whether no decode graph serves a step of ``rows`` (see the module docstring)."""
+    return (graph_max_rows <= 0 or len(rows) > graph_max_rows
+            or any(row.num_tokens != 1 for row in rows))
 
 
 def lora_rank_per_token(adapter: str | None, rank: int, mode: Mode, merged_adapter: str | None,
@@ -91,8 +108,20 @@ def lora_rank_per_token(adapter: str | None, rank: int, mode: Mode, merged_adapt
     return (rank if adapter is not None else 0) + merged_rank
 
 
-def step_shape(spec: StepSpec) -> StepShape:
-    """Features of ``spec`` under its mode (merged rows free, corrections charged)."""
+def lora_launches_per_row(adapter: str | None, rank: int, mode: Mode,
+                          merged_adapter: str | None) -> int:
+    """LoRA launches a step of this one row makes under ``mode`` (as :func:`step_shape` counts
+    them): none for the merged adapter's rows, its own plus the correction for other rows while
+    an adapter is merged, its own unmerged."""
+    own = int(adapter is not None and rank > 0)
+    if not mode.has_merged_adapter:
+        return own
+    return 0 if adapter == merged_adapter else own + 1
+
+
+def step_shape(spec: StepSpec, graph_max_rows: int = 0) -> StepShape:
+    """Features of ``spec`` under its mode (merged rows free, corrections charged); decode steps
+    of at most ``graph_max_rows`` rows are graph replays (``eager`` 0)."""
     merged = spec.merged_adapter if spec.mode.has_merged_adapter else None
     if spec.mode.has_merged_adapter and merged is None:
         raise ValoraError(f"{spec.mode.value} step needs a merged adapter")
@@ -119,17 +148,22 @@ def step_shape(spec: StepSpec) -> StepShape:
         lora_segment_rank=sum(own.values()) + correction * spec.merged_rank,
         lora_segments=len(own) + correction,
         lora_launches=int(bool(own)) + correction,
+        eager=int(is_eager(spec.rows, graph_max_rows)),
     )
 
 
 @dataclass(frozen=True)
 class CostModel:
-    """Fitted step and switch costs for one device (all coefficients in seconds per unit)."""
+    """Fitted step and switch costs for one device (all coefficients in seconds per unit).
+
+    ``graph_max_rows``: the largest decode batch the profiled engine replayed as a CUDA graph
+    (0: none); decides which steps :meth:`step_time` charges as eager."""
 
     device_name: str
     step_coefficients: dict[str, float]
     switch_coefficients: dict[str, float]
     fit_info: dict[str, float] = field(default_factory=dict)
+    graph_max_rows: int = 0
 
     def __post_init__(self) -> None:
         for names, coefficients in ((STEP_FEATURES, self.step_coefficients),
@@ -140,10 +174,12 @@ class CostModel:
             bad = [k for k, v in coefficients.items() if not math.isfinite(v) or v < 0]
             if bad:
                 raise ValoraError(f"cost coefficients must be finite and >= 0: {bad}")
+        if self.graph_max_rows < 0:
+            raise ValoraError(f"graph_max_rows must be >= 0, got {self.graph_max_rows}")
 
     def step_time(self, step: StepSpec | StepShape) -> float:
         """Estimated seconds of one step."""
-        shape = step_shape(step) if isinstance(step, StepSpec) else step
+        shape = step_shape(step, self.graph_max_rows) if isinstance(step, StepSpec) else step
         return sum(self.step_coefficients.get(name, 0.0) * value
                    for name, value in zip(STEP_FEATURES, shape.features(), strict=True))
 
@@ -155,6 +191,16 @@ class CostModel:
                 + c.get("attention_pairs", 0.0) * num_tokens * context_tokens
                 + c.get("lora_token_rank", 0.0) * num_tokens * lora_rank)
 
+    def prefill_time(self, num_tokens: int, context_tokens: int, lora_rank: int,
+                     lora_launches: int) -> float:
+        """Seconds a prefill of ``num_tokens`` (one row, ``lora_launches`` LoRA launches under the
+        mode) adds: its tokens' work plus the overhead of the eager step it makes, charged in
+        full — one prefill per eager step, the case below saturation (prefills batched into one
+        step share it, so this over-charges bursts)."""
+        c = self.step_coefficients
+        return (self.added_tokens_time(num_tokens, context_tokens, lora_rank)
+                + c.get("eager", 0.0) + c.get("eager_lora_launches", 0.0) * lora_launches)
+
     def switch_time(self, num_bytes: int) -> float:
         """Estimated seconds of one merge or unmerge touching ``num_bytes`` of weights."""
         if num_bytes <= 0:
@@ -162,14 +208,18 @@ class CostModel:
         return (self.switch_coefficients.get("const", 0.0)
                 + self.switch_coefficients.get("bytes", 0.0) * num_bytes)
 
-    def to_dict(self) -> dict[str, dict[str, float]]:
+    def to_dict(self) -> dict[str, Any]:
         return {"step": dict(self.step_coefficients), "switch": dict(self.switch_coefficients),
-                "fit": dict(self.fit_info)}
+                "fit": dict(self.fit_info), "graph_max_rows": self.graph_max_rows}
 
     @classmethod
     def from_dict(cls, device_name: str, data: Mapping[str, Any]) -> CostModel:
+        graph_max_rows = data.get("graph_max_rows", 0)  # absent in files before the eager terms
+        if not isinstance(graph_max_rows, int) or isinstance(graph_max_rows, bool):
+            raise ValoraError(f"malformed cost model: graph_max_rows must be an integer, "
+                              f"got {graph_max_rows!r}")
         return cls(device_name, _floats(data, "step"), _floats(data, "switch"),
-                   _floats(data, "fit", required=False))
+                   _floats(data, "fit", required=False), graph_max_rows)
 
     def save(self, path: str | Path) -> None:
         """Write (or replace) this device's entry in the JSON file at ``path``."""
@@ -193,17 +243,27 @@ def fit_cost_model(
     device_name: str,
     step_samples: Sequence[tuple[StepShape, float]],
     switch_samples: Sequence[tuple[int, float]] = (),
+    graph_max_rows: int = 0,
+    features: Sequence[str] | None = None,
 ) -> CostModel:
-    """Fit coefficients by non-negative least squares on relative error.
+    """Fit coefficients by non-negative least squares on relative error. ``graph_max_rows`` is
+    recorded with them (the samples' ``eager`` flags must follow from it). ``features``: fit only
+    these step features (the others are 0) — for samples that cannot separate them all.
 
     Needs at least as many step samples as features; switch samples are optional (no samples =
     switches cost nothing, which a policy then never hesitates over).
     """
     if len(step_samples) < len(STEP_FEATURES):
         raise ValoraError(f"need >= {len(STEP_FEATURES)} step samples, got {len(step_samples)}")
+    used = list(STEP_FEATURES) if features is None else [f for f in STEP_FEATURES if f in features]
+    unknown = set(features or ()) - set(STEP_FEATURES)
+    if unknown or not used:
+        raise ValoraError(f"features {sorted(unknown) or '(none)'} not among {STEP_FEATURES}")
+    columns = [STEP_FEATURES.index(f) for f in used]
     x = np.array([shape.features() for shape, _ in step_samples], dtype=np.float64)
     y = np.array([seconds for _, seconds in step_samples], dtype=np.float64)
-    step = dict(zip(STEP_FEATURES, _nonnegative_relative_lstsq(x, y), strict=True))
+    fitted = dict(zip(used, _nonnegative_relative_lstsq(x[:, columns], y), strict=True))
+    step = {name: fitted.get(name, 0.0) for name in STEP_FEATURES}
     info = {"num_step_samples": float(len(y)), "step_rel_rmse": _rel_rmse(x, y, step)}
     switch = dict.fromkeys(SWITCH_FEATURES, 0.0)
     if switch_samples:
@@ -212,7 +272,7 @@ def fit_cost_model(
         switch = dict(zip(SWITCH_FEATURES, _nonnegative_relative_lstsq(xs, ys), strict=True))
         info["num_switch_samples"] = float(len(ys))
         info["switch_rel_rmse"] = _rel_rmse(xs, ys, switch)
-    return CostModel(device_name, step, switch, info)
+    return CostModel(device_name, step, switch, info, graph_max_rows)
 
 
 def _nonnegative_relative_lstsq(x: np.ndarray, y: np.ndarray) -> list[float]:

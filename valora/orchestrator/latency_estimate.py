@@ -6,8 +6,9 @@ Used by the ``valora`` policy to compare candidates. The model, per candidate:
 2. Phase 1: requests the candidate serves (all of them, or only ``m``'s in merged mode) share
    ``seats`` batch seats: running ones first, then waiting ones in priority order, each taking the
    next seat to free. A request finishes ``prefill + outputs_left · step_s`` after it gets a seat,
-   and its ``prefill`` (the time its remaining prompt tokens add to a step) also delays everyone
-   holding a seat then; ``step_s`` is the cost model's decode step for the phase's first full
+   and its ``prefill`` (the time its remaining prompt tokens add to a step, plus the eager step's
+   overhead and its LoRA launches under the candidate: ``CostModel.prefill_time``) also delays
+   everyone holding a seat then; ``step_s`` is the cost model's decode step for the phase's first full
    batch in that mode.
 3. Phase 2 (merged only): the requests it excluded start when phase 1 ends, served either mixed
    (no switch) or unmerged after an unmerge, whichever finishes them sooner.
@@ -25,7 +26,13 @@ import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from valora.orchestrator.cost_model import CostModel, RowWork, StepSpec, lora_rank_per_token
+from valora.orchestrator.cost_model import (
+    CostModel,
+    RowWork,
+    StepSpec,
+    lora_launches_per_row,
+    lora_rank_per_token,
+)
 from valora.orchestrator.modes import Mode
 from valora.orchestrator.queue_view import RequestView
 
@@ -62,7 +69,10 @@ class LatencyEstimator:
             return 0.0
         rank = lora_rank_per_token(request.adapter, request.rank, choice.mode, choice.merged,
                                    choice.merged_rank)
-        return self.cost_model.added_tokens_time(tokens, request.context_tokens + tokens, rank)
+        launches = lora_launches_per_row(request.adapter, request.rank, choice.mode,
+                                         choice.merged)
+        return self.cost_model.prefill_time(tokens, request.context_tokens + tokens, rank,
+                                            launches)
 
     def completion_times(self, order: Sequence[RequestView], seats: int, choice: ModeChoice,
                          start_s: float) -> list[float]:

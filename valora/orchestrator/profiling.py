@@ -39,12 +39,14 @@ def adapter_name(rank: int, index: int) -> str:
 def profile_grid(
     ranks: Sequence[int] = (8, 16, 64),
     row_counts: Sequence[int] = (1, 8, 32, 64),
-    prefill_tokens: Sequence[int] = (128, 512),
+    prefill_tokens: Sequence[int] = (128, 512, 1024),
     adapter_counts: Sequence[int] = (1, 4),
     context_tokens: Sequence[int] = (128, 640),
 ) -> list[StepSpec]:
     """Steps covering every feature independently: base-only, unmerged with 1..n adapters,
-    merged, and mixed with a share of rows corrected, for decode rows and single prefills."""
+    merged, and mixed with a share of rows corrected, for decode rows and single prefills.
+    Three prefill lengths at least: an eager step's intercept, its linear (tokens, context) and
+    quadratic (attention pairs) terms are only separable with three."""
     if not ranks or not row_counts or min(row_counts) < 1 or min(ranks) < 1:
         raise ValoraError("profile_grid needs positive ranks and row counts")
     specs: list[StepSpec] = []
@@ -85,8 +87,11 @@ def profile(
     switch_cases: Sequence[CaseT] = (),
     measure_switch: Callable[[CaseT], tuple[int, float]] | None = None,
     samples: list[dict[str, object]] | None = None,
+    graph_max_rows: int = 0,
 ) -> CostModel:
     """Measure every spec ``repeats`` times (median) and every switch case, then fit.
+    ``graph_max_rows``: the largest decode batch ``measure_step`` replays as a CUDA graph (0 =
+    none), which decides each sample's ``eager`` flag.
     ``samples`` (a list) receives every fitted sample — step features or switch bytes, the
     median seconds and the mode — so a fit can be examined or redone offline."""
     if repeats < 1:
@@ -96,7 +101,7 @@ def profile(
     step_samples: list[tuple[StepShape, float]] = []
     for spec in specs:
         seconds = statistics.median(measure_step(spec) for _ in range(repeats))
-        shape = step_shape(spec)
+        shape = step_shape(spec, graph_max_rows)
         step_samples.append((shape, seconds))
         if samples is not None:
             samples.append({"kind": "step", "mode": spec.mode.value, **asdict(shape),
@@ -109,7 +114,7 @@ def profile(
         if samples is not None:
             samples.append({"kind": "switch", "bytes": switch_samples[-1][0],
                             "seconds": switch_samples[-1][1]})
-    model = fit_cost_model(device_name, step_samples, switch_samples)
+    model = fit_cost_model(device_name, step_samples, switch_samples, graph_max_rows)
     _log.info("cost model for %s: step rel. RMSE %.3f over %d samples", device_name,
               model.fit_info["step_rel_rmse"], len(step_samples))
     return model

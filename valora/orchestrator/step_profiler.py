@@ -304,7 +304,8 @@ def run_profile(model: Any, *, quick: bool = False, repeats: int = 3,
     cost = profile(profiler.measure_step, specs,
                    device_name=profile_key(device_name, model_signature(model.spec)),
                    repeats=repeats, switch_cases=list(SWITCH_TARGETS),
-                   measure_switch=profiler.measure_switch, samples=samples)
+                   measure_switch=profiler.measure_switch, samples=samples,
+                   graph_max_rows=profiler.graphs.buckets[-1] if profiler.graphs else 0)
     _log.info("profiled %d steps in %.1f s (%d timed runs replayed CUDA graphs)", len(specs),
               time.perf_counter() - started, profiler.num_graph_steps)
     return cost
