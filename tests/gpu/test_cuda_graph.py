@@ -132,3 +132,26 @@ def test_gpu_graphs_match_eager_and_survive_adapter_changes(tiny_llava: Path,
         fill_slots(graphed, [4, 8, 1, 6], seed=20 + round_)  # new adapters, same storage
         fill_slots(eager, [4, 8, 1, 6], seed=20 + round_)
     assert {key: entry.graph for key, entry in runner._entries.items()} == graphs
+
+
+@pytest.mark.gpu
+def test_gpu_correction_only_steps_replay_the_mixed_graph(tiny_llava: Path) -> None:
+    """Base-model rows while slot 3 is merged carry only the correction launch: they replay the
+    ``mixed`` graph (every token slot -1) and match the eager forward."""
+    ranks = [8, 2, 5, 7]
+    graphed = make_model(tiny_llava, "triton", DEVICE, torch.float32, ranks)
+    eager = make_model(tiny_llava, "triton", DEVICE, torch.float32, ranks)
+    slots = [(-1, 3)] * 3
+    runner = CudaGraphRunner(graphed, 4, max_context=128, page_size=PAGE_SIZE,
+                             num_lora_slots=NUM_SLOTS, variants=("base", "lora", "mixed"))
+    fast_steps = Stepper(graphed, 200, PAGE_SIZE, NUM_SLOTS, "triton")
+    slow_steps = Stepper(eager, 200, PAGE_SIZE, NUM_SLOTS, "triton")
+    fast_seqs, slow_seqs = prompts(graphed, 3, slots), prompts(eager, 3, slots)
+    fast_steps.greedy(fast_seqs, 0, 8)
+    slow_steps.greedy(slow_seqs, 0, 8)
+    runner.capture()
+    got, got_logits = fast_steps.greedy(fast_seqs, 4, 8, runner)  # asserts runner.can_run
+    want, want_logits = slow_steps.greedy(slow_seqs, 4, 8)
+    assert got == want
+    for a, b in zip(got_logits, want_logits, strict=True):
+        assert rel_err(a, b) < 1e-4
