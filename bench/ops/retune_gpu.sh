@@ -12,21 +12,16 @@ if [[ -z "${SKIP_TESTS:-}" ]]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -x tests/ops tests/orchestrator/test_merge_gpu.py \
     > "$OUT/gpu_tests.log" 2>&1; tail -n 3 "$OUT/gpu_tests.log"
 fi
-# STEPS_SPEC="seconds:rank:tokens ..." (tokens comma-separated) overrides both of the above, e.g.
-#   STEPS_SPEC="90:32:1,2,4,8,16,32,64,128,256 120:16:1024,4096" (the first two fields as above).
+# STEPS_SPEC="seconds:rank:tokens ..." (tokens comma-separated; default tokens: 1..256) replaces
+# the default steps, e.g. STEPS_SPEC="90:32 120:16:1024,4096" (rank-32 buckets serve batches whose
+# largest adapter rank is 17..32, since tiles follow the effective rank).
 tune() {
   # RESUME=1 keeps buckets already in the table (finishes a time-boxed step); LAYERS as the tuner's.
   timeout --kill-after=5 "$1" python3 -m valora.ops.tuning $([[ -n "${RESUME:-}" ]] || echo --no-resume) \
     --layers "${LAYERS:-q,qkv,gate_up,down}" --tokens "${3:-1,2,4,8,16,32,64,128,256}" --ranks "$2" --time-budget "$(( $1 - 15 ))" 2>&1 \
     | tr '\r' '\n' | grep -v "it/s\]$" | tail -n 3
 }
-# RANKS_ONLY="32" (e.g.) tunes just those storage ranks, TUNE_S seconds each: rank-32 buckets
-# serve batches whose largest adapter rank is 17..32 now that tiles follow the effective rank.
-if [[ -n "${RANKS_ONLY:-}" ]]; then
-  STEPS=(); for r in $RANKS_ONLY; do STEPS+=("${TUNE_S:-90} $r"); done
-else
-  STEPS=("${TUNE_S1:-200} 64" "${TUNE_S2:-120} 128" "${TUNE_S3:-90} 16")
-fi
+STEPS=("${TUNE_S1:-200} 64" "${TUNE_S2:-120} 128" "${TUNE_S3:-90} 16")
 if [[ -n "${STEPS_SPEC:-}" ]]; then
   STEPS=(); for spec in $STEPS_SPEC; do STEPS+=("${spec//:/ }"); done
 fi

@@ -19,12 +19,12 @@ import argparse
 import json
 import math
 from collections import defaultdict
+from dataclasses import fields
 from pathlib import Path
 
 from valora.orchestrator.cost_model import STEP_FEATURES, CostModel, StepShape, fit_cost_model
 
-SHAPE_FIELDS = ("num_tokens", "num_rows", "context_tokens", "attention_pairs", "lora_token_rank",
-                "lora_segment_rank", "lora_segments", "lora_launches")
+SHAPE_FIELDS = tuple(f.name for f in fields(StepShape) if f.name != "eager")
 
 
 def shape_of(sample: dict[str, object], graph_max_rows: int) -> StepShape:

@@ -106,9 +106,8 @@ class LoRALayerShape:
 
 
 @dataclass(frozen=True)
-class ShrinkVariant:
-    """One compiled ``lora_shrink_kernel`` (module docstring); ``layer``:
-    ``LoRALayerShape.shrink_spec``, ``split_stride``: ``int_spec`` of ``T · flat_rank``."""
+class _TileVariant:
+    """What a shrink and an expand binary share: the layer's specialisation and the tile."""
 
     layer: tuple[object, ...]
     block_m: int
@@ -116,22 +115,23 @@ class ShrinkVariant:
     block_k: int
     num_warps: int
     num_stages: int
+
+
+@dataclass(frozen=True)
+class ShrinkVariant(_TileVariant):
+    """One compiled ``lora_shrink_kernel`` (module docstring); ``layer``:
+    ``LoRALayerShape.shrink_spec``, ``split_stride``: ``int_spec`` of ``T · flat_rank``."""
+
     even_k: bool
     split_stride: str
 
 
 @dataclass(frozen=True)
-class ExpandVariant:
+class ExpandVariant(_TileVariant):
     """The compiled ``lora_expand_kernel`` of one call (one binary per launch group, module
     docstring); ``layer``: ``LoRALayerShape.expand_spec``; ``split_k``: the ``SPLIT_K`` constexpr
     (0: run-time split loop); ``split_stride``: ``int_spec`` of ``T · flat_rank``."""
 
-    layer: tuple[object, ...]
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
     split_k: int
     split_stride: str
 
