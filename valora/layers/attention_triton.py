@@ -31,6 +31,7 @@ from valora.layers.attention_triton_kernels import (
     paged_decode_reduce_kernel,
     paged_prefill_kernel,
 )
+from valora.ops.launch import launcher
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2_E = 1.4426950408889634
@@ -188,7 +189,7 @@ class TritonPagedAttention:
         seqs = plan.decode_seqs if plan.decode_seqs is not None else attn.seq_lens
         identity = plan.decode_seqs is None
         grid = (plan.num_decodes, num_kv_heads, plan.num_splits)
-        paged_decode_kernel[grid](
+        launcher(paged_decode_kernel)[grid](
             query, k_cache, v_cache, out, part_acc, part_ml,
             attn.seq_lens, attn.page_table, attn.query_start_loc, seqs,
             scale * LOG2_E, plan.num_splits, plan.split_len, num_heads,
@@ -200,7 +201,7 @@ class TritonPagedAttention:
             **_dot_flags(query.dtype), num_warps=self.decode_num_warps,
             num_stages=self.decode_num_stages)
         if not single:
-            paged_decode_reduce_kernel[(plan.num_decodes, num_heads)](
+            launcher(paged_decode_reduce_kernel)[(plan.num_decodes, num_heads)](
                 out, part_acc, part_ml, attn.seq_lens, attn.query_start_loc, seqs,
                 plan.num_splits, plan.split_len, num_heads, out.stride(0), out.stride(1),
                 HEAD_DIM=head_dim, BLOCK_D=block_d,
@@ -211,7 +212,7 @@ class TritonPagedAttention:
         k_cache, v_cache = kv_cache
         _, num_heads, head_dim = query.shape
         grid = (plan.num_prefill_tiles, num_heads)
-        paged_prefill_kernel[grid](
+        launcher(paged_prefill_kernel)[grid](
             query, k_cache, v_cache, out, plan.prefill_tiles,
             attn.seq_lens, attn.page_table, attn.query_start_loc, scale * LOG2_E,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1),

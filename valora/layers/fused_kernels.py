@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from valora.ops.launch import launcher
+
 MAX_NORM_WIDTH = 65536  # one program holds a whole row in registers
 
 
@@ -114,7 +116,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         block = triton.next_power_of_2(width)
         res = residual if residual is not None else x
         res_o = res_out if res_out is not None else y
-        _rms_norm_kernel[(rows,)](
+        launcher(_rms_norm_kernel)[(rows,)](
             x, res, weight, y, res_o, width,
             float(eps), x.stride(0), res.stride(0), y.stride(0), res_o.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_norm_warps(block))
@@ -133,7 +135,7 @@ def rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch
         half = dim // 2
         total = num_q_heads + num_k_heads
         block_h = min(16, triton.next_power_of_2(total))
-        _rotary_kernel[(tokens, triton.cdiv(total, block_h))](
+        launcher(_rotary_kernel)[(tokens, triton.cdiv(total, block_h))](
             query, key, cos, sin, q_out, k_out, num_q_heads, num_k_heads, half,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1),
             cos.stride(0), sin.stride(0),
@@ -147,7 +149,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(rows, width, dtype=x.dtype, device=x.device)
     if rows and width:
         block = min(1024, triton.next_power_of_2(width))
-        _silu_and_mul_kernel[(rows, triton.cdiv(width, block))](
+        launcher(_silu_and_mul_kernel)[(rows, triton.cdiv(width, block))](
             x, y, width, x.stride(0), y.stride(0), BLOCK=block,
             num_warps=4 if block >= 512 else 1)
     return y

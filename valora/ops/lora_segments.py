@@ -20,7 +20,8 @@ their tokens are never read with an out-of-range slot.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -52,6 +53,9 @@ class LoRASegments:
     _block_sizes: torch.Tensor
     _tile_index: torch.Tensor
     active_slots: tuple[int, ...] | None = None
+    launch_plans: dict[Any, Any] = field(default_factory=dict)
+    """Host-side launch choices of the current slots, per layer shape (``triton_lora``); a
+    cache, emptied by every ``update``."""
 
     @classmethod
     def allocate(cls, num_tokens: int, num_slots: int, device: torch.device | str,
@@ -103,6 +107,7 @@ class LoRASegments:
                 f"token_slots shape {tuple(token_slots.shape)} != ({self.num_tokens},)")
         self.num_active_slots = num_active_slots
         self.active_slots = active_slots
+        self.launch_plans.clear()
         if self.num_tokens == 0:
             return
         num_slots = self.num_slots

@@ -96,6 +96,7 @@ def _launch(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float, ran
         return
     import triton
 
+    from valora.ops.launch import launcher
     from valora.ops.merge_kernel_impl import lowrank_update_kernel
     from valora.ops.triton_lora import kernels_interpreted
 
@@ -108,7 +109,7 @@ def _launch(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float, ran
     block_r = max(16, triton.next_power_of_2(rank))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     from_memory = scale is not None and rank_ref is not None
-    lowrank_update_kernel[grid](
+    launcher(lowrank_update_kernel)[grid](
         w, b, a, scale if from_memory else w, rank_ref if from_memory else w, float(alpha), m, n,
         rank, w.stride(0), w.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,

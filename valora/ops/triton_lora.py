@@ -47,11 +47,12 @@ into replays of other slots.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
 
 import torch
 
 from valora.errors import ValoraError
+from valora.ops.launch import launcher
 from valora.ops.lora import LoRABatch, LoRASlotWeights
 from valora.ops.lora_kernels import lora_expand_kernel, lora_shrink_kernel
 from valora.ops.lora_segments import LoRASegments
@@ -83,6 +84,31 @@ def prepare_lora_triton(batch: LoRABatch) -> LoRASegments:
 
 def _check(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,
            segments: LoRASegments) -> None:
+    """Raise ``ValoraError`` for any input the kernels cannot take (module docstring). The
+    common, valid case is one compound test (this runs once per layer and step on the host);
+    the detailed checks run only to name what is wrong."""
+    a, b, ranks, scales = weights.lora_a, weights.lora_b, weights.ranks, weights.scales
+    dtype, device = x.dtype, x.device
+    shape = a.shape
+    if (dtype in SUPPORTED_DTYPES and y.dtype is dtype and a.dtype is dtype and b.dtype is dtype
+            and ranks.dtype is torch.int32 and scales.dtype is torch.float32
+            and y.device == device and a.device == device and b.device == device
+            and ranks.device == device and scales.device == device
+            and segments.tiles.device == device and len(shape) == 4
+            and b.shape == (shape[0], sum(weights.slice_widths), shape[2])
+            and shape[1] == len(weights.slice_widths)
+            and ranks.shape == shape[:2] and scales.shape == shape[:2]
+            and shape[0] >= segments.num_slots and x.shape[0] == segments.num_tokens
+            and a.is_contiguous() and b.is_contiguous() and ranks.is_contiguous()
+            and scales.is_contiguous()
+            and (device.type == "cuda" or kernels_interpreted())):
+        return
+    _explain(y, x, weights, segments)
+
+
+def _explain(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,
+             segments: LoRASegments) -> None:
+    """The detailed checks behind ``_check``: raises with what is wrong."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValoraError(f"triton LoRA: dtype {x.dtype} not supported ({SUPPORTED_DTYPES})")
     named = {"y": y, "lora_a": weights.lora_a, "lora_b": weights.lora_b}
@@ -95,6 +121,9 @@ def _check(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,
                          "segments": segments.tiles}.items():
         if tensor.device != x.device:
             raise ValoraError(f"triton LoRA: {name} on {tensor.device}, x on {x.device}")
+    if weights.lora_a.dim() != 4:
+        raise ValoraError(f"triton LoRA: lora_a must be [slots, slices, rank, in], got "
+                          f"{tuple(weights.lora_a.shape)}")
     num_slots, num_slices, max_rank, _ = weights.lora_a.shape
     if (weights.lora_b.shape != (num_slots, sum(weights.slice_widths), max_rank)
             or num_slices != len(weights.slice_widths)
@@ -116,6 +145,8 @@ def _check(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,
     if x.device.type != "cuda" and not kernels_interpreted():
         raise ValoraError(
             "triton LoRA runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
+    raise ValoraError(f"triton LoRA: unsupported inputs: x {tuple(x.shape)} {x.dtype} on "
+                      f"{x.device}, y {tuple(y.shape)} {y.dtype}")
 
 
 def active_slice_ranks(weights: LoRASlotWeights, segments: LoRASegments
@@ -153,7 +184,10 @@ def lora_apply_triton(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights
     """``y += LoRA(x)`` (module Semantics). ``config`` overrides the table lookup (tuning).
 
     Tiles follow the batch's effective rank when the host knows it; the result does not depend
-    on the tiles (module docstring, "Effective rank")."""
+    on the tiles (module docstring, "Effective rank"). The choice is made once per step and
+    layer shape: ``LoRASegments.launch_plans`` keeps it for the step's other layers of that
+    shape and slice ranks (every decoder layer, in the usual case of adapters that target the
+    same modules in every layer)."""
     segments = batch.backend_data
     if not isinstance(segments, LoRASegments):
         raise ValoraError("triton LoRA: batch was not prepared by the triton backend")
@@ -161,18 +195,31 @@ def lora_apply_triton(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights
     if x.shape[0] == 0 or segments.num_slots == 0:
         return
     slice_ranks = active_slice_ranks(weights, segments)
-    live = None if slice_ranks is None else live_flat_rank(slice_ranks, weights.max_rank)
+    if config is None:
+        key = (x.shape[1], weights.lora_a.shape, weights.slice_widths, slice_ranks)
+        plan = segments.launch_plans.get(key)
+        if plan is None:
+            plan = segments.launch_plans[key] = _plan(x, weights, segments, slice_ranks)
+        config, live = plan
+    else:
+        live = None if slice_ranks is None else live_flat_rank(slice_ranks, weights.max_rank)
     if live == 0:
         return  # no active slot targets this layer: every program would return at once
     if x.stride(1) != 1:
         x = x.contiguous()
-    if config is None:
-        config, _ = choose_tile_config(x, weights, segments, slice_ranks)
     target = y if y.stride(1) == 1 else y.contiguous()
     h = launch_shrink(x, weights, segments, config.shrink, live)
     launch_expand(h, target, weights, segments, config.expand, scale_multiplier)
     if target is not y:
         y.copy_(target)
+
+
+def _plan(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegments,
+          slice_ranks: tuple[int, ...] | None) -> tuple[TileConfig, int | None]:
+    """The tile configuration and live flat rank of one layer shape in this step."""
+    live = None if slice_ranks is None else live_flat_rank(slice_ranks, weights.max_rank)
+    config, _ = choose_tile_config(x, weights, segments, slice_ranks)
+    return config, live
 
 
 def _dot_flags(dtype: torch.dtype) -> dict[str, object]:
@@ -201,7 +248,7 @@ def launch_shrink(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegme
     grid = (segments.tile_bound(cfg.block_m) * split_k * num_rank_blocks,)
     if grid[0] == 0:
         return h
-    lora_shrink_kernel[grid](
+    launcher(lora_shrink_kernel)[grid](
         x, weights.lora_a, h, weights.ranks, segments.sorted_tokens,
         segments.tile_list(cfg.block_m),
         segments.tile_capacity, num_rank_blocks, split_k, k_split, num_tokens * flat_rank,
@@ -234,7 +281,7 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
         grid = (bound * num_col_blocks,)
         if grid[0] == 0:
             continue
-        lora_expand_kernel[grid](
+        launcher(lora_expand_kernel)[grid](
             h, weights.lora_b, y, weights.ranks, weights.scales, segments.sorted_tokens,
             segments.tile_list(cfg.block_m),
             segments.tile_capacity, num_col_blocks, split_k, num_tokens * flat_rank,
@@ -259,16 +306,25 @@ def unrolled_split_fits(split_k: int, cfg: ExpandConfig) -> bool:
 
 
 def slice_groups(widths: tuple[int, ...] | list[int], span: int
-                  ) -> Iterator[tuple[int, int, list[int], list[int]]]:
+                 ) -> tuple[tuple[int, int, list[int], list[int]], ...]:
     """Launch groups of up to ``SLICES_PER_EXPAND`` output slices: ``(first slice, number of
     column blocks of width ``span`` over the group, the block index where each later slice
-    starts (padded), the slices' column offsets in ``y`` (padded))``."""
+    starts (padded), the slices' column offsets in ``y`` (padded))``. Memoised per shape: the
+    lists are shared, never mutate them."""
+    return _slice_groups(tuple(widths), span)
+
+
+@functools.lru_cache(maxsize=1024)
+def _slice_groups(widths: tuple[int, ...], span: int
+                  ) -> tuple[tuple[int, int, list[int], list[int]], ...]:
     offsets = [sum(widths[:j]) for j in range(len(widths) + 1)]
+    groups = []
     for first in range(0, len(widths), SLICES_PER_EXPAND):
         group = widths[first:first + SLICES_PER_EXPAND]
         ends = [sum(_cdiv(w, span) for w in group[:g + 1]) for g in range(len(group))]
         num_blocks = ends[-1]
         starts = (ends[:-1] + [num_blocks] * SLICES_PER_EXPAND)[:SLICES_PER_EXPAND - 1]
-        cols = offsets[first:first + len(group) + 1]
+        cols = list(offsets[first:first + len(group) + 1])
         cols = cols + [cols[-1]] * (SLICES_PER_EXPAND + 1 - len(cols))
-        yield first, num_blocks, starts, cols
+        groups.append((first, num_blocks, starts, cols))
+    return tuple(groups)

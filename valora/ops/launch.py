@@ -1,0 +1,200 @@
+"""Low-latency launches of ``@triton.jit`` kernels: the compiled binary cached per specialisation.
+
+An eager (prefill) step at 7B shapes launches ≈ 200 Triton kernels and is host-bound: measured on
+an H200 host (``bench/model/eager_anatomy.py``), one LoRA op costs ≈ 110–140 µs of host time of
+which the two ``kernel[grid](...)`` calls are ≈ 75–100 µs, while the GEMM it rides on costs
+≈ 15 µs. Triton's launch path does, per call, work that is constant for a call site: reading its
+option knobs, querying the device and stream, binding and specialising every argument, turning
+the specialisation into a string key and looking it up. :class:`FastKernel` keeps Triton's
+semantics and does less:
+
+- a cheap key per call: per argument exactly the facts Triton specialises on — a tensor's dtype
+  and whether its address is 16-byte aligned; an integer's width class (i32 / i64 / u64),
+  whether it equals 1 and whether it is a multiple of 16; the value of a ``constexpr``; the type of
+  anything else — plus ``num_warps`` / ``num_stages``. Two calls with equal keys get the same
+  binary from Triton too (the key records at least what Triton's does; it may record more, which
+  only compiles a binary Triton would have shared);
+- on a miss, the call goes through Triton's own path once (which compiles or finds the binary
+  and launches it) and the returned ``CompiledKernel`` is cached under the key;
+- on a hit, the binary is launched directly on the current stream with every argument in
+  signature order (``CompiledKernel.run``, the call Triton's own path ends in; no launch
+  metadata is built, since no hook will read it).
+
+Falls back to the plain Triton path where the direct launch does not apply: the CPU interpreter
+(``TRITON_INTERPRET=1``), a Triton without ``CompiledKernel`` runners, launch hooks set (a
+profiler), or ``VALORA_FAST_LAUNCH=0``. The result of a kernel never depends on the path taken.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+_INT32 = 2**31
+_INT64 = 2**63
+
+
+_ENABLED = [os.environ.get("VALORA_FAST_LAUNCH", "1") != "0"]
+
+
+def fast_launch_enabled() -> bool:
+    """Whether launches may skip Triton's path: ``VALORA_FAST_LAUNCH`` unset or not ``0`` at
+    import, or as last set by ``set_fast_launch``."""
+    return _ENABLED[0]
+
+
+def set_fast_launch(enabled: bool) -> None:
+    """Switch direct launches on or off for every launcher from now on (benchmarks compare the
+    two paths in one process)."""
+    _ENABLED[0] = enabled
+
+
+def _arg_key(value: object) -> object:
+    """What Triton specialises a runtime argument on (module docstring)."""
+    cls = type(value)
+    if cls is int:
+        width = 0 if -_INT32 <= value < _INT32 else 1 if -_INT64 <= value < _INT64 else 2  # type: ignore[operator]
+        return width, value == 1, value & 15 == 0  # type: ignore[operator]
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() & 15 == 0
+    if cls is bool or value is None:
+        return cls
+    if isinstance(value, int):  # an int subclass (numpy ints are not)
+        return _arg_key(int(value))
+    return cls
+
+
+class FastKernel:
+    """Wraps a ``@triton.jit`` function; ``FastKernel(fn)[grid](*args, **kwargs)`` launches it
+    exactly as ``fn[grid](*args, **kwargs)`` would (module docstring)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        params = list(getattr(fn, "params", None) or ())
+        self.direct = bool(params)
+        """False: every launch takes Triton's path (no parameters known, or no binaries)."""
+        self._names = tuple(p.name for p in params)
+        self._constexpr = frozenset(i for i, p in enumerate(params) if p.is_constexpr)
+        self._defaults = {p.name: p.default for p in params
+                          if p.default is not inspect.Parameter.empty}
+        self._binaries: dict[tuple[object, ...], Any] = {}
+        self.num_direct_launches = 0
+        """Launches that skipped Triton's path (for tests and benchmarks)."""
+
+    def __getitem__(self, grid: Sequence[int]) -> Callable[..., None]:
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def launch(self, grid: Sequence[int], args: Sequence[object],
+               kwargs: dict[str, Any]) -> None:
+        """``fn[grid](*args, **kwargs)``, directly when the binary is known (module docstring)."""
+        if not (self.direct and _ENABLED[0]) or _hooks_set():
+            self.fn[grid](*args, **kwargs)
+            return
+        options = {"num_warps": kwargs.pop("num_warps", 4),
+                   "num_stages": kwargs.pop("num_stages", 3)}
+        names = self._names
+        if len(args) > len(names) or any(name not in names for name in kwargs):
+            raise TypeError(f"{names}: got {len(args)} positional and {sorted(kwargs)}")
+        values = list(args)
+        for name in names[len(args):]:
+            values.append(kwargs[name] if name in kwargs else self._defaults[name])
+        device = _first_device(values)
+        constexpr = self._constexpr
+        key = (device, options["num_warps"], options["num_stages"],
+               *[value if i in constexpr else _arg_key(value) for i, value in enumerate(values)])
+        binary = self._binaries.get(key)
+        if binary is None:
+            compiled = self.fn[grid](*args, **options, **kwargs)
+            runner = _runner(compiled)
+            if runner is None:  # a Triton whose launches return no runnable binary
+                self.direct = False
+            else:
+                self._binaries[key] = runner
+            return
+        run, function, metadata = binary
+        try:
+            run(*(*grid, 1, 1)[:3], current_stream(device), function, metadata, None, None, None,
+                *values)
+        except TypeError:  # a runtime whose launcher takes other arguments: Triton's path
+            self.direct = False
+            self.fn[grid](*args, **options, **kwargs)
+            return
+        self.num_direct_launches += 1
+
+
+def _runner(compiled: Any) -> tuple[Any, Any, Any] | None:
+    """``(run, function, packed_metadata)`` of a ``CompiledKernel`` (what Triton's own launch
+    ends in: ``run(gx, gy, gz, stream, function, metadata, launch_metadata, enter_hook,
+    exit_hook, *args)``), or None when ``compiled`` has none of them."""
+    init = getattr(compiled, "_init_handles", None)
+    if init is not None:
+        init()
+    parts = tuple(getattr(compiled, name, None) for name in ("run", "function", "packed_metadata"))
+    return None if any(part is None for part in parts) else parts  # type: ignore[return-value]
+
+
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def current_stream(device: torch.device) -> int:
+    """The raw handle of ``device``'s current stream (what Triton launches on)."""
+    if _RAW_STREAM is not None:
+        return int(_RAW_STREAM(device.index if device.index is not None
+                               else torch.cuda.current_device()))
+    return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+def _first_device(values: list[object]) -> torch.device:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _hooks_set() -> bool:
+    """Whether a launch hook (a profiler) is installed: those launches take Triton's path.
+    Newer Tritons keep an always-present, usually empty ``HookChain`` there."""
+    knobs = _knobs()
+    if knobs is None:
+        return False
+    hook = knobs.runtime.launch_enter_hook
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return True if calls is None else bool(calls)
+
+
+@functools.cache
+def _knobs() -> Any:
+    try:
+        from triton import knobs
+    except ImportError:  # an older Triton: no knobs, no hooks
+        return None
+    return knobs
+
+
+_LAUNCHERS: dict[int, tuple[Any, Any]] = {}
+
+
+def launcher(fn: Any) -> Any:
+    """The launcher of ``fn`` (one per function object, made on first use): a
+    :class:`FastKernel`, or ``fn`` itself under the CPU interpreter (``TRITON_INTERPRET=1``),
+    whose launches have no binaries to cache, or for anything that is not a Triton function
+    (a test double). ``launcher(kernel)[grid](*args, **kwargs)`` replaces ``kernel[grid](...)``.
+    """
+    entry = _LAUNCHERS.get(id(fn))
+    if entry is not None and entry[0] is fn:
+        return entry[1]
+    from triton.runtime.jit import JITFunction
+
+    wrapped = FastKernel(fn) if isinstance(fn, JITFunction) else fn
+    _LAUNCHERS[id(fn)] = (fn, wrapped)
+    return wrapped
+
+
+__all__ = ["FastKernel", "current_stream", "fast_launch_enabled", "launcher"]
