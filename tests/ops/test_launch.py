@@ -218,3 +218,14 @@ def test_a_runtime_refusing_the_direct_call_falls_back_for_good() -> None:
         kernel[(1,)](x, 3, 0.5, BLOCK=32)
     assert not kernel.direct and kernel.num_direct_launches == 0
     assert len(fn.compiles) == 3  # miss, refused direct call relaunched, then Triton's path
+
+
+def test_constexprs_between_runtime_arguments_key_by_value() -> None:
+    fn = TritonDouble([Param("x_ptr"), Param("BLOCK", is_constexpr=True), Param("n")])
+    kernel = FastKernel(fn)
+    x = torch.zeros(64)
+    for block, n in ((32, 5), (32, 6), (64, 6), (64, 1), (64, 7)):
+        kernel[(1,)](x, block, n)
+    # (32, 5) compiles; (32, 6) hits; 64 compiles; n == 1 compiles; (64, 7) hits the 64 binary
+    assert len(fn.compiles) == 3 and kernel.num_direct_launches == 2
+    assert fn.binaries[1].launches[0][1] == (x, 64, 7)

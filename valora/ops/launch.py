@@ -80,6 +80,10 @@ class FastKernel:
         """False: every launch takes Triton's path (no parameters known, or no binaries)."""
         self._names = tuple(p.name for p in params)
         self._constexpr = frozenset(i for i, p in enumerate(params) if p.is_constexpr)
+        tail = len(params) - len(self._constexpr)
+        self._runtime_prefix = tail if self._constexpr == set(range(tail, len(params))) else -1
+        """``n`` when the first ``n`` parameters are the runtime ones and the rest constexprs
+        (the usual layout: the key is then built without a per-argument test), else -1."""
         self._defaults = {p.name: p.default for p in params
                           if p.default is not inspect.Parameter.empty}
         self._binaries: dict[tuple[object, ...], Any] = {}
@@ -104,9 +108,15 @@ class FastKernel:
         for name in names[len(args):]:
             values.append(kwargs[name] if name in kwargs else self._defaults[name])
         device = _first_device(values)
-        constexpr = self._constexpr
-        key = (device, options["num_warps"], options["num_stages"],
-               *[value if i in constexpr else _arg_key(value) for i, value in enumerate(values)])
+        prefix = self._runtime_prefix
+        if prefix >= 0:
+            key = (device, options["num_warps"], options["num_stages"], *values[prefix:],
+                   *map(_arg_key, values[:prefix]))
+        else:
+            constexpr = self._constexpr
+            key = (device, options["num_warps"], options["num_stages"],
+                   *[value if i in constexpr else _arg_key(value)
+                     for i, value in enumerate(values)])
         binary = self._binaries.get(key)
         if binary is None:
             compiled = self.fn[grid](*args, **options, **kwargs)
