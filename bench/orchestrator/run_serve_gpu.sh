@@ -5,11 +5,13 @@
 # LLaVA-1.5-7B shapes (bench/orchestrator/make_model_dir.py), 16 random adapters of ranks
 # 8/16/32/64 on all seven projections.
 #
-# One process per policy (a policy's engine, KV cache and pristine copy are gone before the next
-# one starts). The first (unmerged-fcfs) measures capacity with a burst; rates are 0.3 / 0.6 /
-# 0.9 of it and requests per run are chosen so all runs fit RUN_BUDGET_S; the other policies
-# replay the identical workloads (same seed, rates and request count). Each process gets the time
-# left of HARD_LIMIT_S (killed beyond it; its finished runs are kept) and skips runs past it.
+# SHARED=1 (default): one process and one engine for every policy (`--shared-engine`): the first
+# policy measures capacity with a burst; rates are 0.3 / 0.6 / 0.9 of it, requests per run are
+# chosen so all runs fit RUN_BUDGET_S, and inside each (skew, rate) cell the policies take turns
+# on the same engine (order reversed every other cell), each from the base weights with cold
+# caches. SHARED=0: one process per policy (the runs up to session 6; a process's history
+# weighed on its policy alone): the first calibrates, the others replay the identical workloads.
+# Processes get the time left of HARD_LIMIT_S (killed beyond it; finished runs are kept).
 #
 #   usage (repository root):  OUT=/tmp/x bash bench/orchestrator/run_serve_gpu.sh [--tiny]
 #   H200: <= 5 min (HARD_LIMIT_S=285). --tiny: default tiny model on the CPU (same path).
@@ -65,21 +67,35 @@ run_policy() {  # POLICY EXTRA_FLAGS...
 }
 
 rm -f "$OUT/$NAME.jsonl"
-# Budget is for all policies: the first process sees one policy, so give it a quarter.
-run_policy "${POLICIES[0]}" --rates-of-capacity 0.3 0.6 0.9 --calibration-requests "$CALIBRATION" \
-  --run-budget-s "$(python3 -c "print($RUN_BUDGET_S / ${#POLICIES[@]})")"
-read -r NREQ RATES < <(python3 - "$OUT/$NAME.jsonl" <<'EOF'
+if [[ "${SHARED:-1}" == "1" ]]; then
+  # One process, one engine for every policy; the policies take turns inside each cell
+  # (`--shared-engine`): no process history in the comparison, one engine start-up.
+  left=$(( HARD_LIMIT_S - ($(date +%s) - START) - 15 ))
+  echo "== shared engine: ${POLICIES[*]} (${left}s left)" >>"$LOG"
+  timeout --signal=INT --kill-after=10 "$left" \
+    python3 -m valora.cli --log-level info bench serve "${COMMON[@]}" \
+      --policies "$(IFS=,; echo "${POLICIES[*]}")" --shared-engine --name part-shared \
+      --rates-of-capacity 0.3 0.6 0.9 --calibration-requests "$CALIBRATION" \
+      --run-budget-s "$RUN_BUDGET_S" --deadline-s $(( left - 25 > 1 ? left - 25 : 1 )) >>"$LOG" 2>&1
+  echo "shared engine: exit status $?" | tee -a "$LOG"
+  cat "$WORK/part-shared.jsonl" >>"$OUT/$NAME.jsonl" 2>/dev/null
+else
+  # Budget is for all policies: the first process sees one policy, so give it a quarter.
+  run_policy "${POLICIES[0]}" --rates-of-capacity 0.3 0.6 0.9 --calibration-requests "$CALIBRATION" \
+    --run-budget-s "$(python3 -c "print($RUN_BUDGET_S / ${#POLICIES[@]})")"
+  read -r NREQ RATES < <(python3 - "$OUT/$NAME.jsonl" <<'EOF'
 import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
 rates = sorted({r["rate_per_s"] for r in rows})
 print(max((len(r["requests"]) for r in rows), default=8), " ".join(f"{r:g}" for r in rates) or "1")
 EOF
 )
-echo "rates: $RATES; requests per run: $NREQ" | tee -a "$LOG"
-for policy in "${POLICIES[@]:1}"; do
-  # shellcheck disable=SC2086
-  run_policy "$policy" --rates $RATES --num-requests "$NREQ"
-done
+  echo "rates: $RATES; requests per run: $NREQ" | tee -a "$LOG"
+  for policy in "${POLICIES[@]:1}"; do
+    # shellcheck disable=SC2086
+    run_policy "$policy" --rates $RATES --num-requests "$NREQ"
+  done
+fi
 
 # Summary and plot from the rows written (each run's row is appended when it ends).
 python3 - "$OUT/$NAME.jsonl" "$NOTE" <<'EOF' 2>&1 | tee -a "$LOG"

@@ -80,3 +80,38 @@ def test_trace_replay(tiny_model: Path, tiny_adapters: dict[str, str], tmp_path:
     row = json.loads((tmp_path / "out" / "trace.jsonl").read_text())
     assert row["popularity"] == "trace" and row["metrics"]["num_finished"] == 3
     assert (tmp_path / "out" / "trace.png").stat().st_size > 0
+
+
+def test_shared_engine_runs_every_policy_per_cell_in_alternating_order(
+        tiny_model: Path, tiny_adapters: dict[str, str], tmp_path: Path) -> None:
+    """``--shared-engine``: one engine; the policies take turns inside each cell (list order,
+    then reversed), each run from the base weights with cold caches, so identical requests give
+    identical outputs under every policy (mixed semantics are exact; greedy sampling)."""
+    modules = [f"{name}={path}" for name, path in tiny_adapters.items()]
+    code = main(["serve", *_engine_flags(tiny_model), "--lora-modules", *modules,
+                 "--num-requests", "4", "--rates", "40", "80", "--popularity", "hot:0.7",
+                 "--policies", "unmerged-fcfs,valora,dlora", "--kind-mix", "1,0,1",
+                 "--num-frames", "2", "--warmup-requests", "1", "--shared-engine",
+                 "--out", str(tmp_path), "--name", "shared", "--no-plot"])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "shared.jsonl").read_text().splitlines()]
+    assert [(r["policy"], r["rate_per_s"]) for r in rows] == [
+        ("unmerged-fcfs", 40.0), ("valora", 40.0), ("dlora", 40.0),
+        ("dlora", 80.0), ("valora", 80.0), ("unmerged-fcfs", 80.0)]
+    for row in rows:
+        assert row["metrics"]["num_finished"] == 4 and row["metrics"]["num_failed"] == 0
+    by_policy = {r["policy"]: r for r in rows if r["rate_per_s"] == 40.0}
+    assert by_policy["unmerged-fcfs"]["modes"]["num_switches"] == 0
+    assert by_policy["unmerged-fcfs"]["modes"]["decision_seconds"] == 0.0  # no decisions made
+    assert by_policy["valora"]["modes"]["decision_seconds"] > 0.0
+    tokens = {p: {q["request_id"]: q["num_output_tokens"] for q in r["requests"]}
+              for p, r in by_policy.items()}
+    assert tokens["valora"] == tokens["unmerged-fcfs"] == tokens["dlora"]
+
+
+def test_shared_engine_is_in_process_only(capsys: pytest.CaptureFixture[str],
+                                          tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--url", "http://127.0.0.1:8000", "--policies", "valora",
+              "--shared-engine", "--out", str(tmp_path)])
+    assert info.value.code == 2 and "--shared-engine" in capsys.readouterr().err

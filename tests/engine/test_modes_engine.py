@@ -84,3 +84,50 @@ def test_unmerge_restores_base_weights_exactly(tiny_llava: Path, tiny_adapters: 
     for key, weight in llm.engine.parts.model.lora_base_weights().items():
         if key in llm.engine.parts.model.lora_slot_map():
             assert (weight == modes.switcher.pristine(key)).all(), key
+
+
+def test_set_mode_policy_unmerges_then_serves_like_unmerged(
+        tiny_llava: Path, tiny_adapters: dict[str, Path], images: list[Image.Image],
+        unmerged: list[Any]) -> None:
+    """Benchmarks swap policies on one engine: the swap restores the base weights exactly, the
+    next policy's outputs are plain unmerged serving's, and caches can be emptied in between."""
+    _, llm = _run(tiny_llava, tiny_adapters, "test-always-mixed", images)
+    engine = llm.engine
+    modes = engine.parts.modes
+    assert modes is not None and modes.switcher is not None and modes.state.merged_adapter == "r16"
+    assert engine.parts.runner.image_cache.nbytes > 0
+    engine.set_mode_policy("unmerged-fcfs")
+    assert modes.state.merged_adapter is None and modes.state.mode is Mode.UNMERGED
+    assert modes.summary()["policy"] == "unmerged-fcfs"
+    for key, weight in engine.parts.model.lora_base_weights().items():
+        if key in engine.parts.model.lora_slot_map():
+            assert (weight == modes.switcher.pristine(key)).all(), key
+    engine.reset_caches()
+    assert len(engine.parts.runner.image_cache) == 0
+    switches = modes.stats.num_switches
+    outputs = llm.generate(_workload(images))
+    assert modes.stats.num_switches == switches  # unmerged-fcfs never merges
+    for got, ref in zip(outputs, unmerged, strict=True):
+        assert got.outputs[0].token_ids == ref.outputs[0].token_ids
+    engine.set_mode_policy("dlora")
+    assert modes.summary()["policy"] == "dlora"
+
+
+def test_set_mode_policy_refuses_what_the_engine_cannot_do(
+        tiny_llava: Path, tiny_adapters: dict[str, Path]) -> None:
+    from valora.engine.inputs import GenerateRequest
+    from valora.errors import InvalidRequestError
+
+    llm = LLM(model=str(tiny_llava), dtype="float32", device="cpu", num_pages=64, page_size=8,
+              max_loras=2, adapters=tiny_adapters, mode_policy="unmerged-fcfs")
+    engine = llm.engine
+    with pytest.raises(InvalidRequestError, match="start it with a merging policy"):
+        engine.set_mode_policy("valora")
+    with pytest.raises(InvalidRequestError, match="unknown mode policy"):
+        engine.set_mode_policy("fifo")
+    engine.add_request(GenerateRequest(prompt="USER: hi ASSISTANT:", adapter="r8",
+                                       sampling_params=PARAMS))
+    with pytest.raises(InvalidRequestError, match="unfinished"):
+        engine.set_mode_policy("unmerged-fcfs")
+    with pytest.raises(InvalidRequestError, match="unfinished"):
+        engine.reset_caches()

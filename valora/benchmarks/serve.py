@@ -9,6 +9,10 @@ capacity`` for every policy (so "light / medium / near saturation" mean the same
 With ``run_budget_s`` the requests per run are then chosen so the sum of the runs' nominal
 durations (requests / rate) fits that budget. ``deadline_s`` skips the runs that would start after
 that many seconds since the sweep began (a hard stop for time-boxed GPU runs).
+
+``shared_engine``: one engine for every policy, the policies taking turns inside each cell
+(``_run_shared``) — the comparison the serving bar asks for ("same engine, card and trace")
+without process history in it.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ class ServeBench:
     capacity_per_s: float | None = None
     min_requests: int = 8
     max_requests: int = 400
+    shared_engine: bool = False
+    """In-process only: one engine serves every policy (see ``run_sweep``)."""
 
 
 def _runs(bench: ServeBench) -> list[tuple[str, float, list[BenchRequest]]]:
@@ -97,18 +103,30 @@ def _row(bench: ServeBench, policy: str, popularity: str, rate: float, result: R
 Runner = Callable[[str, list[BenchRequest]], RunResult]
 
 
-def _engine_runner(bench: ServeBench, policy: str, adapter_paths: dict[str, str]) -> Runner:
-    """One engine per policy, warmed up off the clock, serving every run of that policy."""
+def _warm_requests(bench: ServeBench) -> list[BenchRequest]:
+    """The first ``warmup_requests`` of the first run, plus one request per adapter (adapter
+    files are read and decoded off the clock)."""
+    sample = _runs(bench)[0][2]
+    warm = list(sample[: bench.warmup_requests])
+    if warm:
+        warm += [replace(warm[0], request_id=f"adapter-{name}", adapter=name)
+                 for name in bench.adapter_ranks]
+    return warm
+
+
+def _build_engine(bench: ServeBench, policy: str, adapter_paths: dict[str, str]) -> Any:
     from valora.engine.llm import LLM
 
     llm = LLM(model=bench.model, adapters=adapter_paths,
               **{**bench.engine_options, "mode_policy": policy})
-    engine = llm.engine
-    sample = _runs(bench)[0][2]
-    warm = list(sample[: bench.warmup_requests])
-    if warm:  # plus one request per adapter: adapter files are read and decoded off the clock
-        warm += [replace(warm[0], request_id=f"adapter-{name}", adapter=name)
-                 for name in bench.adapter_ranks]
+    return llm.engine
+
+
+def _engine_runner(bench: ServeBench, policy: str, adapter_paths: dict[str, str]) -> Runner:
+    """One engine per policy, warmed up off the clock, serving every run of that policy."""
+    engine = _build_engine(bench, policy, adapter_paths)
+    warm = _warm_requests(bench)
+    if warm:
         warm_up(engine, warm, seed=bench.workload.seed)
     return lambda tag, requests: run_inprocess(engine, requests, run_tag=tag,
                                                seed=bench.workload.seed)
@@ -170,6 +188,8 @@ def run_sweep(bench: ServeBench, adapter_paths: dict[str, str],
                       "adapters", "rate_per_s", "popularity", "zipf_alpha", "hot_fraction")},
                   "engine": dict(bench.engine_options)},
     }
+    if bench.shared_engine and bench.url is None and bench.policies:
+        return _run_shared(bench, adapter_paths, on_row, started, common)
     rows: list[dict[str, Any]] = []
     for index, policy in enumerate(bench.policies):
         if bench.deadline_s is not None and time.monotonic() - started > bench.deadline_s:
@@ -191,4 +211,52 @@ def run_sweep(bench: ServeBench, adapter_paths: dict[str, str],
                 on_row(rows[-1])
         del runner
         _free_device()
+    return rows
+
+
+def _run_shared(bench: ServeBench, adapter_paths: dict[str, str],
+                on_row: Callable[[dict[str, Any]], None] | None, started: float,
+                common: dict[str, Any]) -> list[dict[str, Any]]:
+    """``run_sweep`` with one engine for every policy.
+
+    The engine starts with the first policy that merges adapters (so its switcher, pristine
+    copy and mixed graphs exist for all), each policy is warmed up on it, and inside every
+    (skew, rate) cell the policies take turns — list order in even cells, reversed in odd ones —
+    each run starting from the base weights (``LLMEngine.set_mode_policy``) with empty prefix
+    and image caches (``LLMEngine.reset_caches``: every policy replays the same prompts). A cell
+    starts only whole: the deadline skips cells, never one policy of a cell, so every row has
+    its paired rows. Separate engines per policy (the default) let process history (first-use
+    compiles, allocator state, the order of processes) weigh on one policy and not another; on
+    one engine it weighs on all alike, and the engine's start-up is paid once.
+    """
+    build = next((p for p in bench.policies if p != "unmerged-fcfs"), bench.policies[0])
+    engine = _build_engine(bench, build, adapter_paths)
+    seed = bench.workload.seed
+    warm = _warm_requests(bench)
+    for policy in bench.policies:
+        engine.set_mode_policy(policy)
+        if warm:
+            warm_up(engine, warm, seed=seed)
+
+    def run(policy: str, tag: str, requests: list[BenchRequest]) -> RunResult:
+        engine.set_mode_policy(policy)
+        engine.reset_caches()
+        return run_inprocess(engine, requests, run_tag=tag, seed=seed)
+
+    if bench.capacity_fractions and bench.trace is None:
+        first = bench.policies[0]
+        bench = calibrate(bench, lambda tag, requests: run(first, tag, requests))
+    rows: list[dict[str, Any]] = []
+    for index, (popularity, rate, requests) in enumerate(_runs(bench)):
+        if bench.deadline_s is not None and time.monotonic() - started > bench.deadline_s:
+            logger.warning("deadline: skipping the cell %s %g", popularity, rate)
+            continue
+        order = list(bench.policies) if index % 2 == 0 else list(reversed(bench.policies))
+        for policy in order:
+            logger.info("run: policy=%s popularity=%s rate=%g (%d requests, shared engine)",
+                        policy, popularity, rate, len(requests))
+            result = run(policy, f"{policy}/{popularity}/{rate:g}", requests)
+            rows.append(_row(bench, policy, popularity, rate, result, common))
+            if on_row is not None:
+                on_row(rows[-1])
     return rows

@@ -76,6 +76,25 @@ class LLMEngine:
         self.parts.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         self._pending_outputs.append(self._retire(request))
 
+    def set_mode_policy(self, name: str) -> None:
+        """Serve with mode policy ``name`` from now on (``ModeController.set_policy``). Only
+        between requests: raises ``InvalidRequestError`` while any request is unfinished, or
+        when the engine has no mode controller (no adapter slots)."""
+        if self.has_unfinished_requests():
+            raise InvalidRequestError("set_mode_policy: requests are unfinished; drain first")
+        if self.parts.modes is None:
+            raise InvalidRequestError("set_mode_policy: this engine serves no adapters")
+        self.parts.modes.set_policy(name)
+
+    def reset_caches(self) -> None:
+        """Forget the prefix cache's page hashes and the image-embedding cache, so the next
+        request computes everything (benchmarks replaying one workload several times on one
+        engine). Only between requests: raises ``InvalidRequestError`` otherwise."""
+        if self.has_unfinished_requests():
+            raise InvalidRequestError("reset_caches: requests are unfinished; drain first")
+        self.parts.kv_manager.pool.reset_prefix_cache()
+        self.parts.runner.image_cache.clear()
+
     def has_unfinished_requests(self) -> bool:
         return any(not r.is_finished for r in self.requests.values()) or bool(self._pending_outputs)
 

@@ -40,6 +40,11 @@ class ImageEmbeddingCache:
         self._entries[digest] = embeddings
         self._bytes += size
 
+    def clear(self) -> None:
+        """Drop every entry (hit and miss counts are kept)."""
+        self._entries.clear()
+        self._bytes = 0
+
     def __len__(self) -> int:
         return len(self._entries)
 

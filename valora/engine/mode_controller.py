@@ -19,12 +19,13 @@ from typing import Any
 import torch
 
 from valora.config import EngineConfig
+from valora.errors import InvalidRequestError
 from valora.logger import get_logger
 from valora.lora.adapter_manager import AdapterManager
 from valora.orchestrator.cost_model import CostModel
 from valora.orchestrator.merge import WeightSwitcher
 from valora.orchestrator.modes import Mode, ModeState
-from valora.orchestrator.policies import ModePolicy, get_mode_policy
+from valora.orchestrator.policies import ModePolicy, available_mode_policies, get_mode_policy
 from valora.orchestrator.queue_view import AdapterInfo, ModeDecision, QueueView, views_from_requests
 from valora.orchestrator.step_profiler import (
     PROFILES_DIR,
@@ -170,6 +171,33 @@ class ModeController:
     def merged_slot(self) -> int | None:
         return self.state.merged_slot
 
+    def set_policy(self, name: str) -> None:
+        """Decide with policy ``name`` from the next step on (benchmarks compare policies on one
+        engine). Call only while no request is running or waiting (``LLMEngine.set_mode_policy``
+        checks). A merged adapter is unmerged first (exact restore), so every policy starts from
+        the base weights; the statistics keep counting (runs report differences). A policy that
+        merges needs an engine started with one: its switcher and pristine copy are planned
+        into memory and its graphs captured with the ``mixed`` variant at start."""
+        if name not in available_mode_policies():
+            raise InvalidRequestError(
+                f"unknown mode policy {name!r}; known: {available_mode_policies()}")
+        merges = name != "unmerged-fcfs"
+        if merges and not merging_policy(self.config):
+            raise InvalidRequestError(
+                f"mode policy {name!r} merges adapters, but this engine was started with "
+                f"{self.config.orchestrator.mode_policy!r}, which never does (no switcher or "
+                "pristine copy planned, no mixed graphs): start it with a merging policy")
+        previous = self.state.merged_adapter
+        if previous is not None:
+            assert self.switcher is not None
+            self.state, _ = apply_decision(self.switcher, self.state,
+                                           ModeDecision(Mode.UNMERGED, None), self._pinned_slot,
+                                           time.monotonic())
+            self.adapters.release(previous)
+        self.policy = self._build_policy(name, self.model, self.model.device)
+        self._can_merge = merges and self.adapters.num_slots > 0
+        self._last_progress.clear()
+
     # ----- per step -----------------------------------------------------------------------------
     def before_schedule(
         self, running: list[Request], waiting: list[Request], now: float
@@ -262,6 +290,7 @@ class ModeController:
 
     def summary(self) -> dict[str, Any]:
         return {
+            "policy": self.policy.name,
             "mode": self.state.mode.value,
             "merged_adapter": self.state.merged_adapter,
             "num_switches": self.stats.num_switches,
