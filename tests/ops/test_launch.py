@@ -69,6 +69,7 @@ PARAMS = [Param("x_ptr"), Param("n"), Param("scale"), Param("mode", default=7),
 @pytest.fixture(autouse=True)
 def _cpu_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(launch, "current_stream", lambda device: 42)
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
     monkeypatch.setattr(launch, "_hooks_set", lambda: False)
 
 
@@ -87,8 +88,9 @@ def test_second_call_launches_the_cached_binary_directly() -> None:
 
 
 @pytest.mark.parametrize("change", ["int_one", "int_div16", "int64", "dtype", "misaligned",
-                                    "constexpr", "warps", "stages", "none"])
-def test_a_change_triton_specialises_on_takes_tritons_path(change: str) -> None:
+                                    "constexpr", "warps", "stages", "none", "device"])
+def test_a_change_triton_specialises_on_takes_tritons_path(
+        change: str, monkeypatch: pytest.MonkeyPatch) -> None:
     fn = TritonDouble(PARAMS)
     kernel = FastKernel(fn)
     base = torch.zeros(64, dtype=torch.float16)
@@ -115,6 +117,8 @@ def test_a_change_triton_specialises_on_takes_tritons_path(change: str) -> None:
         kwargs["num_stages"] = 2
     elif change == "none":
         args[2] = None
+    elif change == "device":  # binaries are per device: another current device compiles again
+        monkeypatch.setattr(launch, "_current_device", lambda: 1)
     kernel[(1,)](*args, **kwargs)
     assert len(fn.compiles) == 2
     kernel[(1,)](*args, **kwargs)

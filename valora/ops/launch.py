@@ -1,17 +1,19 @@
 """Low-latency launches of ``@triton.jit`` kernels: the compiled binary cached per specialisation.
 
-An eager (prefill) step at 7B shapes launches ≈ 200 Triton kernels and is host-bound: measured on
-an H200 host (``bench/model/eager_anatomy.py``), one LoRA op costs ≈ 110–140 µs of host time of
-which the two ``kernel[grid](...)`` calls are ≈ 75–100 µs, while the GEMM it rides on costs
-≈ 15 µs. Triton's launch path does, per call, work that is constant for a call site: reading its
-option knobs, querying the device and stream, binding and specialising every argument, turning
-the specialisation into a string key and looking it up. :class:`FastKernel` keeps Triton's
-semantics and does less:
+An eager (prefill) step at 7B shapes launches ≈ 160 Triton kernels (+ 256 per LoRA pass) and is
+host-bound: measured on an H200 host (``bench/model/eager_anatomy.py``,
+``bench/ops/launch_overhead.py``), Triton's ``kernel[grid](...)`` costs 18–22 µs per launch, the
+compiled binary's own ``run`` 8–10 µs, an ATen op ≈ 8 µs. Triton's launch path does, per call,
+work that is constant for a call site: reading its option knobs, querying the device and stream,
+binding and specialising every argument, turning the specialisation into a string key and
+looking it up, building launch metadata for hooks. :class:`FastKernel` keeps Triton's semantics
+and does less:
 
 - a cheap key per call: per argument exactly the facts Triton specialises on — a tensor's dtype
   and whether its address is 16-byte aligned; an integer's width class (i32 / i64 / u64),
   whether it equals 1 and whether it is a multiple of 16; the value of a ``constexpr``; the type of
-  anything else — plus ``num_warps`` / ``num_stages``. Two calls with equal keys get the same
+  anything else — plus ``num_warps`` / ``num_stages`` and the current device (Triton launches on
+  the current device, as here). Two calls with equal keys get the same
   binary from Triton too (the key records at least what Triton's does; it may record more, which
   only compiles a binary Triton would have shared);
 - on a miss, the call goes through Triton's own path once (which compiles or finds the binary
@@ -107,7 +109,7 @@ class FastKernel:
         values = list(args)
         for name in names[len(args):]:
             values.append(kwargs[name] if name in kwargs else self._defaults[name])
-        device = _first_device(values)
+        device = _current_device()
         prefix = self._runtime_prefix
         if prefix >= 0:
             key = (device, options["num_warps"], options["num_stages"], *values[prefix:],
@@ -151,19 +153,16 @@ def _runner(compiled: Any) -> tuple[Any, Any, Any] | None:
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
-def current_stream(device: torch.device) -> int:
-    """The raw handle of ``device``'s current stream (what Triton launches on)."""
+def current_stream(device: int) -> int:
+    """The raw handle of CUDA device ``device``'s current stream (what Triton launches on)."""
     if _RAW_STREAM is not None:
-        return int(_RAW_STREAM(device.index if device.index is not None
-                               else torch.cuda.current_device()))
+        return int(_RAW_STREAM(device))
     return int(torch.cuda.current_stream(device).cuda_stream)
 
 
-def _first_device(values: list[object]) -> torch.device:
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            return value.device
-    return torch.device("cuda", torch.cuda.current_device())
+def _current_device() -> int:
+    """The current CUDA device's index (Triton compiles and launches for it)."""
+    return torch.cuda.current_device()
 
 
 def _hooks_set() -> bool:
