@@ -108,6 +108,11 @@ class LoRAConfig:
     ``warm_up_lora_kernels``: on CUDA with the Triton backend, compile at engine start every LoRA
     kernel variant a step of up to ``max_num_batched_tokens`` tokens can select
     (``valora.ops.warmup``), so that no prefill stalls on a compile while serving.
+    ``fuse_correction``: in mixed mode, compute the rows' own adapters and the merged adapter's
+    correction in one LoRA op (one shrink + one expand launch per layer, ``valora.ops.lora``)
+    instead of two, in eager steps and decode graphs alike. Off by default: its kernels have run
+    only in Triton's CPU interpreter so far, and the warm-up does not compile them (their first
+    use compiles).
     """
 
     enable_lora: bool = True
@@ -117,6 +122,7 @@ class LoRAConfig:
     lora_backend: str = "auto"
     overlap_max_tokens: int = 16
     warm_up_lora_kernels: bool = True
+    fuse_correction: bool = False
 
     def __post_init__(self) -> None:
         _require(self.max_loras > 0, "max_loras must be positive")

@@ -23,7 +23,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from valora.orchestrator import cost_model
 from valora.orchestrator.cost_model import CostModel
 from valora.orchestrator.policies import get_mode_policy
 from valora.orchestrator.queue_view import AdapterInfo
@@ -63,28 +62,6 @@ def scaled(model: CostModel, lora: float, switch: float, exact: bool) -> CostMod
                    fit_info={} if exact else dict(model.fit_info))
 
 
-def assume_fused_correction() -> None:
-    """Count one LoRA launch for a step or row that the engine serves with two (its own and the
-    correction): what a kernel taking each token's own and the merged adapter's ranks in one
-    pass would cost under this profile's launch terms. Patches the cost model's counting
-    functions for this process (a what-if; the engine does not fuse)."""
-    import valora.orchestrator.latency_estimate as estimate
-
-    counted = cost_model.step_shape
-
-    def step_shape(spec: Any, graph_max_rows: int = 0) -> cost_model.StepShape:
-        shape = counted(spec, graph_max_rows)
-        return replace(shape, lora_launches=min(shape.lora_launches, 1))
-
-    def launches_per_row(adapter: str | None, rank: int, mode: Any, merged: str | None) -> int:
-        if not mode.has_merged_adapter:
-            return int(adapter is not None and rank > 0)
-        return 0 if adapter == merged else 1
-
-    cost_model.step_shape = step_shape  # type: ignore[assignment]
-    estimate.lora_launches_per_row = launches_per_row  # type: ignore[assignment]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", type=Path, required=True)
@@ -102,17 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--switch-scale", type=float, default=1.0,
                         help="multiply the profile's switch coefficients")
     parser.add_argument("--fused-correction", action="store_true",
-                        help="what-if: the mixed-mode correction rides in the rows' own LoRA "
-                             "launch (one launch where the engine makes two), for the step "
-                             "costs and the valora policy's estimates alike")
+                        help="the engine's LoRAConfig.fuse_correction: mixed-mode steps make "
+                             "one LoRA launch, not two (step costs and the valora policy's "
+                             "estimates alike; the profile measured two)")
     parser.add_argument("--exact-model", action="store_true",
                         help="the valora policy trusts the model (no fit-error switch margin): "
                              "in the simulator the model is the truth")
     args = parser.parse_args(argv)
-    if args.fused_correction:
-        assume_fused_correction()
     truth = scaled(CostModel.load(args.profile, args.entry), args.lora_scale, args.switch_scale,
                    args.exact_model)
+    truth = replace(truth, fused_correction=args.fused_correction)
     names = adapter_names(16)
     ranks = mixed_ranks(names, (8, 16, 32, 64))
     config = SimConfig({n: AdapterInfo(ranks[n], args.merge_bytes) for n in names},

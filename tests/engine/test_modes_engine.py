@@ -45,10 +45,11 @@ def _workload(images: list[Image.Image]) -> list[dict[str, Any]]:
     return out
 
 
-def _run(model: Path, adapters: dict[str, Path], policy: str, images: list[Image.Image]) -> tuple[list[Any], LLM]:
+def _run(model: Path, adapters: dict[str, Path], policy: str, images: list[Image.Image],
+         **options: Any) -> tuple[list[Any], LLM]:
     llm = LLM(model=str(model), dtype="float32", device="cpu", num_pages=256, page_size=8, max_loras=4,
               max_lora_rank=64, adapters=adapters, mode_policy=policy, starvation_s=0.5,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, **options)
     return llm.generate(_workload(images)), llm
 
 
@@ -73,6 +74,22 @@ def test_policy_matches_unmerged(policy: str, tiny_llava: Path, tiny_adapters: d
         assert modes is not None and modes.policy.cost_model.graph_max_rows == 0  # type: ignore[attr-defined]
     # Every merging policy takes its pristine copy at start-up (before the KV cache is sized).
     assert summary["pristine_bytes"] > 0, summary
+
+
+@pytest.mark.parametrize("policy", ["test-always-mixed", "valora"])
+def test_fused_correction_matches_unmerged(policy: str, tiny_llava: Path,
+                                           tiny_adapters: dict[str, Path],
+                                           images: list[Image.Image],
+                                           unmerged: list[Any]) -> None:
+    """``fuse_correction``: mixed-mode steps carry one LoRA batch with the correction inside."""
+    outputs, llm = _run(tiny_llava, tiny_adapters, policy, images, fuse_correction=True)
+    assert llm.engine.parts.runner.fuse_correction
+    for got, ref in zip(outputs, unmerged, strict=True):
+        assert got.outputs[0].token_ids == ref.outputs[0].token_ids
+        for a, b in zip(got.outputs[0].logprobs, ref.outputs[0].logprobs, strict=True):
+            assert abs(a.logprob - b.logprob) <= 1e-4 * max(1.0, abs(b.logprob))
+    if policy == "test-always-mixed":
+        assert llm.engine.stats()["modes"]["steps_by_mode"].get("mixed", 0) > 0
 
 
 def test_unmerge_restores_base_weights_exactly(tiny_llava: Path, tiny_adapters: dict[str, Path],

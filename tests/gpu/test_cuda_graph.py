@@ -48,19 +48,24 @@ def test_buckets() -> None:
         batch_buckets(0)
 
 
-@pytest.mark.parametrize(("variant", "slots"), [
-    ("base", [(-1, -1)] * 3),
-    ("lora", [(0, -1), (2, -1)]),
-    ("mixed", [(0, 1), (-1, 1), (1, -1)]),
-    ("mixed", [(-1, 1), (-1, 1)]),  # base rows while slot 1 is merged: a correction alone
-], ids=["base", "lora", "mixed", "correction-only"])
+@pytest.mark.parametrize(("variant", "slots", "fuse"), [
+    ("base", [(-1, -1)] * 3, False),
+    ("lora", [(0, -1), (2, -1)], False),
+    ("mixed", [(0, 1), (-1, 1), (1, -1)], False),
+    ("mixed", [(-1, 1), (-1, 1)], False),  # base rows while slot 1 is merged: a correction alone
+    ("mixed", [(0, 1), (-1, 1), (-1, -1), (2, 1)], False),  # as the engine plans mixed steps
+    ("mixed", [(0, 1), (-1, 1), (-1, -1), (2, 1)], True),  # the same, one fused LoRA op
+    ("mixed", [(-1, 1), (-1, 1)], True),
+], ids=["base", "lora", "mixed", "correction-only", "mixed-engine", "mixed-fused",
+        "correction-only-fused"])
 def test_eager_runner_matches_reference(tiny_llava: Path, variant: str,
-                                        slots: list[tuple[int, int]]) -> None:
+                                        slots: list[tuple[int, int]], fuse: bool) -> None:
     ranks = [3, 8, 5]
     fast = make_model(tiny_llava, "triton", DEVICE, torch.float32, ranks)
     ref = make_model(tiny_llava, "torch", torch.device("cpu"), torch.float32, ranks)
     runner = CudaGraphRunner(fast, 4, max_context=64, page_size=PAGE_SIZE,
-                             num_lora_slots=NUM_SLOTS, variants=(variant,), use_graphs=False)
+                             num_lora_slots=NUM_SLOTS, variants=(variant,), use_graphs=False,
+                             fuse_correction=fuse)
     runner.capture()
     got, got_logits = Stepper(fast, 48, PAGE_SIZE, NUM_SLOTS, "triton").greedy(
         prompts(fast, len(slots), slots), 3, 4, runner)
@@ -135,18 +140,24 @@ def test_gpu_graphs_match_eager_and_survive_adapter_changes(tiny_llava: Path,
 
 
 @pytest.mark.gpu
-def test_gpu_correction_only_steps_replay_the_mixed_graph(tiny_llava: Path) -> None:
+@pytest.mark.parametrize(("slots", "fuse"), [
+    ([(-1, 3)] * 3, False), ([(-1, 3)] * 3, True), ([(0, 3), (-1, 3), (-1, -1), (2, 3)], True)],
+    ids=["correction-only", "correction-only-fused", "mixed-fused"])
+def test_gpu_correction_only_steps_replay_the_mixed_graph(
+        tiny_llava: Path, slots: list[tuple[int, int]], fuse: bool) -> None:
     """Base-model rows while slot 3 is merged carry only the correction launch: they replay the
-    ``mixed`` graph (every token slot -1) and match the eager forward."""
+    ``mixed`` graph (every token slot -1) and match the eager forward; with ``fuse_correction``
+    the captured graph runs one LoRA op per layer (also for a whole mixed step)."""
     ranks = [8, 2, 5, 7]
     graphed = make_model(tiny_llava, "triton", DEVICE, torch.float32, ranks)
     eager = make_model(tiny_llava, "triton", DEVICE, torch.float32, ranks)
-    slots = [(-1, 3)] * 3
     runner = CudaGraphRunner(graphed, 4, max_context=128, page_size=PAGE_SIZE,
-                             num_lora_slots=NUM_SLOTS, variants=("base", "lora", "mixed"))
+                             num_lora_slots=NUM_SLOTS, variants=("base", "lora", "mixed"),
+                             fuse_correction=fuse)
     fast_steps = Stepper(graphed, 200, PAGE_SIZE, NUM_SLOTS, "triton")
     slow_steps = Stepper(eager, 200, PAGE_SIZE, NUM_SLOTS, "triton")
-    fast_seqs, slow_seqs = prompts(graphed, 3, slots), prompts(eager, 3, slots)
+    fast_seqs = prompts(graphed, len(slots), slots)
+    slow_seqs = prompts(eager, len(slots), slots)
     fast_steps.greedy(fast_seqs, 0, 8)
     slow_steps.greedy(slow_seqs, 0, 8)
     runner.capture()

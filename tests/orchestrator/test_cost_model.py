@@ -129,6 +129,25 @@ def test_eager_steps_are_prefills_and_batches_above_the_graphs() -> None:
     assert shape.eager == 1 and shape.features()[-2:] == [1, 2]
 
 
+def test_fused_correction_counts_one_launch() -> None:
+    """``LoRAConfig.fuse_correction``: a mixed step makes one LoRA launch for the rows' own
+    adapters and the correction, eager or replayed; the work is the same."""
+    rows = (RowWork("a", 8, 1, 100), RowWork(None, 0, 1, 100), RowWork("m", 16, 1, 100))
+    mixed = StepSpec(rows, Mode.MIXED, "m", 16)
+    graph, fused_graph = step_shape(mixed, 4), step_shape(mixed, 4, fused_correction=True)
+    assert (graph.lora_launches, fused_graph.lora_launches, graph.eager) == (2, 1, 0)
+    eager, fused = step_shape(mixed), step_shape(mixed, fused_correction=True)
+    assert (eager.lora_launches, fused.lora_launches) == (2, 1)
+    assert fused.lora_token_rank == eager.lora_token_rank and fused.features()[-1] == 1
+    base_only = StepSpec((RowWork(None, 0, 5, 100),), Mode.MIXED, "m", 16)
+    assert step_shape(base_only, fused_correction=True).lora_launches == 1
+    unmerged = StepSpec(rows[:2])
+    assert step_shape(unmerged, fused_correction=True) == step_shape(unmerged)
+    model = CostModel("truth", TRUE_STEP, TRUE_SWITCH)
+    fused_model = CostModel("truth", TRUE_STEP, TRUE_SWITCH, fused_correction=True)
+    assert fused_model.step_time(mixed) < model.step_time(mixed)
+
+
 @pytest.mark.parametrize("mode", list(Mode))
 @pytest.mark.parametrize("adapter", [None, "a", "m"])
 def test_prefill_time_charges_the_eager_step_and_its_launches(mode: Mode,
@@ -144,6 +163,8 @@ def test_prefill_time_charges_the_eager_step_and_its_launches(mode: Mode,
     shape = step_shape(spec, GRAPH_MAX_ROWS)
     assert shape.eager == 1 and lora_launches_per_row(adapter, rank, mode, merged) == \
         shape.lora_launches
+    assert lora_launches_per_row(adapter, rank, mode, merged, fused_correction=True) == \
+        step_shape(spec, GRAPH_MAX_ROWS, fused_correction=True).lora_launches
     model = CostModel("truth", TRUE_STEP, TRUE_SWITCH, graph_max_rows=GRAPH_MAX_ROWS)
     per_token = shape.lora_token_rank // 300
     base = (TRUE_STEP["const"] + TRUE_STEP["num_rows"] + TRUE_STEP["context_tokens"] * 300

@@ -12,7 +12,9 @@ adapters change) and the token grouping from ``LoRASegments`` buffers owned here
 device from the static token slots inside the graph (or, if capturing that fails, just before
 the replay). So graphs depend on the bucket and the *variant* only — ``"base"`` (no LoRA),
 ``"lora"`` and ``"mixed"`` (LoRA + merged-adapter correction; also a correction alone, with every
-token slot -1) — never on which adapters run.
+token slot -1) — never on which adapters run. With ``fuse_correction`` the ``mixed`` graph runs
+one LoRA op per layer with the correction inside (``valora.ops.lora``; its segments read both
+static slot buffers), else two; either replays batches of either form.
 
 Invariants: the model's KV caches, LoRA slot tensors and weights keep their storage after
 ``capture`` (rebinding caches or calling ``init_lora`` again needs a new runner); the hidden
@@ -51,9 +53,27 @@ def variant_of(batch: ForwardBatch) -> str:
     """The graph variant serving ``batch``: a correction without per-token LoRA (every row of the
     base model while an adapter is merged) replays ``"mixed"`` with all token slots -1, which
     the LoRA kernels skip — it ran eagerly before (≈ 31 ms instead of ≈ 8 at 7B on an H200)."""
-    if batch.lora_correction is not None:
+    if _correction_slots(batch) is not None:
         return "mixed"
     return "base" if batch.lora is None else "lora"
+
+
+def _fusable(batch: ForwardBatch) -> bool:
+    """Whether a two-batch mixed step meets the fused op's invariant (``valora.ops.lora``: no
+    token of the merged slot's own, every own-adapter token corrected) as far as the host knows:
+    the merged slot is not among the tokens' own slots. (The engine's batches always meet it.)"""
+    own, correction = batch.lora, batch.lora_correction
+    if own is None or correction is None or own.active_slots is None:
+        return True
+    return not set(own.active_slots) & set(correction.active_slots or ())
+
+
+def _correction_slots(batch: ForwardBatch) -> torch.Tensor | None:
+    """The step's correction slots: a second batch's, or those inside a fused one
+    (``LoRAConfig.fuse_correction``; graphs replay it as two launches, the same sums)."""
+    if batch.lora_correction is not None:
+        return batch.lora_correction.token_slots
+    return batch.lora.correction_slots if batch.lora is not None else None
 
 
 @dataclass
@@ -61,7 +81,8 @@ class _Entry:
     """One bucket × variant: its static batch, segments and (once captured) graph + output."""
 
     batch: ForwardBatch
-    segments: list[tuple[LoRASegments, torch.Tensor]]
+    segments: list[tuple[LoRASegments, torch.Tensor, torch.Tensor | None]]
+    """``(segments, token slots, correction slots or None)`` rebuilt before each replay."""
     graph: torch.cuda.CUDAGraph | None = None
     output: torch.Tensor | None = None
     update_in_graph: bool = True
@@ -81,6 +102,7 @@ class CudaGraphRunner:
         variants: Iterable[str] = ("base", "lora"),
         buckets: Iterable[int] = DEFAULT_BUCKETS,
         use_graphs: bool | None = None,
+        fuse_correction: bool = False,
     ) -> None:
         backend = model.decoder.backend
         if not getattr(backend, "graph_capturable", False):
@@ -108,6 +130,7 @@ class CudaGraphRunner:
         self.max_pages = -(-max_context // page_size)
         self.max_context = self.max_pages * page_size
         self.num_lora_slots = num_lora_slots
+        self.fuse_correction = fuse_correction
         self.buckets = batch_buckets(max_batch, buckets)
         self._allocate_static(self.buckets[-1])
         self._entries = {
@@ -147,33 +170,39 @@ class CudaGraphRunner:
             attn=attn,
             logits_indices=self.logits_indices[:size],
         )
-        segments: list[tuple[LoRASegments, torch.Tensor]] = []
-        if variant in ("lora", "mixed"):
-            batch.lora, pair = self._lora_batch(self.token_slots[:size])
-            segments.append(pair)
-        if variant == "mixed":
-            batch.lora_correction, pair = self._lora_batch(self.correction_slots[:size])
-            segments.append(pair)
+        segments: list[tuple[LoRASegments, torch.Tensor, torch.Tensor | None]] = []
+        if variant == "mixed" and self.fuse_correction:
+            batch.lora, entry = self._lora_batch(self.token_slots[:size],
+                                                 self.correction_slots[:size])
+            segments.append(entry)
+        elif variant in ("lora", "mixed"):
+            batch.lora, entry = self._lora_batch(self.token_slots[:size])
+            segments.append(entry)
+            if variant == "mixed":
+                batch.lora_correction, entry = self._lora_batch(self.correction_slots[:size])
+                segments.append(entry)
         return _Entry(batch, segments)
 
     def _lora_batch(
-        self, slots: torch.Tensor
-    ) -> tuple[LoRABatch, tuple[LoRASegments, torch.Tensor]]:
-        segments = LoRASegments.allocate(int(slots.shape[0]), self.num_lora_slots, self.device)
-        segments.update(slots)
+        self, slots: torch.Tensor, correction: torch.Tensor | None = None
+    ) -> tuple[LoRABatch, tuple[LoRASegments, torch.Tensor, torch.Tensor | None]]:
+        segments = LoRASegments.allocate(int(slots.shape[0]), self.num_lora_slots, self.device,
+                                         with_correction=correction is not None)
+        segments.update(slots, correction_slots=correction)
         batch = LoRABatch(
             token_slots=slots,
             num_slots=self.num_lora_slots,
             backend="triton",
             backend_data=segments,
+            correction_slots=correction,
         )
-        return batch, (segments, slots)
+        return batch, (segments, slots, correction)
 
     # ----- capture --------------------------------------------------------------------------
     def _body(self, entry: _Entry, in_graph: bool) -> torch.Tensor:
         if in_graph:
-            for segments, slots in entry.segments:
-                segments.update(slots)
+            for segments, slots, correction in entry.segments:
+                segments.update(slots, correction_slots=correction)
         hidden: torch.Tensor = self.model(entry.batch)
         return hidden
 
@@ -246,6 +275,8 @@ class CudaGraphRunner:
         for lora in (batch.lora, batch.lora_correction):
             if lora is not None and lora.num_slots != self.num_lora_slots:
                 return False
+        if self.fuse_correction and not _fusable(batch):
+            return False
         return variant_of(batch) in self.variants
 
     @torch.inference_mode()
@@ -261,8 +292,8 @@ class CudaGraphRunner:
         if entry.graph is None:
             return self._body(entry, in_graph=True)[:num_seqs]
         if not entry.update_in_graph:
-            for segments, slots in entry.segments:
-                segments.update(slots)
+            for segments, slots, correction in entry.segments:
+                segments.update(slots, correction_slots=correction)
         entry.graph.replay()
         assert entry.output is not None
         return entry.output[:num_seqs]
@@ -274,12 +305,13 @@ class CudaGraphRunner:
         self.seq_lens[:num_seqs].copy_(attn.seq_lens)
         self.slot_mapping[:num_seqs].copy_(attn.slot_mapping)
         self.page_table[:num_seqs, : attn.page_table.shape[1]].copy_(attn.page_table)
+        correction = _correction_slots(batch)
         if batch.lora is not None:
             self.token_slots[:num_seqs].copy_(batch.lora.token_slots)
-        elif batch.lora_correction is not None:
+        elif correction is not None:
             self.token_slots[:num_seqs].fill_(-1)
-        if batch.lora_correction is not None:
-            self.correction_slots[:num_seqs].copy_(batch.lora_correction.token_slots)
+        if correction is not None:
+            self.correction_slots[:num_seqs].copy_(correction)
         if size > num_seqs:
             for buffer in (self.input_ids, self.positions, self.seq_lens, self.slot_mapping):
                 buffer[num_seqs:size].zero_()
@@ -296,6 +328,7 @@ def capture_decode_graphs(
     num_lora_slots: int,
     variants: Iterable[str],
     purpose: str = "decode steps run eagerly",
+    fuse_correction: bool = False,
 ) -> CudaGraphRunner | None:
     """A captured ``CudaGraphRunner``, or None (with a warning naming ``purpose``) where the
     runner cannot serve the model: an attention backend that is not capturable, length-dependent
@@ -305,7 +338,8 @@ def capture_decode_graphs(
         wanted = [v for v in wanted if v == "base"] or ["base"]
     try:
         runner = CudaGraphRunner(model, max_batch, max_context=max_context, page_size=page_size,
-                                 num_lora_slots=num_lora_slots, variants=wanted)
+                                 num_lora_slots=num_lora_slots, variants=wanted,
+                                 fuse_correction=fuse_correction)
         runner.capture()
     except ValoraError as exc:
         logger.warning("CUDA graphs disabled, %s: %s", purpose, exc)

@@ -158,7 +158,8 @@ class ModeController:
             )
             return get_mode_policy(name, **options)
         cost_model = replace(select_cost_model(model, device, orchestrator.cost_model_path),
-                             graph_max_rows=self.graph_max_rows)
+                             graph_max_rows=self.graph_max_rows,
+                             fused_correction=self.config.lora.fuse_correction)
         self.cost_model_source = cost_model.device_name
         return get_mode_policy(
             "valora",

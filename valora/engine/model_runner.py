@@ -68,8 +68,12 @@ class ModelRunner:
         lora_backend: str,
         image_cache_bytes: int = 256 * 1024 * 1024,
         seed: int = 0,
+        fuse_correction: bool = False,
     ) -> None:
+        """``fuse_correction``: mixed-mode steps carry one LoRA batch with the correction inside
+        (``LoRAConfig.fuse_correction``), else a second batch for it."""
         self.model = model
+        self.fuse_correction = fuse_correction
         self.device = device
         self.dtype = dtype
         self.page_size = page_size
@@ -114,6 +118,7 @@ class ModelRunner:
             page_size=self.page_size,
             num_lora_slots=self.num_lora_slots,
             variants=variants,
+            fuse_correction=self.fuse_correction,
         )
         return self.graphs is not None
 
@@ -197,9 +202,24 @@ class ModelRunner:
         if wait_slots is not None:
             used = set(plan.token_slots) | set(plan.correction_slots or ())
             wait_slots(sorted(s for s in used if s >= 0))
+        if self.fuse_correction and plan.correction_slots is not None:
+            batch.lora = self._fused_lora_batch(plan.token_slots, plan.correction_slots)
+            return
         batch.lora = self._lora_batch(plan.token_slots)
         if plan.correction_slots is not None:
             batch.lora_correction = self._lora_batch(plan.correction_slots)
+
+    def _fused_lora_batch(self, slots: list[int], correction: list[int]) -> LoRABatch:
+        """One batch for the rows' own adapters and the merged adapter's correction
+        (``valora.ops.lora``, mixed mode in one op)."""
+        own, corrected = upload_ints(torch.int32, [slots, correction], self.device)
+        return prepare_lora_batch(
+            own, self.num_lora_slots, self.lora_backend,
+            active_slots={s for s in slots if s >= 0},
+            correction_slots=corrected,
+            correction_slot=next((c for c in correction if c >= 0), None),
+            defer=True,
+        )
 
     def _lora_batch(self, slots: list[int]) -> LoRABatch | None:
         """Metadata for one LoRA launch, ``None`` when no token uses an adapter."""

@@ -297,6 +297,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         num_lora_slots=num_slots,
         lora_backend=lora_backend,
         seed=config.model.seed,
+        fuse_correction=config.lora.fuse_correction,
     )
     graph_bytes = 0
     if graphs:

@@ -20,6 +20,18 @@ Semantics (``y`` is updated in place)::
 
 Storage is padded to ``max_rank`` per slot, but no backend computes on the padding: work is
 proportional to each token's own adapter rank.
+
+Mixed mode in one op (``prepare_lora_batch(..., correction_slots=c)``): then also ::
+
+    for t in range(T):
+        if c[t] >= 0:                            # undo the merged adapter's delta
+            y[t] -= scale_multiplier * LoRA_{c[t]}(x[t])    # (same sum as above, slot c[t])
+
+with one merged slot ``m`` (every ``c[t]`` is -1 or ``m``) and every token that has an adapter of
+its own corrected (``token_slots[t] >= 0 ⇒ c[t] = m`` once any ``c[t]`` is ``m``) — the batches
+``valora.orchestrator.modes.plan_lora_batches`` makes. The Triton backend computes both terms in
+one shrink and one expand launch (``triton_lora``), instead of a second ``lora_apply`` with
+``scale_multiplier=-1``.
 """
 
 from __future__ import annotations
@@ -115,6 +127,11 @@ class LoRABatch:
     """Distinct slots among the tokens when the host knows it (-1 = unknown); a tiling hint only."""
     active_slots: tuple[int, ...] | None = None
     """Every slot among the tokens, sorted (None = unknown). Computed once per batch."""
+    correction_slots: torch.Tensor | None = None
+    """``[T]`` int32: the merged slot for tokens to correct, else -1 (module docstring); None
+    for a batch without correction."""
+    correction_slot: int | None = None
+    """The merged slot ``m`` when the host knows it (a tiling hint, like ``active_slots``)."""
 
 
 LoRAApplyFn = Callable[[torch.Tensor, torch.Tensor, LoRASlotWeights, LoRABatch, float], None]
@@ -167,7 +184,9 @@ def resolve_lora_backend(backend: str, device: torch.device) -> str:
 
 def prepare_lora_batch(token_slots: torch.Tensor, num_slots: int, backend: str = "reference",
                        num_active_slots: int | None = None, defer: bool = False,
-                       active_slots: Iterable[int] | None = None) -> LoRABatch:
+                       active_slots: Iterable[int] | None = None,
+                       correction_slots: torch.Tensor | None = None,
+                       correction_slot: int | None = None) -> LoRABatch:
     """Validate ``token_slots`` and build the step's LoRA metadata for ``backend``.
 
     ``defer=True`` leaves ``backend_data`` unset: the first ``lora_apply`` of the step builds it
@@ -183,6 +202,11 @@ def prepare_lora_batch(token_slots: torch.Tensor, num_slots: int, backend: str =
     hint; a set missing a used slot is a caller bug: the Triton backend may then skip or trim
     work that slot needed). Derived (exactly) when ``token_slots`` lives on the CPU; when given
     as well it must cover the derived set. It defaults ``num_active_slots`` to its size.
+
+    ``correction_slots`` (``[T]``, same device): the mixed-mode correction in the same op (module
+    docstring); on the CPU its invariants are checked and ``correction_slot`` derived, on a
+    device the caller passes ``correction_slot`` (the merged slot, or None when unknown, e.g.
+    for CUDA-graph batches) and the kernels assume the invariants.
     """
     backend = resolve_lora_backend(backend, token_slots.device)
     if backend not in _BACKENDS:
@@ -197,12 +221,47 @@ def prepare_lora_batch(token_slots: torch.Tensor, num_slots: int, backend: str =
     active = _active_slot_set(slots_cpu, num_slots, active_slots)
     if num_active_slots is None:
         num_active_slots = len(active) if active is not None else -1
+    if correction_slots is not None:
+        if correction_slots.device != token_slots.device:
+            raise ValoraError(f"correction_slots on {correction_slots.device}, token_slots on "
+                              f"{token_slots.device}")
+        correction_slot = _check_correction(slots_cpu, correction_slots, num_slots,
+                                            correction_slot)
+        correction_slots = correction_slots.to(torch.int32)
     batch = LoRABatch(token_slots=token_slots.to(torch.int32), num_slots=num_slots, backend=backend,
                       token_slots_cpu=slots_cpu, num_active_slots=num_active_slots,
-                      active_slots=active)
+                      active_slots=active, correction_slots=correction_slots,
+                      correction_slot=correction_slot)
     if not defer:
         batch.backend_data = _BACKENDS[backend][0](batch)
     return batch
+
+
+def _check_correction(slots_cpu: list[int], correction: torch.Tensor, num_slots: int,
+                      given: int | None) -> int | None:
+    """The merged slot of a correction (module docstring), checked where the host can see the
+    slots (CPU tensors); ``given`` (or None) for device tensors, checked for range only."""
+    if correction.shape != (len(slots_cpu),) and correction.device.type == "cpu":
+        raise ValoraError(f"correction_slots shape {tuple(correction.shape)} != "
+                          f"({len(slots_cpu)},)")
+    if given is not None and not 0 <= given < num_slots:
+        raise ValoraError(f"correction_slot {given} out of range [0, {num_slots})")
+    if correction.device.type != "cpu":
+        return given
+    merged = sorted({c for c in correction.tolist() if c != -1})
+    if len(merged) > 1 or (merged and not 0 <= merged[0] < num_slots):
+        raise ValoraError(f"correction_slots must be -1 or one merged slot in [0, {num_slots}), "
+                          f"got {merged}")
+    if not merged:
+        return given
+    if given is not None and given != merged[0]:
+        raise ValoraError(f"correction_slot {given} disagrees with correction_slots ({merged[0]})")
+    uncorrected = [t for t, (s, c) in enumerate(zip(slots_cpu, correction.tolist(), strict=True))
+                   if s >= 0 and c < 0]
+    if uncorrected:
+        raise ValoraError(f"tokens {uncorrected[:8]} have an adapter of their own but no "
+                          "correction while another adapter is merged")
+    return merged[0]
 
 
 def _active_slot_set(slots_cpu: list[int], num_slots: int,

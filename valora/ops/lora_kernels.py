@@ -29,25 +29,41 @@ import triton.language as tl
 
 @triton.jit(do_not_specialize=["tile_stride", "num_rank_blocks", "split_k"])
 def lora_shrink_kernel(
-    x_ptr, a_ptr, h_ptr, ranks_ptr, sorted_ptr, tiles_ptr,
+    x_ptr, a_ptr, h_ptr, ranks_ptr, sorted_ptr, tiles_ptr, corr_ptr,
     tile_stride, num_rank_blocks, split_k, k_split, split_stride,
     num_slices, in_features, max_rank, flat_rank, stride_xm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    CORRECTION: tl.constexpr,
 ):
+    """``CORRECTION``: ``h`` rows are ``2·J·R`` wide — the tile's own slot on ``[0, J·R)``, the
+    merged slot ``corr_ptr[0]`` on ``[J·R, 2·J·R)`` (module docstring of ``triton_lora``);
+    tiles of slot -2 have only the second half."""
     pid = tl.program_id(0)
     rank_block = pid % num_rank_blocks
     rest = pid // num_rank_blocks
     split = rest % split_k
     tile = rest // split_k
     slot = tl.load(tiles_ptr + tile)
-    if slot < 0:
-        return
     offs_n = rank_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_flat = offs_n < flat_rank
-    slice_of_n = offs_n // max_rank
-    rank_of_n = tl.load(ranks_ptr + slot * num_slices + slice_of_n, mask=in_flat, other=0)
-    n_valid = in_flat & (offs_n - slice_of_n * max_rank < tl.minimum(rank_of_n, max_rank))
+    if CORRECTION:
+        if slot == -1:
+            return
+        h_width = 2 * flat_rank
+        second = offs_n >= flat_rank
+        n_local = tl.where(second, offs_n - flat_rank, offs_n)
+        slot_n = tl.where(second, tl.load(corr_ptr), slot)
+        in_flat = (offs_n < h_width) & (slot_n >= 0)
+    else:
+        if slot < 0:
+            return
+        h_width = flat_rank
+        n_local = offs_n
+        slot_n = slot
+        in_flat = offs_n < flat_rank
+    slice_of_n = n_local // max_rank
+    rank_of_n = tl.load(ranks_ptr + slot_n * num_slices + slice_of_n, mask=in_flat, other=0)
+    n_valid = in_flat & (n_local - slice_of_n * max_rank < tl.minimum(rank_of_n, max_rank))
     if tl.max(n_valid.to(tl.int32), axis=0) == 0:
         return
     row_start = tl.load(tiles_ptr + tile_stride + tile)
@@ -58,8 +74,12 @@ def lora_shrink_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     k_begin = tl.multiple_of(split * k_split, BLOCK_K)  # k_split is a multiple of BLOCK_K
     x_ptrs = x_ptr + tokens[:, None] * stride_xm + (k_begin + offs_k)[None, :]
-    a_base = a_ptr + slot.to(tl.int64) * flat_rank * in_features
-    a_ptrs = a_base + offs_n[None, :].to(tl.int64) * in_features + (k_begin + offs_k)[:, None]
+    if CORRECTION:  # a row of A per column, from either slot
+        a_cols = (slot_n.to(tl.int64) * flat_rank + n_local.to(tl.int64)) * in_features
+        a_ptrs = a_ptr + a_cols[None, :] + (k_begin + offs_k)[:, None]
+    else:
+        a_base = a_ptr + slot.to(tl.int64) * flat_rank * in_features
+        a_ptrs = a_base + offs_n[None, :].to(tl.int64) * in_features + (k_begin + offs_k)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, k_split, BLOCK_K):
         if EVEN_K:
@@ -76,8 +96,8 @@ def lora_shrink_kernel(
         x_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
     h_ptrs = (h_ptr + split * split_stride
-              + (row_start + offs_m)[:, None].to(tl.int64) * flat_rank + offs_n[None, :])
-    tl.store(h_ptrs, acc, mask=(offs_m < num_rows)[:, None] & in_flat[None, :])
+              + (row_start + offs_m)[:, None].to(tl.int64) * h_width + offs_n[None, :])
+    tl.store(h_ptrs, acc, mask=(offs_m < num_rows)[:, None] & (offs_n < h_width)[None, :])
 
 
 @triton.jit
@@ -127,29 +147,47 @@ def _pick(index, v0, v1, v2, v3):
 @triton.jit(do_not_specialize=["tile_stride", "num_col_blocks", "split_k",
                                "blocks_1", "blocks_2", "blocks_3", "slice_base"])
 def lora_expand_kernel(
-    h_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, tiles_ptr,
+    h_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, tiles_ptr, corr_ptr,
     tile_stride, num_col_blocks, split_k, split_stride,
     blocks_1, blocks_2, blocks_3, col_0, col_1, col_2, col_3, col_4, slice_base,
     num_slices, max_rank, flat_rank, out_features, stride_ym, scale_multiplier,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, CORRECTION: tl.constexpr,
 ):
     """Up to four slices per launch: slice ``g`` owns column blocks ``[blocks_g, blocks_{g+1})``
     (``blocks_0 = 0``) and columns ``[col_g, col_{g+1})`` of ``y``; ``slice_base`` is the index
-    of the launch's first slice."""
+    of the launch's first slice. ``CORRECTION``: the same program also subtracts the merged slot
+    ``corr_ptr[0]``'s term, read from the second half of ``h``'s ``2·J·R``-wide rows, and adds
+    both terms to ``y`` in one read-modify-write; tiles of slot -2 have only that term."""
     pid = tl.program_id(0)
     col_block = pid % num_col_blocks
     tile = pid // num_col_blocks
     slot = tl.load(tiles_ptr + tile)
-    if slot < 0:
-        return
+    if CORRECTION:
+        if slot == -1:
+            return
+    else:
+        if slot < 0:
+            return
     group = ((col_block >= blocks_1).to(tl.int32) + (col_block >= blocks_2).to(tl.int32)
              + (col_block >= blocks_3).to(tl.int32))
     slice_id = slice_base + group
-    rank = tl.minimum(tl.load(ranks_ptr + slot * num_slices + slice_id), max_rank)
-    if rank <= 0:
-        return
-    scale = tl.load(scales_ptr + slot * num_slices + slice_id) * scale_multiplier
+    own = tl.maximum(slot, 0)  # slot -2 (correction only) reads slot 0's entries, unused
+    rank = tl.minimum(tl.load(ranks_ptr + own * num_slices + slice_id), max_rank)
+    if CORRECTION:
+        rank = tl.where(slot >= 0, rank, 0)
+        corr_slot = tl.load(corr_ptr)
+        merged = tl.maximum(corr_slot, 0)
+        rank_c = tl.minimum(tl.load(ranks_ptr + merged * num_slices + slice_id), max_rank)
+        rank_c = tl.where(corr_slot >= 0, rank_c, 0)
+        if (rank <= 0) & (rank_c <= 0):
+            return
+        h_width = 2 * flat_rank
+    else:
+        if rank <= 0:
+            return
+        h_width = flat_rank
+    scale = tl.load(scales_ptr + own * num_slices + slice_id) * scale_multiplier
     first_block = _pick(group, 0, blocks_1, blocks_2, blocks_3)
     col_begin = _pick(group, col_0, col_1, col_2, col_3)
     col_end = _pick(group, col_1, col_2, col_3, col_4)
@@ -159,8 +197,8 @@ def lora_expand_kernel(
     num_rows = tl.load(tiles_ptr + 2 * tile_stride + tile)
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < num_rows
-    h_rows = h_ptr + (row_start + offs_m)[:, None].to(tl.int64) * flat_rank + slice_id * max_rank
-    b_cols = (b_ptr + slot.to(tl.int64) * out_features * max_rank
+    h_rows = h_ptr + (row_start + offs_m)[:, None].to(tl.int64) * h_width + slice_id * max_rank
+    b_cols = (b_ptr + own.to(tl.int64) * out_features * max_rank
               + offs_n[None, :].to(tl.int64) * max_rank)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     full = rank // BLOCK_K * BLOCK_K
@@ -170,6 +208,20 @@ def lora_expand_kernel(
     if full < rank:
         acc = _expand_chunk(acc, h_rows, b_cols, full, rank, split_k, split_stride, scale, m_ok,
                             n_ok, BLOCK_M, BLOCK_K, SPLIT_K, True, PRECISION, UPCAST)
+    if CORRECTION:  # minus the merged adapter's term, same rows and columns
+        scale_c = -tl.load(scales_ptr + merged * num_slices + slice_id) * scale_multiplier
+        h_rows_c = h_rows + flat_rank
+        b_cols_c = (b_ptr + merged.to(tl.int64) * out_features * max_rank
+                    + offs_n[None, :].to(tl.int64) * max_rank)
+        full_c = rank_c // BLOCK_K * BLOCK_K
+        for k in range(0, full_c, BLOCK_K):
+            acc = _expand_chunk(acc, h_rows_c, b_cols_c, k, rank_c, split_k, split_stride,
+                                scale_c, m_ok, n_ok, BLOCK_M, BLOCK_K, SPLIT_K, False,
+                                PRECISION, UPCAST)
+        if full_c < rank_c:
+            acc = _expand_chunk(acc, h_rows_c, b_cols_c, full_c, rank_c, split_k, split_stride,
+                                scale_c, m_ok, n_ok, BLOCK_M, BLOCK_K, SPLIT_K, True,
+                                PRECISION, UPCAST)
     tokens = tl.load(sorted_ptr + row_start + tl.minimum(offs_m, num_rows - 1)).to(tl.int64)
     y_ptrs = y_ptr + tokens[:, None] * stride_ym + offs_n[None, :]
     out_mask = m_ok[:, None] & n_ok[None, :]

@@ -16,6 +16,13 @@ is allocated once by ``allocate`` and rewritten in place by ``update``: a CUDA g
 around the kernels stays valid when the next step's slots are written with ``update``.
 Slots outside ``[-1, S)`` trip a device-side assert on CUDA (and a ``ValoraError`` on the CPU);
 their tokens are never read with an out-of-range slot.
+
+With a correction (segments allocated ``with_correction``; ``update(..., correction_slots=c)``,
+the mixed mode of ``valora.ops.lora``): tokens without an adapter of their own but with
+``c[t] >= 0`` form one more group, ``S``, sorted after the slots' groups, whose tiles carry the
+slot value ``-2`` (no adapter of their own, correction only); tokens with neither stay last
+without tiles. ``correction[0]`` holds the merged slot ``m = max(c)`` (-1: nothing to correct),
+written on the device. The tile bound counts ``S + 1`` groups then.
 """
 
 from __future__ import annotations
@@ -53,6 +60,11 @@ class LoRASegments:
     _block_sizes: torch.Tensor
     _tile_index: torch.Tensor
     active_slots: tuple[int, ...] | None = None
+    correction: torch.Tensor | None = None
+    """``[1]`` int32 on the device: the merged slot to subtract (-1: none); None for segments
+    allocated without correction (module docstring)."""
+    correction_slot: int | None = None
+    """``correction[0]`` when the host knows it (a tiling hint), else None."""
     launch_plans: dict[Any, Any] = field(default_factory=dict)
     """Host-side launch choices of the current slots, per layer shape (``triton_lora``); a
     cache, emptied by every ``update``."""
@@ -60,12 +72,14 @@ class LoRASegments:
     @classmethod
     def allocate(cls, num_tokens: int, num_slots: int, device: torch.device | str,
                  num_active_slots: int = -1,
-                 active_slots: tuple[int, ...] | None = None) -> LoRASegments:
+                 active_slots: tuple[int, ...] | None = None,
+                 with_correction: bool = False) -> LoRASegments:
         if num_slots < 1:
             raise ValoraError(f"LoRA segments need at least one slot, got {num_slots}")
         if num_tokens < 0:
             raise ValoraError(f"num_tokens must be >= 0, got {num_tokens}")
-        capacity = _cdiv(cls.tile_bound_for(num_tokens, num_slots, BLOCK_M_CHOICES[0]), 4) * 4
+        groups = num_slots + int(with_correction)
+        capacity = _cdiv(cls.tile_bound_for(num_tokens, groups, BLOCK_M_CHOICES[0]), 4) * 4
         # 16 << i on the device itself: no host-to-device copy (BLOCK_M_CHOICES are 16·2^i).
         count = len(BLOCK_M_CHOICES)
         blocks = torch.full((count, 1), BLOCK_M_CHOICES[0], dtype=torch.int64, device=device)
@@ -81,14 +95,21 @@ class LoRASegments:
             _tile_index=torch.arange(capacity, dtype=torch.int64, device=device)
             .expand(len(BLOCK_M_CHOICES), capacity).contiguous(),
             active_slots=active_slots,
+            correction=(torch.full((1,), -1, dtype=torch.int32, device=device)
+                        if with_correction else None),
         )
 
     @staticmethod
     def tile_bound_for(num_tokens: int, num_slots: int, block_m: int) -> int:
         return _cdiv(num_tokens, block_m) + min(num_slots, num_tokens)
 
+    @property
+    def num_groups(self) -> int:
+        """Token groups with tiles: one per slot, plus the correction-only group."""
+        return self.num_slots + int(self.correction is not None)
+
     def tile_bound(self, block_m: int) -> int:
-        return self.tile_bound_for(self.num_tokens, self.num_slots, block_m)
+        return self.tile_bound_for(self.num_tokens, self.num_groups, block_m)
 
     def tile_list(self, block_m: int) -> torch.Tensor:
         """The ``[3, tile_capacity]`` view for ``block_m`` (a row stride of ``tile_capacity``)."""
@@ -99,42 +120,65 @@ class LoRASegments:
         return int(self.tiles.shape[2])
 
     def update(self, token_slots: torch.Tensor, num_active_slots: int = -1,
-               active_slots: tuple[int, ...] | None = None) -> None:
-        """Rewrite every buffer in place for ``token_slots`` (no host synchronisation on CUDA).
-        The host hints are replaced too: left out, they read as unknown."""
+               active_slots: tuple[int, ...] | None = None,
+               correction_slots: torch.Tensor | None = None,
+               correction_slot: int | None = None) -> None:
+        """Rewrite every buffer in place for ``token_slots`` (and ``correction_slots``, for
+        segments allocated with correction; left out: nothing to correct). No host
+        synchronisation on CUDA. The host hints are replaced too: left out, they read as
+        unknown."""
         if token_slots.shape != (self.num_tokens,):
             raise ValoraError(
                 f"token_slots shape {tuple(token_slots.shape)} != ({self.num_tokens},)")
+        if correction_slots is not None and self.correction is None:
+            raise ValoraError("correction_slots given to segments allocated without correction")
+        if correction_slots is not None and correction_slots.shape != (self.num_tokens,):
+            raise ValoraError(f"correction_slots shape {tuple(correction_slots.shape)} != "
+                              f"({self.num_tokens},)")
         self.num_active_slots = num_active_slots
         self.active_slots = active_slots
+        self.correction_slot = correction_slot if correction_slots is not None else None
         self.launch_plans.clear()
+        if self.correction is not None:
+            self.correction.fill_(-1)
         if self.num_tokens == 0:
             return
-        num_slots = self.num_slots
+        num_slots, groups = self.num_slots, self.num_groups
         slots = token_slots.to(device=self.tiles.device, dtype=torch.int64)
         in_range = (slots >= -1) & (slots < num_slots)
         if slots.device.type == "cuda":
             torch._assert_async(in_range.all())
         elif not bool(in_range.all()):
             raise ValoraError(f"token_slots out of range [-1, {num_slots})")
-        key = torch.where(in_range & (slots >= 0), slots, num_slots)
+        key = torch.where(in_range & (slots >= 0), slots, groups)
+        if correction_slots is not None:
+            assert self.correction is not None
+            corrected = correction_slots.to(device=self.tiles.device, dtype=torch.int64)
+            ok = (corrected >= -1) & (corrected < num_slots)
+            if corrected.device.type == "cuda":
+                torch._assert_async(ok.all())
+            elif not bool(ok.all()):
+                raise ValoraError(f"correction_slots out of range [-1, {num_slots})")
+            key = torch.where((key == groups) & (corrected >= 0), num_slots, key)
+            self.correction.copy_(corrected.max().clamp(min=-1).view(1))
         order = torch.sort(key, stable=True).indices
         self.sorted_tokens.copy_(order)
-        counts = torch.zeros(num_slots + 1, dtype=torch.int64, device=slots.device)
+        counts = torch.zeros(groups + 1, dtype=torch.int64, device=slots.device)
         counts.scatter_add_(0, key, torch.ones_like(key))
-        counts = counts[:num_slots]
+        counts = counts[:groups]
         starts = torch.cumsum(counts, 0) - counts
         blocks = self._block_sizes                                   # [B, 1]
         tiles_per_slot = (counts.unsqueeze(0) + blocks - 1) // blocks  # [B, S]
         tiles_end = torch.cumsum(tiles_per_slot, 1)                   # [B, S] inclusive
         index = self._tile_index                                      # [B, C]
-        slot = torch.searchsorted(tiles_end, index, right=True)       # [B, C] in [0, S]
-        used = slot < num_slots
-        slot_c = slot.clamp(max=num_slots - 1)
+        slot = torch.searchsorted(tiles_end, index, right=True)       # [B, C] in [0, G]
+        used = slot < groups
+        slot_c = slot.clamp(max=groups - 1)
         first = torch.gather(tiles_end, 1, slot_c) - torch.gather(tiles_per_slot, 1, slot_c)
         offset = (index - first) * blocks
         start = starts[slot_c] + offset
         rows = torch.minimum(counts[slot_c] - offset, blocks)
-        self.tiles[:, 0].copy_(torch.where(used, slot_c, -1))
+        label = torch.where(slot_c == num_slots, -2, slot_c)  # the correction-only group
+        self.tiles[:, 0].copy_(torch.where(used, label, -1))
         self.tiles[:, 1].copy_(torch.where(used, start, 0))
         self.tiles[:, 2].copy_(torch.where(used, rows, 0))

@@ -74,11 +74,14 @@ def kernels_interpreted() -> bool:
 
 
 def prepare_lora_triton(batch: LoRABatch) -> LoRASegments:
-    """The backend's prepare step: slot-sorted token order and tile lists, on the device."""
+    """The backend's prepare step: slot-sorted token order and tile lists, on the device (with
+    the correction's group and merged slot for a mixed-mode batch)."""
+    correction = batch.correction_slots
     segments = LoRASegments.allocate(int(batch.token_slots.shape[0]), batch.num_slots,
                                      batch.token_slots.device, batch.num_active_slots,
-                                     batch.active_slots)
-    segments.update(batch.token_slots, batch.num_active_slots, batch.active_slots)
+                                     batch.active_slots, with_correction=correction is not None)
+    segments.update(batch.token_slots, batch.num_active_slots, batch.active_slots,
+                    correction, batch.correction_slot)
     return segments
 
 
@@ -155,6 +158,11 @@ def active_slice_ranks(weights: LoRASlotWeights, segments: LoRASegments
     None when the host does not know the slots or the layer keeps no rank mirror."""
     if segments.active_slots is None:
         return None
+    if segments.correction is not None:  # the merged slot's ranks count too (when known)
+        if segments.correction_slot is None:
+            return None
+        return weights.active_slice_ranks(
+            tuple(sorted({*segments.active_slots, segments.correction_slot})))
     return weights.active_slice_ranks(segments.active_slots)
 
 
@@ -196,13 +204,15 @@ def lora_apply_triton(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights
         return
     slice_ranks = active_slice_ranks(weights, segments)
     if config is None:
-        key = (x.shape[1], weights.lora_a.shape, weights.slice_widths, slice_ranks)
+        merged = (None if segments.correction_slot is None
+                  else weights.active_slice_ranks((segments.correction_slot,)))
+        key = (x.shape[1], weights.lora_a.shape, weights.slice_widths, slice_ranks, merged)
         plan = segments.launch_plans.get(key)
         if plan is None:
             plan = segments.launch_plans[key] = _plan(x, weights, segments, slice_ranks)
         config, live = plan
     else:
-        live = None if slice_ranks is None else live_flat_rank(slice_ranks, weights.max_rank)
+        live = _live(weights, segments, slice_ranks)
     if live == 0:
         return  # no active slot targets this layer: every program would return at once
     if x.stride(1) != 1:
@@ -217,9 +227,23 @@ def lora_apply_triton(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights
 def _plan(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegments,
           slice_ranks: tuple[int, ...] | None) -> tuple[TileConfig, int | None]:
     """The tile configuration and live flat rank of one layer shape in this step."""
-    live = None if slice_ranks is None else live_flat_rank(slice_ranks, weights.max_rank)
     config, _ = choose_tile_config(x, weights, segments, slice_ranks)
-    return config, live
+    return config, _live(weights, segments, slice_ranks)
+
+
+def _live(weights: LoRASlotWeights, segments: LoRASegments,
+          slice_ranks: tuple[int, ...] | None) -> int | None:
+    """The shrink's live prefix of the flat rank axis (module docstring, "Effective rank"); with
+    a correction, of the doubled axis: all of the own half, the merged slot's prefix of the
+    second (0 when neither half has work)."""
+    if slice_ranks is None:
+        return None
+    live = live_flat_rank(slice_ranks, weights.max_rank)
+    if segments.correction is None or live == 0:
+        return live
+    merged = weights.active_slice_ranks((segments.correction_slot,))  # type: ignore[arg-type]
+    flat = len(weights.slice_widths) * weights.max_rank
+    return flat + (flat if merged is None else live_flat_rank(merged, weights.max_rank))
 
 
 def _dot_flags(dtype: torch.dtype) -> dict[str, object]:
@@ -237,24 +261,27 @@ def launch_shrink(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegme
     num_tokens, in_features = x.shape
     max_rank = weights.max_rank
     flat_rank = len(weights.slice_widths) * max_rank
-    live = flat_rank if live_rank is None else min(live_rank, flat_rank)
+    width = flat_rank * (2 if segments.correction is not None else 1)
+    live = width if live_rank is None else min(live_rank, width)
     split_k, even_k = shrink_split(in_features, cfg)
     k_split = _cdiv(_cdiv(in_features, split_k), cfg.block_k) * cfg.block_k
-    if split_k * num_tokens * flat_rank > _INT32_MAX:
+    if split_k * num_tokens * width > _INT32_MAX:
         raise ValoraError(
-            f"triton LoRA: split-K buffer too large ({split_k}×{num_tokens}×{flat_rank})")
-    h = torch.empty(split_k, num_tokens, flat_rank, dtype=torch.float32, device=x.device)
+            f"triton LoRA: split-K buffer too large ({split_k}×{num_tokens}×{width})")
+    h = torch.empty(split_k, num_tokens, width, dtype=torch.float32, device=x.device)
     num_rank_blocks = _cdiv(live, cfg.block_n)
     grid = (segments.tile_bound(cfg.block_m) * split_k * num_rank_blocks,)
     if grid[0] == 0:
         return h
+    correction = segments.correction
     launcher(lora_shrink_kernel)[grid](
         x, weights.lora_a, h, weights.ranks, segments.sorted_tokens,
-        segments.tile_list(cfg.block_m),
-        segments.tile_capacity, num_rank_blocks, split_k, k_split, num_tokens * flat_rank,
+        segments.tile_list(cfg.block_m), correction if correction is not None else segments.tiles,
+        segments.tile_capacity, num_rank_blocks, split_k, k_split, num_tokens * width,
         len(weights.slice_widths), in_features, max_rank, flat_rank, x.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
-        **_dot_flags(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        **_dot_flags(x.dtype), CORRECTION=correction is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return h
 
 
@@ -274,8 +301,10 @@ def expand_split_constexpr(split_k: int, cfg: ExpandConfig) -> int:
 def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
                   segments: LoRASegments, cfg: ExpandConfig, scale_multiplier: float) -> None:
     """``y[t, slice j] += mult · scale · h_sum[p, j] · B[slot, slice j]ᵀ``, ≤ 4 slices a launch."""
-    split_k, num_tokens, flat_rank = h.shape
+    split_k, num_tokens, width = h.shape
     widths = weights.slice_widths
+    correction = segments.correction
+    flat_rank = len(widths) * weights.max_rank
     bound = segments.tile_bound(cfg.block_m)
     for first, num_col_blocks, starts, cols in slice_groups(widths, cfg.block_n):
         grid = (bound * num_col_blocks,)
@@ -284,13 +313,15 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
         launcher(lora_expand_kernel)[grid](
             h, weights.lora_b, y, weights.ranks, weights.scales, segments.sorted_tokens,
             segments.tile_list(cfg.block_m),
-            segments.tile_capacity, num_col_blocks, split_k, num_tokens * flat_rank,
+            correction if correction is not None else segments.tiles,
+            segments.tile_capacity, num_col_blocks, split_k, num_tokens * width,
             *starts, *cols, first,
             len(widths), weights.max_rank, flat_rank, sum(widths), y.stride(0),
             float(scale_multiplier),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             SPLIT_K=expand_split_constexpr(split_k, cfg),
-            **_dot_flags(y.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            **_dot_flags(y.dtype), CORRECTION=correction is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 UNROLLED_SPLIT_BYTES = 144 << 10

@@ -109,19 +109,25 @@ def lora_rank_per_token(adapter: str | None, rank: int, mode: Mode, merged_adapt
 
 
 def lora_launches_per_row(adapter: str | None, rank: int, mode: Mode,
-                          merged_adapter: str | None) -> int:
+                          merged_adapter: str | None, fused_correction: bool = False) -> int:
     """LoRA launches a step of this one row makes under ``mode`` (as :func:`step_shape` counts
-    them): none for the merged adapter's rows, its own plus the correction for other rows while
-    an adapter is merged, its own unmerged."""
+    them): none for the merged adapter's rows, its own plus the correction for other rows
+    while an adapter is merged (one launch for both with ``fused_correction``), its own
+    unmerged."""
     own = int(adapter is not None and rank > 0)
     if not mode.has_merged_adapter:
         return own
-    return 0 if adapter == merged_adapter else own + 1
+    if adapter == merged_adapter:
+        return 0
+    return 1 if fused_correction else own + 1
 
 
-def step_shape(spec: StepSpec, graph_max_rows: int = 0) -> StepShape:
+def step_shape(spec: StepSpec, graph_max_rows: int = 0,
+               fused_correction: bool = False) -> StepShape:
     """Features of ``spec`` under its mode (merged rows free, corrections charged); decode steps
-    of at most ``graph_max_rows`` rows are graph replays (``eager`` 0)."""
+    of at most ``graph_max_rows`` rows are graph replays (``eager`` 0). ``fused_correction``:
+    the rows' own adapters and the correction are one launch (``LoRAConfig.fuse_correction``,
+    eager steps and graph replays alike)."""
     merged = spec.merged_adapter if spec.mode.has_merged_adapter else None
     if spec.mode.has_merged_adapter and merged is None:
         raise ValoraError(f"{spec.mode.value} step needs a merged adapter")
@@ -139,6 +145,8 @@ def step_shape(spec: StepSpec, graph_max_rows: int = 0) -> StepShape:
         if merged is not None:
             corrected += row.num_tokens
     correction = int(corrected > 0)
+    eager = is_eager(spec.rows, graph_max_rows)
+    launches = int(bool(own) or correction) if fused_correction else int(bool(own)) + correction
     return StepShape(
         num_tokens=sum(r.num_tokens for r in spec.rows),
         num_rows=len(spec.rows),
@@ -147,8 +155,8 @@ def step_shape(spec: StepSpec, graph_max_rows: int = 0) -> StepShape:
         lora_token_rank=work + corrected * spec.merged_rank,
         lora_segment_rank=sum(own.values()) + correction * spec.merged_rank,
         lora_segments=len(own) + correction,
-        lora_launches=int(bool(own)) + correction,
-        eager=int(is_eager(spec.rows, graph_max_rows)),
+        lora_launches=launches,
+        eager=int(eager),
     )
 
 
@@ -164,6 +172,9 @@ class CostModel:
     switch_coefficients: dict[str, float]
     fit_info: dict[str, float] = field(default_factory=dict)
     graph_max_rows: int = 0
+    fused_correction: bool = False
+    """Whether the engine's mixed-mode steps make one LoRA launch (``step_shape``); a property
+    of the engine, set by it like ``graph_max_rows``, not stored in profiles."""
 
     def __post_init__(self) -> None:
         for names, coefficients in ((STEP_FEATURES, self.step_coefficients),
@@ -179,7 +190,8 @@ class CostModel:
 
     def step_time(self, step: StepSpec | StepShape) -> float:
         """Estimated seconds of one step."""
-        shape = step_shape(step, self.graph_max_rows) if isinstance(step, StepSpec) else step
+        shape = (step_shape(step, self.graph_max_rows, self.fused_correction)
+                 if isinstance(step, StepSpec) else step)
         return sum(self.step_coefficients.get(name, 0.0) * value
                    for name, value in zip(STEP_FEATURES, shape.features(), strict=True))
 

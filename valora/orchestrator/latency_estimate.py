@@ -70,7 +70,7 @@ class LatencyEstimator:
         rank = lora_rank_per_token(request.adapter, request.rank, choice.mode, choice.merged,
                                    choice.merged_rank)
         launches = lora_launches_per_row(request.adapter, request.rank, choice.mode,
-                                         choice.merged)
+                                         choice.merged, self.cost_model.fused_correction)
         return self.cost_model.prefill_time(tokens, request.context_tokens + tokens, rank,
                                             launches)
 

@@ -161,8 +161,9 @@ class ValoraPolicy:
         seats = view.all_requests[:len(view.running) + view.free_seats]
         max_rank = max((r.rank for r in view.all_requests), default=0)
         max_rank = max([max_rank] + [info.rank for info in view.adapters.values()])
-        prefill = self.cost_model.prefill_time(view.token_budget, view.token_budget, 2 * max_rank,
-                                               lora_launches=2)
+        prefill = self.cost_model.prefill_time(
+            view.token_budget, view.token_budget, 2 * max_rank,
+            lora_launches=1 if self.cost_model.fused_correction else 2)
         return (estimator.decode_step_s(seats, ModeChoice(Mode.UNMERGED)) + prefill
                 + 2 * self._max_switch_s(view))
 
