@@ -110,9 +110,8 @@ class LoRAConfig:
     (``valora.ops.warmup``), so that no prefill stalls on a compile while serving.
     ``fuse_correction``: in mixed mode, compute the rows' own adapters and the merged adapter's
     correction in one LoRA op (one shrink + one expand launch per layer, ``valora.ops.lora``)
-    instead of two, in eager steps and decode graphs alike. Off by default: its kernels have run
-    only in Triton's CPU interpreter so far, and the warm-up does not compile them (their first
-    use compiles).
+    instead of two, in eager steps and decode graphs alike (the warm-up compiles both forms).
+    Off by default: its kernels have run only in Triton's CPU interpreter so far.
     """
 
     enable_lora: bool = True

@@ -37,8 +37,8 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
     seen: list[tuple[Any, ...]] = []
 
     def fake(layers: Any, max_tokens: int, max_adapters: int, device: torch.device,
-             backend: str = "triton") -> WarmUpReport:
-        seen.append((list(layers), max_tokens, max_adapters, device, backend))
+             backend: str = "triton", fused_correction: bool = False) -> WarmUpReport:
+        seen.append((list(layers), max_tokens, max_adapters, device, backend, fused_correction))
         return WarmUpReport(2, 5, 4, 3, 4, 1.5)
 
     monkeypatch.setattr(setup, "warm_up_lora_kernels", fake)
@@ -52,8 +52,9 @@ def test_warms_up_with_the_step_budget_and_the_slots(calls: list[tuple[Any, ...]
     with caplog.at_level(logging.INFO, logger="valora"):
         report = setup.warm_up_lora(config, model, CUDA, "triton", 4)
     assert report is not None and report.kernels == 7
-    ((layers, max_tokens, max_adapters, device, backend),) = calls
+    ((layers, max_tokens, max_adapters, device, backend, fused),) = calls
     assert max_tokens == 512 and max_adapters == 4 and device == CUDA and backend == "triton"
+    assert not fused  # LoRAConfig.fuse_correction off: only the two-op binaries
     assert {id(w) for w in layers} == {id(model.qkv), id(model.down)}
     assert "compiled 7 LoRA kernel variants in 1.5 s" in caplog.text
 
@@ -77,3 +78,9 @@ def test_cli_flag_switches_it_off() -> None:
     assert EngineConfig.create(**engine_kwargs(parser.parse_args([]))).lora.warm_up_lora_kernels
     off = parser.parse_args(["--warm-up-lora-kernels", "false"])
     assert not EngineConfig.create(**engine_kwargs(off)).lora.warm_up_lora_kernels
+
+
+def test_fused_correction_warms_up_both_forms(calls: list[tuple[Any, ...]]) -> None:
+    config = EngineConfig.create(max_num_batched_tokens=64, fuse_correction=True)
+    assert setup.warm_up_lora(config, _Model(), CUDA, "triton", 4) is not None
+    assert calls[0][-1] is True

@@ -253,6 +253,31 @@ def _all_calls(weights: LoRASlotWeights, max_tokens: int) -> None:
                    LoRABatch(slots, num_slots, "triton", backend_data=segments))
 
 
+def _all_fused_calls(weights: LoRASlotWeights, max_tokens: int) -> None:
+    """``_all_calls`` for batches carrying the mixed-mode correction (the last slot merged)."""
+    storage, num_slots = weights.max_rank, weights.num_slots
+    merged = num_slots - 1
+    dim_in, dim_out = int(weights.lora_a.shape[3]), sum(weights.slice_widths)
+    x = torch.zeros(max_tokens, dim_in, dtype=weights.lora_a.dtype)
+    y = torch.zeros(max_tokens, dim_out, dtype=weights.lora_a.dtype)
+    edges = {1, 15, 16, 17, 31, 32, 33, storage - 1, storage}
+    views = [_mirrored(weights, r) for r in sorted(e for e in edges if 1 <= e <= storage)]
+    for tokens in range(1, max_tokens + 1):
+        corrected = torch.full((tokens,), merged, dtype=torch.int32)
+        for active in range(1, min(tokens, num_slots - 1) + 1):
+            slots = torch.arange(tokens, dtype=torch.int32) % active
+            for view in views:
+                batch = prepare_lora_batch(slots, num_slots, "triton",
+                                           correction_slots=corrected)
+                lora_apply(y[:tokens], x[:tokens], view, batch)
+        segments = LoRASegments.allocate(tokens, num_slots, CPU, with_correction=True)
+        slots = torch.arange(tokens, dtype=torch.int32) % (num_slots - 1)
+        segments.update(slots, correction_slots=corrected)  # unknown to the host (graphs)
+        lora_apply(y[:tokens], x[:tokens], weights,
+                   LoRABatch(slots, num_slots, "triton", backend_data=segments,
+                             correction_slots=corrected))
+
+
 def _layers() -> list[LoRASlotWeights]:
     """Three layer shapes, one of them twice; K = 48 and K = 40 select the same configs and
     differ only in the specialisation of K (divisible by 16 or not)."""
@@ -273,10 +298,11 @@ def _tiny_rank_table() -> TileTable:
     return table
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["two-ops", "fused-correction"])
 @pytest.mark.parametrize("source", ["heuristic", "table"])
 def test_warm_up_launches_every_binary_the_launcher_can(
-        source: str, recorded: set[tuple[object, ...]], monkeypatch: pytest.MonkeyPatch,
-        fake_gpu: Callable[[TileTable | None], None]) -> None:
+        source: str, fused: bool, recorded: set[tuple[object, ...]],
+        monkeypatch: pytest.MonkeyPatch, fake_gpu: Callable[[TileTable | None], None]) -> None:
     if source == "table":  # the launcher and the warm-up look up a CUDA device's table
         fake_gpu(_tiny_rank_table())
 
@@ -286,13 +312,15 @@ def test_warm_up_launches_every_binary_the_launcher_can(
         monkeypatch.setattr(triton_lora, "select_tile_config", on_gpu)
         monkeypatch.setattr(lora_variants, "select_tile_config", on_gpu)
     layers, max_tokens = _layers(), 36
-    report = warm_up_lora_kernels(layers, max_tokens, 3, CPU)
+    report = warm_up_lora_kernels(layers, max_tokens, 3, CPU, fused_correction=fused)
     compiled = set(recorded)
     assert report.launches > 0 and report.layer_shapes == 3
     assert len(compiled) == report.kernels  # distinct binaries, as the report counts them
     recorded.clear()
     for weights in layers:
         _all_calls(weights, max_tokens)
+        if fused:
+            _all_fused_calls(weights, max_tokens)
     assert recorded <= compiled, f"never warmed up: {sorted(recorded - compiled, key=str)}"
 
 
@@ -305,11 +333,12 @@ def interpreter() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("interpreter")
-def test_warm_up_runs_and_leaves_the_weights_alone() -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["two-ops", "fused-correction"])
+def test_warm_up_runs_and_leaves_the_weights_alone(fused: bool) -> None:
     layers = _layers()
     before = [(w.lora_a.clone(), w.lora_b.clone(), w.ranks.clone(), w.scales.clone())
               for w in layers]
-    report = warm_up_lora_kernels(layers, 3, 2, CPU)
+    report = warm_up_lora_kernels(layers, 3, 2, CPU, fused_correction=fused)
     assert report.layer_shapes == 3 and report.variants >= report.launches > 0
     assert report.kernels >= report.launches and report.seconds > 0
     for weights, saved in zip(layers, before, strict=True):

@@ -198,6 +198,7 @@ def warm_up_lora(
         num_slots,
         device,
         lora_backend,
+        fused_correction=config.lora.fuse_correction,
     )
     logger.info(
         "compiled %d LoRA kernel variants in %.1f s (%d shrink + %d expand kernels, "

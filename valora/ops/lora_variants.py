@@ -124,6 +124,8 @@ class ShrinkVariant(_TileVariant):
 
     even_k: bool
     split_stride: str
+    correction: bool = False
+    """The ``CORRECTION`` constexpr (mixed mode in one op, ``valora.ops.lora``)."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,8 @@ class ExpandVariant(_TileVariant):
 
     split_k: int
     split_stride: str
+    correction: bool = False
+    """The ``CORRECTION`` constexpr."""
 
 
 @dataclass(frozen=True)
@@ -149,28 +153,31 @@ class LoRAVariant:
     num_adapters: int
     key_rank: int
     shape: LoRALayerShape
+    correction: bool = False
+    """A mixed-mode call with the correction in the same op (``h`` rows ``2·J·R`` wide)."""
 
     @property
     def key(self) -> tuple[ShrinkVariant, ExpandVariant]:
         return self.shrink, self.expand
 
 
-def kernel_variants(shape: LoRALayerShape, config: TileConfig,
-                    num_tokens: int) -> tuple[ShrinkVariant, ExpandVariant]:
+def kernel_variants(shape: LoRALayerShape, config: TileConfig, num_tokens: int,
+                    correction: bool = False) -> tuple[ShrinkVariant, ExpandVariant]:
     """The binaries a call of ``num_tokens`` tokens launched with ``config`` runs (what
     ``launch_shrink`` / ``launch_expand`` of ``valora.ops.triton_lora`` pass as specialised
-    arguments and constexprs)."""
+    arguments and constexprs); ``correction``: a batch with the mixed-mode correction, whose
+    ``h`` rows (and so ``split_stride``) are twice as wide."""
     from valora.ops.triton_lora import expand_split_constexpr, shrink_split
 
     shrink, expand = config.shrink, config.expand
     split_k, even_k = shrink_split(shape.in_features, shrink)
-    stride = int_spec(num_tokens * shape.flat_rank)
+    stride = int_spec(num_tokens * shape.flat_rank * (2 if correction else 1))
     return (
         ShrinkVariant(shape.shrink_spec(), shrink.block_m, shrink.block_n, shrink.block_k,
-                      shrink.num_warps, shrink.num_stages, even_k, stride),
+                      shrink.num_warps, shrink.num_stages, even_k, stride, correction),
         ExpandVariant(shape.expand_spec(), expand.block_m, expand.block_n, expand.block_k,
                       expand.num_warps, expand.num_stages,
-                      expand_split_constexpr(split_k, expand), stride),
+                      expand_split_constexpr(split_k, expand), stride, correction),
     )
 
 
@@ -234,14 +241,15 @@ def _cell_calls(shape: LoRALayerShape, rank: int, tokens: tuple[int, int],
 
 
 def enumerate_lora_variants(shape: LoRALayerShape, max_tokens: int, max_adapters: int,
-                            device: torch.device,
-                            ranks: Iterable[int] | None = None) -> list[LoRAVariant]:
+                            device: torch.device, ranks: Iterable[int] | None = None,
+                            correction: bool = False) -> list[LoRAVariant]:
     """Every distinct (shrink, expand) binary pair that a call of ``1..max_tokens`` tokens with
     ``1..min(T, max_adapters)`` active adapters, keyed by any rank of ``ranks`` (default
     ``key_ranks(shape.max_rank)``: every rank the launcher may use), selects on ``device`` —
     pass the slot count as ``max_adapters``: it is also the worst case ``min(T, slots)`` of calls
-    whose adapter count is unknown — each with the first call found that selects it. Never
-    touches the GPU."""
+    whose adapter count is unknown — each with the first call found that selects it.
+    ``correction``: the same for batches carrying the mixed-mode correction (the tile choice
+    is the same; the binaries differ). Never touches the GPU."""
     found: dict[tuple[ShrinkVariant, ExpandVariant], LoRAVariant] = {}
     checked: set[tuple[TileConfig, str]] = set()  # kernel_variants depends on T via this only
     if max_tokens < 1 or max_adapters < 1:
@@ -251,14 +259,16 @@ def enumerate_lora_variants(shape: LoRALayerShape, max_tokens: int, max_adapters
             for adapters in _runs(ADAPTER_BUCKETS, max_adapters):
                 for num_tokens, num_adapters, config in _cell_calls(
                         shape, rank, tokens, adapters, max_adapters, device):
-                    seen = (config, int_spec(num_tokens * shape.flat_rank))
+                    width = shape.flat_rank * (2 if correction else 1)
+                    seen = (config, int_spec(num_tokens * width))
                     if seen in checked:
                         continue
                     checked.add(seen)
-                    shrink, expand = kernel_variants(shape, config, num_tokens)
+                    shrink, expand = kernel_variants(shape, config, num_tokens, correction)
                     if (shrink, expand) not in found:
                         found[shrink, expand] = LoRAVariant(
-                            shrink, expand, config, num_tokens, num_adapters, rank, shape)
+                            shrink, expand, config, num_tokens, num_adapters, rank, shape,
+                            correction)
     return list(found.values())
 
 
@@ -279,15 +289,18 @@ def plan_launches(variants: Sequence[LoRAVariant]) -> list[LoRAVariant]:
     return chosen
 
 
-def plan_warm_up(shapes: Mapping[LoRALayerShape, int], max_tokens: int, device: torch.device
+def plan_warm_up(shapes: Mapping[LoRALayerShape, int], max_tokens: int, device: torch.device,
+                 corrections: Iterable[bool] = (False,)
                  ) -> tuple[list[LoRAVariant], list[LoRAVariant]]:
     """``(variants, launches)`` for layers of the given shapes, each with its adapter bound
-    (``enumerate_lora_variants``): the distinct (shrink, expand) pairs over all shapes (a pair
-    two shapes share is listed once) and the ``plan_launches`` subset that compiles them all.
-    Never touches the GPU."""
+    (``enumerate_lora_variants``, once per value of ``corrections``): the distinct (shrink,
+    expand) pairs over all shapes (a pair two shapes share is listed once) and the
+    ``plan_launches`` subset that compiles them all. Never touches the GPU."""
     found: dict[tuple[ShrinkVariant, ExpandVariant], LoRAVariant] = {}
-    for shape, max_adapters in shapes.items():
-        for variant in enumerate_lora_variants(shape, max_tokens, max_adapters, device):
-            found.setdefault(variant.key, variant)
+    for correction in corrections:
+        for shape, max_adapters in shapes.items():
+            for variant in enumerate_lora_variants(shape, max_tokens, max_adapters, device,
+                                                   correction=correction):
+                found.setdefault(variant.key, variant)
     variants = list(found.values())
     return variants, plan_launches(variants)

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 import torch
 
 from valora.ops.lora import (
+    LoRABatch,
     LoRASlotWeights,
     available_lora_backends,
     lora_apply,
     prepare_lora_batch,
     resolve_lora_backend,
 )
-from valora.ops.lora_variants import LoRALayerShape, plan_warm_up
+from valora.ops.lora_variants import LoRALayerShape, LoRAVariant, plan_warm_up
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,28 @@ def _keyed_by(weights: LoRASlotWeights, rank: int) -> LoRASlotWeights:
                            weights.slice_widths, mirror)
 
 
+def _batch(variant: LoRAVariant, num_slots: int, device: torch.device) -> LoRABatch:
+    """A batch whose call selects ``variant``: its token count, adapter count (the tiling
+    hint) and, for a correction variant, a merged slot outside the tokens' own slots (every
+    token corrected; which slots does not matter to the binaries)."""
+    tokens, active = variant.num_tokens, variant.num_adapters
+    if not variant.correction:
+        slots = torch.arange(tokens, dtype=torch.int32, device=device) % active
+        return prepare_lora_batch(slots, num_slots, "triton", num_active_slots=active,
+                                  active_slots=range(active))
+    merged = 0
+    own = [1 + t % min(active, num_slots - 1) if num_slots > 1 else -1 for t in range(tokens)]
+    return prepare_lora_batch(
+        torch.tensor(own, dtype=torch.int32, device=device), num_slots, "triton",
+        num_active_slots=active, active_slots={s for s in own if s >= 0},
+        correction_slots=torch.full((tokens,), merged, dtype=torch.int32, device=device),
+        correction_slot=merged)
+
+
 @torch.inference_mode()
 def warm_up_lora_kernels(layers: Iterable[LoRASlotWeights], max_tokens: int, max_adapters: int,
-                         device: torch.device | str, backend: str = "triton") -> WarmUpReport:
+                         device: torch.device | str, backend: str = "triton",
+                         fused_correction: bool = False) -> WarmUpReport:
     """Compile every LoRA kernel binary that calls on ``layers`` with ``1..max_tokens`` tokens,
     ``1..min(T, max_adapters)`` active adapters and any key rank can select
     (``enumerate_lora_variants`` per layer shape; pairs shared by several shapes count once),
@@ -94,6 +114,9 @@ def warm_up_lora_kernels(layers: Iterable[LoRASlotWeights], max_tokens: int, max
     ``[T, in_features]`` / ``[T, out_features]`` (one buffer per layer shape, sized for its
     largest launch) and the slot tensors of the first layer of each shape, which are only read
     (``_keyed_by``). ``max_adapters`` is capped at each layer's slot count.
+
+    ``fused_correction`` (``LoRAConfig.fuse_correction``): also every binary of batches that
+    carry the mixed-mode correction (``valora.ops.lora``).
 
     A no-op (an empty report) unless ``warm_up_enabled(device, backend)``. Adds no host-device
     synchronisation but one ``torch.cuda.synchronize`` at the end (for the timing)."""
@@ -103,7 +126,8 @@ def warm_up_lora_kernels(layers: Iterable[LoRASlotWeights], max_tokens: int, max
     start = time.perf_counter()
     shapes = _shapes(layers)
     found, plan = plan_warm_up({shape: min(max_adapters, weights.num_slots)
-                                for shape, weights in shapes.items()}, max_tokens, device)
+                                for shape, weights in shapes.items()}, max_tokens, device,
+                               (False, True) if fused_correction else (False,))
     for shape, weights in shapes.items():
         mine = [v for v in plan if v.shape == shape]
         if not mine:
@@ -112,10 +136,8 @@ def warm_up_lora_kernels(layers: Iterable[LoRASlotWeights], max_tokens: int, max
         x = torch.zeros(rows, shape.in_features, dtype=shape.dtype, device=device)
         y = torch.zeros(rows, sum(shape.slice_widths), dtype=shape.dtype, device=device)
         for variant in mine:
-            tokens, active = variant.num_tokens, variant.num_adapters
-            slots = torch.arange(tokens, dtype=torch.int32, device=device) % active
-            batch = prepare_lora_batch(slots, weights.num_slots, "triton",
-                                       num_active_slots=active, active_slots=range(active))
+            batch = _batch(variant, weights.num_slots, device)
+            tokens = variant.num_tokens
             lora_apply(y[:tokens], x[:tokens], _keyed_by(weights, variant.key_rank), batch)
         del x, y
     if device.type == "cuda":
