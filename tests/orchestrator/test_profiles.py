@@ -124,3 +124,18 @@ def test_step_profiler_builds_engine_batches(tiny_model: object) -> None:
     expected = sum(w.numel() * w.element_size() for (_, m), w in weights.items()
                    if m in ("q_proj", "v_proj"))
     assert num_bytes == expected and seconds > 0
+
+
+def test_step_profiler_fuses_the_correction_when_asked(tiny_model: object) -> None:
+    names = ["profile-r4-0", "profile-r4-1"]
+    ranks = dict.fromkeys(names, 4)
+    targets = dict.fromkeys(names, SWITCH_TARGETS["all"])
+    profiler = StepProfiler(tiny_model, names, ranks, targets, "reference", num_pages=16,
+                            fuse_correction=True)
+    rows = (RowWork("profile-r4-0", 4, 1, 20), RowWork("profile-r4-1", 4, 1, 20),
+            RowWork(None, 0, 8, 8))
+    batch = profiler.batch(StepSpec(rows, Mode.MIXED, "profile-r4-0", 4))
+    assert batch.lora_correction is None and batch.lora is not None
+    assert batch.lora.correction_slot == profiler.slot_of["profile-r4-0"]
+    assert batch.lora.correction_slots is not None
+    assert profiler.measure_step(StepSpec(rows, Mode.MIXED, "profile-r4-0", 4)) > 0

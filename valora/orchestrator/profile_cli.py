@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples", type=Path, default=None,
                         help="also write every fitted sample (features, seconds) as JSONL here")
+    parser.add_argument("--fuse-correction", action="store_true",
+                        help="time mixed steps with the correction in the same LoRA op, as an "
+                             "engine with --fuse-correction runs them")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="time decode steps as eager forwards (default on CUDA: CUDA-graph "
                              "replays, as the engine runs them)")
@@ -60,7 +63,8 @@ def main(argv: list[str]) -> int:
                            load_format=args.load_format, attention_backend=backend)
         samples: list[dict[str, object]] = []
         cost = run_profile(model, quick=args.quick, repeats=args.repeats,
-                           graphs=not args.enforce_eager, samples=samples)
+                           graphs=not args.enforce_eager, samples=samples,
+                           fuse_correction=args.fuse_correction)
     except ValoraError as exc:
         raise SystemExit(f"valora profile-modes: {exc}") from exc
     out = args.out or default_profile_path(device_label(device))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import TypeVar
 
 from valora.errors import ValoraError
@@ -88,10 +88,12 @@ def profile(
     measure_switch: Callable[[CaseT], tuple[int, float]] | None = None,
     samples: list[dict[str, object]] | None = None,
     graph_max_rows: int = 0,
+    fused_correction: bool = False,
 ) -> CostModel:
     """Measure every spec ``repeats`` times (median) and every switch case, then fit.
     ``graph_max_rows``: the largest decode batch ``measure_step`` replays as a CUDA graph (0 =
-    none), which decides each sample's ``eager`` flag.
+    none), which decides each sample's ``eager`` flag. ``fused_correction``: ``measure_step``
+    runs mixed steps with the correction in the same LoRA op (one launch counted).
     ``samples`` (a list) receives every fitted sample — step features or switch bytes, the
     median seconds and the mode — so a fit can be examined or redone offline."""
     if repeats < 1:
@@ -101,7 +103,7 @@ def profile(
     step_samples: list[tuple[StepShape, float]] = []
     for spec in specs:
         seconds = statistics.median(measure_step(spec) for _ in range(repeats))
-        shape = step_shape(spec, graph_max_rows)
+        shape = step_shape(spec, graph_max_rows, fused_correction)
         step_samples.append((shape, seconds))
         if samples is not None:
             samples.append({"kind": "step", "mode": spec.mode.value, **asdict(shape),
@@ -114,7 +116,8 @@ def profile(
         if samples is not None:
             samples.append({"kind": "switch", "bytes": switch_samples[-1][0],
                             "seconds": switch_samples[-1][1]})
-    model = fit_cost_model(device_name, step_samples, switch_samples, graph_max_rows)
+    model = replace(fit_cost_model(device_name, step_samples, switch_samples, graph_max_rows),
+                    fused_correction=fused_correction)
     _log.info("cost model for %s: step rel. RMSE %.3f over %d samples", device_name,
               model.fit_info["step_rel_rmse"], len(step_samples))
     return model

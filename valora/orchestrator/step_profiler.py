@@ -119,8 +119,11 @@ class StepProfiler:
 
     def __init__(self, model: Any, names: Sequence[str], ranks: dict[str, int],
                  targets: dict[str, tuple[str, ...]], lora_backend: str, num_pages: int,
-                 seed: int = 0) -> None:
+                 seed: int = 0, fuse_correction: bool = False) -> None:
+        """``fuse_correction``: mixed steps carry the correction inside their one LoRA batch
+        (``LoRAConfig.fuse_correction``), as the engine then builds them."""
         self.model = model
+        self.fuse_correction = fuse_correction
         self.device: torch.device = model.device
         self.slot_of = {name: slot for slot, name in enumerate(names)}
         self.lora_backend = lora_backend
@@ -159,7 +162,7 @@ class StepProfiler:
         self.graphs = capture_decode_graphs(
             self.model, max_batch, max_context=max_context, page_size=PAGE_SIZE,
             num_lora_slots=len(self.slot_of), variants=("base", "lora", "mixed"),
-            purpose="profiling decode steps eagerly")
+            purpose="profiling decode steps eagerly", fuse_correction=self.fuse_correction)
         return self.graphs is not None
 
     def batch(self, spec: StepSpec) -> ForwardBatch:
@@ -202,20 +205,27 @@ class StepProfiler:
                        if spec.mode.has_merged_adapter and spec.merged_adapter is not None
                        else None)
         lora_slots, correction = plan_lora_batches(token_slots, merged_slot, mode=spec.mode)
-        if any(s >= 0 for s in lora_slots):
-            batch.lora = self._lora_batch(lora_slots)
-        if correction is not None:
-            batch.lora_correction = self._lora_batch(correction)
+        if correction is not None and self.fuse_correction:
+            batch.lora = self._lora_batch(lora_slots, correction, merged_slot)
+        else:
+            if any(s >= 0 for s in lora_slots):
+                batch.lora = self._lora_batch(lora_slots)
+            if correction is not None:
+                batch.lora_correction = self._lora_batch(correction)
         self._batches[spec] = batch
         return batch
 
-    def _lora_batch(self, token_slots: list[int]) -> Any:
+    def _lora_batch(self, token_slots: list[int], correction: list[int] | None = None,
+                    merged_slot: int | None = None) -> Any:
         """LoRA metadata on the model's device (``"auto"`` resolves by that device, as in the
-        engine: Triton on CUDA)."""
+        engine: Triton on CUDA), with the correction inside when given."""
         slots = torch.tensor(token_slots, dtype=torch.int32, device=self.device)
         active = {s for s in token_slots if s >= 0}
+        corrected = (torch.tensor(correction, dtype=torch.int32, device=self.device)
+                     if correction is not None else None)
         return prepare_lora_batch(slots, len(self.slot_of), self.lora_backend,
-                                  active_slots=active)
+                                  active_slots=active, correction_slots=corrected,
+                                  correction_slot=merged_slot)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -274,10 +284,14 @@ def grid_for(quick: bool) -> tuple[list[StepSpec], tuple[int, ...]]:
 
 def run_profile(model: Any, *, quick: bool = False, repeats: int = 3,
                 lora_backend: str = "auto", graphs: bool = True,
-                samples: list[dict[str, object]] | None = None) -> CostModel:
+                samples: list[dict[str, object]] | None = None,
+                fuse_correction: bool = False) -> CostModel:
     """Profile ``model`` (loaded, on its device) and return the fitted model, keyed by
     :func:`profile_key`. ``graphs``: replay decode steps from CUDA graphs where the device and
-    model allow (module docstring). ``samples`` receives the fitted samples (``profile``)."""
+    model allow (module docstring). ``samples`` receives the fitted samples (``profile``).
+    ``fuse_correction``: mixed steps as an engine with ``LoRAConfig.fuse_correction`` runs them
+    (the returned model has ``fused_correction`` set; profiles do not store it — the engine sets
+    it from its own configuration)."""
     specs, _ = grid_for(quick)
     names: list[str] = []
     ranks: dict[str, int] = {}
@@ -292,7 +306,8 @@ def run_profile(model: Any, *, quick: bool = False, repeats: int = 3,
         names.append(name)
         ranks[name], targets[name] = 16, modules
     pages = max(sum(-(-row.context_tokens // PAGE_SIZE) for row in spec.rows) for spec in specs)
-    profiler = StepProfiler(model, names, ranks, targets, lora_backend, pages + 2)
+    profiler = StepProfiler(model, names, ranks, targets, lora_backend, pages + 2,
+                            fuse_correction=fuse_correction)
     if graphs:
         decode = [spec for spec in specs if all(row.num_tokens == 1 for row in spec.rows)]
         if decode:
@@ -305,7 +320,8 @@ def run_profile(model: Any, *, quick: bool = False, repeats: int = 3,
                    device_name=profile_key(device_name, model_signature(model.spec)),
                    repeats=repeats, switch_cases=list(SWITCH_TARGETS),
                    measure_switch=profiler.measure_switch, samples=samples,
-                   graph_max_rows=profiler.graphs.buckets[-1] if profiler.graphs else 0)
+                   graph_max_rows=profiler.graphs.buckets[-1] if profiler.graphs else 0,
+                   fused_correction=fuse_correction)
     _log.info("profiled %d steps in %.1f s (%d timed runs replayed CUDA graphs)", len(specs),
               time.perf_counter() - started, profiler.num_graph_steps)
     return cost
