@@ -15,6 +15,12 @@ whose slice has rank 0 return before touching memory: work and bytes follow each
 ranks, never the storage rank. ``h`` entries above a slot's rank are never read. Every (token,
 column) of ``y`` belongs to exactly one expand program, so no atomics are needed.
 
+``CORRECTION`` (mixed mode in one op, ``valora.ops.lora``): ``h`` rows are ``2·J·R`` wide; the
+shrink fills ``[J·R, 2·J·R)`` from the merged slot ``m = corr[0]`` for every tile (tiles of slot
+-2 hold base rows to correct and fill only that half), and the expand adds
+``−scale[m, j] · mult · Σ_ρ h[.., J·R + j·R + ρ] · B[m, c, ρ]`` to the same accumulator before its
+one write of ``y``. ``m = -1``: nothing to subtract.
+
 ``UPCAST`` (interpreter only) multiplies in fp32 after the same rounding: Triton's CPU interpreter
 cannot multiply bf16 blocks.
 """

@@ -19,6 +19,13 @@ CUDA-graph capturable once each kernel configuration has been compiled (run the 
 capturing).
 On the CPU the kernels run only under ``TRITON_INTERPRET=1`` (tests).
 
+Mixed mode in one op (a batch with ``correction_slots``, ``valora.ops.lora``): the same two
+launches with ``CORRECTION`` set; ``h`` is ``[split_k, T, 2·J·R]`` (the tokens' own rank space,
+then the merged slot's), the segments add the correction-only group, and the merged slot is
+read on the device (``LoRASegments.correction``). With host-known slots, the effective rank is
+taken over the active slots and the merged slot together, and the shrink grid covers the own
+half whole plus the merged slot's live prefix of the second half.
+
 Effective rank. When the host knows the batch's slots (``LoRASegments.active_slots``) and the
 layer keeps its rank mirror (``LoRASlotWeights.ranks_cpu``), ``active_slice_ranks`` gives per
 slice ``r_j = max over active slots of min(ranks_cpu[s][j], R)`` in O(active slots × slices)
