@@ -38,6 +38,7 @@ from valora.ops import triton_lora
 from valora.ops.launch import fast_launch_enabled, set_fast_launch
 from valora.ops.lora import lora_apply, prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights
+from valora.ops.timing import host_time_per_call
 from valora.orchestrator.cost_model import RowWork, StepSpec
 from valora.orchestrator.merge import WeightSwitcher
 from valora.orchestrator.modes import Mode
@@ -90,20 +91,6 @@ def timed(fn: Callable[[], object], repeats: int) -> dict[str, float]:
             "gpu_kernels": len(kernels)}
 
 
-def host_per_call(fn: Callable[[], object], calls: int) -> float:
-    """Host µs per call of ``fn``, every call queued behind a GPU sleep (never blocks while the
-    calls launch fewer kernels than the launch queue holds, ≈ 1000)."""
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(SLEEP_CYCLES)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    per_call = (time.perf_counter() - start) / calls * 1e6
-    torch.cuda.synchronize()
-    return per_call
-
-
 def op_rows(tokens: int, calls: int) -> list[dict[str, object]]:
     """Host cost of one LoRA op and its parts at 7B shapes (module docstring)."""
     return [op_row(name, in_features, widths, tokens, calls)
@@ -133,17 +120,17 @@ def op_row(name: str, in_features: int, widths: tuple[int, ...], tokens: int,
 
     set_fast_launch(False)
     try:
-        triton_path = host_per_call(launches, calls)
+        triton_path = host_time_per_call(launches, calls)
     finally:
         set_fast_launch(True)
     return {
         "op": name, "tokens": tokens, "fast_launch": fast_launch_enabled(),
-        "lora_apply_us": host_per_call(lambda: lora_apply(y, x, weights, batch), calls),
-        "launch_shrink_expand_us": host_per_call(launches, calls),
+        "lora_apply_us": host_time_per_call(lambda: lora_apply(y, x, weights, batch), calls),
+        "launch_shrink_expand_us": host_time_per_call(launches, calls),
         "launch_shrink_expand_triton_path_us": triton_path,
-        "prepare_batch_us": host_per_call(
+        "prepare_batch_us": host_time_per_call(
             lambda: prepare_lora_batch(slots, 4, "triton", active_slots=[0]), calls // 10),
-        "base_linear_us": host_per_call(lambda: torch.nn.functional.linear(x, base), calls),
+        "base_linear_us": host_time_per_call(lambda: torch.nn.functional.linear(x, base), calls),
     }
 
 

@@ -23,15 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from valora.ops.lora import LoRASlotWeights, lora_apply, prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights
-from valora.ops.timing import time_calls
+from valora.ops.timing import host_time_per_call, time_calls
 from valora.orchestrator.modes import Mode, plan_lora_batches
 
 LAYERS = {"qkv": (4096, (4096, 4096, 4096)), "o": (4096, (4096,)),
@@ -51,19 +49,6 @@ def step_slots(rows: int, tokens_per_row: int) -> tuple[list[int], list[int] | N
         slot = -1 if row % 4 == 3 else 0 if row % 5 == 4 else 1 + row % (len(RANKS) - 1)
         adapters += [slot] * tokens_per_row
     return plan_lora_batches(adapters, 0, mode=Mode.MIXED)
-
-
-def host_us(fn: Callable[[], object], calls: int = 100) -> float:
-    """Host µs per call, queued behind a GPU sleep (nothing waits for the GPU)."""
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(300_000_000)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    took = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return took / calls * 1e6
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -121,7 +106,7 @@ def measure(layer: str, in_features: int, widths: tuple[int, ...], step: str, ro
     timing_two = time_calls([run_two], device, repeats=20)
     row["fused_us"], row["two_ops_us"] = timing_fused.median_us, timing_two.median_us
     if device.type == "cuda":
-        row["fused_host_us"], row["two_ops_host_us"] = host_us(run_fused), host_us(run_two)
+        row["fused_host_us"], row["two_ops_host_us"] = host_time_per_call(run_fused), host_time_per_call(run_two)
     return row
 
 

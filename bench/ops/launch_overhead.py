@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
 from valora.ops.launch import FastKernel, _arg_key
-
-SLEEP_CYCLES = 400_000_000
-CALLS = 300
+from valora.ops.timing import host_time_per_call
 
 
 @triton.jit
@@ -44,18 +40,6 @@ def _touch8(p0, p1, p2, p3, p4, p5, p6, p7, n, BLOCK: tl.constexpr):
     tl.store(p0 + offs, v, mask=offs < n)
 
 
-def per_call_us(fn: Callable[[], object], calls: int = CALLS) -> float:
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(SLEEP_CYCLES)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    took = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return took / calls * 1e6
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None)
@@ -70,28 +54,28 @@ def main() -> None:
         binary = kernel[grid](*ptrs, n, BLOCK=256)
         fast = FastKernel(kernel)
         fast[grid](*ptrs, n, BLOCK=256)
-        rows[f"{name} triton kernel[grid]"] = per_call_us(lambda k=kernel, p=ptrs: k[(4,)](*p, n, BLOCK=256))
-        rows[f"{name} FastKernel"] = per_call_us(lambda f=fast, p=ptrs: f[(4,)](*p, n, BLOCK=256))
-        rows[f"{name} binary[grid](..., stream)"] = per_call_us(
+        rows[f"{name} triton kernel[grid]"] = host_time_per_call(lambda k=kernel, p=ptrs: k[(4,)](*p, n, BLOCK=256))
+        rows[f"{name} FastKernel"] = host_time_per_call(lambda f=fast, p=ptrs: f[(4,)](*p, n, BLOCK=256))
+        rows[f"{name} binary[grid](..., stream)"] = host_time_per_call(
             lambda b=binary, v=values: b[(4, 1, 1)](*v, stream=stream))
         run, function, meta = binary.run, binary.function, binary.packed_metadata
-        rows[f"{name} CompiledKernel.run raw"] = per_call_us(
+        rows[f"{name} CompiledKernel.run raw"] = host_time_per_call(
             lambda r=run, f=function, m=meta, v=values: r(4, 1, 1, stream, f, m, None, None, None,
                                                           *v))
         addresses = [t.data_ptr() for t in ptrs]
         try:
-            rows[f"{name} run raw, int addresses"] = per_call_us(
+            rows[f"{name} run raw, int addresses"] = host_time_per_call(
                 lambda r=run, f=function, m=meta, a=addresses: r(4, 1, 1, stream, f, m, None, None,
                                                                  None, *a, n, 256))
         except Exception as exc:  # the runtime may insist on tensors
             print(f"{name}: int addresses refused: {exc!r}")
-        rows[f"{name} key only"] = per_call_us(lambda v=values: tuple(map(_arg_key, v)))
-    rows["aten add_"] = per_call_us(lambda: tensors[0].add_(1.0))
-    rows["current_stream().cuda_stream"] = per_call_us(
+        rows[f"{name} key only"] = host_time_per_call(lambda v=values: tuple(map(_arg_key, v)))
+    rows["aten add_"] = host_time_per_call(lambda: tensors[0].add_(1.0))
+    rows["current_stream().cuda_stream"] = host_time_per_call(
         lambda: torch.cuda.current_stream(tensors[0].device).cuda_stream)
-    rows["torch.empty 512x192 fp32"] = per_call_us(
+    rows["torch.empty 512x192 fp32"] = host_time_per_call(
         lambda: torch.empty(512, 192, dtype=torch.float32, device="cuda"))
-    rows["data_ptr() x8"] = per_call_us(lambda: [t.data_ptr() for t in tensors])
+    rows["data_ptr() x8"] = host_time_per_call(lambda: [t.data_ptr() for t in tensors])
     for key, value in rows.items():
         print(f"{key:40} {value:8.2f} µs")
     if args.out:

@@ -103,6 +103,17 @@ class LoRASegments:
     def tile_bound_for(num_tokens: int, num_slots: int, block_m: int) -> int:
         return _cdiv(num_tokens, block_m) + min(num_slots, num_tokens)
 
+    def _checked(self, slots: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``slots`` as int64 on the segments' device and its in-range mask; out-of-range slots
+        trip a device-side assert on CUDA, a ``ValoraError`` on the CPU (module docstring)."""
+        values = slots.to(device=self.tiles.device, dtype=torch.int64)
+        in_range = (values >= -1) & (values < self.num_slots)
+        if values.device.type == "cuda":
+            torch._assert_async(in_range.all())
+        elif not bool(in_range.all()):
+            raise ValoraError(f"{name} out of range [-1, {self.num_slots})")
+        return values, in_range
+
     @property
     def num_groups(self) -> int:
         """Token groups with tiles: one per slot, plus the correction-only group."""
@@ -144,21 +155,11 @@ class LoRASegments:
         if self.num_tokens == 0:
             return
         num_slots, groups = self.num_slots, self.num_groups
-        slots = token_slots.to(device=self.tiles.device, dtype=torch.int64)
-        in_range = (slots >= -1) & (slots < num_slots)
-        if slots.device.type == "cuda":
-            torch._assert_async(in_range.all())
-        elif not bool(in_range.all()):
-            raise ValoraError(f"token_slots out of range [-1, {num_slots})")
+        slots, in_range = self._checked(token_slots, "token_slots")
         key = torch.where(in_range & (slots >= 0), slots, groups)
         if correction_slots is not None:
             assert self.correction is not None
-            corrected = correction_slots.to(device=self.tiles.device, dtype=torch.int64)
-            ok = (corrected >= -1) & (corrected < num_slots)
-            if corrected.device.type == "cuda":
-                torch._assert_async(ok.all())
-            elif not bool(ok.all()):
-                raise ValoraError(f"correction_slots out of range [-1, {num_slots})")
+            corrected, _ = self._checked(correction_slots, "correction_slots")
             key = torch.where((key == groups) & (corrected >= 0), num_slots, key)
             self.correction.copy_(corrected.max().clamp(min=-1).view(1))
         order = torch.sort(key, stable=True).indices

@@ -110,3 +110,20 @@ def rotations_for(bytes_per_call: int, set_bytes: int = 0, target_bytes: int = R
     if set_bytes > 0:
         count = min(count, memory_bytes // set_bytes)
     return max(1, count)
+
+
+def host_time_per_call(fn: Callable[[], object], calls: int = 100,
+                       sleep_cycles: int = 400_000_000) -> float:
+    """Host µs per call of ``fn`` on CUDA: one untimed call, then ``calls`` calls queued behind a
+    ``torch.cuda._sleep(sleep_cycles)`` (≈ 0.2 s on an H100 / H200), so no call waits for the
+    GPU — valid while the calls launch fewer kernels than the launch queue holds (≈ 1000) and
+    take less host time than the sleep."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(sleep_cycles)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    took = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return took / calls * 1e6
