@@ -166,16 +166,19 @@ def test_opt_out_hooks_and_binaryless_runtimes_take_tritons_path(
     assert len(fn.compiles) == 3 and not kernel.direct
 
 
-def test_bad_arguments_raise_before_anything_launches() -> None:
+def test_calls_the_direct_path_does_not_model_go_to_triton() -> None:
+    """Other launch options, too many arguments or a required one missing: Triton's own path
+    takes the call (and raises what it raises)."""
     fn = TritonDouble(PARAMS)
     kernel = FastKernel(fn)
-    with pytest.raises(TypeError):
-        kernel[(1,)](torch.zeros(4), 3, 0.5, BLOCK=32, UNKNOWN=1)
-    with pytest.raises(TypeError):
-        kernel[(1,)](*([torch.zeros(4)] * 7))
-    with pytest.raises(KeyError):  # a required argument missing
-        kernel[(1,)](torch.zeros(4), 3)
-    assert fn.compiles == []
+    x = torch.zeros(4)
+    for _ in range(2):
+        kernel[(1,)](x, 3, 0.5, BLOCK=32, num_ctas=2)
+        kernel[(1,)](*([x] * 7))
+    assert len(fn.compiles) == 4 and kernel.num_direct_launches == 0
+    assert fn.compiles[0][2] == {"BLOCK": 32, "num_ctas": 2}
+    kernel[(1,)](x, 3)  # "scale" and BLOCK missing: the double records it; Triton would raise
+    assert len(fn.compiles) == 5 and kernel.num_direct_launches == 0
 
 
 def test_launcher_wraps_jit_functions_once_and_leaves_anything_else() -> None:

@@ -71,6 +71,10 @@ def _arg_key(value: object) -> object:
     return cls
 
 
+_OPTIONS = frozenset({"num_warps", "num_stages"})
+"""The launch options the direct path keys by; any other keyword goes to Triton's path."""
+
+
 class FastKernel:
     """Wraps a ``@triton.jit`` function; ``FastKernel(fn)[grid](*args, **kwargs)`` launches it
     exactly as ``fn[grid](*args, **kwargs)`` would (module docstring)."""
@@ -98,17 +102,24 @@ class FastKernel:
     def launch(self, grid: Sequence[int], args: Sequence[object],
                kwargs: dict[str, Any]) -> None:
         """``fn[grid](*args, **kwargs)``, directly when the binary is known (module docstring)."""
-        if not (self.direct and _ENABLED[0]) or _hooks_set():
+        names = self._names
+        if (not (self.direct and _ENABLED[0]) or _hooks_set() or len(args) > len(names)
+                or any(name not in names and name not in _OPTIONS for name in kwargs)):
+            # Switched off, a hook to honour, or a call this path does not model (other launch
+            # options, wrong arguments): Triton's own path decides, errors included.
             self.fn[grid](*args, **kwargs)
             return
         options = {"num_warps": kwargs.pop("num_warps", 4),
                    "num_stages": kwargs.pop("num_stages", 3)}
-        names = self._names
-        if len(args) > len(names) or any(name not in names for name in kwargs):
-            raise TypeError(f"{names}: got {len(args)} positional and {sorted(kwargs)}")
         values = list(args)
         for name in names[len(args):]:
-            values.append(kwargs[name] if name in kwargs else self._defaults[name])
+            if name in kwargs:
+                values.append(kwargs[name])
+            elif name in self._defaults:
+                values.append(self._defaults[name])
+            else:  # a required argument missing: Triton's path raises its error
+                self.fn[grid](*args, **options, **kwargs)
+                return
         device = _current_device()
         prefix = self._runtime_prefix
         if prefix >= 0:
