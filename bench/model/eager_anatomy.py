@@ -6,7 +6,9 @@ The serving runs showed eager steps dominating latency and the refitted cost mod
 script measures that directly instead of through a regression.
 
 Per step (``StepProfiler`` builds it exactly as the engine would; median of ``--repeats``), once
-with valora's direct kernel launches (``valora.ops.launch``) and once through Triton's own path:
+with valora's direct kernel launches (``valora.ops.launch``) and once through Triton's own path
+(mixed steps once more with the correction in the same LoRA op, ``LoRAConfig.fuse_correction``,
+rows ``*_fused``):
 
 - ``host_ms``: wall time until ``forward`` + logits *returns*, the GPU warm and idle at the
   start (when the step is host-bound the launch queue never fills, so this is the host's
@@ -196,6 +198,19 @@ def main() -> None:
                           f"kernels {row['gpu_kernel_ms']:7.2f} ms ({row['gpu_kernels']})",
                           flush=True)
                 set_fast_launch(True)
+                if spec.mode is Mode.MIXED:  # the correction inside the rows' own LoRA op
+                    profiler.fuse_correction = True
+                    profiler._batches.pop(spec, None)
+                    fused = profiler.batch(spec)
+                    row = {"kind": "step", "mode": f"{mode}_fused", "tokens": tokens, **meta,
+                           "fast_launch": True,
+                           **timed(lambda b=fused: profiler._run(b), args.repeats)}
+                    lines.append(row)
+                    print(f"step {mode + '_fused':15} T={tokens:5} fast  : host "
+                          f"{row['host_ms']:7.2f} ms  wall {row['wall_ms']:7.2f} ms  kernels "
+                          f"{row['gpu_kernel_ms']:7.2f} ms ({row['gpu_kernels']})", flush=True)
+                    profiler.fuse_correction = False
+                    profiler._batches.pop(spec, None)
                 if spec.mode.has_merged_adapter:
                     switcher.unmerge()
         for row in op_rows(args.op_tokens, 200):
