@@ -169,8 +169,11 @@ def _prepare_triton(batch: LoRABatch) -> object:
 
 def _apply_triton(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights, batch: LoRABatch,
                   scale_multiplier: float) -> None:
+    """First call: import the kernels and register the launcher itself (later calls skip this
+    indirection; the op runs once per layer and step)."""
     from valora.ops.triton_lora import lora_apply_triton
 
+    _BACKENDS["triton"] = (_prepare_triton, lora_apply_triton)
     lora_apply_triton(y, x, weights, batch, scale_multiplier)
 
 

@@ -66,6 +66,7 @@ class LoRASegments:
     correction_slot: int | None = None
     """``correction[0]`` when the host knows it (a tiling hint), else None."""
     launch_plans: dict[Any, Any] = field(default_factory=dict)
+    _tile_views: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     """Host-side launch choices of the current slots, per layer shape (``triton_lora``); a
     cache, emptied by every ``update``."""
 
@@ -123,8 +124,12 @@ class LoRASegments:
         return self.tile_bound_for(self.num_tokens, self.num_groups, block_m)
 
     def tile_list(self, block_m: int) -> torch.Tensor:
-        """The ``[3, tile_capacity]`` view for ``block_m`` (a row stride of ``tile_capacity``)."""
-        return self.tiles[BLOCK_M_CHOICES.index(block_m)]
+        """The ``[3, tile_capacity]`` view for ``block_m`` (a row stride of ``tile_capacity``);
+        one view object per ``block_m`` for the segments' life (every layer asks)."""
+        views = self._tile_views
+        if not views:
+            views.update((m, self.tiles[i]) for i, m in enumerate(BLOCK_M_CHOICES))
+        return views[block_m]
 
     @property
     def tile_capacity(self) -> int:
