@@ -100,6 +100,16 @@ def _silu_and_mul_kernel(x_ptr, y_ptr, width, stride_x, stride_y, BLOCK: tl.cons
     tl.store(y_ptr + row * stride_y + col, (act * up).to(y_ptr.dtype.element_ty), mask=ok)
 
 
+def _next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` in plain Python (Triton's is a ``ConstexprFunction``: ≈ 2 µs a
+    call on the host, and these wrappers run once per layer and step)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _norm_warps(block: int) -> int:
     return 8 if block >= 4096 else 4 if block >= 1024 else 1
 
@@ -113,7 +123,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     y = torch.empty(rows, width, dtype=out_dtype, device=x.device)
     res_out = torch.empty_like(residual) if residual is not None else None
     if rows:
-        block = triton.next_power_of_2(width)
+        block = _next_power_of_2(width)
         res = residual if residual is not None else x
         res_o = res_out if res_out is not None else y
         launcher(_rms_norm_kernel)[(rows,)](
@@ -134,12 +144,12 @@ def rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch
     if tokens:
         half = dim // 2
         total = num_q_heads + num_k_heads
-        block_h = min(16, triton.next_power_of_2(total))
-        launcher(_rotary_kernel)[(tokens, triton.cdiv(total, block_h))](
+        block_h = min(16, _next_power_of_2(total))
+        launcher(_rotary_kernel)[(tokens, _cdiv(total, block_h))](
             query, key, cos, sin, q_out, k_out, num_q_heads, num_k_heads, half,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1),
             cos.stride(0), sin.stride(0),
-            BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(half), num_warps=4)
+            BLOCK_H=block_h, BLOCK_D=_next_power_of_2(half), num_warps=4)
     return q_out, k_out
 
 
@@ -148,8 +158,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     rows, width = x.shape[0], x.shape[1] // 2
     y = torch.empty(rows, width, dtype=x.dtype, device=x.device)
     if rows and width:
-        block = min(1024, triton.next_power_of_2(width))
-        launcher(_silu_and_mul_kernel)[(rows, triton.cdiv(width, block))](
+        block = min(1024, _next_power_of_2(width))
+        launcher(_silu_and_mul_kernel)[(rows, _cdiv(width, block))](
             x, y, width, x.stride(0), y.stride(0), BLOCK=block,
             num_warps=4 if block >= 512 else 1)
     return y
