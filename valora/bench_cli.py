@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shared-engine", action="store_true",
                      help="in-process: one engine for every policy, the policies taking turns "
                           "inside each (skew, rate) cell (no process history in the comparison)")
+    run.add_argument("--step-trace", action="store_true",
+                     help="in-process: each result row lists every step of its run (start, "
+                          "seconds, graphed, rows, tokens, LoRA ops per linear)")
     run.add_argument("--deadline-s", type=_positive_float, default=None,
                      help="skip runs that would start after this many seconds of the sweep")
     run.add_argument("--no-plot", action="store_true")
@@ -131,8 +134,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[st
         if len(policies) != 1:
             parser.error("--url: the server runs one policy; give exactly one --policies label")
         check_loopback(args.url)
-        if args.shared_engine:
-            parser.error("--shared-engine compares policies in-process; not with --url")
+        if args.shared_engine or args.step_trace:
+            parser.error("--shared-engine and --step-trace run in-process; not with --url")
     if args.rates_of_capacity is not None and args.calibration_requests < 1:
         parser.error("--calibration-requests must be at least 1")
     if args.num_requests < 1 or args.num_adapters < 1 or args.num_frames < 1:
@@ -184,6 +187,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         capacity_fractions=args.rates_of_capacity,
         calibration_requests=args.calibration_requests, run_budget_s=args.run_budget_s,
         deadline_s=args.deadline_s, shared_engine=args.shared_engine,
+        step_trace=args.step_trace,
     )
     jsonl = args.out / f"{args.name}.jsonl"
     if jsonl.exists():

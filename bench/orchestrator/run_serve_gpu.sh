@@ -52,7 +52,7 @@ fi
 read -r -a POLICIES <<<"${POLICY_ORDER:-unmerged-fcfs valora dlora merged-only}"
 COMMON=(--model "$WORK/model" "${ENGINE[@]}" "${WORK_FLAGS[@]}" --adapter-std 0.02
         --adapter-cache-dir "$WORK/adapters" --popularity zipf:1 hot:0.7 --latency-target-s 5
-        --starvation-s 10 --warmup-requests 16 --out "$WORK" --no-plot)
+        --starvation-s 10 --warmup-requests 16 --out "$WORK" --no-plot --step-trace)
 
 run_policy() {  # POLICY EXTRA_FLAGS...
   local policy=$1; shift

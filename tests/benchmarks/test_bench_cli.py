@@ -92,7 +92,7 @@ def test_shared_engine_runs_every_policy_per_cell_in_alternating_order(
                  "--num-requests", "4", "--rates", "40", "80", "--popularity", "hot:0.7",
                  "--policies", "unmerged-fcfs,valora,dlora", "--kind-mix", "1,0,1",
                  "--num-frames", "2", "--warmup-requests", "1", "--shared-engine",
-                 "--out", str(tmp_path), "--name", "shared", "--no-plot"])
+                 "--step-trace", "--out", str(tmp_path), "--name", "shared", "--no-plot"])
     assert code == 0
     rows = [json.loads(line) for line in (tmp_path / "shared.jsonl").read_text().splitlines()]
     assert [(r["policy"], r["rate_per_s"]) for r in rows] == [
@@ -100,6 +100,12 @@ def test_shared_engine_runs_every_policy_per_cell_in_alternating_order(
         ("dlora", 80.0), ("valora", 80.0), ("unmerged-fcfs", 80.0)]
     for row in rows:
         assert row["metrics"]["num_finished"] == 4 and row["metrics"]["num_failed"] == 0
+        steps = row["steps"]  # --step-trace: the run's steps, in order, inside the run
+        assert len(steps) == row["modes"]["num_steps"]
+        assert all(0 <= s[0] <= row["wall_s"] and s[1] > 0 and s[3] >= 1 for s in steps)
+        assert [s[0] for s in steps] == sorted(s[0] for s in steps)
+        assert sum(s[4] for s in steps) >= sum(q["num_output_tokens"] for q in row["requests"])
+        assert not any(s[2] for s in steps)  # CPU: no graphs
     by_policy = {r["policy"]: r for r in rows if r["rate_per_s"] == 40.0}
     assert by_policy["unmerged-fcfs"]["modes"]["num_switches"] == 0
     assert by_policy["unmerged-fcfs"]["modes"]["decision_seconds"] == 0.0  # no decisions made
@@ -115,3 +121,6 @@ def test_shared_engine_is_in_process_only(capsys: pytest.CaptureFixture[str],
         main(["serve", "--url", "http://127.0.0.1:8000", "--policies", "valora",
               "--shared-engine", "--out", str(tmp_path)])
     assert info.value.code == 2 and "--shared-engine" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--url", "http://127.0.0.1:8000", "--policies", "valora",
+              "--step-trace", "--out", str(tmp_path)])

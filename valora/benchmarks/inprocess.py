@@ -59,6 +59,9 @@ class RunResult:
     timings: list[RequestTiming]
     modes: ModeTrace | None
     wall_s: float
+    steps: list[list[float | int | bool]] | None = None
+    """With ``step_trace``: each step of the run as ``[start s (from the run's start), seconds,
+    graphed, rows, tokens, LoRA ops per linear]`` (``valora.engine.model_runner.StepRecord``)."""
 
 
 def to_generate_request(request: BenchRequest, run_tag: str, seed: int) -> GenerateRequest:
@@ -119,16 +122,20 @@ class _ModeSampler:
 
 def run_inprocess(
     engine: LLMEngine, requests: Sequence[BenchRequest], *, run_tag: str = "bench",
-    seed: int = 0, idle_sleep_s: float = 0.002,
+    seed: int = 0, idle_sleep_s: float = 0.002, step_trace: bool = False,
 ) -> RunResult:
     """Replay ``requests`` against ``engine`` in real time; returns when every request finished
-    or failed. Requests are prepared (images, text) before the clock starts."""
+    or failed. Requests are prepared (images, text) before the clock starts. ``step_trace``:
+    also return every step the engine ran meanwhile (``RunResult.steps``)."""
     specs = [to_generate_request(r, run_tag, seed) for r in requests]
     timings = {s.request_id or "": RequestTiming(r.request_id, r.adapter, r.kind, r.arrival_s,
                                                  r.latency_target_s)
                for r, s in zip(requests, specs, strict=True)}
     sampler = _ModeSampler(engine)
+    records = engine.parts.runner.enable_step_trace() if step_trace else None
+    first_record = len(records) if records is not None else 0
     open_ids: set[str] = set()
+    clock_start = time.perf_counter()
     start = time.monotonic()
     next_index = 0
     while next_index < len(specs) or open_ids:
@@ -165,7 +172,11 @@ def run_inprocess(
                     timing.error = output.error
     wall = time.monotonic() - start
     ordered = [timings[s.request_id or ""] for s in specs]
-    return RunResult(ordered, sampler.trace if sampler.start is not None else None, wall)
+    steps = None
+    if records is not None:
+        steps = [[r.start_s - clock_start, *r.as_list()[1:]] for r in records[first_record:]
+                 if r.start_s >= clock_start]
+    return RunResult(ordered, sampler.trace if sampler.start is not None else None, wall, steps)
 
 
 def warm_up(engine: LLMEngine, requests: Sequence[BenchRequest], seed: int = 0) -> None:

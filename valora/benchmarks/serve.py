@@ -77,6 +77,8 @@ class ServeBench:
     max_requests: int = 400
     shared_engine: bool = False
     """In-process only: one engine serves every policy (see ``run_sweep``)."""
+    step_trace: bool = False
+    """In-process only: each row carries every step of its run (``RunResult.steps``)."""
 
 
 def _runs(bench: ServeBench) -> list[tuple[str, float, list[BenchRequest]]]:
@@ -97,6 +99,7 @@ def _row(bench: ServeBench, policy: str, popularity: str, rate: float, result: R
         "wall_s": result.wall_s, "metrics": summarize(result.timings),
         "modes": result.modes.as_dict() if result.modes is not None else None,
         "requests": [asdict(t) for t in result.timings],
+        **({"steps": result.steps} if result.steps is not None else {}),
     }
 
 
@@ -129,7 +132,8 @@ def _engine_runner(bench: ServeBench, policy: str, adapter_paths: dict[str, str]
     if warm:
         warm_up(engine, warm, seed=bench.workload.seed)
     return lambda tag, requests: run_inprocess(engine, requests, run_tag=tag,
-                                               seed=bench.workload.seed)
+                                               seed=bench.workload.seed,
+                                               step_trace=bench.step_trace)
 
 
 def _http_runner(url: str, seed: int) -> Runner:
@@ -241,7 +245,8 @@ def _run_shared(bench: ServeBench, adapter_paths: dict[str, str],
     def run(policy: str, tag: str, requests: list[BenchRequest]) -> RunResult:
         engine.set_mode_policy(policy)
         engine.reset_caches()
-        return run_inprocess(engine, requests, run_tag=tag, seed=seed)
+        return run_inprocess(engine, requests, run_tag=tag, seed=seed,
+                             step_trace=bench.step_trace)
 
     if bench.capacity_fractions and bench.trace is None:
         first = bench.policies[0]

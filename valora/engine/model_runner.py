@@ -53,6 +53,28 @@ class LoRAStepPlan:
     correction_slots: list[int] | None = None
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One executed step, as ``ModelRunner.enable_step_trace`` records it: host clock at its
+    start (``time.perf_counter``), host wall seconds (tokens read back: GPU time included),
+    whether a CUDA graph ran it, its rows and tokens, and LoRA ops per linear (0: none — base rows
+    or merged mode; 1: unmerged, or mixed with the correction fused; 2: mixed, two ops)."""
+
+    start_s: float
+    seconds: float
+    graphed: bool
+    rows: int
+    tokens: int
+    lora_ops: int
+
+    def as_list(self) -> list[float | int | bool]:
+        return [self.start_s, self.seconds, self.graphed, self.rows, self.tokens, self.lora_ops]
+
+
+def _lora_ops(batch: ForwardBatch) -> int:
+    return int(batch.lora is not None) + int(batch.lora_correction is not None)
+
+
 class ModelRunner:
     """Executes steps of one model on one device."""
 
@@ -101,6 +123,9 @@ class ModelRunner:
         self.eager_seconds = 0.0
         self.eager_tokens = 0
         self.graph_rows = 0
+        self.step_trace: list[StepRecord] | None = None
+        """Per-step records while enabled (``enable_step_trace``); None = off."""
+        self._trace_limit = 100_000
 
     def enable_cuda_graphs(
         self, max_batch: int, max_context: int, variants: Sequence[str] = ("base", "lora")
@@ -176,7 +201,21 @@ class ModelRunner:
         else:
             self.eager_seconds += elapsed
             self.eager_tokens += int(batch.input_ids.shape[0])
+        trace = self.step_trace
+        if trace is not None:
+            if len(trace) >= self._trace_limit:
+                del trace[: len(trace) // 2]
+            trace.append(StepRecord(started, elapsed, graphed, len(scheduled),
+                                    int(batch.input_ids.shape[0]), _lora_ops(batch)))
         return result
+
+    def enable_step_trace(self, limit: int = 100_000) -> list[StepRecord]:
+        """Record every step from now on (the oldest half dropped past ``limit``); returns the
+        live list (benchmarks read the records of their run from it)."""
+        self._trace_limit = max(2, limit)
+        if self.step_trace is None:
+            self.step_trace = []
+        return self.step_trace
 
     def _forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, bool]:
         """Hidden states of ``batch`` (a graph replay when one serves it, else eager) and
