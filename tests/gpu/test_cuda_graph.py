@@ -106,20 +106,31 @@ def test_refuses_backends_that_cannot_be_captured(tiny_llava: Path) -> None:
         CudaGraphRunner(fast, 4, max_context=16, page_size=PAGE_SIZE, variants=("lora",))
 
 
+def _engine_mixed_slots(count: int, merged: int) -> list[tuple[int, int]]:
+    """(own, correction) slots as the engine plans a mixed step: the merged adapter's rows carry
+    neither, base rows the correction, other adapters' rows both."""
+    return [(-1, -1) if i % 4 == 0 else (-1, merged) if i % 4 == 1 else (i % 3, merged)
+            for i in range(count)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("overlap", [0, 64], ids=["serial", "lora-overlap"])
-def test_gpu_graphs_match_eager_and_survive_adapter_changes(tiny_llava: Path,
-                                                           overlap: int) -> None:
+@pytest.mark.parametrize(("overlap", "fuse"), [(0, False), (64, False), (0, True), (64, True)],
+                         ids=["serial", "lora-overlap", "serial-fused", "lora-overlap-fused"])
+def test_gpu_graphs_match_eager_and_survive_adapter_changes(tiny_llava: Path, overlap: int,
+                                                           fuse: bool) -> None:
     """With ``overlap``, the graphed model's LoRA deltas (prefill and captured decode) run on
-    the side stream; the eager reference runs them in series."""
+    the side stream; the eager reference runs them in series. With ``fuse``, the captured
+    ``mixed`` graph runs the correction inside each LoRA op (engine-planned slots)."""
     ranks = [8, 2, 5, 7]
     graphed = make_model(tiny_llava, "triton", DEVICE, torch.float32, ranks)
     graphed.set_lora_overlap(overlap, priority=-1 if overlap else 0)
     eager = make_model(tiny_llava, "triton", DEVICE, torch.float32, ranks)
     # 11 sequences (bucket 16, padded), some subtracting a merged adapter: the "mixed" graph.
-    slots = [(i % 5 - 1, 3 if i % 3 == 0 else -1) for i in range(11)]
+    slots = (_engine_mixed_slots(11, 3) if fuse
+             else [(i % 5 - 1, 3 if i % 3 == 0 else -1) for i in range(11)])
     runner = CudaGraphRunner(graphed, 16, max_context=128, page_size=PAGE_SIZE,
-                             num_lora_slots=NUM_SLOTS, variants=("base", "lora", "mixed"))
+                             num_lora_slots=NUM_SLOTS, variants=("base", "lora", "mixed"),
+                             fuse_correction=fuse)
     fast_steps = Stepper(graphed, 600, PAGE_SIZE, NUM_SLOTS, "triton")
     slow_steps = Stepper(eager, 600, PAGE_SIZE, NUM_SLOTS, "triton")
     fast_seqs, slow_seqs = prompts(graphed, 11, slots), prompts(eager, 11, slots)
