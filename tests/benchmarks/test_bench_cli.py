@@ -124,3 +124,20 @@ def test_shared_engine_is_in_process_only(capsys: pytest.CaptureFixture[str],
     with pytest.raises(SystemExit):
         main(["serve", "--url", "http://127.0.0.1:8000", "--policies", "valora",
               "--step-trace", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["engine-per-policy", "shared-engine"])
+def test_every_run_starts_from_empty_caches(tiny_model: Path, tiny_adapters: dict[str, str],
+                                            tmp_path: Path, shared: bool) -> None:
+    """The runs of a sweep replay the same prompts and images: each starts from empty prefix
+    and image caches, so a later run prefills exactly what the first did."""
+    modules = [f"{name}={path}" for name, path in tiny_adapters.items()]
+    code = main(["serve", *_engine_flags(tiny_model), "--lora-modules", *modules,
+                 "--num-requests", "3", "--rates", "40", "80", "--popularity", "hot:0.7",
+                 "--policies", "unmerged-fcfs", "--kind-mix", "1,0,0", "--warmup-requests", "1",
+                 "--step-trace", "--out", str(tmp_path), "--name", "caches", "--no-plot",
+                 *(["--shared-engine"] if shared else [])])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "caches.jsonl").read_text().splitlines()]
+    computed = [sum(step[4] for step in row["steps"]) for row in rows]
+    assert len(computed) == 2 and computed[0] == computed[1] > 0

@@ -126,14 +126,22 @@ def _build_engine(bench: ServeBench, policy: str, adapter_paths: dict[str, str])
 
 
 def _engine_runner(bench: ServeBench, policy: str, adapter_paths: dict[str, str]) -> Runner:
-    """One engine per policy, warmed up off the clock, serving every run of that policy."""
+    """One engine per policy, warmed up off the clock, serving every run of that policy, each
+    from empty prefix and image caches (``LLMEngine.reset_caches``): the runs of a sweep replay
+    the same prompts and images (one seed), and a run after another would otherwise find them
+    cached — the H200 grids of session 6 and before did (their later cells of 46 requests
+    prefilled 12–21 tokens an eager step instead of ≈ 800)."""
     engine = _build_engine(bench, policy, adapter_paths)
     warm = _warm_requests(bench)
     if warm:
         warm_up(engine, warm, seed=bench.workload.seed)
-    return lambda tag, requests: run_inprocess(engine, requests, run_tag=tag,
-                                               seed=bench.workload.seed,
-                                               step_trace=bench.step_trace)
+
+    def run(tag: str, requests: list[BenchRequest]) -> RunResult:
+        engine.reset_caches()
+        return run_inprocess(engine, requests, run_tag=tag, seed=bench.workload.seed,
+                             step_trace=bench.step_trace)
+
+    return run
 
 
 def _http_runner(url: str, seed: int) -> Runner:
