@@ -76,7 +76,7 @@ def to_generate_request(request: BenchRequest, run_tag: str, seed: int) -> Gener
 
 
 _ENGINE_COUNTERS = ("graph_steps", "eager_steps", "graph_seconds", "eager_seconds",
-                    "graph_rows", "eager_tokens")
+                    "graph_rows", "eager_tokens", "num_preemptions")
 """Counters of ``LLMEngine.stats()`` a run reports as differences (plus ``slot_loads``)."""
 _STEP_TOTALS = (*_ENGINE_COUNTERS[2:], "slot_loads")
 

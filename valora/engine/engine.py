@@ -276,4 +276,4 @@ class LLMEngine:
         return self.dead_reason is None
 
     def stats(self) -> dict[str, Any]:
-        return self.parts.stats()
+        return {**self.parts.stats(), "num_preemptions": self.num_preemptions}
