@@ -1,4 +1,5 @@
-"""Compile the GPU-path Triton kernels for sm_90 on a machine without a GPU and report what the
+"""Compile the GPU-path Triton kernels (paged attention; the LoRA shrink / expand, with and without
+the mixed-mode correction) for sm_90 on a machine without a GPU and report what the
 compiler made of them: registers, spills (stack), dynamic shared memory and the load/store and
 matrix instructions in the SASS. Costs no device time (uses the ptxas/cuobjdump Triton ships).
 
@@ -24,14 +25,20 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from valora.layers import attention_triton_kernels as attn_kernels
+from valora.ops import lora_kernels
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(os.path.dirname(triton.__file__)) / "backends" / "nvidia" / "bin"
 DIVISIBLE = {"stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kp", "stride_ks",
-             "stride_kh", "num_heads", "stride_x", "stride_y", "width"}
+             "stride_kh", "num_heads", "stride_x", "stride_y", "width",
+             # the LoRA kernels at 7B shapes (layer widths, storage rank 64, split planes)
+             "in_features", "flat_rank", "max_rank", "stride_xm", "stride_ym", "out_features",
+             "col_0", "col_1", "col_2", "col_3", "col_4", "k_split", "split_stride"}
 POINTERS = {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "seq_lens_ptr": "*i32",
             "page_table_ptr": "*i32", "query_start_ptr": "*i32", "seqs_ptr": "*i32",
-            "tiles_ptr": "*i32", "scale_log2": "fp32", "eps": "fp32"}
+            "tiles_ptr": "*i32", "scale_log2": "fp32", "eps": "fp32",
+            "h_ptr": "*fp32", "ranks_ptr": "*i32", "sorted_ptr": "*i32", "corr_ptr": "*i32",
+            "scales_ptr": "*fp32", "scale_multiplier": "fp32"}
 OPS = ("LDG", "LDGSTS", "STG", "STL", "LDL", "HMMA", "HGMMA")
 
 
@@ -93,6 +100,20 @@ def cases() -> list[tuple[str, Any, str, dict[str, object], int, int]]:
         ("prefill bf16 (64×64, 8 warps)", attn_kernels.paged_prefill_kernel, "bf16", prefill, 8,
          2),
     ]
+    dot = dict(PRECISION="tf32", UPCAST=False)
+    for correction in (False, True):
+        tag = " + correction" if correction else ""
+        flags = {**dot, "CORRECTION": correction}
+        out += [
+            (f"LoRA shrink, decode (16×16×256){tag}", lora_kernels.lora_shrink_kernel, "bf16",
+             dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, EVEN_K=True, **flags), 4, 3),
+            (f"LoRA shrink, prefill (64×32×64){tag}", lora_kernels.lora_shrink_kernel, "bf16",
+             dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, EVEN_K=True, **flags), 4, 4),
+            (f"LoRA expand, decode (16×128×16, SPLIT_K 4){tag}", lora_kernels.lora_expand_kernel,
+             "bf16", dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=16, SPLIT_K=4, **flags), 4, 2),
+            (f"LoRA expand, prefill (64×128×32){tag}", lora_kernels.lora_expand_kernel, "bf16",
+             dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, SPLIT_K=0, **flags), 4, 3),
+        ]
     return out
 
 
