@@ -48,7 +48,6 @@ from valora.orchestrator.profiling import adapter_name
 from valora.orchestrator.step_profiler import SWITCH_TARGETS, StepProfiler
 
 RANK = 16
-SLEEP_CYCLES = 600_000_000  # ≈ 0.3 s at the H200's clock: longer than any step's host work
 OP_SHAPES = {"qkv": (4096, (4096, 4096, 4096)), "o": (4096, (4096,)),
              "gate_up": (4096, (11008, 11008)), "down": (11008, (4096,))}
 

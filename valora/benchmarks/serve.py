@@ -135,13 +135,15 @@ def _engine_runner(bench: ServeBench, policy: str, adapter_paths: dict[str, str]
     warm = _warm_requests(bench)
     if warm:
         warm_up(engine, warm, seed=bench.workload.seed)
+    return lambda tag, requests: _fresh_run(bench, engine, tag, requests)
 
-    def run(tag: str, requests: list[BenchRequest]) -> RunResult:
-        engine.reset_caches()
-        return run_inprocess(engine, requests, run_tag=tag, seed=bench.workload.seed,
-                             step_trace=bench.step_trace)
 
-    return run
+def _fresh_run(bench: ServeBench, engine: Any, tag: str,
+               requests: list[BenchRequest]) -> RunResult:
+    """One run of ``requests`` on ``engine`` from empty prefix and image caches."""
+    engine.reset_caches()
+    return run_inprocess(engine, requests, run_tag=tag, seed=bench.workload.seed,
+                         step_trace=bench.step_trace)
 
 
 def _http_runner(url: str, seed: int) -> Runner:
@@ -243,18 +245,15 @@ def _run_shared(bench: ServeBench, adapter_paths: dict[str, str],
     """
     build = next((p for p in bench.policies if p != "unmerged-fcfs"), bench.policies[0])
     engine = _build_engine(bench, build, adapter_paths)
-    seed = bench.workload.seed
     warm = _warm_requests(bench)
     for policy in bench.policies:
         engine.set_mode_policy(policy)
         if warm:
-            warm_up(engine, warm, seed=seed)
+            warm_up(engine, warm, seed=bench.workload.seed)
 
     def run(policy: str, tag: str, requests: list[BenchRequest]) -> RunResult:
         engine.set_mode_policy(policy)
-        engine.reset_caches()
-        return run_inprocess(engine, requests, run_tag=tag, seed=seed,
-                             step_trace=bench.step_trace)
+        return _fresh_run(bench, engine, tag, requests)
 
     if bench.capacity_fractions and bench.trace is None:
         first = bench.policies[0]

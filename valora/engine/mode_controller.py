@@ -188,13 +188,8 @@ class ModeController:
                 f"mode policy {name!r} merges adapters, but this engine was started with "
                 f"{self.config.orchestrator.mode_policy!r}, which never does (no switcher or "
                 "pristine copy planned, no mixed graphs): start it with a merging policy")
-        previous = self.state.merged_adapter
-        if previous is not None:
-            assert self.switcher is not None
-            self.state, _ = apply_decision(self.switcher, self.state,
-                                           ModeDecision(Mode.UNMERGED, None), self._pinned_slot,
-                                           time.monotonic())
-            self.adapters.release(previous)
+        if self.state.merged_adapter is not None:  # a switch like any other (counted, timed)
+            self._switch_to(ModeDecision(Mode.UNMERGED, None), time.monotonic())
         self.policy = self._build_policy(name, self.model, self.model.device)
         self._can_merge = merges and self.adapters.num_slots > 0
         self._last_progress.clear()

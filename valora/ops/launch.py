@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -101,6 +102,17 @@ def _runtime_keys(values: Sequence[object]) -> list[object]:
     return keys
 
 
+def _picker(indices: Iterable[int]) -> Callable[[Sequence[object]], tuple[object, ...]]:
+    """``values -> tuple(values[i] for i in indices)``, in C (``operator.itemgetter``)."""
+    chosen = tuple(indices)
+    if not chosen:
+        return lambda values: ()
+    if len(chosen) == 1:
+        index = chosen[0]
+        return lambda values: (values[index],)
+    return operator.itemgetter(*chosen)
+
+
 class FastKernel:
     """Wraps a ``@triton.jit`` function; ``FastKernel(fn)[grid](*args, **kwargs)`` launches it
     exactly as ``fn[grid](*args, **kwargs)`` would (module docstring)."""
@@ -111,11 +123,9 @@ class FastKernel:
         self.direct = bool(params)
         """False: every launch takes Triton's path (no parameters known, or no binaries)."""
         self._names = tuple(p.name for p in params)
-        self._constexpr = frozenset(i for i, p in enumerate(params) if p.is_constexpr)
-        tail = len(params) - len(self._constexpr)
-        self._runtime_prefix = tail if self._constexpr == set(range(tail, len(params))) else -1
-        """``n`` when the first ``n`` parameters are the runtime ones and the rest constexprs
-        (the usual layout: the key is then built without a per-argument test), else -1."""
+        self._constexprs = _picker(i for i, p in enumerate(params) if p.is_constexpr)
+        self._runtime = _picker(i for i, p in enumerate(params) if not p.is_constexpr)
+        """The constexpr / runtime arguments of a call's values, in signature order."""
         self._defaults = {p.name: p.default for p in params
                           if p.default is not inspect.Parameter.empty}
         self._accepted = frozenset(self._names) | _OPTIONS
@@ -148,15 +158,8 @@ class FastKernel:
                 self.fn[grid](*args, **options, **kwargs)
                 return
         device = _current_device()
-        prefix = self._runtime_prefix
-        if prefix >= 0:
-            key = (device, options["num_warps"], options["num_stages"], *values[prefix:],
-                   *_runtime_keys(values[:prefix]))
-        else:
-            constexpr = self._constexpr
-            key = (device, options["num_warps"], options["num_stages"],
-                   *[value if i in constexpr else _arg_key(value)
-                     for i, value in enumerate(values)])
+        key = (device, options["num_warps"], options["num_stages"],
+               *self._constexprs(values), *_runtime_keys(self._runtime(values)))
         binary = self._binaries.get(key)
         if binary is None:
             compiled = self.fn[grid](*args, **options, **kwargs)

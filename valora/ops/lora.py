@@ -228,6 +228,9 @@ def prepare_lora_batch(token_slots: torch.Tensor, num_slots: int, backend: str =
         if correction_slots.device != token_slots.device:
             raise ValoraError(f"correction_slots on {correction_slots.device}, token_slots on "
                               f"{token_slots.device}")
+        if correction_slots.shape != token_slots.shape:
+            raise ValoraError(f"correction_slots shape {tuple(correction_slots.shape)} != "
+                              f"token_slots shape {tuple(token_slots.shape)}")
         correction_slot = _check_correction(slots_cpu, correction_slots, num_slots,
                                             correction_slot)
         correction_slots = correction_slots.to(torch.int32)
@@ -244,9 +247,6 @@ def _check_correction(slots_cpu: list[int], correction: torch.Tensor, num_slots:
                       given: int | None) -> int | None:
     """The merged slot of a correction (module docstring), checked where the host can see the
     slots (CPU tensors); ``given`` (or None) for device tensors, checked for range only."""
-    if correction.shape != (len(slots_cpu),) and correction.device.type == "cpu":
-        raise ValoraError(f"correction_slots shape {tuple(correction.shape)} != "
-                          f"({len(slots_cpu)},)")
     if given is not None and not 0 <= given < num_slots:
         raise ValoraError(f"correction_slot {given} out of range [0, {num_slots})")
     if correction.device.type != "cpu":

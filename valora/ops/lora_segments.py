@@ -65,6 +65,9 @@ class LoRASegments:
     allocated without correction (module docstring)."""
     correction_slot: int | None = None
     """``correction[0]`` when the host knows it (a tiling hint), else None."""
+    read_slots: tuple[int, ...] | None = None
+    """Every slot whose weights the step reads (the tokens' own, plus the merged slot of a
+    correction), sorted, when the host knows them; set by ``update``."""
     launch_plans: dict[Any, Any] = field(default_factory=dict)
     _tile_views: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     """Host-side launch choices of the current slots, per layer shape (``triton_lora``); a
@@ -96,6 +99,7 @@ class LoRASegments:
             _tile_index=torch.arange(capacity, dtype=torch.int64, device=device)
             .expand(len(BLOCK_M_CHOICES), capacity).contiguous(),
             active_slots=active_slots,
+            read_slots=active_slots,
             correction=(torch.full((1,), -1, dtype=torch.int32, device=device)
                         if with_correction else None),
         )
@@ -154,6 +158,10 @@ class LoRASegments:
         self.num_active_slots = num_active_slots
         self.active_slots = active_slots
         self.correction_slot = correction_slot if correction_slots is not None else None
+        self.read_slots = active_slots
+        if active_slots is not None and correction_slots is not None:
+            self.read_slots = (None if correction_slot is None
+                               else tuple(sorted({*active_slots, correction_slot})))
         self.launch_plans.clear()
         if self.correction is not None:
             self.correction.fill_(-1)

@@ -161,16 +161,11 @@ def _explain(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,
 
 def active_slice_ranks(weights: LoRASlotWeights, segments: LoRASegments
                        ) -> tuple[int, ...] | None:
-    """``r_j`` per slice over the batch's active slots (module docstring, "Effective rank");
-    None when the host does not know the slots or the layer keeps no rank mirror."""
-    if segments.active_slots is None:
-        return None
-    if segments.correction is not None:  # the merged slot's ranks count too (when known)
-        if segments.correction_slot is None:
-            return None
-        return weights.active_slice_ranks(
-            tuple(sorted({*segments.active_slots, segments.correction_slot})))
-    return weights.active_slice_ranks(segments.active_slots)
+    """``r_j`` per slice over the slots the batch reads (``LoRASegments.read_slots``: its active
+    slots and a correction's merged slot; module docstring, "Effective rank"); None when the host
+    does not know them or the layer keeps no rank mirror."""
+    slots = segments.read_slots  # the merged slot's ranks count too (with a correction)
+    return None if slots is None else weights.active_slice_ranks(slots)
 
 
 def live_flat_rank(slice_ranks: tuple[int, ...], max_rank: int) -> int:
