@@ -129,8 +129,8 @@ def _engine_runner(bench: ServeBench, policy: str, adapter_paths: dict[str, str]
     """One engine per policy, warmed up off the clock, serving every run of that policy, each
     from empty prefix and image caches (``LLMEngine.reset_caches``): the runs of a sweep replay
     the same prompts and images (one seed), and a run after another would otherwise find them
-    cached — the H200 grids of session 6 and before did (their later cells of 46 requests
-    prefilled 12–21 tokens an eager step instead of ≈ 800)."""
+    cached — the H200 grids of sessions 5 and 6 did (their later cells prefilled 12–24 tokens an
+    eager step instead of ≈ 390–760)."""
     engine = _build_engine(bench, policy, adapter_paths)
     warm = _warm_requests(bench)
     if warm:
