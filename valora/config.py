@@ -111,7 +111,10 @@ class LoRAConfig:
     ``fuse_correction``: in mixed mode, compute the rows' own adapters and the merged adapter's
     correction in one LoRA op (one shrink + one expand launch per layer, ``valora.ops.lora``)
     instead of two, in eager steps and decode graphs alike (the warm-up compiles both forms).
-    Off by default: its kernels have run only in Triton's CPU interpreter so far.
+    On by default since its first GPU run (H200, 7B shapes,
+    ``bench/results/model/h200-fused-correction-b35c4d5``): 0.97–1.63× the GPU speed of the two-op
+    form under CUDA graphs (faster at 19 of 20 layer/step points), about half its host time, the
+    same error against the fp32 twin.
     """
 
     enable_lora: bool = True
@@ -121,7 +124,7 @@ class LoRAConfig:
     lora_backend: str = "auto"
     overlap_max_tokens: int = 16
     warm_up_lora_kernels: bool = True
-    fuse_correction: bool = False
+    fuse_correction: bool = True
 
     def __post_init__(self) -> None:
         _require(self.max_loras > 0, "max_loras must be positive")

@@ -54,7 +54,7 @@ def test_warms_up_with_the_step_budget_and_the_slots(calls: list[tuple[Any, ...]
     assert report is not None and report.kernels == 7
     ((layers, max_tokens, max_adapters, device, backend, fused),) = calls
     assert max_tokens == 512 and max_adapters == 4 and device == CUDA and backend == "triton"
-    assert not fused  # LoRAConfig.fuse_correction off: only the two-op binaries
+    assert fused  # LoRAConfig.fuse_correction (on by default): both forms
     assert {id(w) for w in layers} == {id(model.qkv), id(model.down)}
     assert "compiled 7 LoRA kernel variants in 1.5 s" in caplog.text
 
@@ -80,7 +80,8 @@ def test_cli_flag_switches_it_off() -> None:
     assert not EngineConfig.create(**engine_kwargs(off)).lora.warm_up_lora_kernels
 
 
-def test_fused_correction_warms_up_both_forms(calls: list[tuple[Any, ...]]) -> None:
-    config = EngineConfig.create(max_num_batched_tokens=64, fuse_correction=True)
+def test_two_op_correction_warms_up_only_the_two_op_binaries(
+        calls: list[tuple[Any, ...]]) -> None:
+    config = EngineConfig.create(max_num_batched_tokens=64, fuse_correction=False)
     assert setup.warm_up_lora(config, _Model(), CUDA, "triton", 4) is not None
-    assert calls[0][-1] is True
+    assert calls[0][-1] is False

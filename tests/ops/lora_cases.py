@@ -36,9 +36,11 @@ def triton_output(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in fp32 on the CPU (either tensor may live on any device)."""
     out32 = out.detach().float().cpu()
+    ref32 = ref.detach().float().cpu()
     assert torch.isfinite(out32).all(), "non-finite output"
-    return float((out32 - ref).norm() / ref.norm().clamp_min(1e-12))
+    return float((out32 - ref32).norm() / ref32.norm().clamp_min(1e-12))
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}

@@ -139,3 +139,27 @@ def test_step_profiler_fuses_the_correction_when_asked(tiny_model: object) -> No
     assert batch.lora.correction_slot == profiler.slot_of["profile-r4-0"]
     assert batch.lora.correction_slots is not None
     assert profiler.measure_step(StepSpec(rows, Mode.MIXED, "profile-r4-0", 4)) > 0
+
+
+def test_switch_timing_excludes_the_first_switch_per_target(
+        tiny_model: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first merge of a target compiles and allocates: it runs once untimed, per target."""
+    from valora.orchestrator.merge import WeightSwitcher
+
+    merges: list[str] = []
+    original = WeightSwitcher.merge
+
+    def spy(self: WeightSwitcher, slot: int, target: str) -> object:
+        merges.append(target)
+        return original(self, slot, target)
+
+    monkeypatch.setattr(WeightSwitcher, "merge", spy)
+    names = ["profile-switch-qv", "profile-switch-all"]
+    ranks = dict.fromkeys(names, 16)
+    targets = {"profile-switch-qv": SWITCH_TARGETS["qv"],
+               "profile-switch-all": SWITCH_TARGETS["all"]}
+    profiler = StepProfiler(tiny_model, names, ranks, targets, "reference", num_pages=16)
+    profiler.measure_switch("qv")
+    profiler.measure_switch("qv")
+    profiler.measure_switch("all")
+    assert merges == ["qv", "qv", "qv", "all", "all"]  # one untimed per target, then timed

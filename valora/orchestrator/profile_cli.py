@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples", type=Path, default=None,
                         help="also write every fitted sample (features, seconds) as JSONL here")
-    parser.add_argument("--fuse-correction", action="store_true",
-                        help="time mixed steps with the correction in the same LoRA op, as an "
-                             "engine with --fuse-correction runs them")
+    parser.add_argument("--fuse-correction", action=argparse.BooleanOptionalAction, default=True,
+                        help="time mixed steps with the correction in the same LoRA op, as the "
+                             "engine runs them by default (LoRAConfig.fuse_correction); "
+                             "--no-fuse-correction: as two ops")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="time decode steps as eager forwards (default on CUDA: CUDA-graph "
                              "replays, as the engine runs them)")

@@ -151,6 +151,7 @@ class StepProfiler:
         self.num_pages = num_pages
         self._batches: dict[StepSpec, ForwardBatch] = {}
         self._switcher: WeightSwitcher | None = None
+        self._warm_switch_targets: set[str] = set()
         self.graphs: CudaGraphRunner | None = None
         self.num_graph_steps = 0
 
@@ -257,11 +258,20 @@ class StepProfiler:
 
     def measure_switch(self, target: str) -> tuple[int, float]:
         """``(bytes, seconds)`` of one merge or unmerge (mean of a timed merge and unmerge) of
-        the rank-16 adapter targeting ``SWITCH_TARGETS[target]``."""
+        the rank-16 adapter targeting ``SWITCH_TARGETS[target]``. The first call per target
+        also merges and unmerges once untimed (as :meth:`measure_step` warms up): the first
+        switch compiles the merge kernels for the target's weight shapes and allocates the
+        pristine copies — on an H200 it took 10x a warm switch, which, counted, made the fitted
+        switch cost 10x too high and the mode policy all but stop switching."""
         if self._switcher is None:
             self._switcher = WeightSwitcher(self.model.lora_base_weights(),
                                             self.model.lora_slot_map())
         slot = self.slot_of[f"profile-switch-{target}"]
+        if target not in self._warm_switch_targets:
+            self._switcher.merge(slot, target)
+            self._switcher.unmerge()
+            self._sync()
+            self._warm_switch_targets.add(target)
         seconds = []
         for op in ("merge", "unmerge"):
             self._sync()
