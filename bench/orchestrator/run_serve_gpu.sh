@@ -44,7 +44,12 @@ else
   WORK_FLAGS=(--num-adapters 16 --adapter-ranks 8 16 32 64)
   CALIBRATION=64
   RUN_BUDGET_S=${RUN_BUDGET_S:-100}; HARD_LIMIT_S=${HARD_LIMIT_S:-285}
-  NOTE="LLaVA-1.5-7B shapes, dummy bf16 weights, 16 random adapters (ranks 8-64, all 7 projections); rates = 0.3/0.6/0.9 x burst capacity of the unmerged-fcfs engine; one process per policy; short runs (time-boxed)."
+  NOTE="LLaVA-1.5-7B shapes, dummy bf16 weights, 16 random adapters (ranks 8-64, all 7 projections); rates = 0.3/0.6/0.9 x burst capacity of the unmerged-fcfs engine; short runs (time-boxed)."
+  if [[ "${SHARED:-1}" == "1" ]]; then
+    NOTE="$NOTE One engine for every policy (--shared-engine): the policies take turns inside each cell (order reversed every other cell), each run from the base weights with empty prefix and image caches."
+  else
+    NOTE="$NOTE One process per policy."
+  fi
 fi
 # valora runs second so a time cut drops a baseline (merged-only is usually the worst), not it.
 # POLICY_ORDER (space-separated) reorders them, e.g. to repeat a grid in reverse and see how much
