@@ -7,7 +7,11 @@ import pytest
 
 from valora.benchmarks.inprocess import RunResult
 from valora.benchmarks.metrics import RequestTiming
-from valora.benchmarks.report import paired_change_interval, policy_comparison
+from valora.benchmarks.report import (
+    paired_change_interval,
+    policy_comparison,
+    pooled_comparison,
+)
 from valora.benchmarks.serve import Popularity, ServeBench, calibrate
 from valora.benchmarks.workload import BenchRequest, BenchWorkload
 
@@ -90,3 +94,28 @@ def test_paired_interval_brackets_the_change_and_shrinks_with_agreement() -> Non
     rows = [{**_row("valora", "zipf:1", 2.0, 0.7), "requests": _requests([0.7] * 10)},
             {**_row("dlora", "zipf:1", 2.0, 1.0), "requests": _requests([1.0] * 10)}]
     assert "| -30% … -30% | yes |" in policy_comparison(rows)
+
+
+def _run(policy: str, rate: float, capacity: float, latencies: list[float]) -> dict[str, object]:
+    return {"policy": policy, "popularity": "zipf:1", "rate_per_s": rate,
+            "capacity_per_s": capacity, "requests": _requests(latencies),
+            "metrics": {"mean_latency_s": sum(latencies) / len(latencies)}}
+
+
+def test_pooled_comparison_matches_cells_by_share_and_pools_requests() -> None:
+    """Two repeats whose calibrated capacities differ (rates 3.0 and 3.3 are both 0.3 of it):
+    one cell; the best baseline is chosen by the pooled mean, not per repeat."""
+    first = [_run("valora", 3.0, 10.0, [0.6] * 10), _run("dlora", 3.0, 10.0, [0.5] * 10),
+             _run("unmerged-fcfs", 3.0, 10.0, [1.0] * 10)]
+    second = [_run("valora", 3.3, 11.0, [0.6] * 10), _run("dlora", 3.3, 11.0, [1.5] * 10),
+              _run("unmerged-fcfs", 3.3, 11.0, [0.9] * 10)]
+    lines = pooled_comparison([first, second]).splitlines()
+    assert len(lines) == 3
+    # pooled: valora 0.6, dlora 1.0, unmerged 0.95 -> unmerged-fcfs is best; each repeat's own
+    # best: dlora (0.5, +20 %) and unmerged-fcfs (0.9, -33 %)
+    cells = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    assert cells[:7] == ["zipf:1", "0.3", "2", "600.0", "unmerged-fcfs", "950.0", "-36.8%"]
+    low, high = (float(end.strip("%")) for end in cells[7].split(" … "))
+    assert low <= -36.8 <= high and high - low < 5  # pairs within each repeat, both repeats
+    assert cells[8:] == ["+20%, -33%", "yes"]
+    assert pooled_comparison([[_run("dlora", 3.0, 10.0, [0.5] * 10)]]) == ""

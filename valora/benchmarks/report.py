@@ -157,6 +157,60 @@ def policy_comparison(rows: Sequence[dict[str, Any]], policy: str = "valora",
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def pooled_comparison(grids: Sequence[Sequence[dict[str, Any]]], policy: str = "valora",
+                      bar: float = 0.20) -> str:
+    """Repeats of one grid, pooled: per (popularity, share of capacity) cell — rates are
+    re-measured fractions of each repeat's calibrated capacity, so cells match by
+    ``rate / capacity`` rounded to 0.01 — each policy's mean latency over the requests of every
+    repeat, ``policy`` against the best other policy by that pooled mean, a paired bootstrap 95 %
+    interval over all pairs (requests pair by id within their repeat), and each repeat's own
+    ``policy``-vs-best change, whose spread shows how far one short run can be trusted."""
+    cells: dict[tuple[str, float], list[dict[str, dict[str, Any]]]] = {}
+    for repeat, rows in enumerate(grids):
+        for row in rows:
+            if row["metrics"].get("mean_latency_s") is None or not row.get("capacity_per_s"):
+                continue
+            share = round(float(row["rate_per_s"]) / float(row["capacity_per_s"]), 2)
+            runs = cells.setdefault((row["popularity"], share), [])
+            while len(runs) <= repeat:
+                runs.append({})
+            runs[repeat][row["policy"]] = row
+    lines = [f"| popularity | share of capacity | repeats | {policy} mean ms | best baseline | "
+             f"its mean ms | {policy} vs best (pooled) | 95 % interval (paired bootstrap) | "
+             f"each repeat: {policy} vs its best | >= {bar:.0%} lower |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (popularity, share), runs in sorted(cells.items()):
+        runs = [run for run in runs if policy in run and len(run) > 1]
+        if not runs:
+            continue
+        names = set.intersection(*(set(run) for run in runs))
+        pooled = {name: [_latencies(run[name]) for run in runs] for name in names}
+        means = {name: (sum(sum(found.values()) for found in values)
+                        / max(1, sum(len(found) for found in values)))
+                 for name, values in pooled.items()}
+        others = {name: value for name, value in means.items() if name != policy}
+        if not others:
+            continue
+        best = min(others, key=lambda name: others[name])
+        change = means[policy] / others[best] - 1.0
+        ours = {f"{k}:{rid}": v for k, found in enumerate(pooled[policy])
+                for rid, v in found.items()}
+        theirs = {f"{k}:{rid}": v for k, found in enumerate(pooled[best])
+                  for rid, v in found.items()}
+        interval = paired_change_interval(ours, theirs)
+        spread = "–" if interval is None else f"{interval[0]:+.0%} … {interval[1]:+.0%}"
+        each = []
+        for run in runs:
+            run_means = {name: row["metrics"]["mean_latency_s"] for name, row in run.items()}
+            run_best = min((v for name, v in run_means.items() if name != policy), default=None)
+            if run_best:
+                each.append(f"{run_means[policy] / run_best - 1.0:+.0%}")
+        lines.append(f"| {popularity} | {share:g} | {len(runs)} | {means[policy] * 1e3:.1f} | "
+                     f"{best} | {others[best] * 1e3:.1f} | {change:+.1%} | {spread} | "
+                     f"{', '.join(each)} | {'yes' if change <= -bar else 'no'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Left: mean latency vs rate, one line per (policy, popularity). Right: the mode timeline
     (unmerged / mixed / merged) of each policy's highest-rate run with switches marked."""
