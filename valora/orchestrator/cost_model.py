@@ -207,11 +207,18 @@ class CostModel:
                      lora_launches: int) -> float:
         """Seconds a prefill of ``num_tokens`` (one row, ``lora_launches`` LoRA launches under the
         mode) adds: its tokens' work plus the overhead of the eager step it makes, charged in
-        full — one prefill per eager step, the case below saturation (prefills batched into one
-        step share it, so this over-charges bursts)."""
-        c = self.step_coefficients
+        full — one prefill per eager step. Prefills batched into one step share that overhead
+        (:meth:`eager_overhead`; ``LatencyEstimator`` charges it once per shared step)."""
         return (self.added_tokens_time(num_tokens, context_tokens, lora_rank)
-                + c.get("eager", 0.0) + c.get("eager_lora_launches", 0.0) * lora_launches)
+                + self.eager_overhead(lora_launches))
+
+    def eager_overhead(self, lora_launches: int, *, shared: bool = False) -> float:
+        """Seconds an eager step costs beyond its tokens' work: the eager intercept plus the
+        host cost of ``lora_launches`` LoRA launches per linear (the step's largest row count).
+        ``shared``: for a prefill joining a step already charged — only its extra launches."""
+        c = self.step_coefficients
+        intercept = 0.0 if shared else c.get("eager", 0.0)
+        return intercept + c.get("eager_lora_launches", 0.0) * lora_launches
 
     def switch_time(self, num_bytes: int) -> float:
         """Estimated seconds of one merge or unmerge touching ``num_bytes`` of weights."""

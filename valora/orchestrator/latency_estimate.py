@@ -8,7 +8,12 @@ Used by the ``valora`` policy to compare candidates. The model, per candidate:
    next seat to free. A request finishes ``prefill + outputs_left · step_s`` after it gets a seat,
    and its ``prefill`` (the time its remaining prompt tokens add to a step, plus the eager step's
    overhead and its LoRA launches under the candidate: ``CostModel.prefill_time``) also delays
-   everyone holding a seat then; ``step_s`` is the cost model's decode step for the phase's first full
+   everyone holding a seat then. With ``token_budget`` set, prefills that get their seats at the
+   same moment share eager steps while their tokens fit the budget, as the engine batches them:
+   the step's overhead (``CostModel.eager_overhead``, its launches those of its most demanding
+   row) is charged once per shared step, not once per prefill — charged per prefill, a candidate
+   that admits a batch of requests looked no better than serving them one after another, which
+   favoured merged(m) over mixed(m) while other adapters' requests queued; ``step_s`` is the cost model's decode step for the phase's first full
    batch in that mode.
 3. Phase 2 (merged only): the requests it excluded start when phase 1 ends, served either mixed
    (no switch) or unmerged after an unmerge, whichever finishes them sooner.
@@ -56,6 +61,9 @@ class LatencyEstimator:
     cost_model: CostModel
     target_of: Callable[[RequestView], float]
     deadline_weight: float = 1.0
+    token_budget: int | None = None
+    """Tokens one step may compute (prefills starting together share steps up to it); None:
+    every prefill makes an eager step of its own."""
 
     def decode_step_s(self, requests: Sequence[RequestView], choice: ModeChoice) -> float:
         rows = tuple(RowWork(r.adapter, r.rank, 1,
@@ -64,15 +72,23 @@ class LatencyEstimator:
                                                   choice.merged_rank))
 
     def prefill_s(self, request: RequestView, choice: ModeChoice) -> float:
+        """Seconds ``request``'s remaining prefill adds as an eager step of its own."""
+        work, launches = self._prefill_parts(request, choice)
+        if request.prompt_tokens_remaining <= 0:
+            return 0.0
+        return work + self.cost_model.eager_overhead(launches)
+
+    def _prefill_parts(self, request: RequestView, choice: ModeChoice) -> tuple[float, int]:
+        """(seconds of the prefill's token work, LoRA launches its row makes) under ``choice``."""
         tokens = request.prompt_tokens_remaining
         if tokens <= 0:
-            return 0.0
+            return 0.0, 0
         rank = lora_rank_per_token(request.adapter, request.rank, choice.mode, choice.merged,
                                    choice.merged_rank)
         launches = lora_launches_per_row(request.adapter, request.rank, choice.mode,
                                          choice.merged, self.cost_model.fused_correction)
-        return self.cost_model.prefill_time(tokens, request.context_tokens + tokens, rank,
-                                            launches)
+        work = self.cost_model.added_tokens_time(tokens, request.context_tokens + tokens, rank)
+        return work, launches
 
     def completion_times(self, order: Sequence[RequestView], seats: int, choice: ModeChoice,
                          start_s: float) -> list[float]:
@@ -89,12 +105,28 @@ class LatencyEstimator:
         delay = 0.0
         holders: list[tuple[float, int]] = [(start_s, -1)] * min(seats, len(order))
         finished = [0.0] * len(order)
+        budget = self.token_budget
+        step_base = None  # the shared eager step now filling: its seats' base time,
+        step_tokens = 0   # its tokens so far and the LoRA launches already charged for it
+        step_launches = 0
         for index, request in enumerate(order):
             base, previous = heapq.heappop(holders)
             if previous >= 0:
                 finished[previous] = base + delay
             begin = base + delay
-            prefill_s = self.prefill_s(request, choice)
+            tokens = request.prompt_tokens_remaining
+            prefill_s = 0.0
+            if tokens > 0:
+                work, launches = self._prefill_parts(request, choice)
+                if (budget is not None and base == step_base
+                        and step_tokens + tokens <= budget):
+                    extra = max(0, launches - step_launches)  # the step's overhead is paid
+                    prefill_s = work + self.cost_model.eager_overhead(extra, shared=True)
+                    step_tokens += tokens
+                    step_launches += extra
+                else:
+                    prefill_s = work + self.cost_model.eager_overhead(launches)
+                    step_base, step_tokens, step_launches = base, tokens, launches
             delay += prefill_s
             end = begin + prefill_s + request.output_tokens_remaining * step_s
             heapq.heappush(holders, (end - delay, index))

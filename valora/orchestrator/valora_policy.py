@@ -85,7 +85,8 @@ class ValoraPolicy:
     def decide(self, view: QueueView, state: ModeState, now: float) -> ModeDecision:
         if not view.all_requests:
             return ModeDecision(state.mode, state.merged_adapter)
-        estimator = LatencyEstimator(self.cost_model, self.target_of, self.deadline_weight)
+        estimator = LatencyEstimator(self.cost_model, self.target_of, self.deadline_weight,
+                                     view.token_budget)
         guard = self.guard_steps * self._longest_step_s(view, estimator)
         late = starving(view.all_requests, now, self.starvation_s, guard)
         late_ids = {r.request_id for r in late}
