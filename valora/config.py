@@ -110,7 +110,8 @@ class LoRAConfig:
     (``valora.ops.warmup``), so that no prefill stalls on a compile while serving.
     ``fuse_correction``: in mixed mode, compute the rows' own adapters and the merged adapter's
     correction in one LoRA op (one shrink + one expand launch per layer, ``valora.ops.lora``)
-    instead of two, in eager steps and decode graphs alike (the warm-up compiles both forms).
+    instead of two, in eager steps and decode graphs alike (the warm-up compiles the fused forms
+    too when the mode policy can merge; engines that never merge never run them).
     On by default since its first GPU run (H200, 7B shapes,
     ``bench/results/model/h200-fused-correction-b35c4d5``): 0.97–1.63× the GPU speed of the two-op
     form under CUDA graphs (faster at 19 of 20 layer/step points), about half its host time, the

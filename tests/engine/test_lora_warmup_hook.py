@@ -54,7 +54,7 @@ def test_warms_up_with_the_step_budget_and_the_slots(calls: list[tuple[Any, ...]
     assert report is not None and report.kernels == 7
     ((layers, max_tokens, max_adapters, device, backend, fused),) = calls
     assert max_tokens == 512 and max_adapters == 4 and device == CUDA and backend == "triton"
-    assert fused  # LoRAConfig.fuse_correction (on by default): both forms
+    assert not fused  # the default policy (unmerged-fcfs) never merges: no correction forms
     assert {id(w) for w in layers} == {id(model.qkv), id(model.down)}
     assert "compiled 7 LoRA kernel variants in 1.5 s" in caplog.text
 
@@ -80,8 +80,15 @@ def test_cli_flag_switches_it_off() -> None:
     assert not EngineConfig.create(**engine_kwargs(off)).lora.warm_up_lora_kernels
 
 
-def test_two_op_correction_warms_up_only_the_two_op_binaries(
-        calls: list[tuple[Any, ...]]) -> None:
-    config = EngineConfig.create(max_num_batched_tokens=64, fuse_correction=False)
+@pytest.mark.parametrize(("policy", "fuse", "fused_forms"), [
+    ("valora", True, True), ("dlora", True, True), ("merged-only", True, True),
+    ("valora", False, False), ("unmerged-fcfs", True, False),
+])
+def test_fused_correction_forms_are_warmed_up_only_where_they_can_run(
+        calls: list[tuple[Any, ...]], policy: str, fuse: bool, fused_forms: bool) -> None:
+    """Fused forms serve steps with a merged adapter: only a merging policy with
+    ``fuse_correction`` (the default) runs them; without it, the two-op form (plain binaries)."""
+    config = EngineConfig.create(max_num_batched_tokens=64, fuse_correction=fuse,
+                                 mode_policy=policy)
     assert setup.warm_up_lora(config, _Model(), CUDA, "triton", 4) is not None
-    assert calls[0][-1] is False
+    assert calls[0][-1] is fused_forms

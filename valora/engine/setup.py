@@ -183,7 +183,8 @@ def warm_up_lora(
 ) -> WarmUpReport | None:
     """Compile every LoRA kernel variant that steps of up to ``max_num_batched_tokens`` tokens
     over up to ``num_slots`` adapters can select (``valora.ops.warmup``), so none compiles in
-    the middle of serving. Runs only with adapter slots, on CUDA, with the ``"triton"`` backend
+    the middle of serving — the fused-correction forms too when ``fuse_correction`` is set and the
+    mode policy can merge. Runs only with adapter slots, on CUDA, with the ``"triton"`` backend
     and ``warm_up_lora_kernels`` set; ``None`` when skipped. Call after ``model.init_lora``."""
     if not (
         num_slots
@@ -198,7 +199,9 @@ def warm_up_lora(
         num_slots,
         device,
         lora_backend,
-        fused_correction=config.lora.fuse_correction,
+        # The fused forms serve only steps with a merged adapter: a policy that never merges
+        # never runs them (on an H200 with a cold Triton cache they doubled the warm-up, 142 s).
+        fused_correction=config.lora.fuse_correction and merging_policy(config),
     )
     logger.info(
         "compiled %d LoRA kernel variants in %.1f s (%d shrink + %d expand kernels, "
