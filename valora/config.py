@@ -145,6 +145,9 @@ class OrchestratorConfig:
     of every adapted weight; ``"resync"``: subtract, re-copy periodically). ``cost_model_path``:
     a JSON of profiled cost models keyed by device name (``None``: the analytic prior).
     ``latency_target_s``: default per-request latency target of the ``valora`` policy.
+    ``calibrate_cost_model``: the ``valora`` policy scales its profiled step costs by what the
+    engine's own steps measure, per path (eager / graph-replayed;
+    ``valora.orchestrator.calibration``) — the profile times the forward alone.
     """
 
     mode_policy: str = "unmerged-fcfs"
@@ -152,6 +155,7 @@ class OrchestratorConfig:
     restore: Literal["pristine", "resync"] = "pristine"
     cost_model_path: str | None = None
     latency_target_s: float | None = None
+    calibrate_cost_model: bool = True
 
     def __post_init__(self) -> None:
         _require(self.starvation_s > 0, "starvation_s must be positive")

@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from valora.orchestrator.calibration import StepCalibration
 from valora.orchestrator.cost_model import CostModel
 from valora.orchestrator.policies import get_mode_policy
 from valora.orchestrator.queue_view import AdapterInfo
@@ -48,6 +49,11 @@ class _Timed:
         decision = self.inner.decide(*args)
         self.seconds.append(time.perf_counter() - started)
         return decision
+
+    def observe_step(self, *args: Any) -> None:
+        observe = getattr(self.inner, "observe_step", None)
+        if observe is not None:
+            observe(*args)
 
 
 def scaled(model: CostModel, lora: float, switch: float, exact: bool) -> CostModel:
@@ -85,17 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exact-model", action="store_true",
                         help="the valora policy trusts the model (no fit-error switch margin): "
                              "in the simulator the model is the truth")
+    parser.add_argument("--truth-eager-scale", type=float, default=1.0,
+                        help="eager steps take this many times what the profile says (the GPU "
+                             "serving runs measured 1.5-2x); the valora policy still plans with "
+                             "the profile")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="the valora policy calibrates its model online from the steps it "
+                             "sees, as the engine's does (valora.orchestrator.calibration)")
     args = parser.parse_args(argv)
-    truth = scaled(CostModel.load(args.profile, args.entry), args.lora_scale, args.switch_scale,
-                   args.exact_model)
-    truth = replace(truth, fused_correction=args.fused_correction)
+    planned = scaled(CostModel.load(args.profile, args.entry), args.lora_scale, args.switch_scale,
+                     args.exact_model)
+    planned = replace(planned, fused_correction=args.fused_correction)
+    truth = replace(planned, eager_scale=args.truth_eager_scale)
     names = adapter_names(16)
     ranks = mixed_ranks(names, (8, 16, 32, 64))
     config = SimConfig({n: AdapterInfo(ranks[n], args.merge_bytes) for n in names},
                        max_num_seqs=args.seats)
     policies = (("unmerged-fcfs", {}), ("dlora", {"starvation_s": args.starvation_s}),
                 ("merged-only", {"starvation_s": args.starvation_s}),
-                ("valora", {"cost_model": truth, "starvation_s": args.starvation_s}))
+                ("valora", {"cost_model": planned, "starvation_s": args.starvation_s}))
     rows = []
     print(f"| popularity | rate req/s | {' | '.join(n for n, _ in policies)} | valora vs best |")
     print("|---|---|" + "---|" * len(policies) + "---|")
@@ -107,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             means: dict[str, float] = {}
             cells = []
             for name, kwargs in policies:
+                if name == "valora" and args.calibrate:
+                    kwargs = {**kwargs, "calibration": StepCalibration()}
                 policy = _Timed(get_mode_policy(name, **kwargs))
                 summary = simulate(policy, requests, config, truth).summary()  # type: ignore[arg-type]
                 decide_ms = 1e3 * statistics.median(policy.seconds)
@@ -114,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(f"{means[name] * 1e3:.0f} ({int(summary['num_switches'])}, "
                              f"{decide_ms:.3f} ms)")
                 rows.append({"profile": args.entry, "lora_scale": args.lora_scale,
+                             "truth_eager_scale": args.truth_eager_scale,
+                             "calibrate": args.calibrate,
                              "fused_correction": args.fused_correction,
                              "switch_scale": args.switch_scale, "exact_model": args.exact_model,
                              "popularity": popularity, "rate": rate,

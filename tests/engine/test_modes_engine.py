@@ -72,6 +72,14 @@ def test_policy_matches_unmerged(policy: str, tiny_llava: Path, tiny_adapters: d
     if policy == "valora":  # the cost model charges steps as this engine runs them: eager
         modes = llm.engine.parts.modes
         assert modes is not None and modes.policy.cost_model.graph_max_rows == 0  # type: ignore[attr-defined]
+        # Every executed step reached the calibration (all eager here), and it now scales the
+        # plan by what they measured against the (analytic) model.
+        scales = summary["cost_scales"]
+        assert scales["observed"] == [llm.engine.num_steps, 0], scales
+        assert scales["graph"] == 1.0 and scales["eager"] > 0
+        assert modes.policy.planning_model.eager_scale == scales["eager"]  # type: ignore[attr-defined]
+    else:
+        assert summary["cost_scales"] is None
     # Every merging policy takes its pristine copy at start-up (before the KV cache is sized).
     assert summary["pristine_bytes"] > 0, summary
 

@@ -38,6 +38,9 @@ class ModeTrace:
     decision_seconds: float = 0.0
     graph_steps: int = 0
     eager_steps: int = 0
+    cost_scales: dict[str, Any] | None = None
+    """The ``valora`` policy's step-cost calibration at the run's last step (``eager`` /
+    ``graph`` scale, steps ``observed`` per path); None for other policies."""
     step_totals: dict[str, float] = field(default_factory=dict)
     """Engine-side sums over the run: ``graph_seconds`` / ``eager_seconds`` (host wall time of
     graph-replayed and eager steps), ``graph_rows`` (sequences in graph steps) and
@@ -49,7 +52,8 @@ class ModeTrace:
                 "num_switches": self.num_switches, "switch_seconds": self.switch_seconds,
                 "steps_by_mode": dict(self.steps_by_mode), "num_steps": self.num_steps,
                 "decision_seconds": self.decision_seconds, "graph_steps": self.graph_steps,
-                "eager_steps": self.eager_steps, **self.step_totals}
+                "eager_steps": self.eager_steps, "cost_scales": self.cost_scales,
+                **self.step_totals}
 
 
 @dataclass
@@ -108,6 +112,7 @@ class _ModeSampler:
             self.start["switch_seconds"])
         self.trace.decision_seconds = float(current.get("decision_seconds", 0.0)) - float(
             self.start.get("decision_seconds", 0.0))
+        self.trace.cost_scales = current.get("cost_scales")
         self.trace.graph_steps = int(current["graph_steps"]) - int(self.start["graph_steps"])
         self.trace.eager_steps = int(current["eager_steps"]) - int(self.start["eager_steps"])
         self.trace.step_totals = {key: float(current[key]) - float(self.start[key])

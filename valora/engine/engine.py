@@ -124,6 +124,7 @@ class LLMEngine:
         self.parts.scheduler.advance(scheduled)
         if self.parts.modes is not None:
             self.parts.modes.after_step(scheduled.request_ids, time.monotonic())
+            self.parts.modes.observe_step(scheduled.scheduled, result.seconds, result.graphed)
         outputs.extend(self._process_result(scheduled, result))
         return outputs
 

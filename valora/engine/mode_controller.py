@@ -11,7 +11,7 @@ So a policy that admits the "wrong" rows costs speed, never outputs.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,12 @@ from typing import Any
 import torch
 
 from valora.config import EngineConfig
+from valora.engine.scheduler_output import ScheduledRequest
 from valora.errors import InvalidRequestError
 from valora.logger import get_logger
 from valora.lora.adapter_manager import AdapterManager
-from valora.orchestrator.cost_model import CostModel
+from valora.orchestrator.calibration import StepCalibration
+from valora.orchestrator.cost_model import CostModel, RowWork, StepSpec
 from valora.orchestrator.merge import WeightSwitcher
 from valora.orchestrator.modes import Mode, ModeState
 from valora.orchestrator.policies import ModePolicy, available_mode_policies, get_mode_policy
@@ -146,12 +148,15 @@ class ModeController:
         self._last_progress: dict[str, float] = {}
         self._merge_bytes: dict[str, int] = {}
         self.cost_model_source: str | None = None
+        self.calibration: StepCalibration | None = None
+        """The ``valora`` policy's step-cost calibration (None for other policies or off)."""
         self.policy: ModePolicy = self._build_policy(orchestrator.mode_policy, model, device)
         self.switcher: WeightSwitcher | None = switcher
         self._can_merge = merging_policy(config) and adapters.num_slots > 0
 
     def _build_policy(self, name: str, model: Any, device: torch.device) -> ModePolicy:
         orchestrator = self.config.orchestrator
+        self.calibration = None
         if name != "valora":
             options: dict[str, object] = (
                 {} if name == "unmerged-fcfs" else {"starvation_s": orchestrator.starvation_s}
@@ -161,11 +166,13 @@ class ModeController:
                              graph_max_rows=self.graph_max_rows,
                              fused_correction=self.config.lora.fuse_correction)
         self.cost_model_source = cost_model.device_name
+        self.calibration = StepCalibration() if orchestrator.calibrate_cost_model else None
         return get_mode_policy(
             "valora",
             cost_model=cost_model,
             starvation_s=orchestrator.starvation_s,
             default_latency_target_s=orchestrator.latency_target_s,
+            calibration=self.calibration,
         )
 
     @property
@@ -214,6 +221,25 @@ class ModeController:
     def after_step(self, request_ids: list[str], now: float) -> None:
         for request_id in request_ids:
             self._last_progress[request_id] = now
+
+    def observe_step(self, scheduled: Sequence[ScheduledRequest], seconds: float,
+                     graphed: bool) -> None:
+        """Report an executed step to a policy that learns from them (the ``valora`` policy's
+        cost-model calibration): its rows as the cost model sees them, under the mode it ran in."""
+        observe = getattr(self.policy, "observe_step", None)
+        if observe is None or not scheduled or seconds <= 0.0:
+            return
+        rows = tuple(
+            RowWork(item.request.adapter_name,
+                    self.adapters.rank_of(item.request.adapter_name)
+                    if item.request.adapter_name is not None else 0,
+                    item.num_new_tokens, item.num_computed_tokens + item.num_new_tokens)
+            for item in scheduled)
+        merged = self.state.merged_adapter
+        rank = self.adapters.rank_of(merged) if merged is not None else 0
+        # Computed with mixed semantics whenever an adapter is merged (= merged mode's cost when
+        # only its rows ran; the scheduler's fallback may have run others).
+        observe(StepSpec(rows, self.mode_for_compute(), merged, rank), seconds, graphed)
 
     def forget(self, request_id: str) -> None:
         self._last_progress.pop(request_id, None)
@@ -294,5 +320,9 @@ class ModeController:
             "switch_seconds": self.stats.switch_seconds,
             "steps_by_mode": dict(self.stats.steps_by_mode),
             "decision_seconds": self.stats.decision_seconds,
+            "cost_scales": (None if self.calibration is None else
+                            {"eager": self.calibration.eager_scale,
+                             "graph": self.calibration.graph_scale,
+                             "observed": list(self.calibration.num_observations)}),
             "pristine_bytes": self.switcher.pristine_bytes if self.switcher is not None else 0,
         }

@@ -43,6 +43,10 @@ class StepResult:
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
     head_hidden: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: float = 0.0
+    """Host wall time of the step (as ``StepRecord.seconds``: GPU time included when it sampled)."""
+    graphed: bool = False
+    """Whether a CUDA graph replay ran the forward."""
 
 
 @dataclass
@@ -195,6 +199,7 @@ class ModelRunner:
         # Host wall time of the step; sampling reads the tokens back, so it includes the GPU's
         # time too (a step that samples nothing is charged to the next one that does).
         elapsed = time.perf_counter() - started
+        result.seconds, result.graphed = elapsed, graphed
         if graphed:
             self.graph_seconds += elapsed
             self.graph_rows += len(scheduled)

@@ -175,6 +175,12 @@ class CostModel:
     fused_correction: bool = False
     """Whether the engine's mixed-mode steps make one LoRA launch (``step_shape``); a property
     of the engine, set by it like ``graph_max_rows``, not stored in profiles."""
+    eager_scale: float = 1.0
+    """Factor on every eager-step prediction (steps, prefill tokens, eager overheads): what the
+    running engine's eager steps measure against the profile (``valora.orchestrator.
+    calibration``); not stored in profiles."""
+    graph_scale: float = 1.0
+    """Factor on graph-replayed step predictions, likewise."""
 
     def __post_init__(self) -> None:
         for names, coefficients in ((STEP_FEATURES, self.step_coefficients),
@@ -187,21 +193,26 @@ class CostModel:
                 raise ValoraError(f"cost coefficients must be finite and >= 0: {bad}")
         if self.graph_max_rows < 0:
             raise ValoraError(f"graph_max_rows must be >= 0, got {self.graph_max_rows}")
+        if not (self.eager_scale > 0 and self.graph_scale > 0
+                and math.isfinite(self.eager_scale) and math.isfinite(self.graph_scale)):
+            raise ValoraError("eager_scale and graph_scale must be finite and > 0")
 
     def step_time(self, step: StepSpec | StepShape) -> float:
         """Estimated seconds of one step."""
         shape = (step_shape(step, self.graph_max_rows, self.fused_correction)
                  if isinstance(step, StepSpec) else step)
-        return sum(self.step_coefficients.get(name, 0.0) * value
-                   for name, value in zip(STEP_FEATURES, shape.features(), strict=True))
+        seconds = sum(self.step_coefficients.get(name, 0.0) * value
+                      for name, value in zip(STEP_FEATURES, shape.features(), strict=True))
+        return seconds * (self.eager_scale if shape.eager else self.graph_scale)
 
     def added_tokens_time(self, num_tokens: int, context_tokens: int, lora_rank: int) -> float:
         """Seconds that ``num_tokens`` more tokens of one row (context ``context_tokens`` after the
-        step, LoRA work ``lora_rank`` per token) add to a step that already runs that row."""
+        step, LoRA work ``lora_rank`` per token) add to a step that already runs that row (a
+        prefill's tokens: an eager step, so scaled by ``eager_scale``)."""
         c = self.step_coefficients
-        return (c.get("num_tokens", 0.0) * num_tokens
-                + c.get("attention_pairs", 0.0) * num_tokens * context_tokens
-                + c.get("lora_token_rank", 0.0) * num_tokens * lora_rank)
+        return self.eager_scale * (c.get("num_tokens", 0.0) * num_tokens
+                                   + c.get("attention_pairs", 0.0) * num_tokens * context_tokens
+                                   + c.get("lora_token_rank", 0.0) * num_tokens * lora_rank)
 
     def prefill_time(self, num_tokens: int, context_tokens: int, lora_rank: int,
                      lora_launches: int) -> float:
@@ -218,7 +229,7 @@ class CostModel:
         ``shared``: for a prefill joining a step already charged — only its extra launches."""
         c = self.step_coefficients
         intercept = 0.0 if shared else c.get("eager", 0.0)
-        return intercept + c.get("eager_lora_launches", 0.0) * lora_launches
+        return self.eager_scale * (intercept + c.get("eager_lora_launches", 0.0) * lora_launches)
 
     def switch_time(self, num_bytes: int) -> float:
         """Estimated seconds of one merge or unmerge touching ``num_bytes`` of weights."""

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from valora.errors import ValoraError
-from valora.orchestrator.cost_model import CostModel, RowWork, StepSpec
+from valora.orchestrator.cost_model import CostModel, RowWork, StepSpec, step_shape
 from valora.orchestrator.modes import ModeState, plan_lora_batches
 from valora.orchestrator.policies import ModePolicy
 from valora.orchestrator.queue_view import AdapterInfo, ModeDecision, QueueView, RequestView
@@ -85,8 +85,14 @@ class _Runner:
         if not rows:
             return False
         merged = self.state.merged_adapter
-        self.now += self.cost_model.step_time(StepSpec(
-            tuple(row for _, row in rows), self.state.mode, merged, self.rank(merged)))
+        spec = StepSpec(tuple(row for _, row in rows), self.state.mode, merged, self.rank(merged))
+        seconds = self.cost_model.step_time(spec)
+        self.now += seconds
+        observe = getattr(self.policy, "observe_step", None)
+        if observe is not None:  # the engine reports its steps to the policy the same way
+            graphed = not step_shape(spec, self.cost_model.graph_max_rows,
+                                     self.cost_model.fused_correction).eager
+            observe(spec, seconds, graphed)
         self.result.num_steps += 1
         for live, row in rows:
             self._progress(live, row.num_tokens, start)

@@ -17,6 +17,9 @@ with the most LoRA work queued (plus the one merged now), merged(m) and mixed(m)
    fitted with 38 % error; with it the policy switched 7–23 times per 45 requests and the
    serving runs lost 18–74 % to unmerged-FCFS.) It also needs ``min_dwell_s`` since
    the last change. Moving between merged(m) and mixed(m) is free and needs neither.
+4. Calibration (optional, on in the engine): the steps the engine runs are reported back
+   (:meth:`ValoraPolicy.observe_step`) and the plan uses the profile scaled by the measured ratio
+   per path, eager or graph-replayed (``valora.orchestrator.calibration``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from valora.errors import InvalidRequestError
-from valora.orchestrator.cost_model import CostModel
+from valora.orchestrator.calibration import StepCalibration
+from valora.orchestrator.cost_model import CostModel, StepSpec, step_shape
 from valora.orchestrator.latency_estimate import LatencyEstimator, ModeChoice
 from valora.orchestrator.modes import Mode, ModeState
 from valora.orchestrator.policies import admit, starving
@@ -54,7 +58,12 @@ class ValoraPolicy:
     deadline_weight: float = 1.0
     horizon_requests: int = 128
     guard_steps: float = 2.0
+    calibration: StepCalibration | None = None
+    """Measured-over-predicted step times of the running engine (None: plan with the profile
+    as it is). Mutable; the policy reads it at every decision."""
     name: str = "valora"
+    _planning: list[tuple[int, CostModel]] = field(default_factory=list, compare=False,
+                                                   repr=False)
 
     def __post_init__(self) -> None:
         if self.starvation_s <= 0 or self.hysteresis < 0 or self.min_dwell_s < 0:
@@ -71,6 +80,29 @@ class ValoraPolicy:
         error = float(self.cost_model.fit_info.get("step_rel_rmse", 0.0) or 0.0)
         return min(0.95, max(self.hysteresis, error))
 
+    @property
+    def planning_model(self) -> CostModel:
+        """The cost model decisions use: the profile, scaled by the calibration when there is
+        one (made once per calibration version)."""
+        calibration = self.calibration
+        if calibration is None:
+            return self.cost_model
+        if not self._planning or self._planning[0][0] != calibration.version:
+            self._planning[:] = [(calibration.version, calibration.apply(self.cost_model))]
+        return self._planning[0][1]
+
+    def observe_step(self, step: StepSpec, seconds: float, graphed: bool) -> None:
+        """Report an executed step (its rows, mode and measured seconds) to the calibration.
+        Steps the profile would charge on the other path (eager vs graph-replayed) are skipped:
+        their ratio says nothing about either path's scale."""
+        if self.calibration is None:
+            return
+        eager = bool(step_shape(step, self.cost_model.graph_max_rows,
+                                self.cost_model.fused_correction).eager)
+        if eager == graphed:
+            return
+        self.calibration.observe(self.cost_model.step_time(step), seconds, eager)
+
     def target_of(self, request: RequestView) -> float:
         """Latency target: the request's own, its adapter's default, the global default, or the
         starvation bound."""
@@ -85,7 +117,8 @@ class ValoraPolicy:
     def decide(self, view: QueueView, state: ModeState, now: float) -> ModeDecision:
         if not view.all_requests:
             return ModeDecision(state.mode, state.merged_adapter)
-        estimator = LatencyEstimator(self.cost_model, self.target_of, self.deadline_weight,
+        model = self.planning_model
+        estimator = LatencyEstimator(model, self.target_of, self.deadline_weight,
                                      view.token_budget)
         guard = self.guard_steps * self._longest_step_s(view, estimator)
         late = starving(view.all_requests, now, self.starvation_s, guard)
@@ -162,9 +195,10 @@ class ValoraPolicy:
         seats = view.all_requests[:len(view.running) + view.free_seats]
         max_rank = max((r.rank for r in view.all_requests), default=0)
         max_rank = max([max_rank] + [info.rank for info in view.adapters.values()])
-        prefill = self.cost_model.prefill_time(
+        model = estimator.cost_model
+        prefill = model.prefill_time(
             view.token_budget, view.token_budget, 2 * max_rank,
-            lora_launches=1 if self.cost_model.fused_correction else 2)
+            lora_launches=1 if model.fused_correction else 2)
         return (estimator.decode_step_s(seats, ModeChoice(Mode.UNMERGED)) + prefill
                 + 2 * self._max_switch_s(view))
 
