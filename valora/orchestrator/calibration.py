@@ -2,7 +2,7 @@
 
 ``valora profile-modes`` times the model's forward alone, on a quiet engine. A serving step also
 builds its batch, runs the vision tower on new images, samples and reads tokens back, on a host
-that other work shares; on an H200 the serving runs' eager steps took up to about twice what the
+that other work shares; on an H200 the serving runs' eager steps took up to ≈ 2.4× what the
 profile predicts while graph-replayed decode steps matched it (``docs/modes.md`` §3). A policy
 that plans with the profile alone under-prices eager steps — the very steps merged mode makes
 cheaper.
