@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shared-engine", action="store_true",
                      help="in-process: one engine for every policy, the policies taking turns "
                           "inside each (skew, rate) cell (no process history in the comparison)")
+    run.add_argument("--repeats", type=int, default=1,
+                     help="with --shared-engine: run the grid this many times on the engine "
+                          "and pool the comparison (rows tagged 'repeat')")
     run.add_argument("--step-trace", action="store_true",
                      help="in-process: each result row lists every step of its run (start, "
                           "seconds, graphed, rows, tokens, LoRA ops per linear)")
@@ -136,6 +139,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[st
         check_loopback(args.url)
         if args.shared_engine or args.step_trace:
             parser.error("--shared-engine and --step-trace run in-process; not with --url")
+    if args.repeats < 1 or (args.repeats > 1 and not args.shared_engine):
+        parser.error("--repeats must be >= 1, and above 1 needs --shared-engine")
     if args.rates_of_capacity is not None and args.calibration_requests < 1:
         parser.error("--calibration-requests must be at least 1")
     if args.num_requests < 1 or args.num_adapters < 1 or args.num_frames < 1:
@@ -186,7 +191,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         url=args.url, warmup_requests=args.warmup_requests, engine_options=options,
         capacity_fractions=args.rates_of_capacity,
         calibration_requests=args.calibration_requests, run_budget_s=args.run_budget_s,
-        deadline_s=args.deadline_s, shared_engine=args.shared_engine,
+        deadline_s=args.deadline_s, shared_engine=args.shared_engine, repeats=args.repeats,
         step_trace=args.step_trace,
     )
     jsonl = args.out / f"{args.name}.jsonl"

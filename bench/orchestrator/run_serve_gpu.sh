@@ -9,7 +9,10 @@
 # policy measures capacity with a burst; rates are 0.3 / 0.6 / 0.9 of it, requests per run are
 # chosen so all runs fit RUN_BUDGET_S, and inside each (skew, rate) cell the policies take turns
 # on the same engine (order reversed every other cell), each from the base weights with cold
-# caches. SHARED=0: one process per policy (the runs up to session 6; a process's history
+# caches; REPEATS=N runs the grid N times on that engine and pools the comparison (one short
+# run moved by up to 16 points per cell on the H200). On a fresh machine the engine's LoRA
+# warm-up compiles ~140 kernel variants first (142 s with a cold Triton cache), inside the
+# time box. SHARED=0: one process per policy (the runs up to session 6; a process's history
 # weighed on its policy alone): the first calibrates, the others replay the identical workloads.
 # Processes get the time left of HARD_LIMIT_S (killed beyond it; finished runs are kept).
 #
@@ -79,7 +82,8 @@ if [[ "${SHARED:-1}" == "1" ]]; then
   echo "== shared engine: ${POLICIES[*]} (${left}s left)" >>"$LOG"
   timeout --signal=INT --kill-after=10 "$left" \
     python3 -m valora.cli --log-level info bench serve "${COMMON[@]}" \
-      --policies "$(IFS=,; echo "${POLICIES[*]}")" --shared-engine --name part-shared \
+      --policies "$(IFS=,; echo "${POLICIES[*]}")" --shared-engine --repeats "${REPEATS:-1}" \
+      --name part-shared \
       --rates-of-capacity 0.3 0.6 0.9 --calibration-requests "$CALIBRATION" \
       --run-budget-s "$RUN_BUDGET_S" --deadline-s $(( left - 25 > 1 ? left - 25 : 1 )) >>"$LOG" 2>&1
   echo "shared engine: exit status $?" | tee -a "$LOG"

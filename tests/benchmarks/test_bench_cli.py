@@ -116,6 +116,29 @@ def test_shared_engine_runs_every_policy_per_cell_in_alternating_order(
     assert tokens["valora"] == tokens["unmerged-fcfs"] == tokens["dlora"]
 
 
+def test_repeats_run_the_grid_again_on_the_engine_and_pool_the_summary(
+        tiny_model: Path, tiny_adapters: dict[str, str], tmp_path: Path) -> None:
+    """``--repeats 2``: the grid twice on one engine, turns alternating by cell and repeat,
+    rows tagged with their repeat; the summary pools the repeats (valora's cost scales too)."""
+    modules = [f"{name}={path}" for name, path in tiny_adapters.items()]
+    code = main(["serve", *_engine_flags(tiny_model), "--lora-modules", *modules,
+                 "--num-requests", "3", "--rates", "40", "--popularity", "hot:0.7",
+                 "--policies", "unmerged-fcfs,valora", "--kind-mix", "1,0,0",
+                 "--warmup-requests", "1", "--shared-engine", "--repeats", "2",
+                 "--out", str(tmp_path), "--name", "rep", "--no-plot"])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "rep.jsonl").read_text().splitlines()]
+    assert [(r["repeat"], r["policy"]) for r in rows] == [
+        (0, "unmerged-fcfs"), (0, "valora"), (1, "valora"), (1, "unmerged-fcfs")]
+    assert all(r["metrics"]["num_finished"] == 3 for r in rows)
+    scales = [r["modes"]["cost_scales"] for r in rows if r["policy"] == "valora"]
+    assert all(s is not None and s["observed"][0] > 0 for s in scales)
+    summary = (tmp_path / "rep.md").read_text()
+    assert "each repeat: valora vs its best" in summary and "| hot:0.7 | 40 | 2 |" in summary
+    with pytest.raises(SystemExit):  # repeats need the shared engine
+        main(["serve", *_engine_flags(tiny_model), "--repeats", "2", "--out", str(tmp_path)])
+
+
 def test_shared_engine_is_in_process_only(capsys: pytest.CaptureFixture[str],
                                           tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:

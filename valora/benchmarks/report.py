@@ -76,7 +76,12 @@ def markdown_summary(rows: Sequence[dict[str, Any]], note: str = "") -> str:
             f"| {_fmt(m['mean_tpot_s'], 1e3, 2)} | {_fmt(m['target_attainment'], 100)} "
             f"| {_fmt(m['throughput_rps'], 1.0, 2)} | {modes.get('num_switches', '–')} "
             f"| {int(m['num_failed'])} | {_decide_ms(modes)} | {_step_paths(modes)} |")
-    comparison = policy_comparison(rows)
+    repeats = sorted({int(row.get("repeat", 0)) for row in rows})
+    if len(repeats) > 1:
+        grids = [[row for row in rows if int(row.get("repeat", 0)) == k] for k in repeats]
+        comparison = pooled_comparison(grids)
+    else:
+        comparison = policy_comparison(rows)
     if comparison:
         lines += ["", comparison]
     return "\n".join(lines) + "\n"
@@ -161,16 +166,19 @@ def pooled_comparison(grids: Sequence[Sequence[dict[str, Any]]], policy: str = "
                       bar: float = 0.20) -> str:
     """Repeats of one grid, pooled: per (popularity, share of capacity) cell — rates are
     re-measured fractions of each repeat's calibrated capacity, so cells match by
-    ``rate / capacity`` rounded to 0.01 — each policy's mean latency over the requests of every
+    ``rate / capacity`` rounded to 0.01 (by the rate itself when no capacity was measured) — each
+    policy's mean latency over the requests of every
     repeat, ``policy`` against the best other policy by that pooled mean, a paired bootstrap 95 %
     interval over all pairs (requests pair by id within their repeat), and each repeat's own
     ``policy``-vs-best change, whose spread shows how far one short run can be trusted."""
     cells: dict[tuple[str, float], list[dict[str, dict[str, Any]]]] = {}
     for repeat, rows in enumerate(grids):
         for row in rows:
-            if row["metrics"].get("mean_latency_s") is None or not row.get("capacity_per_s"):
+            if row["metrics"].get("mean_latency_s") is None:
                 continue
-            share = round(float(row["rate_per_s"]) / float(row["capacity_per_s"]), 2)
+            capacity = row.get("capacity_per_s")  # absolute rates (no calibration): by rate
+            share = (round(float(row["rate_per_s"]) / float(capacity), 2) if capacity
+                     else float(row["rate_per_s"]))
             runs = cells.setdefault((row["popularity"], share), [])
             while len(runs) <= repeat:
                 runs.append({})
@@ -226,9 +234,13 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     skews = sorted({popularity for _, popularity in groups})
     styles = {skew: ("-", "--", ":", "-.")[i % 4] for i, skew in enumerate(skews)}
     for (policy, popularity), items in sorted(groups.items()):
-        items = sorted(items, key=lambda r: r["rate_per_s"])
-        latency = [(r["metrics"]["mean_latency_s"] or float("nan")) * 1e3 for r in items]
-        left.plot([r["rate_per_s"] for r in items], latency, styles[popularity], marker="o",
+        by_rate: dict[float, list[float]] = {}  # repeats of a grid: their mean per rate
+        for r in items:
+            by_rate.setdefault(r["rate_per_s"], []).append(
+                (r["metrics"]["mean_latency_s"] or float("nan")) * 1e3)
+        rates = sorted(by_rate)
+        latency = [sum(by_rate[rate]) / len(by_rate[rate]) for rate in rates]
+        left.plot(rates, latency, styles[popularity], marker="o",
                   label=f"{policy} / {popularity}")
     left.set_xlabel("offered rate (req/s)")
     left.set_ylabel("mean latency (ms, log scale)")

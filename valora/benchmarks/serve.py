@@ -12,7 +12,9 @@ that many seconds since the sweep began (a hard stop for time-boxed GPU runs).
 
 ``shared_engine``: one engine for every policy, the policies taking turns inside each cell
 (``_run_shared``) — the comparison the serving bar asks for ("same engine, card and trace")
-without process history in it.
+without process history in it. ``repeats`` (shared engine only): the whole grid that many
+times on that engine, rows tagged ``repeat``; the summary then pools them
+(``report.pooled_comparison``) — one short run of a host-bound engine moves by tens of points.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from valora.benchmarks.metrics import summarize
 from valora.benchmarks.report import device_name, git_sha
 from valora.benchmarks.workload import BenchRequest, BenchWorkload, generate
 from valora.engine.components import resolve_model_path
+from valora.errors import InvalidRequestError
 from valora.logger import get_logger
 
 logger = get_logger(__name__)
@@ -79,6 +82,16 @@ class ServeBench:
     """In-process only: one engine serves every policy (see ``run_sweep``)."""
     step_trace: bool = False
     """In-process only: each row carries every step of its run (``RunResult.steps``)."""
+    repeats: int = 1
+    """With ``shared_engine``: run the grid this many times (rows tagged ``repeat``)."""
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise InvalidRequestError(f"repeats must be >= 1, got {self.repeats}")
+        if self.repeats > 1 and not self.shared_engine:
+            raise InvalidRequestError("repeats > 1 needs shared_engine (one engine, the "
+                                      "policies taking turns); separate engines repeat by "
+                                      "running the sweep again")
 
 
 def _runs(bench: ServeBench) -> list[tuple[str, float, list[BenchRequest]]]:
@@ -91,9 +104,10 @@ def _runs(bench: ServeBench) -> list[tuple[str, float, list[BenchRequest]]]:
 
 
 def _row(bench: ServeBench, policy: str, popularity: str, rate: float, result: RunResult,
-         common: dict[str, Any]) -> dict[str, Any]:
+         common: dict[str, Any], repeat: int = 0) -> dict[str, Any]:
     return {
         **common, "policy": policy, "popularity": popularity, "rate_per_s": rate,
+        "repeat": repeat,
         "capacity_per_s": bench.capacity_per_s,
         "arrival": "trace" if bench.trace is not None else bench.workload.arrival,
         "wall_s": result.wall_s, "metrics": summarize(result.timings),
@@ -165,7 +179,7 @@ def calibrate(bench: ServeBench, runner: Runner) -> ServeBench:
     rates = [round(f * capacity, 3) for f in bench.capacity_fractions]
     workload = bench.workload
     if bench.run_budget_s is not None:
-        nominal_per_request = len(bench.policies) * len(bench.popularities) * sum(
+        nominal_per_request = bench.repeats * len(bench.policies) * len(bench.popularities) * sum(
             1.0 / r for r in rates)
         count = int(bench.run_budget_s / nominal_per_request)
         workload = replace(workload, num_requests=min(max(count, bench.min_requests),
@@ -259,16 +273,23 @@ def _run_shared(bench: ServeBench, adapter_paths: dict[str, str],
         first = bench.policies[0]
         bench = calibrate(bench, lambda tag, requests: run(first, tag, requests))
     rows: list[dict[str, Any]] = []
-    for index, (popularity, rate, requests) in enumerate(_runs(bench)):
-        if bench.deadline_s is not None and time.monotonic() - started > bench.deadline_s:
-            logger.warning("deadline: skipping the cell %s %g", popularity, rate)
-            continue
-        order = list(bench.policies) if index % 2 == 0 else list(reversed(bench.policies))
-        for policy in order:
-            logger.info("run: policy=%s popularity=%s rate=%g (%d requests, shared engine)",
-                        policy, popularity, rate, len(requests))
-            result = run(policy, f"{policy}/{popularity}/{rate:g}", requests)
-            rows.append(_row(bench, policy, popularity, rate, result, common))
-            if on_row is not None:
-                on_row(rows[-1])
+    cells = _runs(bench)
+    for repeat in range(bench.repeats):
+        for index, (popularity, rate, requests) in enumerate(cells):
+            if bench.deadline_s is not None and time.monotonic() - started > bench.deadline_s:
+                logger.warning("deadline: skipping the cell %s %g (repeat %d)", popularity, rate,
+                               repeat)
+                continue
+            # Turns alternate by cell and by repeat: over two repeats every policy of a cell has
+            # run both early and late in it.
+            forward = (index + repeat) % 2 == 0
+            order = list(bench.policies) if forward else list(reversed(bench.policies))
+            for policy in order:
+                logger.info("run: policy=%s popularity=%s rate=%g (%d requests, shared engine, "
+                            "repeat %d)", policy, popularity, rate, len(requests), repeat)
+                tag = f"{policy}/{popularity}/{rate:g}" + (f"/{repeat}" if repeat else "")
+                result = run(policy, tag, requests)
+                rows.append(_row(bench, policy, popularity, rate, result, common, repeat))
+                if on_row is not None:
+                    on_row(rows[-1])
     return rows
