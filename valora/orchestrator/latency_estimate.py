@@ -13,8 +13,8 @@ Used by the ``valora`` policy to compare candidates. The model, per candidate:
    the step's overhead (``CostModel.eager_overhead``, its launches those of its most demanding
    row) is charged once per shared step, not once per prefill — charged per prefill, a candidate
    that admits a batch of requests looked no better than serving them one after another, which
-   favoured merged(m) over mixed(m) while other adapters' requests queued; ``step_s`` is the cost model's decode step for the phase's first full
-   batch in that mode.
+   favoured merged(m) over mixed(m) while other adapters' requests queued. ``step_s`` is the
+   cost model's decode step for the phase's first full batch in that mode.
 3. Phase 2 (merged only): the requests it excluded start when phase 1 ends, served either mixed
    (no switch) or unmerged after an unmerge, whichever finishes them sooner.
 
