@@ -7,6 +7,7 @@
 #      engine's ModeController then loads for step 3                           (<= 120 s)
 #   3. the serving benchmark (bench/orchestrator/run_serve_gpu.sh)            (<= 255 s)
 # usage (repository root): OUT=/some/dir bash bench/orchestrator/run_gpu_all.sh [--tiny]
+#   SKIP_SWITCH=1 leaves out step 1; REPEATS / HARD_LIMIT_S / RUN_BUDGET_S pass on to step 3.
 # Files under $OUT (8): switch.jsonl switch.md <GPU>.json profile-samples.jsonl
 #   serve-gpu.{jsonl,md,png} logs.tgz (profile.log and serve-gpu.log; the device tool brings
 #   back at most 8 files)
@@ -23,9 +24,11 @@ if [[ "$TINY" != "--tiny" ]]; then
     -p no:cacheprovider 2>&1 | tail -n 3
 fi
 
-echo "== 1. switch time"
-timeout --kill-after=5 100 python3 bench/orchestrator/bench_switch.py --out "$OUT" $TINY \
-  || echo "bench_switch exit status $?"
+if [[ "${SKIP_SWITCH:-0}" != "1" ]]; then
+  echo "== 1. switch time"
+  timeout --kill-after=5 100 python3 bench/orchestrator/bench_switch.py --out "$OUT" $TINY \
+    || echo "bench_switch exit status $?"
+fi
 
 echo "== 2. profile-modes"
 if [[ "$TINY" == "--tiny" ]]; then
