@@ -109,10 +109,17 @@ def cases() -> list[tuple[str, Any, str, dict[str, object], int, int]]:
              dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, EVEN_K=True, **flags), 4, 3),
             (f"LoRA shrink, prefill (64×32×64){tag}", lora_kernels.lora_shrink_kernel, "bf16",
              dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, EVEN_K=True, **flags), 4, 4),
-            (f"LoRA expand, decode (16×128×16, SPLIT_K 4){tag}", lora_kernels.lora_expand_kernel,
-             "bf16", dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=16, SPLIT_K=4, **flags), 4, 2),
+            (f"LoRA expand, decode (16×128×16, SPLIT_K 4){tag}, B tail masked",
+             lora_kernels.lora_expand_kernel, "bf16",
+             dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=16, SPLIT_K=4, MASK_B_K=True, **flags), 4, 2),
+            (f"LoRA expand, decode (16×128×16, SPLIT_K 4){tag}",
+             lora_kernels.lora_expand_kernel, "bf16",
+             dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=16, SPLIT_K=4, MASK_B_K=False, **flags), 4, 2),
+            (f"LoRA expand, prefill (64×128×32){tag}, B tail masked",
+             lora_kernels.lora_expand_kernel, "bf16",
+             dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, SPLIT_K=0, MASK_B_K=True, **flags), 4, 3),
             (f"LoRA expand, prefill (64×128×32){tag}", lora_kernels.lora_expand_kernel, "bf16",
-             dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, SPLIT_K=0, **flags), 4, 3),
+             dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, SPLIT_K=0, MASK_B_K=False, **flags), 4, 3),
         ]
     return out
 

@@ -19,7 +19,11 @@ Semantics (``y`` is updated in place)::
                 (x[t] @ lora_a[s, j, :r].T) @ lora_b[s, off:off+w, :r].T)
 
 Storage is padded to ``max_rank`` per slot, but no backend computes on the padding: work is
-proportional to each token's own adapter rank.
+proportional to each token's own adapter rank. **The padding must hold finite values**
+(``LoRASlotWeights.allocate`` zero-fills it and the engine's slot writer zeroes a slot before
+writing an adapter): the Triton expand loads ``B``'s padding up to the next multiple of its rank
+block in a rank-tail chunk (16-byte loads instead of 2-byte ones) and multiplies it by zeros —
+which a NaN or an infinity there would turn into NaN.
 
 Mixed mode in one op (``prepare_lora_batch(..., correction_slots=c)``): then also ::
 

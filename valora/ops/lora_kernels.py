@@ -109,9 +109,15 @@ def lora_shrink_kernel(
 @triton.jit
 def _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_ok, n_ok,
                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                  MASK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                  MASK_K: tl.constexpr, MASK_B_K: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr):
     """``acc += (Σ_split h[:, k:k+BLOCK_K] · scale) · B[k:k+BLOCK_K, :]``; ``MASK_K`` for the
     rank tail (a mask along the contiguous rank axis would stop vectorised loads elsewhere).
+    In the tail, ``h`` is always masked above the rank (its padding is never written); ``B`` only
+    with ``MASK_B_K``: without it the chunk loads ``B``'s storage padding whole — in bounds when
+    the storage rank is a multiple of ``BLOCK_K``, finite by the storage contract (``valora.ops.
+    lora``), and multiplied by the zeros of ``h`` — so its loads stay 16 bytes wide (masked along
+    the rank they were 2-byte loads: the whole work of a rank-8 adapter at decode tiles).
 
     ``SPLIT_K`` > 0 (= ``split_k``) unrolls the split sum: its loads are independent and issue
     together. A run-time loop issues them one after another, one L2 round trip each (split_k ×
@@ -123,7 +129,10 @@ def _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_
     offs_k = k + tl.arange(0, BLOCK_K)
     if MASK_K:
         h_mask = m_ok[:, None] & (offs_k < rank)[None, :]
-        b_mask = (offs_k < rank)[:, None] & n_ok[None, :]
+        if MASK_B_K:  # noqa: SIM108 (a compile-time branch)
+            b_mask = (offs_k < rank)[:, None] & n_ok[None, :]
+        else:
+            b_mask = n_ok[None, :]
     else:
         h_mask = m_ok[:, None]
         b_mask = n_ok[None, :]
@@ -159,6 +168,7 @@ def lora_expand_kernel(
     num_slices, max_rank, flat_rank, out_features, stride_ym, scale_multiplier,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, CORRECTION: tl.constexpr,
+    MASK_B_K: tl.constexpr = True,
 ):
     """Up to four slices per launch: slice ``g`` owns column blocks ``[blocks_g, blocks_{g+1})``
     (``blocks_0 = 0``) and columns ``[col_g, col_{g+1})`` of ``y``; ``slice_base`` is the index
@@ -210,10 +220,11 @@ def lora_expand_kernel(
     full = rank // BLOCK_K * BLOCK_K
     for k in range(0, full, BLOCK_K):  # whole rank chunks: no mask along the contiguous axis
         acc = _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_ok,
-                            n_ok, BLOCK_M, BLOCK_K, SPLIT_K, False, PRECISION, UPCAST)
+                            n_ok, BLOCK_M, BLOCK_K, SPLIT_K, False, False, PRECISION, UPCAST)
     if full < rank:
         acc = _expand_chunk(acc, h_rows, b_cols, full, rank, split_k, split_stride, scale, m_ok,
-                            n_ok, BLOCK_M, BLOCK_K, SPLIT_K, True, PRECISION, UPCAST)
+                            n_ok, BLOCK_M, BLOCK_K, SPLIT_K, True, MASK_B_K, PRECISION,
+                            UPCAST)
     if CORRECTION:  # minus the merged adapter's term, same rows and columns
         scale_c = -tl.load(scales_ptr + merged * num_slices + slice_id) * scale_multiplier
         h_rows_c = h_rows + flat_rank
@@ -222,11 +233,11 @@ def lora_expand_kernel(
         full_c = rank_c // BLOCK_K * BLOCK_K
         for k in range(0, full_c, BLOCK_K):
             acc = _expand_chunk(acc, h_rows_c, b_cols_c, k, rank_c, split_k, split_stride,
-                                scale_c, m_ok, n_ok, BLOCK_M, BLOCK_K, SPLIT_K, False,
+                                scale_c, m_ok, n_ok, BLOCK_M, BLOCK_K, SPLIT_K, False, False,
                                 PRECISION, UPCAST)
         if full_c < rank_c:
             acc = _expand_chunk(acc, h_rows_c, b_cols_c, full_c, rank_c, split_k, split_stride,
-                                scale_c, m_ok, n_ok, BLOCK_M, BLOCK_K, SPLIT_K, True,
+                                scale_c, m_ok, n_ok, BLOCK_M, BLOCK_K, SPLIT_K, True, MASK_B_K,
                                 PRECISION, UPCAST)
     tokens = tl.load(sorted_ptr + row_start + tl.minimum(offs_m, num_rows - 1)).to(tl.int64)
     y_ptrs = y_ptr + tokens[:, None] * stride_ym + offs_n[None, :]

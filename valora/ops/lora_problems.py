@@ -60,7 +60,8 @@ def make_slot_weights(slot_ranks: Sequence[int | Sequence[int]], in_features: in
                       seed: int, max_rank: int | None = None) -> LoRASlotWeights:
     """Slot storage with random weights drawn on ``device``; ``slot_ranks[s]`` is one rank for
     every slice, or one rank per slice (0 = slice not targeted). Storage rank: ``max_rank`` or
-    the largest rank. Storage above each rank holds 1e3 (poison: reading it shows)."""
+    the largest rank. Storage above each rank holds 1e3 (poison: computing on it shows; the
+    expand may load ``B``'s padding in a rank-tail chunk, against zeros of ``h``)."""
     per_slice = [[int(r)] * len(slice_widths) if isinstance(r, int) else [int(v) for v in r]
                  for r in slot_ranks]
     storage = max(max_rank if max_rank is not None else max(max(r) for r in per_slice), 1)
