@@ -97,11 +97,11 @@ class ValoraPolicy:
         their ratio says nothing about either path's scale."""
         if self.calibration is None:
             return
-        eager = bool(step_shape(step, self.cost_model.graph_max_rows,
-                                self.cost_model.fused_correction).eager)
+        shape = step_shape(step, self.cost_model.graph_max_rows, self.cost_model.fused_correction)
+        eager = bool(shape.eager)
         if eager == graphed:
             return
-        self.calibration.observe(self.cost_model.step_time(step), seconds, eager)
+        self.calibration.observe(self.cost_model.step_time(shape), seconds, eager)
 
     def target_of(self, request: RequestView) -> float:
         """Latency target: the request's own, its adapter's default, the global default, or the
