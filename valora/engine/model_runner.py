@@ -26,6 +26,7 @@ from valora.engine.cuda_graph import CudaGraphRunner, capture_decode_graphs
 from valora.engine.image_cache import ImageEmbeddingCache
 from valora.engine.sampler import SamplingRow, make_generator, sample
 from valora.engine.scheduler_output import ScheduledRequest
+from valora.engine.vision_graphs import VisionGraphRunner
 from valora.forward_batch import ForwardBatch
 from valora.logger import get_logger
 from valora.ops.lora import LoRABatch, prepare_lora_batch
@@ -121,6 +122,8 @@ class ModelRunner:
         self._head_hidden: dict[str, list[torch.Tensor]] = {}
         self._num_generated_seeds = 0
         self.graphs: CudaGraphRunner | None = None
+        self.vision_graphs: VisionGraphRunner | None = None
+        """Graph replays of the vision tower (``enable_vision_graphs``); None = eager."""
         self.num_graph_steps = 0
         self.num_eager_steps = 0
         self.graph_seconds = 0.0
@@ -150,6 +153,17 @@ class ModelRunner:
             fuse_correction=self.fuse_correction,
         )
         return self.graphs is not None
+
+    def enable_vision_graphs(self, max_images: int, use_graphs: bool | None = None) -> bool:
+        """Capture the vision tower for up to ``max_images`` images a step
+        (``valora.engine.vision_graphs``); False (eager) for a model without one or where no
+        bucket could be captured."""
+        if getattr(self.model, "vision_tower", None) is None:
+            return False
+        runner = VisionGraphRunner(self.model, max_images, use_graphs=use_graphs)
+        runner.capture()
+        self.vision_graphs = runner if runner.active_buckets else None
+        return self.vision_graphs is not None
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -287,7 +301,10 @@ class ModelRunner:
         if missing:
             spans = list(missing.values())
             pixels = torch.stack([self._pixels(s) for s in spans]).to(self.device, self.dtype)
-            embeds = self.model.encode_images(pixels)  # one vision-tower call for the whole step
+            # One vision-tower call for the whole step (a graph replay when one holds it).
+            vision = self.vision_graphs
+            embeds = vision.encode(pixels) if vision is not None else self.model.encode_images(
+                pixels)
             for span, embedding in zip(spans, embeds, strict=True):
                 self.image_cache.put(span.digest, embedding)
                 if (

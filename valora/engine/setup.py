@@ -174,8 +174,22 @@ class EngineParts:
             "eager_seconds": self.runner.eager_seconds,
             "graph_rows": self.runner.graph_rows,
             "eager_tokens": self.runner.eager_tokens,
+            "vision_graph_replays": (self.runner.vision_graphs.num_replays
+                                     if self.runner.vision_graphs is not None else 0),
             "modes": self.modes.summary() if self.modes is not None else None,
         }
+
+
+def images_per_step(model: Any, max_num_batched_tokens: int) -> int:
+    """The most images one step may encode (0 without a vision tower): its prompt tokens hold
+    at most ``budget // tokens per image`` whole images, plus one each side cut by the chunk
+    boundaries — capped at 8 (more run eagerly)."""
+    tower = getattr(model, "vision_tower", None)
+    if tower is None:
+        return 0
+    embeddings = tower.embeddings
+    per_image = max(1, (embeddings.image_size // embeddings.patch_embedding.patch_size) ** 2)
+    return min(8, max_num_batched_tokens // per_image + 2)
 
 
 def warm_up_lora(
@@ -309,6 +323,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         runner.enable_cuda_graphs(
             config.scheduler.max_num_seqs, max_model_len, graph_variants(config, num_slots)
         )
+        max_images = images_per_step(model, config.scheduler.max_num_batched_tokens)
+        if max_images:
+            runner.enable_vision_graphs(max_images)
         graph_bytes = torch.cuda.memory_reserved(device) - before
     weight_bytes, slot_bytes = weight_and_slot_bytes(model)
     activation_bytes = sizing.plan.activation_peak_bytes if sizing.plan is not None else 0
@@ -321,7 +338,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         device,
         dtype,
         attention_backend,
-        f"decode graphs {list(runner.graphs.buckets)}" if runner.graphs else "eager",
+        (f"decode graphs {list(runner.graphs.buckets)}" if runner.graphs else "eager")
+        + (f", vision graphs {list(runner.vision_graphs.active_buckets)}"
+           if runner.vision_graphs else ""),
         weight_bytes / 2**20,
         num_slots,
         slot_bytes / 2**20,
