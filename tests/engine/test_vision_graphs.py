@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 
 from valora import LLM, SamplingParams
-from valora.engine.setup import images_per_step
-from valora.engine.vision_graphs import VisionGraphRunner, image_buckets
+from valora.engine.vision_graphs import VisionGraphRunner, image_buckets, images_per_step
 from valora.errors import ValoraError
 
 

@@ -10,6 +10,7 @@ import torch
 
 from valora.config import EngineConfig
 from valora.engine.memory_plan import MemoryPlan, plan_gpu_memory
+from valora.engine.vision_graphs import images_per_step
 from valora.errors import ModelLoadError
 from valora.logger import get_logger
 
@@ -104,6 +105,8 @@ def size_kv_cache(
             graph_batch=graph_batch,
             lora_backend=lora_backend,
             pristine_bytes=pristine_bytes,
+            vision_images=images_per_step(model, config.scheduler.max_num_batched_tokens)
+            if graph_batch else 0,
         )
         return KVSizing(plan.num_pages, plan.bytes_per_page, plan)
     num_pages = max(config.cache.cpu_cache_bytes // per_page, 2)

@@ -4,7 +4,8 @@
 cache exists. It measures the activation peak of one profiling forward at the step's largest
 shape (``max_num_tokens`` tokens over ``max_num_seqs`` prefill sequences, their logits, LoRA on
 every token when slots exist) over a small temporary KV cache, and the peak of one decode step
-at the largest CUDA-graph bucket (graph pools are sized from it). Then::
+at the largest CUDA-graph bucket (graph pools are sized from it), plus the vision tower's at its
+largest graph bucket. Then::
 
     budget    = memory_fraction · total
     in_use    = total - free                 (context, weights, adapter slots, the pristine copy
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from valora.engine.vision_graphs import vision_peak_bytes
 from valora.errors import OutOfResourcesError, ValoraError
 from valora.forward_batch import AttentionMetadata, ForwardBatch
 from valora.logger import get_logger
@@ -218,10 +220,12 @@ def plan_gpu_memory(
     graph_batch: int = 0,
     lora_backend: str = "auto",
     pristine_bytes: int = 0,
+    vision_images: int = 0,
 ) -> MemoryPlan:
     """Profile ``model`` on its CUDA device and size the KV cache (module docstring).
     ``pristine_bytes``: device bytes of an already allocated pristine copy (a row of the table;
-    the bytes are in use either way)."""
+    the bytes are in use either way). ``vision_images`` (with ``graph_batch``): the largest
+    vision-tower graph bucket; the graph reserve also holds its pool (``vision_graphs``)."""
     device = model.device
     if device.type != "cuda":
         raise ValoraError("plan_gpu_memory needs a CUDA model; size CPU caches in bytes instead")
@@ -240,6 +244,8 @@ def plan_gpu_memory(
             graph_batch, graph_batch, page_size, device, lora_slots, lora_backend
         )
         graph_reserve = measure_step_peak(model, decode, pages, page_size) + GRAPH_MARGIN_BYTES
+        if vision_images and getattr(model, "vision_tower", None) is not None:
+            graph_reserve += vision_peak_bytes(model, vision_images)
     torch.cuda.synchronize(device)
     free, total = torch.cuda.mem_get_info(device)
     weights, slots = weight_and_slot_bytes(model)

@@ -26,6 +26,7 @@ from valora.engine.model_runner import LoRAStepPlan, ModelRunner, StepResult
 from valora.engine.policy import get_policy
 from valora.engine.scheduler import Scheduler
 from valora.engine.scheduler_output import SchedulerOutput
+from valora.engine.vision_graphs import images_per_step
 from valora.errors import InvalidAdapterError, InvalidRequestError, ValoraError
 from valora.kv_cache.kv_cache_manager import KVCacheManager
 from valora.kv_cache.page_pool import PagePool
@@ -178,18 +179,6 @@ class EngineParts:
                                      if self.runner.vision_graphs is not None else 0),
             "modes": self.modes.summary() if self.modes is not None else None,
         }
-
-
-def images_per_step(model: Any, max_num_batched_tokens: int) -> int:
-    """The most images one step may encode (0 without a vision tower): its prompt tokens hold
-    at most ``budget // tokens per image`` whole images, plus one each side cut by the chunk
-    boundaries — capped at 8 (more run eagerly)."""
-    tower = getattr(model, "vision_tower", None)
-    if tower is None:
-        return 0
-    embeddings = tower.embeddings
-    per_image = max(1, (embeddings.image_size // embeddings.patch_embedding.patch_size) ** 2)
-    return min(8, max_num_batched_tokens // per_image + 2)
 
 
 def warm_up_lora(

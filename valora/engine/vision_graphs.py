@@ -38,11 +38,43 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 """Relative error (‖replay − eager‖ / ‖eager‖) a captured bucket may show in its self-check."""
 
 
+def vision_peak_bytes(model: Any, num_images: int) -> int:
+    """Peak bytes allocated above the starting point by one eager ``encode_images`` of
+    ``num_images`` images (CUDA; what a captured bucket of that size keeps in its pool)."""
+    embeddings = model.vision_tower.embeddings
+    size = embeddings.image_size
+    channels = embeddings.patch_embedding.weight.shape[1]
+    device = torch.device(model.device)
+    with torch.inference_mode():
+        pixels = torch.zeros(num_images, channels, size, size, dtype=model.dtype, device=device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        model.encode_images(pixels)
+        torch.cuda.synchronize(device)
+        peak = int(torch.cuda.max_memory_allocated(device) - start)
+    del pixels
+    torch.cuda.empty_cache()
+    return peak
+
+
 def image_buckets(max_images: int, buckets: Iterable[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
     """The buckets below ``max_images``, plus ``max_images`` itself (sorted)."""
     if max_images < 1:
         raise ValoraError(f"max_images must be >= 1, got {max_images}")
     return tuple(sorted({b for b in buckets if 0 < b < max_images} | {max_images}))
+
+
+def images_per_step(model: Any, max_num_batched_tokens: int) -> int:
+    """The most images one step may encode (0 without a vision tower): its prompt tokens hold
+    at most ``budget // tokens per image`` whole images, plus one each side cut by the chunk
+    boundaries — capped at 8 (more run eagerly)."""
+    tower = getattr(model, "vision_tower", None)
+    if tower is None:
+        return 0
+    embeddings = tower.embeddings
+    per_image = max(1, (embeddings.image_size // embeddings.patch_embedding.patch_size) ** 2)
+    return min(8, max_num_batched_tokens // per_image + 2)
 
 
 class VisionGraphRunner:
@@ -142,4 +174,4 @@ class VisionGraphRunner:
         return self._outputs[size][:count].clone()
 
 
-__all__ = ["VisionGraphRunner", "image_buckets"]
+__all__ = ["VisionGraphRunner", "image_buckets", "images_per_step", "vision_peak_bytes"]
