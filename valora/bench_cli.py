@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "and pool the comparison (rows tagged 'repeat')")
     run.add_argument("--step-trace", action="store_true",
                      help="in-process: each result row lists every step of its run (start, "
-                          "seconds, graphed, rows, tokens, LoRA ops per linear)")
+                          "seconds, graphed, rows, tokens, LoRA ops per linear, weights' mode)")
     run.add_argument("--deadline-s", type=_positive_float, default=None,
                      help="skip runs that would start after this many seconds of the sweep")
     run.add_argument("--no-plot", action="store_true")

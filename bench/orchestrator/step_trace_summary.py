@@ -4,7 +4,8 @@
 
 One line per run: mean latency, wall time, eager (prefill) steps — total seconds, count, tokens
 per step, median ms with and without LoRA ops — graph-replayed decode steps (seconds, count,
-median ms) and switches. Step rows are ``[start_s, seconds, graphed, rows, tokens, lora_ops]``.
+median ms) and switches. Step rows are ``[start_s, seconds, graphed, rows, tokens, lora_ops]``
+(since session 7 followed by the weights' mode, when a mode controller ran).
 """
 
 from __future__ import annotations

@@ -106,6 +106,7 @@ def test_shared_engine_runs_every_policy_per_cell_in_alternating_order(
         assert [s[0] for s in steps] == sorted(s[0] for s in steps)
         assert sum(s[4] for s in steps) >= sum(q["num_output_tokens"] for q in row["requests"])
         assert not any(s[2] for s in steps)  # CPU: no graphs
+        assert {s[6] for s in steps} <= {"unmerged", "mixed", "merged"}  # the weights' mode
         assert row["modes"]["num_preemptions"] == 0  # recompute preemptions, per run
     by_policy = {r["policy"]: r for r in rows if r["rate_per_s"] == 40.0}
     assert by_policy["unmerged-fcfs"]["modes"]["num_switches"] == 0

@@ -65,7 +65,8 @@ class RunResult:
     wall_s: float
     steps: list[list[float | int | bool]] | None = None
     """With ``step_trace``: each step of the run as ``[start s (from the run's start), seconds,
-    graphed, rows, tokens, LoRA ops per linear]`` (``valora.engine.model_runner.StepRecord``)."""
+    graphed, rows, tokens, LoRA ops per linear, weights' mode]``
+    (``valora.engine.model_runner.StepRecord``)."""
 
 
 def to_generate_request(request: BenchRequest, run_tag: str, seed: int) -> GenerateRequest:

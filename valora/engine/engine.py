@@ -13,6 +13,7 @@ instead of later steps hanging or failing one by one.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from valora.config import EngineConfig
@@ -122,9 +123,13 @@ class LLMEngine:
         self._consecutive_failures = 0
         self.num_steps += 1
         self.parts.scheduler.advance(scheduled)
-        if self.parts.modes is not None:
-            self.parts.modes.after_step(scheduled.request_ids, time.monotonic())
-            self.parts.modes.observe_step(scheduled.scheduled, result.seconds, result.graphed)
+        modes = self.parts.modes
+        if modes is not None:
+            modes.after_step(scheduled.request_ids, time.monotonic())
+            modes.observe_step(scheduled.scheduled, result.seconds, result.graphed)
+            trace = self.parts.runner.step_trace
+            if trace:  # the step just recorded ran under the controller's current weights
+                trace[-1] = replace(trace[-1], mode=modes.state.mode.value)
         outputs.extend(self._process_result(scheduled, result))
         return outputs
 

@@ -71,9 +71,13 @@ class StepRecord:
     rows: int
     tokens: int
     lora_ops: int
+    mode: str = ""
+    """The weights' mode the step ran under (``unmerged`` / ``merged`` / ``mixed``), set by the
+    engine when a mode controller decides it; "" otherwise."""
 
-    def as_list(self) -> list[float | int | bool]:
-        return [self.start_s, self.seconds, self.graphed, self.rows, self.tokens, self.lora_ops]
+    def as_list(self) -> list[float | int | bool | str]:
+        return [self.start_s, self.seconds, self.graphed, self.rows, self.tokens, self.lora_ops,
+                self.mode]
 
 
 def _lora_ops(batch: ForwardBatch) -> int:
