@@ -63,7 +63,7 @@ class RunResult:
     timings: list[RequestTiming]
     modes: ModeTrace | None
     wall_s: float
-    steps: list[list[float | int | bool]] | None = None
+    steps: list[list[float | int | bool | str]] | None = None
     """With ``step_trace``: each step of the run as ``[start s (from the run's start), seconds,
     graphed, rows, tokens, LoRA ops per linear, weights' mode]``
     (``valora.engine.model_runner.StepRecord``)."""
