@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from valora.engine.vision_graphs import VisionGraphRunner
+from valora.engine.vision_graphs import VisionGraphRunner, image_input_shape
 from valora.models.loader import load_model
 
 
@@ -54,13 +54,12 @@ def main() -> None:
     counts = [int(n) for n in args.images.split(",")]
     runner = VisionGraphRunner(model, max(counts))
     runner.capture()
-    size = model.vision_tower.embeddings.image_size
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     with torch.inference_mode():
         for count in counts:
-            pixels = torch.randn(count, 3, size, size, device=device, dtype=dtype)
+            pixels = torch.randn(count, *image_input_shape(model), device=device, dtype=dtype)
             eager = _times(lambda p=pixels: model.encode_images(p), args.repeats, device)
             graph = _times(lambda p=pixels: runner.encode(p), args.repeats, device)
             ref = model.encode_images(pixels).float()

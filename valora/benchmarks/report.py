@@ -133,6 +133,27 @@ def _step_paths(modes: dict[str, Any]) -> str:
     return f"{int(modes.get('eager_steps', 0))}/{int(modes['graph_steps'])}"
 
 
+def _versus_best(means: dict[str, float], policy: str) -> tuple[str, float] | None:
+    """The best other policy by mean and ``policy``'s relative change against it (None when
+    either is missing)."""
+    others = {name: value for name, value in means.items() if name != policy}
+    if policy not in means or not others:
+        return None
+    best = min(others, key=lambda name: others[name])
+    return best, means[policy] / others[best] - 1.0
+
+
+def _interval_text(ours: dict[str, float], theirs: dict[str, float]) -> str:
+    interval = paired_change_interval(ours, theirs)
+    return "–" if interval is None else f"{interval[0]:+.0%} … {interval[1]:+.0%}"
+
+
+def _by_repeat(per_repeat: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Latencies of several repeats in one mapping, request ids prefixed by the repeat (requests
+    pair by id within a repeat)."""
+    return {f"{k}:{rid}": v for k, found in enumerate(per_repeat) for rid, v in found.items()}
+
+
 def policy_comparison(rows: Sequence[dict[str, Any]], policy: str = "valora",
                       bar: float = 0.20) -> str:
     """Per (popularity, rate): ``policy``'s mean latency against the best other policy's, and
@@ -148,16 +169,13 @@ def policy_comparison(rows: Sequence[dict[str, Any]], policy: str = "valora",
              "|---|---|---|---|---|---|---|---|"]
     for (popularity, rate), by_policy in sorted(cells.items()):
         means = {name: row["metrics"]["mean_latency_s"] for name, row in by_policy.items()}
-        others = {name: value for name, value in means.items() if name != policy}
-        if policy not in means or not others:
+        versus = _versus_best(means, policy)
+        if versus is None:
             continue
-        best = min(others, key=lambda name: others[name])
-        change = means[policy] / others[best] - 1.0
-        interval = paired_change_interval(_latencies(by_policy[policy]),
-                                          _latencies(by_policy[best]))
-        spread = "–" if interval is None else f"{interval[0]:+.0%} … {interval[1]:+.0%}"
+        best, change = versus
+        spread = _interval_text(_latencies(by_policy[policy]), _latencies(by_policy[best]))
         lines.append(f"| {popularity} | {rate:g} | {means[policy] * 1e3:.1f} | {best} | "
-                     f"{others[best] * 1e3:.1f} | {change:+.1%} | {spread} | "
+                     f"{means[best] * 1e3:.1f} | {change:+.1%} | {spread} | "
                      f"{'yes' if change <= -bar else 'no'} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -196,25 +214,19 @@ def pooled_comparison(grids: Sequence[Sequence[dict[str, Any]]], policy: str = "
         means = {name: (sum(sum(found.values()) for found in values)
                         / max(1, sum(len(found) for found in values)))
                  for name, values in pooled.items()}
-        others = {name: value for name, value in means.items() if name != policy}
-        if not others:
+        versus = _versus_best(means, policy)
+        if versus is None:
             continue
-        best = min(others, key=lambda name: others[name])
-        change = means[policy] / others[best] - 1.0
-        ours = {f"{k}:{rid}": v for k, found in enumerate(pooled[policy])
-                for rid, v in found.items()}
-        theirs = {f"{k}:{rid}": v for k, found in enumerate(pooled[best])
-                  for rid, v in found.items()}
-        interval = paired_change_interval(ours, theirs)
-        spread = "–" if interval is None else f"{interval[0]:+.0%} … {interval[1]:+.0%}"
+        best, change = versus
+        spread = _interval_text(_by_repeat(pooled[policy]), _by_repeat(pooled[best]))
         each = []
         for run in runs:
-            run_means = {name: row["metrics"]["mean_latency_s"] for name, row in run.items()}
-            run_best = min((v for name, v in run_means.items() if name != policy), default=None)
-            if run_best:
-                each.append(f"{run_means[policy] / run_best - 1.0:+.0%}")
+            own = _versus_best({name: row["metrics"]["mean_latency_s"]
+                                for name, row in run.items()}, policy)
+            if own is not None:
+                each.append(f"{own[1]:+.0%}")
         lines.append(f"| {popularity} | {share:g} | {len(runs)} | {means[policy] * 1e3:.1f} | "
-                     f"{best} | {others[best] * 1e3:.1f} | {change:+.1%} | {spread} | "
+                     f"{best} | {means[best] * 1e3:.1f} | {change:+.1%} | {spread} | "
                      f"{', '.join(each)} | {'yes' if change <= -bar else 'no'} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 

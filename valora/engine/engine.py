@@ -13,7 +13,6 @@ instead of later steps hanging or failing one by one.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Any
 
 from valora.config import EngineConfig
@@ -127,9 +126,6 @@ class LLMEngine:
         if modes is not None:
             modes.after_step(scheduled.request_ids, time.monotonic())
             modes.observe_step(scheduled.scheduled, result.seconds, result.graphed)
-            trace = self.parts.runner.step_trace
-            if trace:  # the step just recorded ran under the controller's current weights
-                trace[-1] = replace(trace[-1], mode=modes.state.mode.value)
         outputs.extend(self._process_result(scheduled, result))
         return outputs
 

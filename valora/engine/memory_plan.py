@@ -19,12 +19,13 @@ adapter weights from pinned host memory into slots on a side stream (see its doc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from valora.engine.vision_graphs import vision_peak_bytes
+from valora.engine.vision_graphs import image_input_shape
 from valora.errors import OutOfResourcesError, ValoraError
 from valora.forward_batch import AttentionMetadata, ForwardBatch
 from valora.logger import get_logger
@@ -197,17 +198,38 @@ def measure_step_peak(
     ]
     model.bind_kv_caches(caches)
     try:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        hidden = model.forward(batch)
-        model.compute_logits(hidden.index_select(0, batch.logits_indices))
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - start)
+        return peak_bytes(
+            lambda: model.compute_logits(model.forward(batch).index_select(0, batch.logits_indices)),
+            device)
     finally:
         model.kv_caches = previous
         del caches
         torch.cuda.empty_cache()
+
+
+def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated on ``device`` above the starting point while ``run()`` executes."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    run()
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - start)
+
+
+def vision_peak_bytes(model: Any, num_images: int) -> int:
+    """Peak bytes of one eager ``encode_images`` of ``num_images`` images (what a vision-tower
+    graph bucket of that size keeps in its pool, ``valora.engine.vision_graphs``)."""
+    device = torch.device(model.device)
+    shape = (num_images, *image_input_shape(model))
+
+    @torch.inference_mode()
+    def encode() -> None:  # the input counts too: a graph's static input lives as long
+        model.encode_images(torch.zeros(shape, dtype=model.dtype, device=device))
+
+    peak = peak_bytes(encode, device)
+    torch.cuda.empty_cache()
+    return peak
 
 
 def plan_gpu_memory(

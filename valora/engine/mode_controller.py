@@ -148,15 +148,12 @@ class ModeController:
         self._last_progress: dict[str, float] = {}
         self._merge_bytes: dict[str, int] = {}
         self.cost_model_source: str | None = None
-        self.calibration: StepCalibration | None = None
-        """The ``valora`` policy's step-cost calibration (None for other policies or off)."""
         self.policy: ModePolicy = self._build_policy(orchestrator.mode_policy, model, device)
         self.switcher: WeightSwitcher | None = switcher
         self._can_merge = merging_policy(config) and adapters.num_slots > 0
 
     def _build_policy(self, name: str, model: Any, device: torch.device) -> ModePolicy:
         orchestrator = self.config.orchestrator
-        self.calibration = None
         if name != "valora":
             options: dict[str, object] = (
                 {} if name == "unmerged-fcfs" else {"starvation_s": orchestrator.starvation_s}
@@ -166,13 +163,12 @@ class ModeController:
                              graph_max_rows=self.graph_max_rows,
                              fused_correction=self.config.lora.fuse_correction)
         self.cost_model_source = cost_model.device_name
-        self.calibration = StepCalibration() if orchestrator.calibrate_cost_model else None
         return get_mode_policy(
             "valora",
             cost_model=cost_model,
             starvation_s=orchestrator.starvation_s,
             default_latency_target_s=orchestrator.latency_target_s,
-            calibration=self.calibration,
+            calibration=StepCalibration() if orchestrator.calibrate_cost_model else None,
         )
 
     @property
@@ -227,7 +223,7 @@ class ModeController:
         """Report an executed step to a policy that learns from them (the ``valora`` policy's
         cost-model calibration): its rows as the cost model sees them, under the mode it ran in."""
         observe = getattr(self.policy, "observe_step", None)
-        if observe is None or not scheduled or seconds <= 0.0:
+        if observe is None or not scheduled:
             return
         rows = tuple(
             RowWork(item.request.adapter_name,
@@ -311,6 +307,7 @@ class ModeController:
         return Mode.UNMERGED if self.state.merged_slot is None else Mode.MIXED
 
     def summary(self) -> dict[str, Any]:
+        calibration: StepCalibration | None = getattr(self.policy, "calibration", None)
         return {
             "policy": self.policy.name,
             "mode": self.state.mode.value,
@@ -320,9 +317,9 @@ class ModeController:
             "switch_seconds": self.stats.switch_seconds,
             "steps_by_mode": dict(self.stats.steps_by_mode),
             "decision_seconds": self.stats.decision_seconds,
-            "cost_scales": (None if self.calibration is None else
-                            {"eager": self.calibration.eager_scale,
-                             "graph": self.calibration.graph_scale,
-                             "observed": list(self.calibration.num_observations)}),
+            "cost_scales": (None if calibration is None else
+                            {"eager": calibration.eager_scale,
+                             "graph": calibration.graph_scale,
+                             "observed": list(calibration.num_observations)}),
             "pristine_bytes": self.switcher.pristine_bytes if self.switcher is not None else 0,
         }

@@ -72,8 +72,8 @@ class StepRecord:
     tokens: int
     lora_ops: int
     mode: str = ""
-    """The weights' mode the step ran under (``unmerged`` / ``merged`` / ``mixed``), set by the
-    engine when a mode controller decides it; "" otherwise."""
+    """The weights' mode the step ran under (``unmerged`` / ``merged`` / ``mixed``) when a mode
+    controller decides it; "" otherwise."""
 
     def as_list(self) -> list[float | int | bool | str]:
         return [self.start_s, self.seconds, self.graphed, self.rows, self.tokens, self.lora_ops,
@@ -191,8 +191,10 @@ class ModelRunner:
         head_tokens_of: Callable[[Request], int],
         plan_lora: Callable[[list[int]], LoRAStepPlan] | None = None,
         wait_slots: Callable[[list[int]], None] | None = None,
+        mode: str = "",
     ) -> StepResult:
         """Run the model over ``scheduled`` and sample; K/V of the new tokens are written in place.
+        ``mode``: the weights' mode the step runs under (recorded in the step trace).
 
         ``wait_slots`` is called with the LoRA slots the step reads before anything is launched
         (the adapter manager orders the stream after their pending prefetches)."""
@@ -229,7 +231,7 @@ class ModelRunner:
             if len(trace) >= self._trace_limit:
                 del trace[: len(trace) // 2]
             trace.append(StepRecord(started, elapsed, graphed, len(scheduled),
-                                    int(batch.input_ids.shape[0]), _lora_ops(batch)))
+                                    int(batch.input_ids.shape[0]), _lora_ops(batch), mode))
         return result
 
     def enable_step_trace(self, limit: int = 100_000) -> list[StepRecord]:

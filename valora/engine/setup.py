@@ -158,6 +158,7 @@ class EngineParts:
             self.head_tokens_of,
             self.plan_lora,
             self.adapters.wait_for_slots,
+            self.modes.state.mode.value if self.modes is not None else "",
         )
 
     def stats(self) -> dict[str, Any]:

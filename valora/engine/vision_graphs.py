@@ -38,24 +38,11 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 """Relative error (‖replay − eager‖ / ‖eager‖) a captured bucket may show in its self-check."""
 
 
-def vision_peak_bytes(model: Any, num_images: int) -> int:
-    """Peak bytes allocated above the starting point by one eager ``encode_images`` of
-    ``num_images`` images (CUDA; what a captured bucket of that size keeps in its pool)."""
+def image_input_shape(model: Any) -> tuple[int, int, int]:
+    """``(channels, size, size)`` of one image the model's vision tower takes."""
     embeddings = model.vision_tower.embeddings
     size = embeddings.image_size
-    channels = embeddings.patch_embedding.weight.shape[1]
-    device = torch.device(model.device)
-    with torch.inference_mode():
-        pixels = torch.zeros(num_images, channels, size, size, dtype=model.dtype, device=device)
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        model.encode_images(pixels)
-        torch.cuda.synchronize(device)
-        peak = int(torch.cuda.max_memory_allocated(device) - start)
-    del pixels
-    torch.cuda.empty_cache()
-    return peak
+    return int(embeddings.patch_embedding.weight.shape[1]), size, size
 
 
 def image_buckets(max_images: int, buckets: Iterable[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
@@ -82,12 +69,8 @@ class VisionGraphRunner:
 
     def __init__(self, model: Any, max_images: int, *, buckets: Iterable[int] = DEFAULT_BUCKETS,
                  use_graphs: bool | None = None) -> None:
-        tower = getattr(model, "vision_tower", None)
-        if tower is None:
+        if getattr(model, "vision_tower", None) is None:
             raise ValoraError("the model has no vision tower")
-        embeddings = tower.embeddings
-        size = embeddings.image_size
-        channels = embeddings.patch_embedding.weight.shape[1]
         self.model = model
         self.device = torch.device(model.device)
         self.dtype = model.dtype
@@ -95,7 +78,7 @@ class VisionGraphRunner:
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         if self.use_graphs and self.device.type != "cuda":
             raise ValoraError("CUDA graphs need a CUDA device")
-        self._pixels = torch.zeros(self.buckets[-1], channels, size, size, dtype=self.dtype,
+        self._pixels = torch.zeros(self.buckets[-1], *image_input_shape(model), dtype=self.dtype,
                                    device=self.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
@@ -174,4 +157,4 @@ class VisionGraphRunner:
         return self._outputs[size][:count].clone()
 
 
-__all__ = ["VisionGraphRunner", "image_buckets", "images_per_step", "vision_peak_bytes"]
+__all__ = ["VisionGraphRunner", "image_buckets", "image_input_shape", "images_per_step"]

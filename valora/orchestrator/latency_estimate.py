@@ -71,13 +71,6 @@ class LatencyEstimator:
         return self.cost_model.step_time(StepSpec(rows, choice.mode, choice.merged,
                                                   choice.merged_rank))
 
-    def prefill_s(self, request: RequestView, choice: ModeChoice) -> float:
-        """Seconds ``request``'s remaining prefill adds as an eager step of its own."""
-        work, launches = self._prefill_parts(request, choice)
-        if request.prompt_tokens_remaining <= 0:
-            return 0.0
-        return work + self.cost_model.eager_overhead(launches)
-
     def _prefill_parts(self, request: RequestView, choice: ModeChoice) -> tuple[float, int]:
         """(seconds of the prefill's token work, LoRA launches its row makes) under ``choice``."""
         tokens = request.prompt_tokens_remaining

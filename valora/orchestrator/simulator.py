@@ -86,13 +86,12 @@ class _Runner:
             return False
         merged = self.state.merged_adapter
         spec = StepSpec(tuple(row for _, row in rows), self.state.mode, merged, self.rank(merged))
-        seconds = self.cost_model.step_time(spec)
+        shape = step_shape(spec, self.cost_model.graph_max_rows, self.cost_model.fused_correction)
+        seconds = self.cost_model.step_time(shape)
         self.now += seconds
         observe = getattr(self.policy, "observe_step", None)
         if observe is not None:  # the engine reports its steps to the policy the same way
-            graphed = not step_shape(spec, self.cost_model.graph_max_rows,
-                                     self.cost_model.fused_correction).eager
-            observe(spec, seconds, graphed)
+            observe(spec, seconds, not shape.eager)
         self.result.num_steps += 1
         for live, row in rows:
             self._progress(live, row.num_tokens, start)
