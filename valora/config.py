@@ -28,6 +28,10 @@ class ModelConfig:
     ``attention_backend``: ``"auto"`` (Triton kernels on CUDA, plain PyTorch elsewhere),
     ``"torch"`` or ``"triton"``. ``enforce_eager``: never capture CUDA graphs for decode steps
     (they are captured on CUDA with the ``"triton"`` attention backend otherwise).
+    ``prefill_graphs``: where decode graphs are captured, also capture every other step's
+    row-wise work between attention calls per token-count bucket (piecewise graphs,
+    ``valora.engine.piecewise_graphs``): prefill and mixed steps replay ``layers + 1`` graphs
+    around eager attention instead of launching every kernel from Python.
     """
 
     model: str = "default"
@@ -37,6 +41,7 @@ class ModelConfig:
     seed: int = 0
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    prefill_graphs: bool = True
 
     def __post_init__(self) -> None:
         _require(

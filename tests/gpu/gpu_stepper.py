@@ -2,7 +2,7 @@
 
 ``Stepper`` hands out pages from a shuffled free list (page 0 stays the null page), lays out
 prefill chunks and decode steps as ``ForwardBatch`` es exactly as the engine does, and runs them
-through ``model.forward`` or, for decode steps, through a ``CudaGraphRunner``.
+through ``model.forward``, a ``CudaGraphRunner`` (decode steps) or a ``PiecewiseGraphRunner``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from valora.engine.cuda_graph import CudaGraphRunner
+from valora.engine.piecewise_graphs import PiecewiseGraphRunner
 from valora.forward_batch import AttentionMetadata, ForwardBatch
 from valora.models.base import CausalLMBase
 from valora.ops.lora import LoRABatch, prepare_lora_batch
@@ -99,28 +100,37 @@ class Stepper:
                                   self.num_lora_slots, self.lora_backend)
 
     @torch.inference_mode()
-    def logits(self, batch: ForwardBatch, graphs: CudaGraphRunner | None = None) -> torch.Tensor:
+    def logits(self, batch: ForwardBatch, graphs: CudaGraphRunner | None = None,
+               piecewise: PiecewiseGraphRunner | None = None) -> torch.Tensor:
+        """Logits of ``batch``'s sampled rows: decode steps through ``graphs`` when given,
+        other steps (decode steps too, without ``graphs``) through ``piecewise`` when given
+        (both must serve the step), else ``model.forward``."""
         if graphs is not None and all(n == 1 for n in batch.attn.query_lens_cpu):
             assert graphs.can_run(batch), "a decode step the graph runner should serve"
             hidden = graphs.run(batch)
+        elif piecewise is not None:
+            assert piecewise.can_run(batch), "a step the piecewise runner should serve"
+            hidden = piecewise.run(batch)
         else:
             hidden = self.model.forward(batch)
         return self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
 
     def greedy(self, seqs: list[Sequence], steps: int, prefill_chunk: int,
-               graphs: CudaGraphRunner | None = None, forced: list[list[int]] | None = None
+               graphs: CudaGraphRunner | None = None, forced: list[list[int]] | None = None,
+               piecewise: PiecewiseGraphRunner | None = None
                ) -> tuple[list[list[int]], list[torch.Tensor]]:
         """Prefill every sequence (chunks of ``prefill_chunk``), then ``steps`` greedy decode
         steps of all of them together; returns the tokens and each step's logits (float32).
-        ``forced[i][k]`` (teacher forcing) replaces sequence ``i``'s sampled token of step k."""
+        ``forced[i][k]`` (teacher forcing) replaces sequence ``i``'s sampled token of step k.
+        ``piecewise`` runs the steps ``graphs`` does not (``logits``)."""
         while any(s.num_cached < len(s.tokens) - 1 for s in seqs):
             active = [s for s in seqs if s.num_cached < len(s.tokens) - 1]
             counts = [min(prefill_chunk, len(s.tokens) - 1 - s.num_cached) for s in active]
-            self.logits(self.build(active, counts))
+            self.logits(self.build(active, counts), piecewise=piecewise)
         out: list[list[int]] = [[] for _ in seqs]
         all_logits = []
         for _ in range(steps):
-            logits = self.logits(self.build(seqs, [1] * len(seqs)), graphs)
+            logits = self.logits(self.build(seqs, [1] * len(seqs)), graphs, piecewise)
             all_logits.append(logits.float().cpu())
             for i, token in enumerate(logits.argmax(-1).tolist()):
                 out[i].append(token)

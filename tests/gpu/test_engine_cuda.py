@@ -75,6 +75,14 @@ class ReplayCounter:
         monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", replay)
 
 
+def expected_replays(runner: Any) -> int:
+    """Graph replays the engine's steps account for: one per decode-graph step, one per
+    vision-tower replay, one per piece of every piecewise step."""
+    vision = runner.vision_graphs.num_replays if runner.vision_graphs is not None else 0
+    pieces = runner.piecewise.num_pieces if runner.piecewise is not None else 0
+    return int(runner.num_graph_steps + vision + runner.num_piecewise_steps * pieces)
+
+
 def generate(llm: LLM, params: SamplingParams) -> list[Any]:
     outputs = llm.generate(requests(), params)
     assert all(o.error is None for o in outputs), [o.error for o in outputs]
@@ -100,7 +108,9 @@ def test_fp32_engine_greedy_tokens_match_cpu(
     counter = ReplayCounter(monkeypatch)
     got = [o.outputs[0].token_ids for o in generate(gpu, params)]
     assert got == want
-    assert counter.count == parts.runner.num_graph_steps >= STEPS - 2  # decode steps replayed
+    assert parts.runner.num_graph_steps >= STEPS - 2  # decode steps replayed
+    assert parts.runner.piecewise is not None and parts.runner.num_piecewise_steps > 0
+    assert counter.count == expected_replays(parts.runner)
     assert parts.adapters.pending_slot_writes() == []
     sources = parts.adapters._writer._pinned_sources
     assert sources and all(a.is_pinned() and b.is_pinned()
@@ -147,7 +157,8 @@ def test_bf16_engine_logits_within_tolerance(
     got_logits = LogitsRecorder(gpu, monkeypatch)
     counter = ReplayCounter(monkeypatch)
     got = generate(gpu, params)
-    assert counter.count > 0 and counter.count == gpu.engine.parts.runner.num_graph_steps
+    runner = gpu.engine.parts.runner
+    assert runner.num_graph_steps > 0 and counter.count == expected_replays(runner)
     compared = 0
     for g, w in zip(got, want, strict=True):
         g_rows, w_rows = got_logits.rows[g.request_id], want_logits.rows[w.request_id]

@@ -44,8 +44,8 @@ class ModeTrace:
     step_totals: dict[str, float] = field(default_factory=dict)
     """Engine-side sums over the run: ``graph_seconds`` / ``eager_seconds`` (host wall time of
     graph-replayed and eager steps), ``graph_rows`` (sequences in graph steps) and
-    ``eager_tokens`` (tokens in eager steps) and ``slot_loads`` (adapters written into GPU
-    slots)."""
+    ``eager_tokens`` (tokens in eager steps), ``piecewise_steps`` (eager steps served by
+    piecewise graphs) and ``slot_loads`` (adapters written into GPU slots)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"timeline": [list(entry) for entry in self.timeline],
@@ -81,7 +81,7 @@ def to_generate_request(request: BenchRequest, run_tag: str, seed: int) -> Gener
 
 
 _ENGINE_COUNTERS = ("graph_steps", "eager_steps", "graph_seconds", "eager_seconds",
-                    "graph_rows", "eager_tokens", "num_preemptions")
+                    "graph_rows", "eager_tokens", "num_preemptions", "piecewise_steps")
 """Counters of ``LLMEngine.stats()`` a run reports as differences (plus ``slot_loads``)."""
 _STEP_TOTALS = (*_ENGINE_COUNTERS[2:], "slot_loads")
 

@@ -107,6 +107,8 @@ def size_kv_cache(
             pristine_bytes=pristine_bytes,
             vision_images=images_per_step(model, config.scheduler.max_num_batched_tokens)
             if graph_batch else 0,
+            piecewise_tokens=config.scheduler.max_num_batched_tokens
+            if graph_batch and config.model.prefill_graphs else 0,
         )
         return KVSizing(plan.num_pages, plan.bytes_per_page, plan)
     num_pages = max(config.cache.cpu_cache_bytes // per_page, 2)

@@ -53,12 +53,12 @@ def variant_of(batch: ForwardBatch) -> str:
     """The graph variant serving ``batch``: a correction without per-token LoRA (every row of the
     base model while an adapter is merged) replays ``"mixed"`` with all token slots -1, which
     the LoRA kernels skip — it ran eagerly before (≈ 31 ms instead of ≈ 8 at 7B on an H200)."""
-    if _correction_slots(batch) is not None:
+    if correction_slots_of(batch) is not None:
         return "mixed"
     return "base" if batch.lora is None else "lora"
 
 
-def _fusable(batch: ForwardBatch) -> bool:
+def fusable(batch: ForwardBatch) -> bool:
     """Whether a two-batch mixed step meets the fused op's invariant (``valora.ops.lora``: no
     token of the merged slot's own, every own-adapter token corrected) as far as the host knows:
     the merged slot is not among the tokens' own slots. (The engine's batches always meet it.)"""
@@ -68,12 +68,43 @@ def _fusable(batch: ForwardBatch) -> bool:
     return not set(own.active_slots) & set(correction.active_slots or ())
 
 
-def _correction_slots(batch: ForwardBatch) -> torch.Tensor | None:
+def correction_slots_of(batch: ForwardBatch) -> torch.Tensor | None:
     """The step's correction slots: a second batch's, or those inside a fused one
     (``LoRAConfig.fuse_correction``; graphs replay it as two launches, the same sums)."""
     if batch.lora_correction is not None:
         return batch.lora_correction.token_slots
     return batch.lora.correction_slots if batch.lora is not None else None
+
+
+def static_lora_batch(
+    slots: torch.Tensor, num_slots: int, correction: torch.Tensor | None = None
+) -> tuple[LoRABatch, tuple[LoRASegments, torch.Tensor, torch.Tensor | None]]:
+    """A ``"triton"`` LoRA batch over the static slot buffer ``slots`` (and ``correction``) for
+    graph capture: its segments know nothing of the host's slots (tiles for the worst case), and
+    ``(segments, slots, correction)`` says what to rebuild them from before each replay."""
+    segments = LoRASegments.allocate(int(slots.shape[0]), num_slots, slots.device,
+                                     with_correction=correction is not None)
+    segments.update(slots, correction_slots=correction)
+    batch = LoRABatch(token_slots=slots, num_slots=num_slots, backend="triton",
+                      backend_data=segments, correction_slots=correction)
+    return batch, (segments, slots, correction)
+
+
+def fill_lora_slots(batch: ForwardBatch, token_slots: torch.Tensor,
+                    correction_slots: torch.Tensor, rows: int, size: int) -> None:
+    """Copy ``batch``'s per-row LoRA slots into the static buffers' first ``rows`` entries;
+    rows ``rows..size`` (padding) get -1, which the LoRA kernels skip. A step without LoRA
+    leaves the buffers alone (its variant, ``base``, reads neither)."""
+    correction = correction_slots_of(batch)
+    if batch.lora is not None:
+        token_slots[:rows].copy_(batch.lora.token_slots)
+    elif correction is not None:
+        token_slots[:rows].fill_(-1)
+    if correction is not None:
+        correction_slots[:rows].copy_(correction)
+    if size > rows:
+        token_slots[rows:size].fill_(-1)
+        correction_slots[rows:size].fill_(-1)
 
 
 @dataclass
@@ -186,17 +217,7 @@ class CudaGraphRunner:
     def _lora_batch(
         self, slots: torch.Tensor, correction: torch.Tensor | None = None
     ) -> tuple[LoRABatch, tuple[LoRASegments, torch.Tensor, torch.Tensor | None]]:
-        segments = LoRASegments.allocate(int(slots.shape[0]), self.num_lora_slots, self.device,
-                                         with_correction=correction is not None)
-        segments.update(slots, correction_slots=correction)
-        batch = LoRABatch(
-            token_slots=slots,
-            num_slots=self.num_lora_slots,
-            backend="triton",
-            backend_data=segments,
-            correction_slots=correction,
-        )
-        return batch, (segments, slots, correction)
+        return static_lora_batch(slots, self.num_lora_slots, correction)
 
     # ----- capture --------------------------------------------------------------------------
     def _body(self, entry: _Entry, in_graph: bool) -> torch.Tensor:
@@ -275,7 +296,7 @@ class CudaGraphRunner:
         for lora in (batch.lora, batch.lora_correction):
             if lora is not None and lora.num_slots != self.num_lora_slots:
                 return False
-        if self.fuse_correction and not _fusable(batch):
+        if self.fuse_correction and not fusable(batch):
             return False
         return variant_of(batch) in self.variants
 
@@ -305,18 +326,10 @@ class CudaGraphRunner:
         self.seq_lens[:num_seqs].copy_(attn.seq_lens)
         self.slot_mapping[:num_seqs].copy_(attn.slot_mapping)
         self.page_table[:num_seqs, : attn.page_table.shape[1]].copy_(attn.page_table)
-        correction = _correction_slots(batch)
-        if batch.lora is not None:
-            self.token_slots[:num_seqs].copy_(batch.lora.token_slots)
-        elif correction is not None:
-            self.token_slots[:num_seqs].fill_(-1)
-        if correction is not None:
-            self.correction_slots[:num_seqs].copy_(correction)
         if size > num_seqs:
             for buffer in (self.input_ids, self.positions, self.seq_lens, self.slot_mapping):
                 buffer[num_seqs:size].zero_()
-            self.token_slots[num_seqs:size].fill_(-1)
-            self.correction_slots[num_seqs:size].fill_(-1)
+        fill_lora_slots(batch, self.token_slots, self.correction_slots, num_seqs, size)
 
 
 def capture_decode_graphs(

@@ -5,7 +5,8 @@ cache exists. It measures the activation peak of one profiling forward at the st
 shape (``max_num_tokens`` tokens over ``max_num_seqs`` prefill sequences, their logits, LoRA on
 every token when slots exist) over a small temporary KV cache, and the peak of one decode step
 at the largest CUDA-graph bucket (graph pools are sized from it), plus the vision tower's at its
-largest graph bucket. Then::
+largest graph bucket and, with piecewise graphs, their static buffers and one more activation
+peak. Then::
 
     budget    = memory_fraction · total
     in_use    = total - free                 (context, weights, adapter slots, the pristine copy
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from valora.engine.piecewise_graphs import piecewise_static_bytes
 from valora.engine.vision_graphs import image_input_shape
 from valora.errors import OutOfResourcesError, ValoraError
 from valora.forward_batch import AttentionMetadata, ForwardBatch
@@ -243,11 +245,15 @@ def plan_gpu_memory(
     lora_backend: str = "auto",
     pristine_bytes: int = 0,
     vision_images: int = 0,
+    piecewise_tokens: int = 0,
 ) -> MemoryPlan:
     """Profile ``model`` on its CUDA device and size the KV cache (module docstring).
     ``pristine_bytes``: device bytes of an already allocated pristine copy (a row of the table;
     the bytes are in use either way). ``vision_images`` (with ``graph_batch``): the largest
-    vision-tower graph bucket; the graph reserve also holds its pool (``vision_graphs``)."""
+    vision-tower graph bucket; the graph reserve also holds its pool (``vision_graphs``).
+    ``piecewise_tokens``: the largest piecewise-graph bucket (``piecewise_graphs``); the reserve
+    holds its static buffers and a pool of one eager step's activation peak (a piece runs a part
+    of a forward's ops over as many rows, and its pool lives beside the eager allocations)."""
     device = model.device
     if device.type != "cuda":
         raise ValoraError("plan_gpu_memory needs a CUDA model; size CPU caches in bytes instead")
@@ -268,6 +274,8 @@ def plan_gpu_memory(
         graph_reserve = measure_step_peak(model, decode, pages, page_size) + GRAPH_MARGIN_BYTES
         if vision_images and getattr(model, "vision_tower", None) is not None:
             graph_reserve += vision_peak_bytes(model, vision_images)
+    if piecewise_tokens:
+        graph_reserve += activation + piecewise_static_bytes(model, piecewise_tokens)
     torch.cuda.synchronize(device)
     free, total = torch.cuda.mem_get_info(device)
     weights, slots = weight_and_slot_bytes(model)

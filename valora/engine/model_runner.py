@@ -5,11 +5,14 @@ per-request random generators, partial hidden states collected for task heads an
 the Triton attention backend, a ``CudaGraphRunner`` that replays decode steps.
 
 Graph use: ``enable_cuda_graphs`` (called once the KV caches are bound, i.e. right after
-construction) captures decode graphs over batch-size buckets; ``execute`` runs a step through
+construction) captures decode graphs over batch-size buckets, ``enable_piecewise_graphs`` the
+row-wise pieces of other steps over token-count buckets; ``execute`` runs a step through
 ``graphs.run`` when ``graphs.can_run(batch)`` (every sequence decodes one token, no image rows,
-a captured bucket and LoRA variant exist), else eagerly through ``model.forward``. Both paths
+a captured bucket and LoRA variant exist), else through ``piecewise.run`` when that can serve
+it (pieces replayed around eager attention), else eagerly through ``model.forward``. All paths
 compute the same function; LoRA metadata reaches the graphs through static buffers, so a change
-of adapters never recaptures. ``num_graph_steps`` / ``num_eager_steps`` count the two paths.
+of adapters never recaptures. ``num_graph_steps`` / ``num_eager_steps`` count decode-graph and
+other steps (``num_piecewise_steps`` the latter's piecewise replays).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from valora.engine.batch_builder import ImageRows, build_forward_batch, upload_ints
 from valora.engine.cuda_graph import CudaGraphRunner, capture_decode_graphs
 from valora.engine.image_cache import ImageEmbeddingCache
+from valora.engine.piecewise_graphs import PiecewiseGraphRunner, capture_piecewise_graphs
 from valora.engine.sampler import SamplingRow, make_generator, sample
 from valora.engine.scheduler_output import ScheduledRequest
 from valora.engine.vision_graphs import VisionGraphRunner
@@ -126,6 +130,9 @@ class ModelRunner:
         self._head_hidden: dict[str, list[torch.Tensor]] = {}
         self._num_generated_seeds = 0
         self.graphs: CudaGraphRunner | None = None
+        self.piecewise: PiecewiseGraphRunner | None = None
+        """Piecewise graphs of non-decode steps (``enable_piecewise_graphs``); None = eager."""
+        self.num_piecewise_steps = 0
         self.vision_graphs: VisionGraphRunner | None = None
         """Graph replays of the vision tower (``enable_vision_graphs``); None = eager."""
         self.num_graph_steps = 0
@@ -157,6 +164,19 @@ class ModelRunner:
             fuse_correction=self.fuse_correction,
         )
         return self.graphs is not None
+
+    def enable_piecewise_graphs(
+        self, max_tokens: int, variants: Sequence[str] = ("base", "lora"),
+        use_graphs: bool | None = None,
+    ) -> bool:
+        """Capture the row-wise pieces of steps of up to ``max_tokens`` tokens
+        (``valora.engine.piecewise_graphs``); returns whether they are in use. Same ordering
+        constraints as ``enable_cuda_graphs``. ``use_graphs=False`` runs the pieces eagerly
+        (tests on the CPU)."""
+        self.piecewise = capture_piecewise_graphs(
+            self.model, max_tokens, num_lora_slots=self.num_lora_slots, variants=variants,
+            fuse_correction=self.fuse_correction, use_graphs=use_graphs)
+        return self.piecewise is not None
 
     def enable_vision_graphs(self, max_images: int, use_graphs: bool | None = None) -> bool:
         """Capture the vision tower for up to ``max_images`` images a step
@@ -250,6 +270,10 @@ class ModelRunner:
             self.num_graph_steps += 1
             return graphs.run(batch), True
         self.num_eager_steps += 1
+        piecewise = self.piecewise
+        if piecewise is not None and piecewise.can_run(batch):
+            self.num_piecewise_steps += 1
+            return piecewise.run(batch), False
         hidden: torch.Tensor = self.model.forward(batch)
         return hidden, False
 

@@ -176,6 +176,7 @@ class EngineParts:
             "eager_seconds": self.runner.eager_seconds,
             "graph_rows": self.runner.graph_rows,
             "eager_tokens": self.runner.eager_tokens,
+            "piecewise_steps": self.runner.num_piecewise_steps,
             "vision_graph_replays": (self.runner.vision_graphs.num_replays
                                      if self.runner.vision_graphs is not None else 0),
             "modes": self.modes.summary() if self.modes is not None else None,
@@ -313,6 +314,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         runner.enable_cuda_graphs(
             config.scheduler.max_num_seqs, max_model_len, graph_variants(config, num_slots)
         )
+        if config.model.prefill_graphs:
+            runner.enable_piecewise_graphs(config.scheduler.max_num_batched_tokens,
+                                           graph_variants(config, num_slots))
         max_images = images_per_step(model, config.scheduler.max_num_batched_tokens)
         if max_images:
             runner.enable_vision_graphs(max_images)
@@ -329,6 +333,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         dtype,
         attention_backend,
         (f"decode graphs {list(runner.graphs.buckets)}" if runner.graphs else "eager")
+        + (f", piecewise graphs {list(runner.piecewise.buckets)}" if runner.piecewise else "")
         + (f", vision graphs {list(runner.vision_graphs.active_buckets)}"
            if runner.vision_graphs else ""),
         weight_bytes / 2**20,

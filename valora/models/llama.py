@@ -45,6 +45,13 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 kv_cache: KVCache, plan: object) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin, batch)
+        return self.output(self.attend(q, k, v, batch, kv_cache, plan), batch)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row-wise half before attention: ``q [T, H, D]``, ``k``, ``v [T, KV, D]`` (q, k
+        rotated). Every output row depends on its input row alone."""
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x, batch.lora, batch.lora_correction)
         q, k, v = qkv.split(self.qkv_proj.slice_widths, dim=-1)
@@ -52,8 +59,17 @@ class LlamaAttention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, k, cos, sin)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
+               kv_cache: KVCache, plan: object) -> torch.Tensor:
+        """Paged attention (writes this step's K/V): ``[T, H·D]``, rows mixing across tokens."""
         out = self.backend.forward(q, k, v, kv_cache, batch.attn, plan, self.scale)
-        return self.o_proj(out.reshape(num_tokens, -1), batch.lora, batch.lora_correction)
+        return out.reshape(q.shape[0], -1)
+
+    def output(self, attn_out: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Row-wise half after attention: ``o_proj`` (+ LoRA)."""
+        return self.o_proj(attn_out, batch.lora, batch.lora_correction)
 
 
 class LlamaMLP(nn.Module):
@@ -84,12 +100,28 @@ class LlamaDecoderLayer(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Input hidden state ``residual + delta`` (just ``delta`` when ``residual`` is None);
         returns the output hidden state as ``(delta', residual')`` with the same meaning."""
+        q, k, v, residual = self.before_attention(delta, residual, cos, sin, batch)
+        attn = self.self_attn.attend(q, k, v, batch, kv_cache, plan)
+        return self.after_attention(attn, residual, batch)
+
+    def before_attention(self, delta: torch.Tensor, residual: torch.Tensor | None,
+                         cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input norm (+ residual add) and the attention's projections: ``(q, k, v,
+        residual')``. Row-wise (``valora.engine.piecewise_graphs`` captures it)."""
         if residual is None:
             x, residual = self.input_layernorm(delta), delta
         else:
             x, residual = self.input_layernorm.forward_add(delta, residual)
-        attn = self.self_attn(x, cos, sin, batch, kv_cache, plan)
-        x, residual = self.post_attention_layernorm.forward_add(attn, residual)
+        q, k, v = self.self_attn.project(x, cos, sin, batch)
+        return q, k, v, residual
+
+    def after_attention(self, attn: torch.Tensor, residual: torch.Tensor, batch: ForwardBatch
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``o_proj``, post-attention norm (+ residual add) and the MLP: the layer's output as
+        ``(delta', residual')``. Row-wise."""
+        x, residual = self.post_attention_layernorm.forward_add(
+            self.self_attn.output(attn, batch), residual)
         return self.mlp(x, batch), residual
 
     def fused_linears(self) -> tuple[FusedLinear, ...]:
@@ -117,6 +149,10 @@ class LlamaDecoder(nn.Module):
         delta, residual = embeds, None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             delta, residual = layer(delta, residual, cos, sin, batch, kv_cache, plan)
+        return self.final_norm(delta, residual)
+
+    def final_norm(self, delta: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The final RMSNorm of the hidden state ``residual + delta`` (``delta`` if None)."""
         if residual is None:
             return self.norm(delta)
         return self.norm.forward_add(delta, residual)[0]

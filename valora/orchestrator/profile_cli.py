@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time mixed steps with the correction in the same LoRA op, as the "
                              "engine runs them by default (LoRAConfig.fuse_correction); "
                              "--no-fuse-correction: as two ops")
+    parser.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="time prefill steps as piecewise-graph replays, as the engine runs "
+                             "them by default (ModelConfig.prefill_graphs; CUDA only)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="time decode steps as eager forwards (default on CUDA: CUDA-graph "
                              "replays, as the engine runs them)")
@@ -65,7 +68,8 @@ def main(argv: list[str]) -> int:
         samples: list[dict[str, object]] = []
         cost = run_profile(model, quick=args.quick, repeats=args.repeats,
                            graphs=not args.enforce_eager, samples=samples,
-                           fuse_correction=args.fuse_correction)
+                           fuse_correction=args.fuse_correction,
+                           piecewise=args.prefill_graphs)
     except ValoraError as exc:
         raise SystemExit(f"valora profile-modes: {exc}") from exc
     out = args.out or default_profile_path(device_label(device))

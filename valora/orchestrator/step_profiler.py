@@ -12,7 +12,9 @@ per-byte cost separate). The fit is :func:`fit_cost_model`.
 
 Decode steps are timed the way the engine runs them: on CUDA (attention backend capturable) a
 :class:`CudaGraphRunner` captures the base, LoRA and mixed variants over batch buckets once and
-decode specs replay them (``graphs=False`` or a runner that cannot capture: eager forwards).
+decode specs replay them (``graphs=False`` or a runner that cannot capture: eager forwards);
+the other steps replay piecewise graphs (``valora.engine.piecewise_graphs``) unless
+``piecewise=False``, as the engine runs them with ``ModelConfig.prefill_graphs``.
 The first profile on an H200 timed eager forwards: a 13.8 ms step constant and 16 ms for a step
 with any LoRA launch, against 7 ms and +1.3–3.9 ms under graphs (``bench/results/model``) — a
 cost model that overstated the unmerged mode fourfold and had the policy switch modes far more
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 
 from valora.engine.cuda_graph import CudaGraphRunner, capture_decode_graphs
+from valora.engine.piecewise_graphs import PiecewiseGraphRunner, capture_piecewise_graphs
 from valora.errors import ValoraError
 from valora.forward_batch import AttentionMetadata, ForwardBatch
 from valora.logger import get_logger
@@ -153,6 +156,7 @@ class StepProfiler:
         self._switcher: WeightSwitcher | None = None
         self._warm_switch_targets: set[str] = set()
         self.graphs: CudaGraphRunner | None = None
+        self.piecewise: PiecewiseGraphRunner | None = None
         self.num_graph_steps = 0
 
     def enable_cuda_graphs(self, max_batch: int, max_context: int) -> bool:
@@ -165,6 +169,17 @@ class StepProfiler:
             num_lora_slots=len(self.slot_of), variants=("base", "lora", "mixed"),
             purpose="profiling decode steps eagerly", fuse_correction=self.fuse_correction)
         return self.graphs is not None
+
+    def enable_piecewise_graphs(self, max_tokens: int) -> bool:
+        """Capture piecewise graphs for the other steps (base, LoRA, mixed) as the engine does
+        (``ModelConfig.prefill_graphs``); False (eager forwards) off CUDA or where they cannot
+        be built."""
+        if self.device.type != "cuda":
+            return False
+        self.piecewise = capture_piecewise_graphs(
+            self.model, max_tokens, num_lora_slots=len(self.slot_of),
+            variants=("base", "lora", "mixed"), fuse_correction=self.fuse_correction)
+        return self.piecewise is not None
 
     def batch(self, spec: StepSpec) -> ForwardBatch:
         """The step's batch (built once per spec)."""
@@ -251,7 +266,11 @@ class StepProfiler:
         if self.graphs is not None and self.graphs.can_run(batch):
             self.num_graph_steps += 1
             return self.model.compute_logits(self.graphs.run(batch))
-        hidden = self.model.forward(batch)
+        piecewise = self.piecewise
+        if piecewise is not None and piecewise.can_run(batch):
+            hidden = piecewise.run(batch)
+        else:
+            hidden = self.model.forward(batch)
         if hidden.shape[0] != batch.logits_indices.numel():
             hidden = hidden[batch.logits_indices]
         return self.model.compute_logits(hidden)
@@ -295,13 +314,14 @@ def grid_for(quick: bool) -> tuple[list[StepSpec], tuple[int, ...]]:
 def run_profile(model: Any, *, quick: bool = False, repeats: int = 3,
                 lora_backend: str = "auto", graphs: bool = True,
                 samples: list[dict[str, object]] | None = None,
-                fuse_correction: bool = False) -> CostModel:
+                fuse_correction: bool = False, piecewise: bool = True) -> CostModel:
     """Profile ``model`` (loaded, on its device) and return the fitted model, keyed by
     :func:`profile_key`. ``graphs``: replay decode steps from CUDA graphs where the device and
     model allow (module docstring). ``samples`` receives the fitted samples (``profile``).
     ``fuse_correction``: mixed steps as an engine with ``LoRAConfig.fuse_correction`` runs them
     (the returned model has ``fused_correction`` set; profiles do not store it — the engine sets
-    it from its own configuration)."""
+    it from its own configuration). ``piecewise`` (with ``graphs``): other steps replay
+    piecewise graphs, as an engine with ``ModelConfig.prefill_graphs`` runs them."""
     specs, _ = grid_for(quick)
     names: list[str] = []
     ranks: dict[str, int] = {}
@@ -324,6 +344,9 @@ def run_profile(model: Any, *, quick: bool = False, repeats: int = 3,
             profiler.enable_cuda_graphs(
                 max(len(spec.rows) for spec in decode),
                 max(row.context_tokens for spec in decode for row in spec.rows))
+        if piecewise:
+            profiler.enable_piecewise_graphs(
+                max(sum(row.num_tokens for row in spec.rows) for spec in specs))
     device_name = device_label(model.device)
     started = time.perf_counter()
     cost = profile(profiler.measure_step, specs,
