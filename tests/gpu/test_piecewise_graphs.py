@@ -61,7 +61,7 @@ def prompts(model: CausalLMBase, slots: list[tuple[int, int]], images: bool = Fa
 
 
 def test_token_buckets() -> None:
-    assert token_buckets(1000) == (16, 32, 64, 128, 256, 384, 512, 768, 1000)
+    assert token_buckets(1000) == (16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1000)
     assert token_buckets(5, (4, 8)) == (4, 5)
     with pytest.raises(ValoraError):
         token_buckets(0)
