@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from valora.cli_config import add_engine_flags, engine_kwargs
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated mode policies to compare (in-process)")
     run.add_argument("--url", default=None,
                      help="benchmark a running server at http://127.0.0.1:PORT instead")
+    run.add_argument("--api-key", default=None,
+                     help="with --url: bearer token for a server started with --api-key "
+                          "(default: $VALORA_API_KEY, else $OPENAI_API_KEY)")
     run.add_argument("--out", type=Path, default=Path("bench/results/serve"))
     run.add_argument("--name", default="serve", help="result files: NAME.jsonl/.md/.png")
     run.add_argument("--note", default="", help="a sentence added to the Markdown summary")
@@ -189,6 +193,8 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         adapter_ranks=ranks, model=args.model,
         trace=load_trace(args.trace, tuple(paths)) if args.trace is not None else None,
         url=args.url, warmup_requests=args.warmup_requests, engine_options=options,
+        api_key=(args.api_key or os.environ.get("VALORA_API_KEY")
+                 or os.environ.get("OPENAI_API_KEY")) if args.url is not None else None,
         capacity_fractions=args.rates_of_capacity,
         calibration_requests=args.calibration_requests, run_budget_s=args.run_budget_s,
         deadline_s=args.deadline_s, shared_engine=args.shared_engine, repeats=args.repeats,

@@ -22,7 +22,7 @@ from valora.benchmarks import payload
 from valora.benchmarks.inprocess import RunResult
 from valora.benchmarks.metrics import RequestTiming
 from valora.benchmarks.workload import BenchRequest
-from valora.errors import InvalidRequestError
+from valora.errors import InvalidRequestError, ValoraError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -37,8 +37,20 @@ def check_loopback(url: str) -> str:
 
 
 async def _base_model(client: httpx.AsyncClient) -> str:
-    response = await client.get("/v1/models")
-    response.raise_for_status()
+    """The server's base model id; a clear error when the server refuses or is not there."""
+    try:
+        response = await client.get("/v1/models")
+    except httpx.HTTPError as exc:
+        raise ValoraError(
+            f"no valora server answers at {client.base_url}: {exc}") from exc
+    if response.status_code == 401:
+        raise InvalidRequestError(
+            f"the server at {client.base_url} wants an API key: pass --api-key (or set "
+            "VALORA_API_KEY)")
+    if response.status_code != 200:
+        raise ValoraError(
+            f"GET /v1/models at {client.base_url} answered {response.status_code}: "
+            f"{response.text[:200]}")
     return str(response.json()["data"][0]["id"])
 
 
@@ -72,11 +84,13 @@ async def _one(client: httpx.AsyncClient, request: BenchRequest, body: dict[str,
 
 
 async def _run(url: str, requests: Sequence[BenchRequest], seed: int,
-               timeout_s: float) -> RunResult:
+               timeout_s: float, api_key: str | None) -> RunResult:
     timings = [RequestTiming(r.request_id, r.adapter, r.kind, r.arrival_s, r.latency_target_s)
                for r in requests]
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits,
+                                 headers=headers) as client:
         base = await _base_model(client)
         bodies = []
         for r in requests:
@@ -95,6 +109,7 @@ async def _run(url: str, requests: Sequence[BenchRequest], seed: int,
 
 
 def run_http(url: str, requests: Sequence[BenchRequest], *, seed: int = 0,
-             timeout_s: float = 600.0) -> RunResult:
-    """Replay ``requests`` against the server at ``url`` (loopback) and return their timings."""
-    return asyncio.run(_run(check_loopback(url), requests, seed, timeout_s))
+             timeout_s: float = 600.0, api_key: str | None = None) -> RunResult:
+    """Replay ``requests`` against the server at ``url`` (loopback) and return their timings;
+    ``api_key`` is sent as a bearer token (a server started with ``--api-key``)."""
+    return asyncio.run(_run(check_loopback(url), requests, seed, timeout_s, api_key))

@@ -69,6 +69,8 @@ class ServeBench:
     model: str
     trace: Sequence[BenchRequest] | None = None
     url: str | None = None
+    api_key: str | None = None
+    """Bearer token for ``url`` (a server started with ``--api-key``); never written to rows."""
     warmup_requests: int = 2
     engine_options: dict[str, Any] = field(default_factory=dict)
     capacity_fractions: Sequence[float] | None = None
@@ -160,10 +162,10 @@ def _fresh_run(bench: ServeBench, engine: Any, tag: str,
                          step_trace=bench.step_trace)
 
 
-def _http_runner(url: str, seed: int) -> Runner:
+def _http_runner(url: str, seed: int, api_key: str | None) -> Runner:
     from valora.benchmarks.http_driver import run_http
 
-    return lambda tag, requests: run_http(url, requests, seed=seed)
+    return lambda tag, requests: run_http(url, requests, seed=seed, api_key=api_key)
 
 
 def calibrate(bench: ServeBench, runner: Runner) -> ServeBench:
@@ -223,7 +225,8 @@ def run_sweep(bench: ServeBench, adapter_paths: dict[str, str],
         if bench.deadline_s is not None and time.monotonic() - started > bench.deadline_s:
             logger.warning("deadline: skipping policy %s", policy)
             continue
-        runner = (_http_runner(bench.url, bench.workload.seed) if bench.url is not None
+        runner = (_http_runner(bench.url, bench.workload.seed, bench.api_key)
+                  if bench.url is not None
                   else _engine_runner(bench, policy, adapter_paths))
         if index == 0 and bench.capacity_fractions and bench.trace is None:
             bench = calibrate(bench, runner)
