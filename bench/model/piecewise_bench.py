@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eager_anatomy import RANK, step_specs, timed  # noqa: E402
+from eager_anatomy import RANK, step_specs, timed
 
-from valora.orchestrator.merge import WeightSwitcher  # noqa: E402
-from valora.orchestrator.modes import Mode  # noqa: E402
-from valora.orchestrator.profiling import adapter_name  # noqa: E402
-from valora.orchestrator.step_profiler import SWITCH_TARGETS, StepProfiler  # noqa: E402
+from valora.orchestrator.merge import WeightSwitcher
+from valora.orchestrator.modes import Mode
+from valora.orchestrator.profiling import adapter_name
+from valora.orchestrator.step_profiler import SWITCH_TARGETS, StepProfiler
 
 MODES = ("base", "unmerged", "unmerged_2rows", "mixed_2rows")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -16,6 +17,7 @@ from valora.engine.cuda_graph import CudaGraphRunner
 from valora.engine.piecewise_graphs import PiecewiseGraphRunner
 from valora.forward_batch import AttentionMetadata, ForwardBatch
 from valora.models.base import CausalLMBase
+from valora.models.loader import load_model
 from valora.ops.lora import LoRABatch, prepare_lora_batch
 
 
@@ -157,3 +159,13 @@ def fill_slots(model: CausalLMBase, ranks: list[int], seed: int, std: float = 0.
             weights.ranks[slot].fill_(rank)
             weights.scales[slot].fill_(2.0 / max(rank, 1))
             weights.ranks_cpu[slot] = [rank] * len(weights.slice_widths)
+
+
+def make_lora_model(path: Path, backend: str, device: torch.device, dtype: torch.dtype,
+                    ranks: list[int], num_slots: int, max_rank: int, seed: int = 3
+                    ) -> CausalLMBase:
+    """The checkpoint at ``path`` with ``num_slots`` adapter slots, ``ranks`` filled in."""
+    model = load_model(str(path), dtype=dtype, device=device, attention_backend=backend)
+    model.init_lora(num_slots, max_rank)
+    fill_slots(model, ranks, seed)
+    return model

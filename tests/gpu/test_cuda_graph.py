@@ -12,23 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 from attn_cases import DEVICE, rel_err
-from gpu_stepper import Sequence, Stepper, fill_slots
+from gpu_stepper import Sequence, Stepper, fill_slots, make_lora_model
 
 import valora.layers.attention_triton  # noqa: F401  (registers the "triton" backend)
 from valora.engine.cuda_graph import CudaGraphRunner, batch_buckets
 from valora.errors import ValoraError
 from valora.models.base import CausalLMBase
-from valora.models.loader import load_model
 
 NUM_SLOTS, MAX_RANK, PAGE_SIZE = 4, 8, 4
 
 
 def make_model(path: Path, backend: str, device: torch.device, dtype: torch.dtype,
                ranks: list[int], seed: int = 3) -> CausalLMBase:
-    model = load_model(str(path), dtype=dtype, device=device, attention_backend=backend)
-    model.init_lora(NUM_SLOTS, MAX_RANK)
-    fill_slots(model, ranks, seed)
-    return model
+    return make_lora_model(path, backend, device, dtype, ranks, NUM_SLOTS, MAX_RANK, seed)
 
 
 def prompts(model: CausalLMBase, count: int, slots: list[tuple[int, int]]) -> list[Sequence]:

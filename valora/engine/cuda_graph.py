@@ -24,7 +24,7 @@ With ``use_graphs=False`` (the CPU, tests) the same buffers are run eagerly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,9 +76,26 @@ def correction_slots_of(batch: ForwardBatch) -> torch.Tensor | None:
     return batch.lora.correction_slots if batch.lora is not None else None
 
 
+StaticSegments = tuple[LoRASegments, torch.Tensor, torch.Tensor | None]
+"""``(segments, token slots, correction slots or None)``: a graph's LoRA segments and the static
+buffers they are rebuilt from before each replay."""
+
+
+def lora_variant_served(batch: ForwardBatch, num_lora_slots: int, fuse_correction: bool,
+                        variants: Sequence[str]) -> bool:
+    """Whether graphs captured for ``variants`` over ``num_lora_slots`` slots (with the
+    correction fused or not) can replay ``batch``'s LoRA work."""
+    for lora in (batch.lora, batch.lora_correction):
+        if lora is not None and lora.num_slots != num_lora_slots:
+            return False
+    if fuse_correction and not fusable(batch):
+        return False
+    return variant_of(batch) in variants
+
+
 def static_lora_batch(
     slots: torch.Tensor, num_slots: int, correction: torch.Tensor | None = None
-) -> tuple[LoRABatch, tuple[LoRASegments, torch.Tensor, torch.Tensor | None]]:
+) -> tuple[LoRABatch, StaticSegments]:
     """A ``"triton"`` LoRA batch over the static slot buffer ``slots`` (and ``correction``) for
     graph capture: its segments know nothing of the host's slots (tiles for the worst case), and
     ``(segments, slots, correction)`` says what to rebuild them from before each replay."""
@@ -88,6 +105,37 @@ def static_lora_batch(
     batch = LoRABatch(token_slots=slots, num_slots=num_slots, backend="triton",
                       backend_data=segments, correction_slots=correction)
     return batch, (segments, slots, correction)
+
+
+def attach_static_lora(batch: ForwardBatch, variant: str, slots: torch.Tensor,
+                       correction: torch.Tensor, num_slots: int, fuse_correction: bool
+                       ) -> list[StaticSegments]:
+    """Give ``batch`` the LoRA batches of ``variant`` over the static slot buffers (``base``:
+    none; ``lora``: the tokens' own; ``mixed``: their own and the merged adapter's correction,
+    in one batch with ``fuse_correction``, else two) and return what to rebuild before each
+    replay."""
+    if variant == "mixed" and fuse_correction:
+        batch.lora, entry = static_lora_batch(slots, num_slots, correction)
+        return [entry]
+    if variant not in ("lora", "mixed"):
+        return []
+    batch.lora, entry = static_lora_batch(slots, num_slots)
+    if variant == "lora":
+        return [entry]
+    batch.lora_correction, second = static_lora_batch(correction, num_slots)
+    return [entry, second]
+
+
+def capture_largest_first(device: torch.device, buckets: Sequence[int], variants: Sequence[str],
+                          capture: Callable[[tuple[int, str]], None]) -> float:
+    """``capture((bucket, variant))`` for every pair, largest bucket first (smaller ones then
+    fit into the pool's blocks); returns the MiB the device reserved meanwhile."""
+    before = torch.cuda.memory_reserved(device)
+    for size in reversed(buckets):
+        for variant in variants:
+            capture((size, variant))
+    torch.cuda.synchronize(device)
+    return (torch.cuda.memory_reserved(device) - before) / 2**20
 
 
 def fill_lora_slots(batch: ForwardBatch, token_slots: torch.Tensor,
@@ -112,7 +160,7 @@ class _Entry:
     """One bucket × variant: its static batch, segments and (once captured) graph + output."""
 
     batch: ForwardBatch
-    segments: list[tuple[LoRASegments, torch.Tensor, torch.Tensor | None]]
+    segments: list[StaticSegments]
     """``(segments, token slots, correction slots or None)`` rebuilt before each replay."""
     graph: torch.cuda.CUDAGraph | None = None
     output: torch.Tensor | None = None
@@ -201,23 +249,10 @@ class CudaGraphRunner:
             attn=attn,
             logits_indices=self.logits_indices[:size],
         )
-        segments: list[tuple[LoRASegments, torch.Tensor, torch.Tensor | None]] = []
-        if variant == "mixed" and self.fuse_correction:
-            batch.lora, entry = self._lora_batch(self.token_slots[:size],
-                                                 self.correction_slots[:size])
-            segments.append(entry)
-        elif variant in ("lora", "mixed"):
-            batch.lora, entry = self._lora_batch(self.token_slots[:size])
-            segments.append(entry)
-            if variant == "mixed":
-                batch.lora_correction, entry = self._lora_batch(self.correction_slots[:size])
-                segments.append(entry)
+        segments = attach_static_lora(batch, variant, self.token_slots[:size],
+                                      self.correction_slots[:size], self.num_lora_slots,
+                                      self.fuse_correction)
         return _Entry(batch, segments)
-
-    def _lora_batch(
-        self, slots: torch.Tensor, correction: torch.Tensor | None = None
-    ) -> tuple[LoRABatch, tuple[LoRASegments, torch.Tensor, torch.Tensor | None]]:
-        return static_lora_batch(slots, self.num_lora_slots, correction)
 
     # ----- capture --------------------------------------------------------------------------
     def _body(self, entry: _Entry, in_graph: bool) -> torch.Tensor:
@@ -236,19 +271,11 @@ class CudaGraphRunner:
             self.captured = True
             return
         self._pool = torch.cuda.graph_pool_handle()
-        before = torch.cuda.memory_reserved(self.device)
-        for size in reversed(self.buckets):
-            for variant in self.variants:
-                self._capture_entry(self._entries[(size, variant)])
-        torch.cuda.synchronize(self.device)
+        mib = capture_largest_first(self.device, self.buckets, self.variants,
+                                    lambda key: self._capture_entry(self._entries[key]))
         self.captured = True
-        logger.info(
-            "captured %d decode graphs (buckets %s, variants %s): %.1f MiB",
-            len(self._entries),
-            list(self.buckets),
-            list(self.variants),
-            (torch.cuda.memory_reserved(self.device) - before) / 2**20,
-        )
+        logger.info("captured %d decode graphs (buckets %s, variants %s): %.1f MiB",
+                    len(self._entries), list(self.buckets), list(self.variants), mib)
 
     def _capture_entry(self, entry: _Entry) -> None:
         stream = torch.cuda.Stream(self.device)
@@ -293,12 +320,8 @@ class CudaGraphRunner:
             return False
         if attn.page_table.shape[1] > self.max_pages or max(attn.seq_lens_cpu) > self.max_context:
             return False
-        for lora in (batch.lora, batch.lora_correction):
-            if lora is not None and lora.num_slots != self.num_lora_slots:
-                return False
-        if self.fuse_correction and not fusable(batch):
-            return False
-        return variant_of(batch) in self.variants
+        return lora_variant_served(batch, self.num_lora_slots, self.fuse_correction,
+                                   self.variants)
 
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:

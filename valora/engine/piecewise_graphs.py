@@ -48,10 +48,12 @@ import torch
 
 from valora.engine.cuda_graph import (
     VARIANTS,
+    StaticSegments,
+    attach_static_lora,
+    capture_largest_first,
     correction_slots_of,
     fill_lora_slots,
-    fusable,
-    static_lora_batch,
+    lora_variant_served,
     variant_of,
 )
 from valora.errors import ValoraError
@@ -59,7 +61,6 @@ from valora.forward_batch import AttentionMetadata, ForwardBatch
 from valora.logger import get_logger
 from valora.models.base import CausalLMBase
 from valora.models.llama import LlamaDecoderLayer
-from valora.ops.lora_segments import LoRASegments
 
 logger = get_logger(__name__)
 
@@ -94,7 +95,7 @@ class _Entry:
 
     size: int
     batch: ForwardBatch
-    segments: list[tuple[LoRASegments, torch.Tensor, torch.Tensor | None]]
+    segments: list[StaticSegments]
     graphs: list[torch.cuda.CUDAGraph] = field(default_factory=list)
     update_in_graph: bool = True
 
@@ -170,18 +171,9 @@ class PiecewiseGraphRunner:
         ids = torch.zeros(size, dtype=torch.int64, device=self.device)
         batch = ForwardBatch(input_ids=ids, positions=ids, attn=self._no_attn,
                              logits_indices=ids[:0])
-        segments: list[tuple[LoRASegments, torch.Tensor, torch.Tensor | None]] = []
-        slots, correction = self.token_slots[:size], self.correction_slots[:size]
-        if variant == "mixed" and self.fuse_correction:
-            batch.lora, entry = static_lora_batch(slots, self.num_lora_slots, correction)
-            segments.append(entry)
-        elif variant in ("lora", "mixed"):
-            batch.lora, entry = static_lora_batch(slots, self.num_lora_slots)
-            segments.append(entry)
-            if variant == "mixed":
-                batch.lora_correction, entry = static_lora_batch(correction,
-                                                                 self.num_lora_slots)
-                segments.append(entry)
+        segments = attach_static_lora(batch, variant, self.token_slots[:size],
+                                      self.correction_slots[:size], self.num_lora_slots,
+                                      self.fuse_correction)
         return _Entry(size, batch, segments)
 
     # ----- the pieces -----------------------------------------------------------------------
@@ -224,16 +216,12 @@ class PiecewiseGraphRunner:
             self.captured = True
             return
         self._pool = torch.cuda.graph_pool_handle()
-        before = torch.cuda.memory_reserved(self.device)
-        for size in reversed(self.buckets):
-            for variant in self.variants:
-                self._capture_entry(self._entries[(size, variant)])
-        torch.cuda.synchronize(self.device)
+        mib = capture_largest_first(self.device, self.buckets, self.variants,
+                                    lambda key: self._capture_entry(self._entries[key]))
         self.captured = True
         logger.info("captured %d piecewise graphs (%d pieces × token buckets %s × variants %s):"
                     " %.1f MiB", len(self._entries) * self.num_pieces, self.num_pieces,
-                    list(self.buckets), list(self.variants),
-                    (torch.cuda.memory_reserved(self.device) - before) / 2**20)
+                    list(self.buckets), list(self.variants), mib)
 
     def _capture_entry(self, entry: _Entry) -> None:
         stream = torch.cuda.Stream(self.device)
@@ -276,12 +264,8 @@ class PiecewiseGraphRunner:
         num_tokens = batch.num_tokens
         if not self.captured or num_tokens == 0 or self.bucket_for(num_tokens) is None:
             return False
-        for lora in (batch.lora, batch.lora_correction):
-            if lora is not None and lora.num_slots != self.num_lora_slots:
-                return False
-        if self.fuse_correction and not fusable(batch):
-            return False
-        return variant_of(batch) in self.variants
+        return lora_variant_served(batch, self.num_lora_slots, self.fuse_correction,
+                                   self.variants)
 
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
