@@ -113,6 +113,7 @@ class LoRAConfig:
     ``warm_up_lora_kernels``: on CUDA with the Triton backend, compile at engine start every LoRA
     kernel variant a step of up to ``max_num_batched_tokens`` tokens can select
     (``valora.ops.warmup``), so that no prefill stalls on a compile while serving.
+    ``warm_up_threads``: threads compiling them (0: one per CPU core, at most 16; 1: in order).
     ``fuse_correction``: in mixed mode, compute the rows' own adapters and the merged adapter's
     correction in one LoRA op (one shrink + one expand launch per layer, ``valora.ops.lora``)
     instead of two, in eager steps and decode graphs alike (the warm-up compiles the fused forms
@@ -130,6 +131,7 @@ class LoRAConfig:
     lora_backend: str = "auto"
     overlap_max_tokens: int = 16
     warm_up_lora_kernels: bool = True
+    warm_up_threads: int = 0
     fuse_correction: bool = True
 
     def __post_init__(self) -> None:
@@ -137,6 +139,7 @@ class LoRAConfig:
         _require(self.max_cpu_loras >= self.max_loras, "max_cpu_loras must be >= max_loras")
         _require(self.max_lora_rank > 0, "max_lora_rank must be positive")
         _require(self.overlap_max_tokens >= 0, "overlap_max_tokens must be >= 0")
+        _require(self.warm_up_threads >= 0, "warm_up_threads must be >= 0 (0: one per core)")
 
 
 @dataclass(frozen=True)

@@ -32,14 +32,21 @@ class _Model:
                 (0, "down"): (self.down, 0)}
 
 
+THREADS: list[int] = []
+"""The ``threads`` argument of every faked warm-up call (module-wide; ``calls`` empties it)."""
+
+
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
     seen: list[tuple[Any, ...]] = []
+    THREADS.clear()
 
     def fake(layers: Any, max_tokens: int, max_adapters: int, device: torch.device,
-             backend: str = "triton", fused_correction: bool = False) -> WarmUpReport:
+             backend: str = "triton", fused_correction: bool = False,
+             threads: int = 0) -> WarmUpReport:
         seen.append((list(layers), max_tokens, max_adapters, device, backend, fused_correction))
-        return WarmUpReport(2, 5, 4, 3, 4, 1.5)
+        THREADS.append(threads)
+        return WarmUpReport(2, 5, 4, 3, 4, 1.5, max(threads, 1))
 
     monkeypatch.setattr(setup, "warm_up_lora_kernels", fake)
     return seen
@@ -57,6 +64,15 @@ def test_warms_up_with_the_step_budget_and_the_slots(calls: list[tuple[Any, ...]
     assert not fused  # the default policy (unmerged-fcfs) never merges: no correction forms
     assert {id(w) for w in layers} == {id(model.qkv), id(model.down)}
     assert "compiled 7 LoRA kernel variants in 1.5 s" in caplog.text
+    assert THREADS == [0] and "1 threads)" in caplog.text  # 0: one per core (decided there)
+
+
+def test_the_configured_thread_count_reaches_the_warm_up(calls: list[tuple[Any, ...]]) -> None:
+    config = EngineConfig.create(warm_up_threads=3)
+    report = setup.warm_up_lora(config, _Model(), CUDA, "triton", 4)
+    assert report is not None and report.threads == 3 and THREADS == [3]
+    with pytest.raises(ValueError, match="warm_up_threads"):
+        EngineConfig.create(warm_up_threads=-1)
 
 
 @pytest.mark.parametrize(("device", "backend", "slots", "options"), [

@@ -207,16 +207,18 @@ def warm_up_lora(
         # The fused forms serve only steps with a merged adapter: a policy that never merges
         # never runs them (on an H200 with a cold Triton cache they doubled the warm-up, 142 s).
         fused_correction=config.lora.fuse_correction and merging_policy(config),
+        threads=config.lora.warm_up_threads,
     )
     logger.info(
         "compiled %d LoRA kernel variants in %.1f s (%d shrink + %d expand kernels, "
-        "%d launches over %d layer shapes)",
+        "%d launches over %d layer shapes, %d threads)",
         report.kernels,
         report.seconds,
         report.shrink_kernels,
         report.expand_kernels,
         report.launches,
         report.layer_shapes,
+        report.threads,
     )
     return report
 

@@ -9,6 +9,18 @@ real ``lora_apply`` per kept pair on zero scratch activations, with the layer's 
 the wanted rank (the device ranks stay as they are — 0 at engine start — so the kernels'
 programs return at once: compiling is all they do).
 
+Compiling dominates (on an H200 host with a cold Triton cache: 140 variants in 142 s, 70 in
+35–81 s), and Triton's compiler runs in parallel from Python threads (8 LoRA binaries for
+sm_90 with Triton 3.9 on a 2-core machine: 3.75–4.41 s in one thread, 1.58–1.90 s in two,
+``bench/ops/compile_threads.py``, ``bench/results/ops/compile_threads_cpu.txt``; not yet
+measured with the GPU machine's Triton 3.6), so on CUDA the launches run from ``threads``
+worker threads (default: one per CPU core,
+at most 16); each variant's launch is independent (its own batch and ``h`` buffer; the kernels
+write nothing, every program returns at once). Should anything fail there, the warm-up logs it
+and runs every launch again in order on the calling thread (what a cache already holds costs
+nothing). Under Triton's CPU interpreter (tests) the launches always run in order — the
+interpreter patches ``triton.language`` process-wide while a kernel runs.
+
 Assumptions: activations are contiguous along features with a row stride of the layer width and
 16-byte-aligned base pointers (what ``FusedLinear`` passes); a call on an unaligned view would
 still compile on first use.
@@ -16,12 +28,15 @@ still compile on first use.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from valora.logger import get_logger
 from valora.ops.lora import (
     LoRABatch,
     LoRASlotWeights,
@@ -31,6 +46,9 @@ from valora.ops.lora import (
     resolve_lora_backend,
 )
 from valora.ops.lora_variants import LoRALayerShape, LoRAVariant, plan_warm_up
+
+logger = get_logger(__name__)
+MAX_THREADS = 16
 
 
 @dataclass(frozen=True)
@@ -45,6 +63,8 @@ class WarmUpReport:
     shrink_kernels: int = 0
     expand_kernels: int = 0
     seconds: float = 0.0
+    threads: int = 1
+    """Worker threads the launches ran on (1: in order on the calling thread)."""
 
     @property
     def kernels(self) -> int:
@@ -103,10 +123,46 @@ def _batch(variant: LoRAVariant, num_slots: int, device: torch.device) -> LoRABa
         correction_slot=merged)
 
 
+def warm_up_threads(device: torch.device, requested: int = 0) -> int:
+    """Worker threads for the warm-up's launches: ``requested`` when positive, else one per CPU
+    core (at most ``MAX_THREADS``); 1 off CUDA (Triton's interpreter is not thread-safe)."""
+    if device.type != "cuda":
+        return 1
+    if requested > 0:
+        return requested
+    return max(1, min(MAX_THREADS, os.cpu_count() or 1))
+
+
+def _run_all(launches: list[Callable[[], None]], device: torch.device, threads: int) -> int:
+    """Run ``launches`` on ``threads`` workers (each under inference mode on ``device``), or in
+    order here; returns the threads used (1 after a failure in the workers, which reruns all
+    of them in order: compiled binaries are cached, so that costs only what failed)."""
+    if threads > 1 and len(launches) > 1:
+        def work(launch: Callable[[], None]) -> None:
+            with torch.inference_mode():  # thread-local, as the current CUDA device is
+                if device.type == "cuda":
+                    with torch.cuda.device(device):
+                        launch()
+                else:
+                    launch()
+
+        try:
+            with ThreadPoolExecutor(min(threads, len(launches)),
+                                    thread_name_prefix="valora-warmup") as pool:
+                list(pool.map(work, launches))
+            return min(threads, len(launches))
+        except Exception as exc:  # whatever failed, the plain loop below redoes it all
+            logger.warning("LoRA warm-up on %d threads failed (%s: %s); compiling in order",
+                           threads, type(exc).__name__, exc)
+    for launch in launches:
+        launch()
+    return 1
+
+
 @torch.inference_mode()
 def warm_up_lora_kernels(layers: Iterable[LoRASlotWeights], max_tokens: int, max_adapters: int,
                          device: torch.device | str, backend: str = "triton",
-                         fused_correction: bool = False) -> WarmUpReport:
+                         fused_correction: bool = False, threads: int = 0) -> WarmUpReport:
     """Compile every LoRA kernel binary that calls on ``layers`` with ``1..max_tokens`` tokens,
     ``1..min(T, max_adapters)`` active adapters and any key rank can select
     (``enumerate_lora_variants`` per layer shape; pairs shared by several shapes count once),
@@ -116,7 +172,8 @@ def warm_up_lora_kernels(layers: Iterable[LoRASlotWeights], max_tokens: int, max
     (``_keyed_by``). ``max_adapters`` is capped at each layer's slot count.
 
     ``fused_correction`` (``LoRAConfig.fuse_correction``): also every binary of batches that
-    carry the mixed-mode correction (``valora.ops.lora``).
+    carry the mixed-mode correction (``valora.ops.lora``). ``threads``: worker threads for the
+    launches (``warm_up_threads``; 0 = one per core on CUDA; module docstring).
 
     A no-op (an empty report) unless ``warm_up_enabled(device, backend)``. Adds no host-device
     synchronisation but one ``torch.cuda.synchronize`` at the end (for the timing)."""
@@ -128,6 +185,7 @@ def warm_up_lora_kernels(layers: Iterable[LoRASlotWeights], max_tokens: int, max
     found, plan = plan_warm_up({shape: min(max_adapters, weights.num_slots)
                                 for shape, weights in shapes.items()}, max_tokens, device,
                                (False, True) if fused_correction else (False,))
+    launches: list[Callable[[], None]] = []
     for shape, weights in shapes.items():
         mine = [v for v in plan if v.shape == shape]
         if not mine:
@@ -136,11 +194,18 @@ def warm_up_lora_kernels(layers: Iterable[LoRASlotWeights], max_tokens: int, max
         x = torch.zeros(rows, shape.in_features, dtype=shape.dtype, device=device)
         y = torch.zeros(rows, sum(shape.slice_widths), dtype=shape.dtype, device=device)
         for variant in mine:
-            batch = _batch(variant, weights.num_slots, device)
-            tokens = variant.num_tokens
-            lora_apply(y[:tokens], x[:tokens], _keyed_by(weights, variant.key_rank), batch)
-        del x, y
+            launches.append(_launch(x[:variant.num_tokens], y[:variant.num_tokens],
+                                    _keyed_by(weights, variant.key_rank),
+                                    _batch(variant, weights.num_slots, device)))
+    used = _run_all(launches, device, warm_up_threads(device, threads))
+    launches.clear()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return WarmUpReport(len(shapes), len(found), len(plan), len({v.shrink for v in plan}),
-                        len({v.expand for v in plan}), time.perf_counter() - start)
+                        len({v.expand for v in plan}), time.perf_counter() - start, used)
+
+
+def _launch(x: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
+            batch: LoRABatch) -> Callable[[], None]:
+    """One warm-up call, bound to its own batch (threads never share a batch's plan cache)."""
+    return lambda: lora_apply(y, x, weights, batch)
