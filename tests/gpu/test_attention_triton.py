@@ -103,6 +103,25 @@ def test_registered_and_rejects_bad_input() -> None:
                         backend.plan(case.attn), case.scale)
 
 
+@pytest.mark.parametrize("name", ["triton", "torch"])
+def test_writes_into_a_given_output(name: str) -> None:
+    """``out``: both backends write the result there (decodes and a prefill chunk in one step,
+    a NaN-filled buffer) and return it; a buffer of the wrong shape or layout is refused."""
+    backend = small_blocks() if name == "triton" else create_attention_backend("torch")
+    case = make_case([1, 5, 1], [7, 2, 20], device=DEVICE)
+    want, _ = run_backend(backend, case)
+    out = torch.full_like(case.query, float("nan"))
+    cache = (case.cache[0].clone(), case.cache[1].clone())
+    plan = backend.plan(case.attn)
+    got = backend.forward(case.query, case.key, case.value, cache, case.attn, plan, case.scale,
+                          out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(out, want)
+    for bad in (out[:-1], out.transpose(0, 1).contiguous().transpose(0, 1)):
+        with pytest.raises(ValoraError, match="attention out"):
+            backend.forward(case.query, case.key, case.value, cache, case.attn, plan,
+                            case.scale, bad)
+
+
 @given(num_decodes=st.integers(0, 300), kv_heads=st.integers(1, 64),
        max_len=st.integers(0, 40_000), block_n=st.sampled_from([16, 32, 64, 128]),
        target=st.integers(0, 2000))

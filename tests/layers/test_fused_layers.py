@@ -181,6 +181,42 @@ def test_rotary_with_strided_last_dim_falls_back_to_twin(device: str) -> None:
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
 
 
+# --- outputs into given buffers (the piecewise graphs' static buffers) -------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["on", "off"], ids=["kernel", "twin"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["other-buffer", "into-residual"])
+def test_add_rms_norm_writes_the_sum_where_asked(device: str, mode: str, in_place: bool) -> None:
+    """``residual_out``: the sum lands there (also when it is ``residual`` itself, each row read
+    before it is written) and is what comes back; the normed output is unchanged."""
+    norm = RMSNorm(24, 1e-6).to(device=device, dtype=torch.float32)
+    norm.weight.copy_(rand(24, dtype=torch.float32, device=device, seed=30))
+    x = rand(5, 24, dtype=torch.float32, device=device, seed=31)
+    residual = rand(5, 24, dtype=torch.float32, device=device, seed=32)
+    want_y, want_total = add_rms_norm_torch(x, residual, norm.weight, norm.eps)
+    out = residual if in_place else torch.full_like(residual, float("nan"))
+    with fused_select.fused_layers(mode):
+        y, total = norm.forward_add(x, residual, residual_out=out)
+    assert total.data_ptr() == out.data_ptr()
+    close(total, want_total)
+    close(y, want_y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["on", "off"], ids=["kernel", "twin"])
+def test_rotary_writes_into_given_buffers(device: str, mode: str) -> None:
+    q, k = qkv_views(3, 4, 2, 16, torch.float32, device, seed=33)
+    cos, sin = cos_sin_for(3, 16, torch.float32, device)
+    q_out = torch.full((3, 4, 16), float("nan"), device=device)
+    k_out = torch.full((3, 2, 16), float("nan"), device=device)
+    with fused_select.fused_layers(mode):
+        got_q, got_k = apply_rotary(q, k, cos, sin, q_out, k_out)
+    assert got_q.data_ptr() == q_out.data_ptr() and got_k.data_ptr() == k_out.data_ptr()
+    want_q, want_k = apply_rotary_torch(q, k, cos, sin)
+    close(q_out, want_q)
+    close(k_out, want_k)
+
+
 # --- SiLU-and-mul ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)

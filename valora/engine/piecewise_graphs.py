@@ -22,8 +22,10 @@ embeddings, ``residual``, the rotated ``q``/``k`` and ``v`` the attention reads,
 output the next piece reads, ``cos``/``sin`` (computed eagerly per step, so every RoPE scheme
 works, length-dependent ones included), the per-token LoRA slots and the final hidden states.
 Intermediates inside a piece live in one graph memory pool shared by every piece: a piece's
-outputs are copied into the static buffers before it ends, so nothing in the pool outlives the
-piece that allocated it, and replays of any order are safe.
+outputs land in the static buffers before it ends (the rotary kernel and the residual add write
+``q``/``k``/``residual`` there directly, the attention writes its output there; ``v``, a column
+slice of the qkv projection, and the final hidden states are copied), so nothing in the pool
+outlives the piece that allocated it, and replays of any order are safe.
 
 Padding rows ``T..N`` hold whatever earlier steps left (finite values: earlier embeddings and
 attention outputs, zeros at first); every op in a piece is row-wise and their LoRA slot is -1,
@@ -192,12 +194,10 @@ class PiecewiseGraphRunner:
         if index == len(layers):
             self.hidden[:n].copy_(self.decoder.final_norm(delta, residual))
             return
-        q, k, v, residual = layers[index].before_attention(delta, residual, self.cos[:n],
-                                                           self.sin[:n], batch)
-        self.q[:n].copy_(q)
-        self.k[:n].copy_(k)
-        self.v[:n].copy_(v)
-        self.residual[:n].copy_(residual)
+        _, _, v, _ = layers[index].before_attention(
+            delta, residual, self.cos[:n], self.sin[:n], batch, q_out=self.q[:n],
+            k_out=self.k[:n], residual_out=self.residual[:n])
+        self.v[:n].copy_(v)  # a column slice of the qkv output: the one copy left
 
     def _run_piece(self, entry: _Entry, index: int) -> None:
         if entry.graphs:
@@ -296,7 +296,7 @@ class PiecewiseGraphRunner:
         for index, (layer, kv_cache) in enumerate(zip(self.layers, model.kv_caches,
                                                       strict=True)):
             self._run_piece(entry, index)
-            attn_out.copy_(layer.self_attn.attend(q, k, v, batch, kv_cache, plan))
+            layer.self_attn.attend(q, k, v, batch, kv_cache, plan, out=attn_out)
         self._run_piece(entry, len(self.layers))
         self.num_replays += 1
         return self.hidden[:num_tokens]

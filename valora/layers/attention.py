@@ -13,7 +13,8 @@ Semantics of ``backend.forward(query, key, value, kv_cache, attn, plan, scale)``
         token t (context index c = L - n + (t - query_start_loc[i])) attends to K[:c+1]:
         out[t, h] = softmax(scale * query[t, h] · K[:c+1, h // (H/KV)]) @ V[:c+1, h // (H/KV)]
 
-``backend.plan(attn)`` runs once per forward pass and returns whatever the backend precomputes
+``out`` (optional, ``query``'s shape and dtype, contiguous) receives the result instead of a new
+tensor. ``backend.plan(attn)`` runs once per forward pass and returns whatever the backend precomputes
 from the metadata (shared by every layer); layers pass it back untouched.
 """
 
@@ -49,8 +50,10 @@ class AttentionBackend(Protocol):
         attn: AttentionMetadata,
         plan: object,
         scale: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Write this step's K/V into ``kv_cache`` and return the attention output ``[T, H, D]``."""
+        """Write this step's K/V into ``kv_cache`` and return the attention output ``[T, H, D]``
+        (written into ``out`` when given: ``query``'s shape and dtype, contiguous)."""
         ...
 
 
@@ -102,3 +105,15 @@ def write_kv_cache(
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def output_buffer(query: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``out`` checked against ``query`` (shape, dtype, device, contiguous), or a new tensor."""
+    if out is None:
+        return torch.empty_like(query)
+    if (out.shape != query.shape or out.dtype != query.dtype or out.device != query.device
+            or not out.is_contiguous()):
+        raise ValoraError(f"attention out {tuple(out.shape)} {out.dtype} on {out.device} must be "
+                          f"contiguous {tuple(query.shape)} {query.dtype} on {query.device}")
+    return out
+

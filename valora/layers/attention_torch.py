@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from valora.forward_batch import AttentionMetadata
-from valora.layers.attention import KVCache, write_kv_cache
+from valora.layers.attention import KVCache, output_buffer, write_kv_cache
 
 
 @dataclass
@@ -68,11 +68,12 @@ class TorchPagedAttention:
         attn: AttentionMetadata,
         plan: object,
         scale: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         assert isinstance(plan, TorchAttentionPlan)
         write_kv_cache(key, value, kv_cache, attn.slot_mapping)
         k_cache, v_cache = kv_cache
-        out = torch.empty_like(query)
+        out = output_buffer(query, out)
         if plan.decode_rows is not None:
             assert plan.decode_pages is not None and plan.decode_mask is not None
             q = query.index_select(0, plan.decode_rows).unsqueeze(2)  # [B, H, 1, D]

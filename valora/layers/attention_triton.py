@@ -25,7 +25,12 @@ import torch
 
 from valora.errors import ValoraError
 from valora.forward_batch import AttentionMetadata
-from valora.layers.attention import KVCache, register_attention_backend, write_kv_cache
+from valora.layers.attention import (
+    KVCache,
+    output_buffer,
+    register_attention_backend,
+    write_kv_cache,
+)
 from valora.layers.attention_triton_kernels import (
     paged_decode_kernel,
     paged_decode_reduce_kernel,
@@ -157,6 +162,7 @@ class TritonPagedAttention:
         attn: AttentionMetadata,
         plan: object,
         scale: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if not isinstance(plan, TritonAttentionPlan):
             raise ValoraError("triton attention: plan was not built by TritonPagedAttention.plan")
@@ -166,7 +172,7 @@ class TritonPagedAttention:
         write_kv_cache(key, value, kv_cache, attn.slot_mapping)
         if query.stride(2) != 1:
             query = query.contiguous()
-        out = torch.empty_like(query)
+        out = output_buffer(query, out)
         if plan.num_decodes:
             self._decode(query, kv_cache, attn, plan, scale, out)
         if plan.num_prefill_tiles:

@@ -115,13 +115,17 @@ def _norm_warps(block: int) -> int:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(rms_norm(x or x + residual), x + residual or None)`` for 2-D ``x``/``residual`` of one
-    dtype."""
+    dtype. ``residual_out``: where the sum goes (``residual``'s shape and dtype, last dimension
+    contiguous; may be ``residual`` itself: each row is read before it is written)."""
     rows, width = x.shape
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
     y = torch.empty(rows, width, dtype=out_dtype, device=x.device)
-    res_out = torch.empty_like(residual) if residual is not None else None
+    res_out = None
+    if residual is not None:
+        res_out = torch.empty_like(residual) if residual_out is None else residual_out
     if rows:
         block = _next_power_of_2(width)
         res = residual if residual is not None else x
@@ -133,14 +137,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return y, res_out
 
 
-def rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+def rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated ``query [T, H, D]`` and ``key [T, KV, D]`` (contiguous, one launch)."""
+    """Rotated ``query [T, H, D]`` and ``key [T, KV, D]`` (contiguous, one launch), written into
+    ``q_out`` / ``k_out`` when given (contiguous, of the result's shape and dtype)."""
     tokens, num_q_heads, dim = query.shape
     num_k_heads = key.shape[1]
     out_dtype = torch.promote_types(query.dtype, cos.dtype)
-    q_out = torch.empty(tokens, num_q_heads, dim, dtype=out_dtype, device=query.device)
-    k_out = torch.empty(tokens, num_k_heads, dim, dtype=out_dtype, device=query.device)
+    if q_out is None:
+        q_out = torch.empty(tokens, num_q_heads, dim, dtype=out_dtype, device=query.device)
+    if k_out is None:
+        k_out = torch.empty(tokens, num_k_heads, dim, dtype=out_dtype, device=query.device)
     if tokens:
         half = dim // 2
         total = num_q_heads + num_k_heads

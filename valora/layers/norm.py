@@ -55,19 +55,29 @@ class RMSNorm(nn.Module):
             return y.view(x.shape)
         return rms_norm_torch(x, self.weight, self.eps)
 
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor,
+                    residual_out: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rms_norm(residual + x), residual + x)``; one kernel where the kernels serve."""
+        """``(rms_norm(residual + x), residual + x)``; one kernel where the kernels serve.
+        ``residual_out`` (contiguous, ``x``'s shape and dtype; may be ``residual``): the sum is
+        written there and returned."""
         if (x.shape == residual.shape and fused_select.usable(x, residual, self.weight)
-                and _fits_kernel(x)):
+                and _fits_kernel(x)
+                and (residual_out is None or (residual_out.shape == x.shape
+                                              and residual_out.dtype == residual.dtype
+                                              and residual_out.is_contiguous()))):
             from valora.layers import fused_kernels
 
             width = x.shape[-1]
-            y, total = fused_kernels.rms_norm(x.reshape(-1, width), self.weight, self.eps,
-                                              residual.reshape(-1, width))
+            y, total = fused_kernels.rms_norm(
+                x.reshape(-1, width), self.weight, self.eps, residual.reshape(-1, width),
+                None if residual_out is None else residual_out.view(-1, width))
             assert total is not None
             return y.view(x.shape), total.view(x.shape)
-        return add_rms_norm_torch(x, residual, self.weight, self.eps)
+        y, total = add_rms_norm_torch(x, residual, self.weight, self.eps)
+        if residual_out is None:
+            return y, total
+        return y, residual_out.copy_(total)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

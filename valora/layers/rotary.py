@@ -34,22 +34,29 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(
-    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``query [T, H, D]`` and ``key [T, KV, D]`` by per-token ``cos``/``sin [T, D]``.
 
     Any token/head strides are accepted (q/k are usually column slices of the fused qkv output);
-    the kernel path returns contiguous tensors.
+    the kernel path returns contiguous tensors. ``q_out`` / ``k_out`` (contiguous, the inputs'
+    shapes and dtype): the results are written there and returned.
     """
+    result = torch.promote_types(query.dtype, cos.dtype)
+    outs_ok = all(out is None or (out.is_contiguous() and out.dtype == result
+                                  and out.shape == ref.shape)
+                  for out, ref in ((q_out, query), (k_out, key)))
     if (query.dim() == 3 and key.dim() == 3 and cos.dim() == 2 and sin.dim() == 2
             and query.shape[2] % 2 == 0 and key.shape[2] == query.shape[2]
             and key.shape[0] == query.shape[0] and cos.shape == sin.shape
-            and cos.shape == (query.shape[0], query.shape[2])
+            and cos.shape == (query.shape[0], query.shape[2]) and outs_ok
             and fused_select.usable(query, key, cos, sin)):
         from valora.layers import fused_kernels
 
-        return fused_kernels.rotary(query, key, cos, sin)
-    return apply_rotary_torch(query, key, cos, sin)
+        return fused_kernels.rotary(query, key, cos, sin, q_out, k_out)
+    q, k = apply_rotary_torch(query, key, cos, sin)
+    return (q if q_out is None else q_out.copy_(q)), (k if k_out is None else k_out.copy_(k))
 
 
 def apply_rotary_torch(

@@ -48,24 +48,30 @@ class LlamaAttention(nn.Module):
         q, k, v = self.project(x, cos, sin, batch)
         return self.output(self.attend(q, k, v, batch, kv_cache, plan), batch)
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Row-wise half before attention: ``q [T, H, D]``, ``k``, ``v [T, KV, D]`` (q, k
-        rotated). Every output row depends on its input row alone."""
+        rotated; into ``q_out`` / ``k_out`` when given). Every output row depends on its input
+        row alone."""
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x, batch.lora, batch.lora_correction)
         q, k, v = qkv.split(self.qkv_proj.slice_widths, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, cos, sin)
+        q, k = apply_rotary(q, k, cos, sin, q_out, k_out)
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
-               kv_cache: KVCache, plan: object) -> torch.Tensor:
-        """Paged attention (writes this step's K/V): ``[T, H·D]``, rows mixing across tokens."""
-        out = self.backend.forward(q, k, v, kv_cache, batch.attn, plan, self.scale)
-        return out.reshape(q.shape[0], -1)
+               kv_cache: KVCache, plan: object, out: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Paged attention (writes this step's K/V): ``[T, H·D]``, rows mixing across tokens;
+        written into ``out`` (``[T, H·D]``, contiguous) when given."""
+        num_tokens = q.shape[0]
+        target = None if out is None else out.view(num_tokens, self.num_heads, self.head_dim)
+        result = self.backend.forward(q, k, v, kv_cache, batch.attn, plan, self.scale, target)
+        return result.reshape(num_tokens, -1)
 
     def output(self, attn_out: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Row-wise half after attention: ``o_proj`` (+ LoRA)."""
@@ -105,15 +111,19 @@ class LlamaDecoderLayer(nn.Module):
         return self.after_attention(attn, residual, batch)
 
     def before_attention(self, delta: torch.Tensor, residual: torch.Tensor | None,
-                         cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
+                         cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                         q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None,
+                         residual_out: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input norm (+ residual add) and the attention's projections: ``(q, k, v,
-        residual')``. Row-wise (``valora.engine.piecewise_graphs`` captures it)."""
+        residual')``, q / k / residual' written into the ``*_out`` tensors when given. Row-wise
+        (``valora.engine.piecewise_graphs`` captures it)."""
         if residual is None:
-            x, residual = self.input_layernorm(delta), delta
+            x = self.input_layernorm(delta)
+            residual = delta if residual_out is None else residual_out.copy_(delta)
         else:
-            x, residual = self.input_layernorm.forward_add(delta, residual)
-        q, k, v = self.self_attn.project(x, cos, sin, batch)
+            x, residual = self.input_layernorm.forward_add(delta, residual, residual_out)
+        q, k, v = self.self_attn.project(x, cos, sin, batch, q_out, k_out)
         return q, k, v, residual
 
     def after_attention(self, attn: torch.Tensor, residual: torch.Tensor, batch: ForwardBatch
