@@ -34,9 +34,10 @@ class RequestMetrics:
         return self.first_scheduled_time - self.arrival_time
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenLogprob:
-    """Logprob of the sampled token plus the top alternatives (token id → logprob)."""
+    """Logprob of the sampled token plus the top alternatives (token id → logprob). Read-only:
+    the engine builds each token's record once and every later snapshot shares it."""
 
     token_id: int
     logprob: float

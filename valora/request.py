@@ -79,6 +79,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    logprob_outputs: list[Any] = field(default_factory=list)
+    """``TokenLogprob`` of ``output_logprobs[:len(logprob_outputs)]``, built once each
+    (``valora.engine.outputs_builder``; both lists only grow)."""
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     num_preemptions: int = 0
@@ -98,6 +101,17 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids_between(self, start: int, end: int) -> list[int]:
+        """``all_token_ids[start:end]`` without building ``all_token_ids`` (a decode step's one
+        token costs O(1), not O(prompt + output))."""
+        prompt = self.prompt_token_ids
+        split = len(prompt)
+        if start >= split:
+            return self.output_token_ids[start - split:end - split]
+        if end <= split:
+            return prompt[start:end]
+        return prompt[start:] + self.output_token_ids[:end - split]
 
     @property
     def num_output_tokens(self) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from valora.engine.detokenizer import IncrementalDetokenizer
+from valora.engine.detokenizer import IncrementalDetokenizer, fast_decoder
 from valora.testing.tokenizer import build_tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "valora" / "assets" / "default_model"
@@ -85,3 +85,27 @@ def test_work_per_step_does_not_grow_with_the_output(tokenizer: Any) -> None:
         detok.add_tokens([token])
     assert detok.text == tokenizer.decode(ids, skip_special_tokens=True)
     assert counting.decoded_tokens < 8 * len(ids)  # whole-output decoding would be ~len²/2
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_fast_decoder_equals_the_tokenizers_decode(tokenizer: Any, skip: bool) -> None:
+    """The direct Rust-tokenizer path gives ``tokenizer.decode``'s text exactly (special tokens
+    kept or skipped, random ids included)."""
+    decode = fast_decoder(tokenizer, skip)
+    assert decode.__name__ == "direct"  # both test tokenizers take it
+    rng = random.Random(5)
+    for _ in range(50):
+        ids = _ids(tokenizer, rng)
+        assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+def test_fast_decoder_keeps_the_generic_path_where_decode_does_more(tokenizer: Any) -> None:
+    """A clean-up pass on (``clean_up_tokenization_spaces``) or a tokenizer without a Rust
+    backend: ``tokenizer.decode`` itself."""
+    assert fast_decoder(_CountingTokenizer(tokenizer), True).__name__ == "generic"
+    saved = tokenizer.clean_up_tokenization_spaces
+    tokenizer.clean_up_tokenization_spaces = True
+    try:
+        assert fast_decoder(tokenizer, True).__name__ == "generic"
+    finally:
+        tokenizer.clean_up_tokenization_spaces = saved

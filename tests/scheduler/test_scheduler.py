@@ -308,3 +308,16 @@ def test_advance_skips_requests_finished_during_the_step() -> None:
     driver.scheduler.advance(output)
     assert request.error == "boom"
     assert driver.kv.num_free_pages == driver.kv.num_usable_pages
+
+
+def test_token_ids_between_equals_slicing_all_token_ids() -> None:
+    """``Request.token_ids_between`` (what each step's batch reads) is ``all_token_ids[a:b]``
+    for every range: inside the prompt, inside the output, across the boundary, empty."""
+    from scheduler_sim import make_request
+
+    request = make_request([11, 12, 13, 14, 15])
+    request.output_token_ids.extend([21, 22, 23])
+    whole = request.all_token_ids
+    for start in range(len(whole) + 1):
+        for end in range(start, len(whole) + 2):
+            assert request.token_ids_between(start, end) == whole[start:end], (start, end)

@@ -93,7 +93,7 @@ def build_forward_batch(
         start = request.num_computed_tokens
         end = start + item.num_new_tokens
         flat_start = len(input_ids)
-        tokens = request.all_token_ids[start:end]
+        tokens = request.token_ids_between(start, end)
         pages = page_table_of(request.request_id)
         input_ids.extend(tokens)
         positions.extend(range(start, end))

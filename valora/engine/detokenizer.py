@@ -13,6 +13,7 @@ truncated before the stop string, which is not returned (OpenAI semantics).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ class IncrementalDetokenizer:
     _emitted: int = 0
     prefix_offset: int = 0
     read_offset: int = 0
+    _decode_ids: Callable[[list[int]], str] = field(init=False, repr=False)
 
     def add_tokens(self, new_token_ids: list[int]) -> str | None:
         """Append tokens; return the stop string that matched (``self.text`` is then truncated)."""
@@ -73,8 +75,33 @@ class IncrementalDetokenizer:
         self._emitted = end
         return delta
 
+    def __post_init__(self) -> None:
+        self._decode_ids = fast_decoder(self.tokenizer, self.skip_special_tokens)
+
     def _decode(self, token_ids: list[int]) -> str:
         if not token_ids:
             return ""
-        text: str = self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
+        return self._decode_ids(token_ids)
+
+
+def fast_decoder(tokenizer: Any, skip_special_tokens: bool) -> Callable[[list[int]], str]:
+    """``ids -> tokenizer.decode(ids, skip_special_tokens=...)``, calling the Rust
+    ``tokenizers.Tokenizer`` behind a transformers "fast" tokenizer directly when that is all
+    ``decode`` would do (no ``clean_up_tokenization_spaces`` pass): the same text without
+    transformers' per-call argument handling (≈ 7 µs of a 1 µs decode on the CI CPU; two
+    decodes per request and step). Anything else goes through ``tokenizer.decode``."""
+    backend: Any = getattr(tokenizer, "_tokenizer", None)
+    rust_decode = getattr(backend, "decode", None)
+    if (getattr(tokenizer, "clean_up_tokenization_spaces", True) is False
+            and type(backend).__module__.startswith("tokenizers") and callable(rust_decode)):
+        def direct(token_ids: list[int]) -> str:
+            text: str = rust_decode(token_ids, skip_special_tokens=skip_special_tokens)
+            return text
+
+        return direct
+
+    def generic(token_ids: list[int]) -> str:
+        text: str = tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
         return text
+
+    return generic

@@ -20,12 +20,15 @@ def build_output(
     delta = detokenizer.take_delta() if finished else detokenizer.take_stream_delta()
     logprobs = None
     if request.sampling_params.logprobs is not None:
-        logprobs = []
         k = request.sampling_params.logprobs
-        for token, entry in zip(request.output_token_ids, request.output_logprobs, strict=False):
+        built = request.logprob_outputs  # each token's entry is built once, not every step
+        tokens, entries = request.output_token_ids, request.output_logprobs
+        for index in range(len(built), min(len(tokens), len(entries))):
+            token, entry = tokens[index], entries[index]
             # ``entry`` holds the sampled token and the top-k; the k largest are the top-k.
             top = dict(sorted(entry.items(), key=lambda item: -item[1])[:k])
-            logprobs.append(TokenLogprob(token_id=token, logprob=entry[token], top=top))
+            built.append(TokenLogprob(token_id=token, logprob=entry[token], top=top))
+        logprobs = list(built)
     completion = CompletionOutput(
         text=detokenizer.text,
         token_ids=list(request.output_token_ids),
