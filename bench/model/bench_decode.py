@@ -40,6 +40,7 @@ from summary import write_summary
 
 import valora.layers.attention_triton  # noqa: F401  (registers "triton")
 from valora.engine.cuda_graph import CudaGraphRunner
+from valora.engine.piecewise_graphs import capture_piecewise_graphs
 from valora.layers.fused_select import fused_layers
 from valora.models.loader import load_model
 
@@ -195,7 +196,9 @@ def count_kernels(model: Any, pool: wl.KVPool, batch: int, labels: list[str],
 def bench_prefill(model: Any, pool: wl.KVPool, prompts: int, ceil: dict[str, float],
                   rec: Recorder, repeats: int, layers: str) -> None:
     """Image prompts: vision tower + projector for ``prompts`` images, then the decoder prefill
-    of ``prompts`` × 600 tokens (576 image rows each); floor = flops / measured matmul rate."""
+    of ``prompts`` × 600 tokens (576 image rows each); floor = flops / measured matmul rate.
+    Timed eagerly (``model.forward``) and, labelled ``+piecewise``, through piecewise graphs
+    captured for exactly that token count (what the engine replays for such a step)."""
     spec = model.spec
     size = spec.image_size
     pixels = torch.randn(prompts, 3, size, size, device=model.device, dtype=model.dtype)
@@ -218,11 +221,26 @@ def bench_prefill(model: Any, pool: wl.KVPool, prompts: int, ceil: dict[str, flo
     flops = 2 * tokens * decoder_params + 2 * prompts * (spec.num_image_tokens + 1) * vision_params
     flops += 2 * 2 * spec.num_layers * spec.hidden_size * prompts * CONTEXT * CONTEXT // 2
     floor_ms = flops / ceil["bf16_flops_per_s"] * 1e3
-    median = statistics.median(samples)
-    rec.emit({"section": "prefill", "label": layers, "prompts": prompts, "tokens": tokens,
-              "median_ms": median, "min_ms": min(samples), "max_ms": max(samples),
-              "tokens_per_s": tokens / (median * 1e-3), "floor_ms": floor_ms,
-              "over_floor": median / floor_ms, "flops": flops})
+    pieces = capture_piecewise_graphs(model, tokens, num_lora_slots=0, variants=("base",),
+                                      buckets=(tokens,))
+    runs = [(layers, samples)]
+    if pieces is not None:  # the engine's path for such steps (valora.engine.piecewise_graphs)
+        def run_pieces() -> None:
+            with torch.inference_mode():
+                embeds = model.encode_images(pixels)
+                batch.image_embeds = embeds.reshape(-1, embeds.shape[-1])
+                model.compute_logits(pieces.run(batch).index_select(0, batch.logits_indices))
+
+        with fused_layers(LABEL_MODES[layers]):
+            runs.append((f"{layers}+piecewise", time_ms(run_pieces, model.device, repeats,
+                                                        warmup=2)))
+        del pieces
+    for label, times in runs:
+        median = statistics.median(times)
+        rec.emit({"section": "prefill", "label": label, "prompts": prompts, "tokens": tokens,
+                  "median_ms": median, "min_ms": min(times), "max_ms": max(times),
+                  "tokens_per_s": tokens / (median * 1e-3), "floor_ms": floor_ms,
+                  "over_floor": median / floor_ms, "flops": flops})
 
 
 def parse() -> argparse.Namespace:
