@@ -207,14 +207,17 @@ def bench_prefill(model: Any, pool: wl.KVPool, prompts: int, ceil: dict[str, flo
         rows = model.encode_images(pixels)
     batch = wl.prefill_step(model, pool, prompts, CONTEXT, rows)
 
-    def run() -> None:
-        with torch.inference_mode():
-            embeds = model.encode_images(pixels)
-            batch.image_embeds = embeds.reshape(-1, embeds.shape[-1])
-            model.compute_logits(model.forward(batch).index_select(0, batch.logits_indices))
+    def runner(forward: Callable[[Any], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode():
+                embeds = model.encode_images(pixels)
+                batch.image_embeds = embeds.reshape(-1, embeds.shape[-1])
+                model.compute_logits(forward(batch).index_select(0, batch.logits_indices))
+
+        return run
 
     with fused_layers(LABEL_MODES[layers]):
-        samples = time_ms(run, model.device, repeats, warmup=2)
+        samples = time_ms(runner(model.forward), model.device, repeats, warmup=2)
     tokens = prompts * CONTEXT
     vision_params = sum(p.numel() for p in model.vision_tower.parameters())
     decoder_params = wl.decoder_bytes(model) // 2
@@ -225,15 +228,9 @@ def bench_prefill(model: Any, pool: wl.KVPool, prompts: int, ceil: dict[str, flo
                                       buckets=(tokens,))
     runs = [(layers, samples)]
     if pieces is not None:  # the engine's path for such steps (valora.engine.piecewise_graphs)
-        def run_pieces() -> None:
-            with torch.inference_mode():
-                embeds = model.encode_images(pixels)
-                batch.image_embeds = embeds.reshape(-1, embeds.shape[-1])
-                model.compute_logits(pieces.run(batch).index_select(0, batch.logits_indices))
-
         with fused_layers(LABEL_MODES[layers]):
-            runs.append((f"{layers}+piecewise", time_ms(run_pieces, model.device, repeats,
-                                                        warmup=2)))
+            runs.append((f"{layers}+piecewise", time_ms(runner(pieces.run), model.device,
+                                                        repeats, warmup=2)))
         del pieces
     for label, times in runs:
         median = statistics.median(times)

@@ -33,6 +33,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,6 +68,23 @@ def step_specs(tokens: int) -> dict[str, StepSpec]:
         "merged": StepSpec((row(a, tokens),), Mode.MERGED, a, RANK),
         "mixed_2rows": StepSpec((row(a, half), row(b, half)), Mode.MIXED, a, RANK),
     }
+
+
+def load_profiler(model_dir: str, num_pages: int, fuse_correction: bool = False
+                  ) -> tuple[Any, StepProfiler]:
+    """The dummy-weight bf16 model at ``model_dir`` on CUDA and a ``StepProfiler`` over it with
+    the two rank-``RANK`` adapters ``step_specs`` uses, on all seven projections."""
+    from valora.engine.components import attention_backend_for
+    from valora.models.loader import load_model
+
+    device = torch.device("cuda")
+    model = load_model(model_dir, dtype=torch.bfloat16, device=device, load_format="dummy",
+                       attention_backend=attention_backend_for("auto", device))
+    names = [adapter_name(RANK, 0), adapter_name(RANK, 1)]
+    profiler = StepProfiler(model, names, dict.fromkeys(names, RANK),
+                            dict.fromkeys(names, SWITCH_TARGETS["all"]), "auto",
+                            num_pages=num_pages, fuse_correction=fuse_correction)
+    return model, profiler
 
 
 def timed(fn: Callable[[], object], repeats: int) -> dict[str, float]:
@@ -164,15 +182,7 @@ def main() -> None:
     parser.add_argument("--cprofile", action="store_true",
                         help="only print cProfile's top functions of one unmerged step per length")
     args = parser.parse_args()
-    from valora.engine.components import attention_backend_for
-    from valora.models.loader import load_model
-
-    device = torch.device("cuda")
-    model = load_model(args.model, dtype=torch.bfloat16, device=device, load_format="dummy",
-                       attention_backend=attention_backend_for("auto", device))
-    names = [adapter_name(RANK, 0), adapter_name(RANK, 1)]
-    profiler = StepProfiler(model, names, dict.fromkeys(names, RANK),
-                            dict.fromkeys(names, SWITCH_TARGETS["all"]), "auto", num_pages=200)
+    model, profiler = load_profiler(args.model, num_pages=200)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"gpu": torch.cuda.get_device_name(), "sha": args.sha, "torch": torch.__version__}
     lines = []

@@ -22,12 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eager_anatomy import RANK, step_specs, timed
+from eager_anatomy import load_profiler, step_specs, timed
 
 from valora.orchestrator.merge import WeightSwitcher
 from valora.orchestrator.modes import Mode
-from valora.orchestrator.profiling import adapter_name
-from valora.orchestrator.step_profiler import SWITCH_TARGETS, StepProfiler
 
 MODES = ("base", "unmerged", "unmerged_2rows", "mixed_2rows")
 
@@ -40,16 +38,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sha", default="unknown")
     args = parser.parse_args()
-    from valora.engine.components import attention_backend_for
-    from valora.models.loader import load_model
-
     device = torch.device("cuda")
-    model = load_model(args.model, dtype=torch.bfloat16, device=device, load_format="dummy",
-                       attention_backend=attention_backend_for("auto", device))
-    names = [adapter_name(RANK, 0), adapter_name(RANK, 1)]
-    profiler = StepProfiler(model, names, dict.fromkeys(names, RANK),
-                            dict.fromkeys(names, SWITCH_TARGETS["all"]), "auto", num_pages=400,
-                            fuse_correction=True)
+    model, profiler = load_profiler(args.model, num_pages=400, fuse_correction=True)
     tokens_list = [int(t) for t in args.tokens.split(",")]
     torch.cuda.synchronize()
     before, started = torch.cuda.memory_reserved(device), time.perf_counter()

@@ -84,6 +84,10 @@ class FakeGraphs:
         hidden: torch.Tensor = self.model.forward(batch)
         return hidden
 
+    def try_run(self, batch: ForwardBatch) -> torch.Tensor | None:
+        """What ``ModelRunner`` calls: ``run`` when ``can_run``, else None."""
+        return self.run(batch) if self.can_run(batch) else None
+
 
 def test_runner_replays_decode_steps_and_runs_the_rest_eagerly(
     tiny_llava: Path, tiny_adapters: dict[str, Path]

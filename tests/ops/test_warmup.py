@@ -22,7 +22,6 @@ import torch
 import valora.ops.lora_variants as lora_variants
 import valora.ops.tile_table as tile_table
 import valora.ops.triton_lora as triton_lora
-from valora.ops import warmup
 from valora.ops.lora import LoRABatch, LoRASlotWeights, lora_apply, prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights
 from valora.ops.lora_segments import LoRASegments
@@ -38,7 +37,7 @@ from valora.ops.lora_variants import (
 )
 from valora.ops.tile_config import ExpandConfig, ShrinkConfig, TileConfig
 from valora.ops.tile_table import TileTable, select_tile_config, tile_rank
-from valora.ops.warmup import warm_up_enabled, warm_up_lora_kernels, warm_up_threads
+from valora.ops.warmup import warm_up_enabled, warm_up_lora_kernels
 
 CPU = torch.device("cpu")
 FAKE_CUDA = torch.device("cuda", 0)  # a device object only: lookups never touch a GPU
@@ -353,49 +352,3 @@ def test_no_op_off_the_triton_backend() -> None:
     assert warm_up_lora_kernels(layers, 8, 2, CPU, backend="reference").launches == 0
     assert warm_up_enabled(CPU) == triton_lora.kernels_interpreted()
     assert warm_up_lora_kernels([], 8, 2, CPU).launches == 0
-
-
-# ----- threads ----------------------------------------------------------------------------------
-def test_thread_count_follows_the_device_and_the_request() -> None:
-    cuda = torch.device("cuda", 0)
-    assert warm_up_threads(CPU) == warm_up_threads(CPU, 8) == 1  # the interpreter: in order
-    assert warm_up_threads(cuda, 3) == 3
-    assert 1 <= warm_up_threads(cuda) <= warmup.MAX_THREADS
-
-
-def test_launches_run_on_worker_threads_under_inference_mode() -> None:
-    import threading
-
-    seen: list[tuple[str, bool]] = []
-
-    def launch() -> None:
-        seen.append((threading.current_thread().name, torch.is_inference_mode_enabled()))
-
-    assert warmup._run_all([launch] * 6, CPU, 2) == 2
-    assert len(seen) == 6 and all(inference for _, inference in seen)
-    assert {name for name, _ in seen} <= {f"valora-warmup_{i}" for i in range(2)}
-    seen.clear()
-    assert warmup._run_all([launch] * 3, CPU, 1) == 1  # in order, on this thread
-    assert {name for name, _ in seen} == {threading.current_thread().name}
-
-
-def test_a_failure_on_the_workers_reruns_everything_in_order(
-        caplog: pytest.LogCaptureFixture) -> None:
-    import threading
-
-    calls: list[str] = []
-    main_thread = threading.current_thread().name
-
-    def flaky() -> None:
-        calls.append(threading.current_thread().name)
-        if threading.current_thread().name != main_thread:
-            raise RuntimeError("compile failed on a worker")
-
-    def fine() -> None:
-        calls.append(threading.current_thread().name)
-
-    with caplog.at_level("WARNING", logger="valora.ops.warmup"):
-        assert warmup._run_all([fine, flaky, fine], CPU, 2) == 1
-    assert "compiling in order" in caplog.text
-    assert calls[-3:] == [main_thread] * 3  # all three again, in order, here
-

@@ -66,7 +66,7 @@ class RunResult:
     steps: list[list[float | int | bool | str]] | None = None
     """With ``step_trace``: each step of the run as ``[start s (from the run's start), seconds,
     graphed, rows, tokens, LoRA ops per linear, weights' mode]``
-    (``valora.engine.model_runner.StepRecord``)."""
+    (``valora.engine.step_trace.StepRecord``)."""
 
 
 def to_generate_request(request: BenchRequest, run_tag: str, seed: int) -> GenerateRequest:

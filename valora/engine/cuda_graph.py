@@ -81,6 +81,17 @@ StaticSegments = tuple[LoRASegments, torch.Tensor, torch.Tensor | None]
 buffers they are rebuilt from before each replay."""
 
 
+def check_variants(variants: Iterable[str], num_lora_slots: int) -> tuple[str, ...]:
+    """``variants`` as a tuple; ``ValoraError`` for an unknown one, or a LoRA variant without
+    adapter slots."""
+    wanted = tuple(variants)
+    unknown = [v for v in wanted if v not in VARIANTS]
+    if unknown or (num_lora_slots == 0 and set(wanted) - {"base"}):
+        raise ValoraError(f"variants {wanted} invalid (known {VARIANTS}; LoRA variants need "
+                          "num_lora_slots > 0)")
+    return wanted
+
+
 def lora_variant_served(batch: ForwardBatch, num_lora_slots: int, fuse_correction: bool,
                         variants: Sequence[str]) -> bool:
     """Whether graphs captured for ``variants`` over ``num_lora_slots`` slots (with the
@@ -195,13 +206,7 @@ class CudaGraphRunner:
                 f"RoPE {rope.rope_type!r} changes with context length; decode "
                 "steps cannot be replayed from a graph"
             )
-        self.variants = tuple(variants)
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown or (num_lora_slots == 0 and set(self.variants) - {"base"}):
-            raise ValoraError(
-                f"variants {self.variants} invalid (known {VARIANTS}; LoRA "
-                f"variants need num_lora_slots > 0)"
-            )
+        self.variants = check_variants(variants, num_lora_slots)
         self.model = model
         self.device = model.device
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
@@ -323,11 +328,19 @@ class CudaGraphRunner:
         return lora_variant_served(batch, self.num_lora_slots, self.fuse_correction,
                                    self.variants)
 
-    @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states ``[num_seqs, hidden]`` of a decode step (``can_run`` must hold)."""
-        if not self.can_run(batch):
+        hidden = self.try_run(batch)
+        if hidden is None:
             raise ValoraError("CudaGraphRunner.run: batch is not a decode step this runner serves")
+        return hidden
+
+    def try_run(self, batch: ForwardBatch) -> torch.Tensor | None:
+        """``run(batch)`` when ``can_run(batch)``, else None (the step checked once)."""
+        return self._replay(batch) if self.can_run(batch) else None
+
+    @torch.inference_mode()
+    def _replay(self, batch: ForwardBatch) -> torch.Tensor:
         num_seqs = batch.attn.num_seqs
         size = self.bucket_for(num_seqs)
         assert size is not None

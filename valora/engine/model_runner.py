@@ -30,6 +30,7 @@ from valora.engine.image_cache import ImageEmbeddingCache
 from valora.engine.piecewise_graphs import PiecewiseGraphRunner, capture_piecewise_graphs
 from valora.engine.sampler import SamplingRow, make_generator, sample
 from valora.engine.scheduler_output import ScheduledRequest
+from valora.engine.step_trace import StepRecord, lora_ops
 from valora.engine.vision_graphs import VisionGraphRunner
 from valora.forward_batch import ForwardBatch
 from valora.logger import get_logger
@@ -60,32 +61,6 @@ class LoRAStepPlan:
 
     token_slots: list[int]
     correction_slots: list[int] | None = None
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """One executed step, as ``ModelRunner.enable_step_trace`` records it: host clock at its
-    start (``time.perf_counter``), host wall seconds (tokens read back: GPU time included),
-    whether a CUDA graph ran it, its rows and tokens, and LoRA ops per linear (0: none — base rows
-    or merged mode; 1: unmerged, or mixed with the correction fused; 2: mixed, two ops)."""
-
-    start_s: float
-    seconds: float
-    graphed: bool
-    rows: int
-    tokens: int
-    lora_ops: int
-    mode: str = ""
-    """The weights' mode the step ran under (``unmerged`` / ``merged`` / ``mixed``) when a mode
-    controller decides it; "" otherwise."""
-
-    def as_list(self) -> list[float | int | bool | str]:
-        return [self.start_s, self.seconds, self.graphed, self.rows, self.tokens, self.lora_ops,
-                self.mode]
-
-
-def _lora_ops(batch: ForwardBatch) -> int:
-    return int(batch.lora is not None) + int(batch.lora_correction is not None)
 
 
 class ModelRunner:
@@ -132,7 +107,6 @@ class ModelRunner:
         self.graphs: CudaGraphRunner | None = None
         self.piecewise: PiecewiseGraphRunner | None = None
         """Piecewise graphs of non-decode steps (``enable_piecewise_graphs``); None = eager."""
-        self.num_piecewise_steps = 0
         self.vision_graphs: VisionGraphRunner | None = None
         """Graph replays of the vision tower (``enable_vision_graphs``); None = eager."""
         self.num_graph_steps = 0
@@ -188,6 +162,11 @@ class ModelRunner:
         runner.capture()
         self.vision_graphs = runner if runner.active_buckets else None
         return self.vision_graphs is not None
+
+    @property
+    def num_piecewise_steps(self) -> int:
+        """Eager steps the piecewise graphs served (0 without them)."""
+        return self.piecewise.num_replays if self.piecewise is not None else 0
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -251,7 +230,7 @@ class ModelRunner:
             if len(trace) >= self._trace_limit:
                 del trace[: len(trace) // 2]
             trace.append(StepRecord(started, elapsed, graphed, len(scheduled),
-                                    int(batch.input_ids.shape[0]), _lora_ops(batch), mode))
+                                    int(batch.input_ids.shape[0]), lora_ops(batch), mode))
         return result
 
     def enable_step_trace(self, limit: int = 100_000) -> list[StepRecord]:
@@ -266,15 +245,15 @@ class ModelRunner:
         """Hidden states of ``batch`` (a graph replay when one serves it, else eager) and
         whether a graph served it."""
         graphs = self.graphs
-        if graphs is not None and graphs.can_run(batch):
+        hidden = graphs.try_run(batch) if graphs is not None else None
+        if hidden is not None:
             self.num_graph_steps += 1
-            return graphs.run(batch), True
+            return hidden, True
         self.num_eager_steps += 1
         piecewise = self.piecewise
-        if piecewise is not None and piecewise.can_run(batch):
-            self.num_piecewise_steps += 1
-            return piecewise.run(batch), False
-        hidden: torch.Tensor = self.model.forward(batch)
+        hidden = piecewise.try_run(batch) if piecewise is not None else None
+        if hidden is None:
+            hidden = self.model.forward(batch)
         return hidden, False
 
     def _attach_lora(

@@ -42,6 +42,7 @@ pieces run eagerly over the same buffers — the code path every replay takes, m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import cast
@@ -49,11 +50,10 @@ from typing import cast
 import torch
 
 from valora.engine.cuda_graph import (
-    VARIANTS,
     StaticSegments,
     attach_static_lora,
     capture_largest_first,
-    correction_slots_of,
+    check_variants,
     fill_lora_slots,
     lora_variant_served,
     variant_of,
@@ -82,13 +82,22 @@ def token_buckets(max_tokens: int, buckets: Iterable[int] = DEFAULT_TOKEN_BUCKET
     return tuple(sorted({b for b in buckets if 0 < b < max_tokens} | {max_tokens}))
 
 
+def _static_shapes(model: CausalLMBase, size: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the model-dtype static buffers of a runner whose largest bucket is ``size``
+    (the LoRA slot buffers, two ``[size]`` int32, come on top)."""
+    spec = model.spec
+    heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    return {"embeds": (size, spec.hidden_size), "residual": (size, spec.hidden_size),
+            "hidden": (size, spec.hidden_size), "q": (size, heads, dim),
+            "k": (size, kv_heads, dim), "v": (size, kv_heads, dim),
+            "attn_out": (size, heads * dim), "cos": (size, dim), "sin": (size, dim)}
+
+
 def piecewise_static_bytes(model: CausalLMBase, max_tokens: int) -> int:
     """Bytes of the static buffers a runner for ``max_tokens`` allocates (the memory plan)."""
-    spec = model.spec
     element = torch.tensor([], dtype=model.dtype).element_size()
-    rows = (3 * spec.hidden_size + 2 * spec.num_heads * spec.head_dim
-            + 2 * spec.num_kv_heads * spec.head_dim + 2 * spec.head_dim)
-    return max_tokens * (rows * element + 2 * 4)
+    values = sum(math.prod(shape) for shape in _static_shapes(model, max_tokens).values())
+    return values * element + 2 * max_tokens * 4
 
 
 @dataclass
@@ -105,6 +114,17 @@ class _Entry:
 class PiecewiseGraphRunner:
     """Captures and replays the row-wise pieces of eager steps (see the module docstring)."""
 
+    # The static buffers, allocated from ``_static_shapes`` (module docstring).
+    embeds: torch.Tensor
+    residual: torch.Tensor
+    hidden: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    attn_out: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(
         self,
         model: CausalLMBase,
@@ -116,11 +136,7 @@ class PiecewiseGraphRunner:
         use_graphs: bool | None = None,
         fuse_correction: bool = False,
     ) -> None:
-        self.variants = tuple(variants)
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown or (num_lora_slots == 0 and set(self.variants) - {"base"}):
-            raise ValoraError(f"variants {self.variants} invalid (known {VARIANTS}; LoRA "
-                              "variants need num_lora_slots > 0)")
+        self.variants = check_variants(variants, num_lora_slots)
         self.model = model
         self.decoder = model.decoder
         self.layers: list[LlamaDecoderLayer] = [
@@ -144,23 +160,9 @@ class PiecewiseGraphRunner:
 
     # ----- static state ---------------------------------------------------------------------
     def _allocate_static(self, size: int) -> None:
-        spec = self.model.spec
-        hidden, heads, kv_heads, head_dim = (spec.hidden_size, spec.num_heads, spec.num_kv_heads,
-                                             spec.head_dim)
         dtype, device = self.model.dtype, self.device
-
-        def zeros(*shape: int, kind: torch.dtype = dtype) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=kind, device=device)
-
-        self.embeds = zeros(size, hidden)
-        self.residual = zeros(size, hidden)
-        self.hidden = zeros(size, hidden)
-        self.q = zeros(size, heads, head_dim)
-        self.k = zeros(size, kv_heads, head_dim)
-        self.v = zeros(size, kv_heads, head_dim)
-        self.attn_out = zeros(size, heads * head_dim)
-        self.cos = zeros(size, head_dim)
-        self.sin = zeros(size, head_dim)
+        for name, shape in _static_shapes(self.model, size).items():
+            setattr(self, name, torch.zeros(shape, dtype=dtype, device=device))
         self.token_slots = torch.full((size,), -1, dtype=torch.int32, device=device)
         self.correction_slots = torch.full((size,), -1, dtype=torch.int32, device=device)
         # Pieces never read the attention metadata or the ids; the batch only carries LoRA.
@@ -267,13 +269,21 @@ class PiecewiseGraphRunner:
         return lora_variant_served(batch, self.num_lora_slots, self.fuse_correction,
                                    self.variants)
 
-    @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Final-normed hidden states ``[T, hidden]`` of ``batch`` (``can_run`` must hold), the
         same function as ``model.forward(batch)``."""
-        if not self.can_run(batch):
+        hidden = self.try_run(batch)
+        if hidden is None:
             raise ValoraError("PiecewiseGraphRunner.run: no captured bucket/variant serves this "
                               "batch")
+        return hidden
+
+    def try_run(self, batch: ForwardBatch) -> torch.Tensor | None:
+        """``run(batch)`` when ``can_run(batch)``, else None (the step checked once)."""
+        return self._replay(batch) if self.can_run(batch) else None
+
+    @torch.inference_mode()
+    def _replay(self, batch: ForwardBatch) -> torch.Tensor:
         model, decoder = self.model, self.decoder
         if not model.kv_caches:
             raise ValoraError("bind_kv_caches must be called before forward")
@@ -330,4 +340,4 @@ def capture_piecewise_graphs(
 
 
 __all__ = ["DEFAULT_TOKEN_BUCKETS", "PiecewiseGraphRunner", "capture_piecewise_graphs",
-           "correction_slots_of", "piecewise_static_bytes", "token_buckets"]
+           "piecewise_static_bytes", "token_buckets"]

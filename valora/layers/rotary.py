@@ -43,10 +43,7 @@ def apply_rotary(
     the kernel path returns contiguous tensors. ``q_out`` / ``k_out`` (contiguous, the inputs'
     shapes and dtype): the results are written there and returned.
     """
-    result = torch.promote_types(query.dtype, cos.dtype)
-    outs_ok = all(out is None or (out.is_contiguous() and out.dtype == result
-                                  and out.shape == ref.shape)
-                  for out, ref in ((q_out, query), (k_out, key)))
+    outs_ok = (q_out is None and k_out is None) or _outs_fit(query, key, cos, q_out, k_out)
     if (query.dim() == 3 and key.dim() == 3 and cos.dim() == 2 and sin.dim() == 2
             and query.shape[2] % 2 == 0 and key.shape[2] == query.shape[2]
             and key.shape[0] == query.shape[0] and cos.shape == sin.shape
@@ -57,6 +54,16 @@ def apply_rotary(
         return fused_kernels.rotary(query, key, cos, sin, q_out, k_out)
     q, k = apply_rotary_torch(query, key, cos, sin)
     return (q if q_out is None else q_out.copy_(q)), (k if k_out is None else k_out.copy_(k))
+
+
+def _outs_fit(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
+              q_out: torch.Tensor | None, k_out: torch.Tensor | None) -> bool:
+    """Whether the kernel can write into ``q_out`` / ``k_out`` (contiguous, result shape and
+    dtype)."""
+    result = torch.promote_types(query.dtype, cos.dtype)
+    return all(out is None or (out.is_contiguous() and out.dtype == result
+                               and out.shape == ref.shape)
+               for out, ref in ((q_out, query), (k_out, key)))
 
 
 def apply_rotary_torch(

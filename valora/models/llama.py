@@ -43,11 +43,6 @@ class LlamaAttention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
-                kv_cache: KVCache, plan: object) -> torch.Tensor:
-        q, k, v = self.project(x, cos, sin, batch)
-        return self.output(self.attend(q, k, v, batch, kv_cache, plan), batch)
-
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
