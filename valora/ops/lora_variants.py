@@ -138,6 +138,8 @@ class ExpandVariant(_TileVariant):
     split_stride: str
     correction: bool = False
     """The ``CORRECTION`` constexpr."""
+    early_y: bool = False
+    """The ``EARLY_Y`` constexpr (``ExpandConfig.early_y``)."""
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,8 @@ def kernel_variants(shape: LoRALayerShape, config: TileConfig, num_tokens: int,
                       shrink.num_warps, shrink.num_stages, even_k, stride, correction),
         ExpandVariant(shape.expand_spec(), expand.block_m, expand.block_n, expand.block_k,
                       expand.num_warps, expand.num_stages,
-                      expand_split_constexpr(split_k, expand), stride, correction),
+                      expand_split_constexpr(split_k, expand), stride, correction,
+                      expand.early_y),
     )
 
 

@@ -45,13 +45,17 @@ class ShrinkConfig:
 
 @dataclass(frozen=True)
 class ExpandConfig:
-    """Tiles of ``y[rows, cols] += s · Σ_r h[rows, r] · B[slot, cols, r]`` (``block_k``: rank)."""
+    """Tiles of ``y[rows, cols] += s · Σ_r h[rows, r] · B[slot, cols, r]`` (``block_k``: rank).
+
+    ``early_y``: load the ``y`` tile before the rank loop (``lora_kernels.lora_expand_kernel``'s
+    ``EARLY_Y``); left out of the table's JSON when false, so older tables read unchanged."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    early_y: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,11 +66,15 @@ class TileConfig:
     expand: ExpandConfig
 
     def to_json(self) -> dict[str, dict[str, int]]:
-        return {"shrink": asdict(self.shrink), "expand": asdict(self.expand)}
+        expand = {key: int(value) for key, value in asdict(self.expand).items()
+                  if key != "early_y" or value}
+        return {"shrink": asdict(self.shrink), "expand": expand}
 
     @classmethod
     def from_json(cls, data: dict[str, dict[str, int]]) -> TileConfig:
-        return cls(ShrinkConfig(**data["shrink"]), ExpandConfig(**data["expand"]))
+        expand = dict(data["expand"])
+        early_y = bool(expand.pop("early_y", False))
+        return cls(ShrinkConfig(**data["shrink"]), ExpandConfig(**expand, early_y=early_y))
 
 
 @dataclass(frozen=True)

@@ -323,7 +323,7 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             SPLIT_K=expand_split_constexpr(split_k, cfg),
             **_dot_flags(y.dtype), CORRECTION=correction is not None,
-            MASK_B_K=weights.max_rank % cfg.block_k != 0,
+            MASK_B_K=weights.max_rank % cfg.block_k != 0, EARLY_Y=cfg.early_y,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
