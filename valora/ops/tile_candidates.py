@@ -27,8 +27,14 @@ EXPAND_TILES: tuple[tuple[int, int, int, int, int], ...] = (
     (16, 64, 16, 4, 2), (16, 128, 16, 4, 2), (16, 128, 32, 4, 2), (16, 256, 16, 4, 2),
     (16, 64, 64, 4, 2), (16, 128, 64, 4, 2), (16, 256, 32, 8, 2),
     (32, 128, 32, 4, 2), (64, 64, 32, 4, 2), (64, 128, 16, 4, 3), (64, 128, 32, 4, 3),
-    (64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 256, 32, 8, 3),
+    (64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (128, 256, 32, 8, 2),
 )
+EARLY_Y_MIN_TOKENS = 4096
+"""Buckets from this many tokens also try every tile of ``block_m`` ≥ 64 with the ``y`` load before
+the rank loop (``ExpandConfig.early_y``). On an H200 the early load beat the same tile late in
+154 of 255 such pairs at T ≥ 4096 (0.57–2.05× its time), but was the best of all 18 tiles timed
+at only 2 of 32 points there, by 4–5 % (``bench/results/ops/expand-variants-h200-ef1051a/``): a
+choice per bucket, cheap to offer where a bucket's timings are long anyway."""
 SPLITS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -75,7 +81,9 @@ def expand_candidates(num_tokens: int, max_rank: int, max_slice_width: int, num_
     for block_m, block_n, block_k, warps, stages in EXPAND_TILES:
         if block_m > m_cap or block_n > n_cap or block_k > k_cap:
             continue
-        config = ExpandConfig(block_m, block_n, block_k, warps, stages)
-        if config not in found:
-            found.append(config)
+        for early_y in (False, True) if num_tokens >= EARLY_Y_MIN_TOKENS and block_m >= 64 \
+                else (False,):
+            config = ExpandConfig(block_m, block_n, block_k, warps, stages, early_y)
+            if config not in found:
+                found.append(config)
     return found
