@@ -23,7 +23,7 @@ def _bars(rows: list[dict[str, Any]]) -> list[str]:
             row = _find(rows, section="decode", label=label, scenario=scenario, batch=BAR_BATCH)
             if row:
                 ratio = row["over_floor"]
-                lines.append(f"| {name} @{BAR_BATCH} ({label}) / own floor | {ratio:.2f}× "
+                lines.append(f"| {name} @{BAR_BATCH} ({label}) / own floor | {ratio:.3f}× "
                              f"({row['median_ms']:.2f} vs {row['floor_ms']:.2f} ms) | ≤ 1.3× | "
                              f"{'yes' if ratio <= 1.3 else 'no'} |")
     peer = _find(rows, section="peer", mode="adapter_names_mixed8_r16", batch=BAR_BATCH)
@@ -61,7 +61,7 @@ def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
               "| who | prompts | median ms | tokens/s | floor ms (flops) |", "| --- | --- | --- | --- | --- |"]
     for row in rows:
         if row.get("section") == "prefill":
-            lines.append(f"| valora | {row['prompts']} | {row['median_ms']:.1f} | "
+            lines.append(f"| valora ({row.get('label', '')}) | {row['prompts']} | {row['median_ms']:.1f} | "
                          f"{row['tokens_per_s']:.0f} | {row['floor_ms']:.1f} |")
         if row.get("section") == "peer" and row.get("mode") == "prefill_images":
             lines.append(f"| HF | {row['batch']} | {row['median_ms']:.1f} | "

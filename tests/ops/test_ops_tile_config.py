@@ -89,9 +89,10 @@ def test_cpu_lookup_uses_the_heuristic() -> None:
 
 
 def test_tuner_writes_and_resumes(tmp_path: Path) -> None:
-    """The tuner end to end on tiny buckets (wall-clock timing in the interpreter), then resumed."""
+    """The tuner end to end on tiny buckets (wall-clock timing in the interpreter; CUDA graphs
+    on a GPU, where CPU tensors cannot reach compiled kernels), then resumed."""
     out = tmp_path / "table.json"
-    argv = ["--device", "cpu", "--layers", "24:16,8", "--tokens", "4,16", "--ranks", "8",
+    argv = ["--device", "cuda" if torch.cuda.is_available() else "cpu", "--layers", "24:16,8", "--tokens", "4,16", "--ranks", "8",
             "--adapters", "2", "--max-candidates", "2", "--repeats", "1", "--out", str(out),
             "--dtype", "fp32"]
     assert tuning.main(argv) == 0
