@@ -30,11 +30,12 @@ EXPAND_TILES: tuple[tuple[int, int, int, int, int], ...] = (
     (64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (128, 256, 32, 8, 2),
 )
 EARLY_Y_MIN_TOKENS = 4096
-"""Buckets from this many tokens also try every tile of ``block_m`` ≥ 64 with the ``y`` load before
-the rank loop (``ExpandConfig.early_y``). On an H200 the early load beat the same tile late in
-154 of 255 such pairs at T ≥ 4096 (0.57–2.05× its time), but was the best of all 18 tiles timed
-at only 2 of 32 points there, by 4–5 % (``bench/results/ops/expand-variants-h200-ef1051a/``): a
-choice per bucket, cheap to offer where a bucket's timings are long anyway."""
+"""Buckets from this many tokens also try every tile of ``block_m`` ≥ 64 with the ``y`` load
+before the rank loop (``ExpandConfig.early_y``). On an H200 the early load beat the same tile
+late in 154 of 255 such pairs at T ≥ 4096 (late / early time 0.57–2.05), but was the best of
+all 18 variants timed at only 2 of 32 points there, by 4–5 %
+(``bench/results/ops/expand-variants-h200-ef1051a/``); the re-tune chose it for 1 of 96
+buckets. A choice per bucket, cheap to offer where a bucket's timings are long anyway."""
 SPLITS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
 
