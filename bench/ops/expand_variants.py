@@ -6,9 +6,9 @@ alone under the table's configuration and a fixed list of alternatives — each 
 loaded late (after the rank loop, as shipped) and early (``ExpandConfig.early_y``) — after checking
 each against the shipped output; the whole op (shrink + expand) with the table's configuration,
 late and early; for one-adapter points cuBLAS's ``y.addmm_(h, Bᵀ)`` (the dense ideal of the same
-read-modify-write); and two copy ceilings in the same run (``ceilings``). ``--set col_loop``
-times the table's tile with 2 and 4 column blocks a program (``ExpandConfig.col_loop``) instead,
-at the operator grid's mid-size floor misses and one large-T point. Floors: the op's bytes (x, y read + written, the used adapters'
+read-modify-write); and two copy ceilings in the same run (``ceilings``; the first run of this
+script, ``bench/results/ops/expand-variants-h200-ef1051a/``, had three that were all too low).
+Floors: the op's bytes (x, y read + written, the used adapters'
 weights) over the best ceiling. GPU times are CUDA-graph replays (``valora.ops.timing``).
 
     python bench/ops/expand_variants.py --out $OUT/expand_variants.jsonl [--sha SHA]
@@ -51,12 +51,6 @@ ALTERNATIVES = ((64, 128, 32, 4, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 3),
                 (128, 256, 32, 8, 2), (64, 128, 64, 8, 3))
 DECODE_ALTERNATIVES = ((16, 256, 16, 4, 2), (16, 128, 16, 4, 2), (16, 128, 32, 4, 2),
                        (16, 256, 32, 8, 2))
-# --set col_loop: the table's tile with 2 / 4 column blocks a program (``ExpandConfig.col_loop``)
-# at the floor bar's mid-size misses first, then the large-T tile; late loads only.
-COL_LOOP_POINTS = [(256, 8, "uniform", "uniform64"), (1024, 8, "uniform", "uniform64"),
-                   (64, 32, "distinct", "mixed"), (256, 8, "uniform", "mixed"),
-                   (16384, 8, "uniform", "uniform64")]
-COL_LOOPS = (2, 4)
 TINY_LAYERS = {"q": (64, (64,)), "qkv": (64, (64, 16, 16))}
 
 
@@ -83,7 +77,7 @@ def op_bytes(x: torch.Tensor, y: torch.Tensor, slots: list[int], ranks: list[int
 
 
 def run_point(point: tuple[int, int, str, str], layer: str, layers: dict, device: torch.device,
-              best_rate: float, col_loop_set: bool = False) -> dict:
+              best_rate: float) -> dict:
     tokens, adapters, popularity, rank_kind = point
     in_features, widths = layers[layer]
     ranks = ([MIXED[(s + 2) % len(MIXED)] for s in range(adapters)] if rank_kind == "mixed"
@@ -103,14 +97,6 @@ def run_point(point: tuple[int, int, str, str], layer: str, layers: dict, device
     alternatives = ALTERNATIVES if tokens >= 256 else DECODE_ALTERNATIVES
     configs = [("table", table.expand)] + [(f"{m}x{n}x{k} w{w} s{s}", ExpandConfig(m, n, k, w, s))
                                            for m, n, k, w, s in alternatives]
-    loads: tuple[bool, ...] = (False, True)
-    if col_loop_set:
-        loads = (False,)
-        configs = [("table", table.expand)] + [(f"table c{c}", replace(table.expand, col_loop=c))
-                                               for c in COL_LOOPS]
-        if tokens >= 4096:
-            big = ExpandConfig(128, 256, 32, 8, 2)
-            configs += [("128x256x32 w8 s2", big), ("128x256x32 w8 s2 c2", replace(big, col_loop=2))]
     nbytes = op_bytes(x, y, slots.tolist(), ranks, in_features, widths)
     row: dict = {"tokens": tokens, "adapters": adapters, "popularity": popularity,
                  "ranks": rank_kind, "layer": layer, "table_source": source,
@@ -119,7 +105,7 @@ def run_point(point: tuple[int, int, str, str], layer: str, layers: dict, device
                  "expand_floor_us": 2 * 2 * tokens * sum(widths) / best_rate * 1e6,
                  "expand_us": {}, "op_us": {}, "errors": {}}
     for name, base in configs:
-        for early in loads:
+        for early in (False, True):
             cfg = replace(base, early_y=early)
             label = f"{name} {'early' if early else 'late'}"
             out = y.clone()
@@ -157,13 +143,10 @@ def main() -> None:
     parser.add_argument("--sha", default="unknown")
     parser.add_argument("--budget", type=float, default=240.0)
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--set", choices=("tiles", "col_loop"), default="tiles",
-                        help="tiles: 9 tiles late / early at POINTS; col_loop: COL_LOOP_POINTS")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
     layers = TINY_LAYERS if args.tiny else LAYERS
-    points = ([(40, 3, "uniform", "mixed")] if args.tiny
-              else COL_LOOP_POINTS if args.set == "col_loop" else POINTS)
+    points = [(40, 3, "uniform", "mixed")] if args.tiny else POINTS
     rates = ceilings(device, 1 << 20 if args.tiny else 1 << 30)
     best = max(rates.values())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
@@ -176,7 +159,7 @@ def main() -> None:
                 if time.perf_counter() - start > args.budget:
                     print("budget spent; points left out")
                     return
-                row = run_point(point, layer, layers, device, best, args.set == "col_loop")
+                row = run_point(point, layer, layers, device, best)
                 row.update(device=name, git_sha=args.sha, ceilings=rates)
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
@@ -185,8 +168,6 @@ def main() -> None:
 
 def report(row: dict) -> None:
     exp = row["expand_us"]
-    if row["errors"]:
-        print("  errors:", row["errors"])
     if not exp:
         print(row["tokens"], row["layer"], "no expand timed", row["errors"])
         return
@@ -194,7 +175,7 @@ def report(row: dict) -> None:
     late, early = exp.get("table late"), exp.get("table early")
     op = row["op_us"]
     print(f"T={row['tokens']:>5} a{row['adapters']:<2} {row['ranks']:<9} {row['layer']:<7} "
-          f"expand table {late or float('nan'):8.1f} early {early or float('nan'):8.1f} best {exp[best]:8.1f} "
+          f"expand table {late:8.1f} early {early or float('nan'):8.1f} best {exp[best]:8.1f} "
           f"({best}) floor {row['expand_floor_us']:7.1f} | op {op['late']:8.1f} -> {op['early']:8.1f}"
           f" floor {row['floor_us']:7.1f} ({op['late'] / row['floor_us']:.2f}x -> "
           f"{op['early'] / row['floor_us']:.2f}x)"

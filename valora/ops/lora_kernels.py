@@ -168,7 +168,7 @@ def lora_expand_kernel(
     num_slices, max_rank, flat_rank, out_features, stride_ym, scale_multiplier,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, CORRECTION: tl.constexpr,
-    MASK_B_K: tl.constexpr = True, EARLY_Y: tl.constexpr = False, COL_LOOP: tl.constexpr = 1,
+    MASK_B_K: tl.constexpr = True, EARLY_Y: tl.constexpr = False,
 ):
     """Up to four slices per launch: slice ``g`` owns column blocks ``[blocks_g, blocks_{g+1})``
     (``blocks_0 = 0``) and columns ``[col_g, col_{g+1})`` of ``y``; ``slice_base`` is the index
@@ -179,12 +179,7 @@ def lora_expand_kernel(
     ``EARLY_Y`` issues the ``y`` tile's load before the rank loop, so its HBM latency overlaps
     the ``h``/``B`` loads and the dots instead of following them (at large T the expand streams
     ``y``; the late load left it at ≈ 1.8 TB/s on an H200). It holds the tile in registers
-    across the loop (more registers a thread, fewer programs an SM), so it is a tile choice.
-
-    ``COL_LOOP`` > 1: a program covers ``COL_LOOP`` consecutive column blocks of one slice (the
-    launcher partitions slices in spans of ``BLOCK_N · COL_LOOP``), one after another, so the
-    ``h`` tile (and its split-K planes) it re-reads per block comes from the SM's L1 instead of
-    from L2 once per program; fewer, longer programs."""
+    across the loop (more registers a thread, fewer programs an SM), so it is a tile choice."""
     pid = tl.program_id(0)
     col_block = pid % num_col_blocks
     tile = pid // num_col_blocks
@@ -213,40 +208,17 @@ def lora_expand_kernel(
         if rank <= 0:
             return
         h_width = flat_rank
-        merged = 0  # unused without the correction
-        rank_c = 0
     scale = tl.load(scales_ptr + own * num_slices + slice_id) * scale_multiplier
     first_block = _pick(group, 0, blocks_1, blocks_2, blocks_3)
     col_begin = _pick(group, col_0, col_1, col_2, col_3)
     col_end = _pick(group, col_1, col_2, col_3, col_4)
+    offs_n = col_begin + (col_block - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < col_end
     row_start = tl.load(tiles_ptr + tile_stride + tile)
     num_rows = tl.load(tiles_ptr + 2 * tile_stride + tile)
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < num_rows
     h_rows = h_ptr + (row_start + offs_m)[:, None].to(tl.int64) * h_width + slice_id * max_rank
-    block_begin = col_begin + (col_block - first_block) * (BLOCK_N * COL_LOOP)
-    for sub in tl.static_range(COL_LOOP):  # column blocks of one slice, h re-read from L1
-        n_begin = block_begin + sub * BLOCK_N
-        if n_begin < col_end:
-            _expand_block(h_rows, b_ptr, y_ptr, scales_ptr, sorted_ptr, n_begin, col_end, own,
-                          merged, rank, rank_c, scale, row_start, num_rows, offs_m, m_ok,
-                          split_k, split_stride, num_slices, slice_id, max_rank, flat_rank,
-                          out_features, stride_ym, scale_multiplier, BLOCK_M, BLOCK_N, BLOCK_K,
-                          SPLIT_K, PRECISION, UPCAST, CORRECTION, MASK_B_K, EARLY_Y)
-
-
-@triton.jit
-def _expand_block(h_rows, b_ptr, y_ptr, scales_ptr, sorted_ptr, n_begin, col_end, own, merged,
-                  rank, rank_c, scale, row_start, num_rows, offs_m, m_ok, split_k, split_stride,
-                  num_slices, slice_id, max_rank, flat_rank, out_features, stride_ym,
-                  scale_multiplier, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr, CORRECTION: tl.constexpr, MASK_B_K: tl.constexpr,
-                  EARLY_Y: tl.constexpr):
-    """One ``BLOCK_M × BLOCK_N`` tile of ``y`` from column ``n_begin`` of the program's slice:
-    its rank loop(s), then one read-modify-write of ``y`` (``lora_expand_kernel``)."""
-    offs_n = n_begin + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < col_end
     b_cols = (b_ptr + own.to(tl.int64) * out_features * max_rank
               + offs_n[None, :].to(tl.int64) * max_rank)
     out_mask = m_ok[:, None] & n_ok[None, :]

@@ -140,8 +140,6 @@ class ExpandVariant(_TileVariant):
     """The ``CORRECTION`` constexpr."""
     early_y: bool = False
     """The ``EARLY_Y`` constexpr (``ExpandConfig.early_y``)."""
-    col_loop: int = 1
-    """The ``COL_LOOP`` constexpr (``ExpandConfig.col_loop``)."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +180,7 @@ def kernel_variants(shape: LoRALayerShape, config: TileConfig, num_tokens: int,
         ExpandVariant(shape.expand_spec(), expand.block_m, expand.block_n, expand.block_k,
                       expand.num_warps, expand.num_stages,
                       expand_split_constexpr(split_k, expand), stride, correction,
-                      expand.early_y, expand.col_loop),
+                      expand.early_y),
     )
 
 

@@ -48,9 +48,7 @@ class ExpandConfig:
     """Tiles of ``y[rows, cols] += s · Σ_r h[rows, r] · B[slot, cols, r]`` (``block_k``: rank).
 
     ``early_y``: load the ``y`` tile before the rank loop (``lora_kernels.lora_expand_kernel``'s
-    ``EARLY_Y``); ``col_loop``: column blocks one program covers, one after another (its
-    ``COL_LOOP``). Both are left out of the table's JSON at their defaults, so older tables read
-    unchanged."""
+    ``EARLY_Y``); left out of the table's JSON when false, so older tables read unchanged."""
 
     block_m: int
     block_n: int
@@ -58,7 +56,6 @@ class ExpandConfig:
     num_warps: int
     num_stages: int
     early_y: bool = False
-    col_loop: int = 1
 
 
 @dataclass(frozen=True)
@@ -69,9 +66,8 @@ class TileConfig:
     expand: ExpandConfig
 
     def to_json(self) -> dict[str, dict[str, int]]:
-        defaults = {"early_y": False, "col_loop": 1}
         expand = {key: int(value) for key, value in asdict(self.expand).items()
-                  if key not in defaults or value != defaults[key]}
+                  if key != "early_y" or value}
         return {"shrink": asdict(self.shrink), "expand": expand}
 
     @classmethod

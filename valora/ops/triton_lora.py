@@ -308,7 +308,7 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
     correction = segments.correction
     flat_rank = len(widths) * weights.max_rank
     bound = segments.tile_bound(cfg.block_m)
-    for first, num_col_blocks, starts, cols in slice_groups(widths, cfg.block_n * cfg.col_loop):
+    for first, num_col_blocks, starts, cols in slice_groups(widths, cfg.block_n):
         grid = (bound * num_col_blocks,)
         if grid[0] == 0:
             continue
@@ -324,7 +324,6 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
             SPLIT_K=expand_split_constexpr(split_k, cfg),
             **_dot_flags(y.dtype), CORRECTION=correction is not None,
             MASK_B_K=weights.max_rank % cfg.block_k != 0, EARLY_Y=cfg.early_y,
-            COL_LOOP=cfg.col_loop,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
