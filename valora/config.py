@@ -85,6 +85,12 @@ class SchedulerConfig:
     sequences per step. ``max_waiting``: bound of the waiting queue; beyond it requests are
     rejected with ``QueueFullError``. ``chunked_prefill``: split long prompts across steps.
     ``policy``: name of the ordering policy in the policy registry.
+    ``async_output_processing``: process a step's sampled tokens in two halves — the token-level
+    stop checks (EOS, stop token ids, lengths) at once, the detokenisation, stop strings and
+    output objects while the *next* step runs on the device (``LLMEngine``: "Asynchronous output
+    processing"). Outputs then reach callers one step later and a request stopped by a stop
+    string runs one step more (that token is discarded); tokens, texts and finish reasons are
+    those of the synchronous order. Off by default until measured on a GPU.
     """
 
     max_num_batched_tokens: int = 2048
@@ -92,6 +98,7 @@ class SchedulerConfig:
     max_waiting: int = 4096
     chunked_prefill: bool = True
     policy: str = "fcfs"
+    async_output_processing: bool = False
 
     def __post_init__(self) -> None:
         _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive")

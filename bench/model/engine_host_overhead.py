@@ -6,8 +6,12 @@ model the forward is cheap, so what is left is the engine's own Python.
 Per configuration (``--rows`` concurrent requests decoding ``--tokens`` tokens each, greedy,
 EOS ignored), the median over ``--repeats`` runs of ``(wall − forward) / steps``, with the
 detokeniser's direct Rust-tokenizer path and, as a control, with ``tokenizer.decode``.
+``--async-outputs``: with ``SchedulerConfig.async_output_processing`` on, and how much of that
+host time is the deferred half, which overlaps the next step's device work on a GPU (on the CPU
+nothing overlaps: the forward is synchronous).
 
     python bench/model/engine_host_overhead.py [--rows 16 64] [--tokens 48] [--repeats 5]
+        [--async-outputs]
 """
 
 from __future__ import annotations
@@ -21,11 +25,22 @@ from valora import LLM, SamplingParams
 from valora.engine import detokenizer
 
 
-def measure(llm: LLM, rows: int, tokens: int, words: int = 0) -> tuple[float, int]:
-    """``(host ms per step outside the forward, steps)`` of one run."""
+def measure(llm: LLM, rows: int, tokens: int, words: int = 0) -> tuple[float, int, float]:
+    """``(host ms per step outside the forward, steps, of it ms per step in the deferred half
+    of async output processing)`` of one run."""
     runner = llm.engine.parts.runner
-    spent = {"forward": 0.0, "steps": 0}
+    engine = llm.engine
+    spent = {"forward": 0.0, "steps": 0, "deferred": 0.0}
     original = runner._forward
+    run_deferred = engine._run_deferred
+
+    def timed_deferred() -> Any:
+        start = time.perf_counter()
+        outputs = run_deferred()
+        spent["deferred"] += time.perf_counter() - start
+        return outputs
+
+    engine._run_deferred = timed_deferred  # type: ignore[method-assign]
 
     def timed(batch: Any) -> Any:
         start = time.perf_counter()
@@ -45,7 +60,9 @@ def measure(llm: LLM, rows: int, tokens: int, words: int = 0) -> tuple[float, in
         wall = time.perf_counter() - start
     finally:
         runner._forward = original
-    return 1e3 * (wall - spent["forward"]) / spent["steps"], int(spent["steps"])
+        del engine._run_deferred
+    steps = int(spent["steps"])
+    return 1e3 * (wall - spent["forward"]) / steps, steps, 1e3 * spent["deferred"] / steps
 
 
 def main() -> None:
@@ -56,13 +73,17 @@ def main() -> None:
     parser.add_argument("--prompt-words", type=int, nargs="+", default=[0, 150],
                         help="filler words per prompt (150: ≈ 430 tokens of the 512 the default "
                              "model holds)")
+    parser.add_argument("--async-outputs", action="store_true",
+                        help="async output processing on; report its deferred half")
     args = parser.parse_args()
     llm = LLM(model="default", dtype="float32", device="cpu", num_pages=4096, page_size=16,
-              enable_prefix_caching=False, max_num_seqs=max(args.rows))
+              enable_prefix_caching=False, max_num_seqs=max(args.rows),
+              async_output_processing=args.async_outputs)
     measure(llm, 4, 8)  # warm-up
     fast = getattr(detokenizer, "fast_decoder", None)  # None: a tree from before it existed
     print("rows | prompt words | decode path | host ms per step outside the forward "
-          "(median, min–max) | steps")
+          "(median, min–max) | steps" + (" | of it deferred (median)" if args.async_outputs
+                                         else ""))
     for rows, words in ((r, w) for r in args.rows for w in args.prompt_words):
         paths = (("direct (default)", fast), ("tokenizer.decode", _generic)) if fast else (
             ("tokenizer.decode", None),)
@@ -75,8 +96,10 @@ def main() -> None:
                 if fast is not None:
                     detokenizer.fast_decoder = fast
             ms = [r[0] for r in runs]
+            deferred = (f" | {statistics.median(r[2] for r in runs):6.2f}"
+                        if args.async_outputs else "")
             print(f"{rows:4d} | {words:4d} | {label:16s} | {statistics.median(ms):6.2f} "
-                  f"({min(ms):.2f}–{max(ms):.2f}) | {runs[0][1]}", flush=True)
+                  f"({min(ms):.2f}–{max(ms):.2f}) | {runs[0][1]}{deferred}", flush=True)
 
 
 def _generic(tokenizer: Any, skip: bool) -> Any:

@@ -8,6 +8,19 @@ step and, after ``max_consecutive_step_failures`` in a row, marks the engine dea
 (a CUDA error: ``valora.engine.faults.is_device_fault``) marks it dead at once — the CUDA
 context is unusable afterwards — so ``is_healthy`` (and the server's ``/health``) report it
 instead of later steps hanging or failing one by one.
+
+Asynchronous output processing (``SchedulerConfig.async_output_processing``; vLLM had the same
+under that name): a step's sampled tokens are handled in two halves. At once: append the token
+and its logprobs, and the checks that need only the token — EOS, stop token ids, ``max_tokens``,
+the model length — which finish the request before the next step is scheduled. Deferred to the
+next step, and run on the host while that step's kernels run on the device (``execute``'s
+``while_device_runs``, called between launching the sampling and reading its tokens back): the
+detokenisation, the stop-string check and the ``RequestOutput`` objects. A stop string found
+then finishes its request after it was scheduled once more; that step's token for it is
+dropped, so tokens, texts and finish reasons equal the synchronous order's (a stop string found
+on a token that also ended the request by length or EOS wins, as in that order). Outputs reach
+the caller one step later; ``has_unfinished_requests`` stays true until the last deferred half
+has run (a step with nothing to schedule runs it), and ``abort_request`` runs it first.
 """
 
 from __future__ import annotations
@@ -40,6 +53,10 @@ class LLMEngine:
         self.parts = parts or build_engine_parts(config)
         self.requests: dict[str, Request] = {}
         self._pending_outputs: list[RequestOutput] = []
+        # Tokens whose detokenisation and output wait for the next step (async output
+        # processing): (request, token, the token-level stop reason when it finished the request).
+        self._deferred: list[tuple[Request, int, str | int | None]] = []
+        self._async_outputs = config.scheduler.async_output_processing
         self._consecutive_failures = 0
         self.dead_reason: str | None = None
         self.num_steps = 0
@@ -71,7 +88,10 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its pages and adapter pin (unknown ids are ignored)."""
         request = self.requests.get(request_id)
-        if request is None or request.is_finished:
+        if request is None:
+            return
+        self._pending_outputs.extend(self._run_deferred())  # its last token's text first
+        if request.is_finished:
             return
         self.parts.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         self._pending_outputs.append(self._retire(request))
@@ -96,7 +116,11 @@ class LLMEngine:
         self.parts.runner.image_cache.clear()
 
     def has_unfinished_requests(self) -> bool:
-        return any(not r.is_finished for r in self.requests.values()) or bool(self._pending_outputs)
+        return (
+            any(not r.is_finished for r in self.requests.values())
+            or bool(self._pending_outputs)
+            or bool(self._deferred)
+        )
 
     # ----- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -110,15 +134,23 @@ class LLMEngine:
             self.num_preemptions += 1
             self.parts.runner.reset_request(request.request_id)
         if not scheduled.scheduled:
-            return outputs
+            return outputs + self._run_deferred()
         now = time.monotonic()
         for item in scheduled.scheduled:
             if item.request.first_scheduled_time is None:
                 item.request.first_scheduled_time = now
+        deferred: list[RequestOutput] = []
         try:
-            result = self.parts.execute(scheduled)
+            if self._deferred:  # the last step's deferred half runs while this one computes
+                result = self.parts.execute(
+                    scheduled, lambda: deferred.extend(self._run_deferred())
+                )
+            else:
+                result = self.parts.execute(scheduled)
         except Exception as exc:  # a fault inside the step fails that step's requests only
+            outputs += deferred + self._run_deferred()
             return outputs + self._fail_step(scheduled, exc)
+        outputs += deferred + self._run_deferred()  # the step sampled nothing: run it now
         self._consecutive_failures = 0
         self.num_steps += 1
         self.parts.scheduler.advance(scheduled)
@@ -170,6 +202,12 @@ class LLMEngine:
                 request.output_logprobs.append(
                     {token: result.logprobs[rid].logprob, **result.logprobs[rid].top}
                 )
+            if self._async_outputs:
+                status, reason = self._token_stop_status(request, token)
+                if status is not None:  # retired with its output in the deferred half
+                    self.parts.scheduler.finish_request(rid, status)
+                self._deferred.append((request, token, reason))
+                continue
             stop_string = self.parts.detokenizer_of(request).add_tokens([token])
             status, reason = self._stop_status(request, token, stop_string)
             if status is not None:
@@ -179,12 +217,40 @@ class LLMEngine:
                 outputs.append(self._output(request))
         return outputs
 
+    def _run_deferred(self) -> list[RequestOutput]:
+        """The deferred half of async output processing (module docstring): detokenise each
+        waiting token, check stop strings, build the outputs; retire finished requests."""
+        items, self._deferred = self._deferred, []
+        outputs = []
+        for request, token, reason in items:
+            rid = request.request_id
+            if self.requests.get(rid) is not request:
+                continue  # retired meanwhile (a failed step)
+            stop_string = self.parts.detokenizer_of(request).add_tokens([token])
+            if stop_string is not None:
+                if request.is_finished:  # the stop string wins, as in the synchronous order
+                    request.status = RequestStatus.FINISHED_STOPPED
+                else:
+                    self.parts.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)
+                outputs.append(self._retire(request, stop_reason=stop_string))
+            elif request.is_finished:
+                outputs.append(self._retire(request, stop_reason=reason))
+            else:
+                outputs.append(self._output(request))
+        return outputs
+
     def _stop_status(
         self, request: Request, token: int, stop_string: str | None
     ) -> tuple[RequestStatus | None, str | int | None]:
-        params = request.sampling_params
         if stop_string is not None:
             return RequestStatus.FINISHED_STOPPED, stop_string
+        return self._token_stop_status(request, token)
+
+    def _token_stop_status(
+        self, request: Request, token: int
+    ) -> tuple[RequestStatus | None, str | int | None]:
+        """The stop checks that need only the token: stop ids, EOS, lengths."""
+        params = request.sampling_params
         if request.num_output_tokens >= params.min_tokens:
             if token in params.stop_token_ids:
                 return RequestStatus.FINISHED_STOPPED, token

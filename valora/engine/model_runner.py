@@ -191,12 +191,16 @@ class ModelRunner:
         plan_lora: Callable[[list[int]], LoRAStepPlan] | None = None,
         wait_slots: Callable[[list[int]], None] | None = None,
         mode: str = "",
+        while_device_runs: Callable[[], None] | None = None,
     ) -> StepResult:
         """Run the model over ``scheduled`` and sample; K/V of the new tokens are written in place.
         ``mode``: the weights' mode the step runs under (recorded in the step trace).
 
         ``wait_slots`` is called with the LoRA slots the step reads before anything is launched
-        (the adapter manager orders the stream after their pending prefetches)."""
+        (the adapter manager orders the stream after their pending prefetches).
+        ``while_device_runs`` is called once the step's sampling is launched, before the host
+        waits for its tokens (``sampler.sample``'s ``before_read``); not at all when the step
+        samples nothing. Its host time is part of the step's measured seconds."""
         started = time.perf_counter()
         batch, layout, image_rows, token_slots = build_forward_batch(
             scheduled, page_table_of, self.page_size, slot_of, self.device
@@ -210,7 +214,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
             requests = [scheduled[i].request for i in layout.sampling_rows]
             rows = [self._sampling_row(r) for r in requests]
-            tokens, logprobs = sample(logits, rows)
+            tokens, logprobs = sample(logits, rows, while_device_runs)
             for request, token, logprob in zip(requests, tokens, logprobs, strict=True):
                 result.sampled[request.request_id] = token
                 if logprob is not None:

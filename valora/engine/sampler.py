@@ -7,6 +7,7 @@ other rows in the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,9 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
 
 
 def sample(
-    logits: torch.Tensor, rows: list[SamplingRow]
+    logits: torch.Tensor,
+    rows: list[SamplingRow],
+    before_read: Callable[[], None] | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Sample one token per row of ``logits`` (``[N, vocab]``, any float dtype).
 
@@ -61,6 +64,10 @@ def sample(
     Greedy rows without banned tokens share one batched ``argmax`` (row-wise, first maximum on
     ties, as the per-row call); every token reaches the host in one device-to-host copy, so a
     step synchronises once however many rows it samples (logprob rows add their own reads).
+
+    ``before_read`` runs on the host after every sampling kernel is launched and before that
+    read waits for them: host work placed there overlaps the step's device work (the engine's
+    asynchronous output processing).
     """
     logits = logits.float()
     raw_logprobs = (
@@ -85,6 +92,8 @@ def sample(
             # Exponential race == categorical sampling, drawn from this request's own stream.
             noise = torch.empty_like(probs).exponential_(1.0, generator=row.generator)
             chosen[i] = torch.argmax(probs / noise)
+    if before_read is not None:
+        before_read()
     tokens: list[int] = chosen.tolist()
     logprobs: list[TokenLogprob | None] = []
     for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):

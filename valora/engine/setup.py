@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,11 @@ class EngineParts:
         )
         return LoRAStepPlan(lora_slots, correction)
 
-    def execute(self, scheduled: SchedulerOutput) -> StepResult:
+    def execute(
+        self,
+        scheduled: SchedulerOutput,
+        while_device_runs: Callable[[], None] | None = None,
+    ) -> StepResult:
         return self.runner.execute(
             scheduled.scheduled,
             self.kv_manager.page_table,
@@ -159,6 +164,7 @@ class EngineParts:
             self.plan_lora,
             self.adapters.wait_for_slots,
             self.modes.state.mode.value if self.modes is not None else "",
+            while_device_runs,
         )
 
     def stats(self) -> dict[str, Any]:

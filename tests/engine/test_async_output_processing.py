@@ -1,0 +1,188 @@
+"""Asynchronous output processing (``SchedulerConfig.async_output_processing``): the same tokens,
+texts, finish and stop reasons and logprobs as the synchronous order for a mixed batch (greedy
+and seeded sampling, adapters, images, stop strings hit mid-output and on the last allowed
+token, stop token ids, ``min_tokens``, logprobs, more requests than ``max_num_seqs``); outputs
+one step later; the deferred half runs inside the next step's ``execute`` (before the tokens are
+read back); aborts see every token's text; a failing step still delivers the previous step's
+outputs; pages and adapter pins all come back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from valora import LLM, SamplingParams
+from valora.engine.inputs import GenerateRequest
+from valora.outputs import RequestOutput
+
+PROMPTS = ["USER: tell me a story ASSISTANT:", "USER: stop ASSISTANT:", "USER: list ASSISTANT:"]
+
+
+def _llm(tiny_llava: Path, tiny_adapters: dict[str, Path], async_outputs: bool) -> LLM:
+    return LLM(model=str(tiny_llava), dtype="float32", device="cpu", num_pages=96, page_size=8,
+               max_loras=2, max_lora_rank=64, max_num_seqs=3, adapters=tiny_adapters,
+               async_output_processing=async_outputs)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_llava: Path, tiny_adapters: dict[str, Path]) -> tuple[LLM, LLM]:
+    return (_llm(tiny_llava, tiny_adapters, False), _llm(tiny_llava, tiny_adapters, True))
+
+
+def _summary(out: RequestOutput) -> tuple[Any, ...]:
+    """Everything but the logprob values, which move in the last float digits with the batch
+    around a row (a stop-string request runs one step longer here): ``_logprob_values``."""
+    c = out.outputs[0]
+    logprobs = None if c.logprobs is None else [(lp.token_id, sorted(lp.top))
+                                                for lp in c.logprobs]
+    return c.token_ids, c.text, c.finish_reason, c.stop_reason, logprobs, out.finished
+
+
+def _logprob_values(out: RequestOutput) -> list[float]:
+    return [lp.logprob for lp in out.outputs[0].logprobs or []]
+
+
+def _needle(text: str) -> str | None:
+    """A short piece from the middle of ``text`` that starts at its first occurrence."""
+    for start in range(len(text) // 3, len(text) - 2):
+        piece = text[start:start + 2]
+        if piece.strip() and text.index(piece) == start:
+            return piece
+    return None
+
+
+def _tail_needle(text: str) -> str | None:
+    """The shortest non-blank ending of ``text`` found nowhere earlier in it."""
+    for size in range(1, min(len(text), 8) + 1):
+        piece = text[-size:]
+        if piece.strip() and text.index(piece) == len(text) - size:
+            return piece
+    return None
+
+
+def _requests(sync: LLM, images: list[Image.Image]) -> list[dict[str, Any]]:
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    full = sync.generate([{"prompt": p, "sampling_params": greedy} for p in PROMPTS])
+    texts = [o.outputs[0].text for o in full]
+    reqs: list[dict[str, Any]] = [
+        {"prompt": PROMPTS[0], "sampling_params": greedy},
+        {"prompt": PROMPTS[1], "sampling_params": SamplingParams(
+            max_tokens=12, temperature=0.9, seed=7, ignore_eos=True, logprobs=2)},
+        {"prompt": PROMPTS[2], "adapter": "r4", "sampling_params": SamplingParams(
+            max_tokens=9, temperature=0.0, min_tokens=3)},
+        {"prompt": PROMPTS[1], "sampling_params": SamplingParams(
+            max_tokens=10, temperature=0.0, ignore_eos=True,
+            stop_token_ids=(full[1].outputs[0].token_ids[4],))},
+        {"prompt": "USER: <image>\nwhat is it? ASSISTANT:", "images": [images[0]],
+         "adapter": "r16", "sampling_params": SamplingParams(max_tokens=7, temperature=0.0,
+                                                             ignore_eos=True)},
+    ]
+    for prompt, text in zip(PROMPTS, texts, strict=True):
+        middle, tail = _needle(text), _tail_needle(text)
+        if middle is not None:  # a stop string hit mid-output: one more step runs, discarded
+            reqs.append({"prompt": prompt, "sampling_params": SamplingParams(
+                max_tokens=10, temperature=0.0, ignore_eos=True, stop=(middle,))})
+        if tail is not None:  # hit on the 10th token, which also ends the request by length
+            reqs.append({"prompt": prompt, "sampling_params": SamplingParams(
+                max_tokens=10, temperature=0.0, ignore_eos=True, stop=(tail,))})
+    return reqs
+
+
+def test_outputs_equal_the_synchronous_order(pair: tuple[LLM, LLM],
+                                             images: list[Image.Image]) -> None:
+    sync, overlapped = pair
+    requests = _requests(sync, images)
+    assert len(requests) > 6  # at least one stop-string request of each kind
+    sync_out, async_out = sync.generate(requests), overlapped.generate(requests)
+    expected = [_summary(o) for o in sync_out]
+    got = [_summary(o) for o in async_out]
+    assert got == expected
+    for a, b in zip(sync_out, async_out, strict=True):
+        assert _logprob_values(a) == pytest.approx(_logprob_values(b), abs=1e-4)
+    assert any(_logprob_values(o) for o in sync_out)
+    reasons = {e[2] for e in expected}
+    assert {"stop", "length"} <= reasons
+    assert any(isinstance(e[3], str) for e in expected)  # a stop string ended one
+
+
+def test_outputs_come_one_step_later_and_resources_return(pair: tuple[LLM, LLM]) -> None:
+    counts = []
+    for llm in pair:
+        engine = llm.engine
+        pool = engine.parts.kv_manager.pool
+        free = pool.num_free_pages
+        params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+        rid = engine.add_request(GenerateRequest(prompt=PROMPTS[0], adapter="r8",
+                                                 sampling_params=params)).request_id
+        seen: list[list[int]] = []
+        model_steps, calls = engine.num_steps, 0
+        while engine.has_unfinished_requests():
+            seen += [o.outputs[0].token_ids for o in engine.step() if o.request_id == rid]
+            calls += 1
+        counts.append((engine.num_steps - model_steps, calls))
+        assert len(seen) == 5 and [len(t) for t in seen] == [1, 2, 3, 4, 5]
+        assert pool.num_free_pages == free
+        assert all(a.pin_count == 0 for a in engine.parts.adapters.list_adapters())
+    # the same model steps; the last outputs come from one more call that schedules nothing
+    assert counts[1] == (counts[0][0], counts[0][1] + 1)
+
+
+def test_deferred_half_runs_inside_the_next_step(pair: tuple[LLM, LLM],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = pair[1].engine
+    calls: list[bool] = []
+    real = engine.parts.execute
+
+    def spy(scheduled: Any, *rest: Any) -> Any:
+        calls.append(bool(rest) and rest[0] is not None)
+        return real(scheduled, *rest)
+
+    monkeypatch.setattr(engine.parts, "execute", spy)
+    pair[1].generate([PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0.0,
+                                                  ignore_eos=True))
+    assert calls[0] is False and all(calls[1:]) and len(calls) >= 4
+
+
+def test_abort_sees_every_token(pair: tuple[LLM, LLM]) -> None:
+    """Aborted after three steps: the same tokens and text in both orders (the pending deferred
+    half runs before the abort's output is built)."""
+    results = []
+    for llm in pair:
+        engine = llm.engine
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        engine.add_request(GenerateRequest(prompt=PROMPTS[0], sampling_params=params))
+        gone = engine.add_request(GenerateRequest(prompt=PROMPTS[1], sampling_params=params))
+        for _ in range(3):
+            engine.step()
+        engine.abort_request(gone.request_id)
+        aborted = [o for o in engine.step() if o.request_id == gone.request_id]
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert aborted[-1].outputs[0].finish_reason == "abort"
+        results.append((aborted[-1].outputs[0].token_ids, aborted[-1].outputs[0].text))
+    assert results[0] == results[1] and len(results[0][0]) == 3
+
+
+def test_a_failing_step_still_delivers_the_previous_steps_outputs(
+        pair: tuple[LLM, LLM], monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = pair[1].engine
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    keep = engine.add_request(GenerateRequest(prompt=PROMPTS[0], sampling_params=params))
+    for _ in range(3):
+        engine.step()
+    before = len(keep.output_token_ids)
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("injected step failure")
+
+    monkeypatch.setattr(engine.parts, "execute", broken)
+    mine = [o for o in engine.step() if o.request_id == keep.request_id]
+    # the previous step's token (its deferred half) arrives, then the failure ends the request
+    assert [o.outputs[0].finish_reason for o in mine] == [None, "error"]
+    assert len(mine[0].outputs[0].token_ids) == before == 3
+    monkeypatch.undo()
+    assert not engine.has_unfinished_requests()
+    engine.step()  # the failure count resets on the next good step
