@@ -9,7 +9,9 @@ scenario under ``torch.profiler`` and sums the kernels it sees per category (``C
 kernel name; the LM head's GEMM counts with ``gemm``), per step; the gap is the step's
 CUDA-event time minus the kernels' sum (launch gaps inside the graph, idle SMs between
 dependent kernels). The same step is also profiled eagerly, for its kernel count and in case the
-profiler sees no kernels inside graph replays. Per category, its floor where the bytes are known:
+profiler sees no kernels inside graph replays. Per category, its floor where the bytes are known
+(the KV read is charged to ``attention``; ``kv_write`` launches are what fusing the cache write
+into the rotary kernel would remove):
 ``gemm`` (decoder + LM-head weights), ``attention`` (the KV read), ``lora`` (the distinct
 adapters' true-rank bytes).
 
@@ -48,6 +50,7 @@ from valora.models.loader import load_model
 CATEGORIES: tuple[tuple[str, str], ...] = (
     ("lora_shrink", r"lora_shrink"),
     ("lora_expand", r"lora_expand"),
+    ("kv_write", r"index_copy"),  # new K/V into the paged cache (two per layer)
     ("attention", r"attention|attn|paged|flash|decode_kernel|sdpa"),
     ("gemm", r"gemm|xmma|cutlass|nvjet|cublas|matmul|mm_|addmm|linear|Kernel2"),
     ("norm", r"rms|norm"),
