@@ -103,6 +103,10 @@ def test_outputs_equal_the_synchronous_order(pair: tuple[LLM, LLM],
     for a, b in zip(sync_out, async_out, strict=True):
         assert _logprob_values(a) == pytest.approx(_logprob_values(b), abs=1e-4)
     assert any(_logprob_values(o) for o in sync_out)
+    for llm in pair:  # no per-request state left behind (stop strings retire mid-step here)
+        modes = llm.engine.parts.modes
+        assert modes is not None and not modes._last_progress
+        assert not llm.engine.requests and not llm.engine.parts.detokenizers
     reasons = {e[2] for e in expected}
     assert {"stop", "length"} <= reasons
     assert any(isinstance(e[3], str) for e in expected)  # a stop string ended one

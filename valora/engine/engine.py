@@ -156,7 +156,9 @@ class LLMEngine:
         self.parts.scheduler.advance(scheduled)
         modes = self.parts.modes
         if modes is not None:
-            modes.after_step(scheduled.request_ids, time.monotonic())
+            # Not requests the deferred half retired during the step (async output processing).
+            alive = [rid for rid in scheduled.request_ids if rid in self.requests]
+            modes.after_step(alive, time.monotonic())
             modes.observe_step(scheduled.scheduled, result.seconds, result.graphed)
         outputs.extend(self._process_result(scheduled, result))
         return outputs
