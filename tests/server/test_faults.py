@@ -88,10 +88,10 @@ def test_exception_in_one_step_fails_only_that_step(
     def install(engine: LLMEngine) -> None:
         original = engine.parts.execute
 
-        def faulty(scheduled: Any) -> Any:
+        def faulty(scheduled: Any, *rest: Any) -> Any:
             if any("FAULT" in (item.request.prompt or "") for item in scheduled.scheduled):
                 raise RuntimeError("injected fault")
-            return original(scheduled)
+            return original(scheduled, *rest)
         engine.parts.execute = faulty  # type: ignore[method-assign]
     server.engine.submit(install).result()
     with httpx.Client(base_url=server.url, timeout=60) as http:

@@ -35,6 +35,8 @@ class ModeTrace:
     switch_seconds: float = 0.0
     steps_by_mode: dict[str, int] = field(default_factory=dict)
     num_steps: int = 0
+    """Steps the engine executed in the run (``LLMEngine.num_steps``; a ``step()`` call that
+    schedules nothing — e.g. one that only delivers deferred outputs — is not one)."""
     decision_seconds: float = 0.0
     graph_steps: int = 0
     eager_steps: int = 0
@@ -91,6 +93,7 @@ class _ModeSampler:
         self.engine = engine
         self.trace = ModeTrace()
         self.start = self._read()
+        self._first_step = engine.num_steps
 
     def _read(self) -> dict[str, Any] | None:
         stats = self.engine.stats()
@@ -101,7 +104,8 @@ class _ModeSampler:
                 "slot_loads": getattr(stats.get("adapters"), "slot_loads", 0)}
 
     def sample(self, now_s: float) -> None:
-        self.trace.num_steps += 1
+        # Executed steps (a call that only delivers deferred outputs runs none).
+        self.trace.num_steps = self.engine.num_steps - self._first_step
         current = self._read()
         if current is None or self.start is None:
             return
