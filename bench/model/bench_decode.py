@@ -35,13 +35,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload as wl
-from fused_layers import LABEL_MODES, LABEL_OVERLAP, check_against_stock, kernels_per_step
+from fused_layers import (
+    LABEL_KV_WRITE,
+    LABEL_MODES,
+    LABEL_OVERLAP,
+    check_against_stock,
+    kernels_per_step,
+)
 from summary import write_summary
 
 import valora.layers.attention_triton  # noqa: F401  (registers "triton")
 from valora.engine.cuda_graph import CudaGraphRunner
 from valora.engine.piecewise_graphs import capture_piecewise_graphs
-from valora.layers.fused_select import fused_layers
+from valora.layers.fused_select import fused_layers, set_fused_kv_write
 from valora.models.loader import load_model
 
 CONFIG_DIR = Path(__file__).resolve().parent / "llava-1.5-7b"
@@ -108,11 +114,13 @@ def bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[in
                  ceil: dict[str, float], rec: Recorder, label: str, repeats: int) -> None:
     """The decode grid with the per-layer ops of ``label`` (captured and replayed in that mode)."""
     model.set_lora_overlap(LABEL_OVERLAP[label])
+    set_fused_kv_write(LABEL_KV_WRITE.get(label, False))
     try:
         with fused_layers(LABEL_MODES[label]):
             _bench_decode(model, pool, ranks, batches, ceil, rec, label, repeats)
     finally:
         model.set_lora_overlap(0)
+        set_fused_kv_write(False)
 
 
 def _bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
@@ -188,7 +196,11 @@ def count_kernels(model: Any, pool: wl.KVPool, batch: int, labels: list[str],
             model.compute_logits(model.forward(step.batch))
 
     for label in labels:
-        count = kernels_per_step(run, LABEL_MODES[label])
+        set_fused_kv_write(LABEL_KV_WRITE.get(label, False))
+        try:
+            count = kernels_per_step(run, LABEL_MODES[label])
+        finally:
+            set_fused_kv_write(False)
         rec.emit({"section": "kernels", "label": label, "batch": batch,
                   "kernels_per_step": count, "per_layer": count / model.spec.num_layers})
 
@@ -251,7 +263,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--layers", default="stock,fused",
                         help="comma list of per-layer op modes to bench: stock, fused (engine "
                              "defaults), serial (fused, LoRA never overlapped), overlap "
-                             "(fused, LoRA beside the base GEMM up to 256 tokens)")
+                             "(fused, LoRA beside the base GEMM up to 256 tokens), fused_kv "
+                             "(fused + K/V written in one launch, VALORA_FUSED_KV_WRITE)")
     parser.add_argument("--skip-fused", action="store_true", help="same as --layers stock")
     parser.add_argument("--tiny", type=Path, help="a tiny checkpoint: exercise the script only")
     parser.add_argument("--config", type=Path, default=CONFIG_DIR,

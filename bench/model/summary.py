@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 BAR_BATCH = 32
-LABELS = ("stock", "fused", "serial", "overlap")
+LABELS = ("stock", "fused", "serial", "overlap", "fused_kv")
 
 
 def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:

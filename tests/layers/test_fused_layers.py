@@ -360,6 +360,24 @@ def test_tiny_model_fused_matches_stock(tiny_llama: Path, device: str,
     assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
 
 
+@pytest.mark.parametrize("device,dtype", [
+    pytest.param("cpu", torch.float32, marks=DEVICES[0].marks),
+    pytest.param("cuda", torch.bfloat16, marks=DEVICES[1].marks),
+])
+def test_tiny_model_with_the_one_launch_kv_write(tiny_llama: Path, device: str,
+                                                 dtype: torch.dtype) -> None:
+    """``VALORA_FUSED_KV_WRITE`` on: the attention reads back exactly what two ``index_copy_``
+    would have written (``tests/layers/test_fused_kv_write.py`` for the kernel itself)."""
+    try:
+        fused_select.set_fused_kv_write(False)
+        twin = run_model(tiny_llama, device, dtype, "on")
+        fused_select.set_fused_kv_write(True)
+        fused = run_model(tiny_llama, device, dtype, "on")
+    finally:
+        fused_select.set_fused_kv_write(None)
+    torch.testing.assert_close(fused, twin, rtol=0, atol=0)
+
+
 def test_environment_switch_is_documented() -> None:
     assert fused_select.ENV_VAR == "VALORA_FUSED_LAYERS"
     assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()

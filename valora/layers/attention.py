@@ -28,6 +28,7 @@ import torch
 
 from valora.errors import ValoraError
 from valora.forward_batch import AttentionMetadata
+from valora.layers.fused_select import fused_kv_write, usable
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -100,11 +101,32 @@ def create_attention_backend(name: str) -> AttentionBackend:
 def write_kv_cache(
     key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor
 ) -> None:
-    """Store ``key``/``value [T, KV, D]`` at flat slots ``slot_mapping [T]`` of the paged cache."""
+    """Store ``key``/``value [T, KV, D]`` at flat slots ``slot_mapping [T]`` of the paged cache:
+    one Triton launch for both when ``fused_select.fused_kv_write()`` is on and the kernels can
+    take the tensors, else two ``index_copy_``."""
     k_cache, v_cache = kv_cache
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if fused_kv_write() and _kv_kernel_fits(key, value, k_cache, v_cache):
+        from valora.layers import fused_kernels
+
+        width = num_kv_heads * head_dim
+        fused_kernels.write_kv(key, value, k_cache.view(-1, width), v_cache.view(-1, width),
+                               slot_mapping)
+        return
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def _kv_kernel_fits(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor) -> bool:
+    """``usable`` for the inputs, caches of a kernel dtype and contiguous, rows of ``KV·D``
+    contiguous elements in ``key`` and ``value``."""
+    heads, dim = key.shape[1], key.shape[2]
+    return (usable(key, value) and k_cache.device == key.device
+            and all(c.is_contiguous() and c.dtype in (torch.float32, torch.float16,
+                                                       torch.bfloat16) for c in (k_cache, v_cache))
+            and all(t.stride(2) == 1 and t.stride(1) == dim and t.shape[1:] == (heads, dim)
+                    for t in (key, value)))
 
 
 def output_buffer(query: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

@@ -13,6 +13,9 @@ strides are free)::
     rotary(q, k, cos, sin)  = (q * cos + rotate_half(q) * sin,  k * cos + rotate_half(k) * sin)
                               q [T, H, D], k [T, KV, D], cos/sin [T, D]: one launch for both
     silu_and_mul(x)         = silu(x[..., :d]).to(x.dtype) * x[..., d:]     x [..., 2d]
+    write_kv(k, v, kc, vc, s): kc[s[t]] = k[t].to(kc.dtype); vc[s[t]] = v[t].to(vc.dtype)
+                              k, v [T, KV, D] (rows of KV·D contiguous elements), kc / vc the
+                              caches viewed [slots, KV·D]: the one op that writes its inputs' target
 
 Outputs are new contiguous tensors; inputs are never written (no aliasing with CUDA-graph input
 buffers). Launchers do not check arguments: ``fused_select`` and the layers do.
@@ -159,6 +162,33 @@ def rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch
             cos.stride(0), sin.stride(0),
             BLOCK_H=block_h, BLOCK_D=_next_power_of_2(half), num_warps=4)
     return q_out, k_out
+
+
+@triton.jit
+def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, width, stride_k, stride_v,
+                     BLOCK: tl.constexpr):
+    """Program ``t``: row ``t`` of ``k`` and of ``v`` into flat slot ``slot[t]`` of each cache."""
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < width
+    k = tl.load(k_ptr + token * stride_k + offs, mask=ok)
+    v = tl.load(v_ptr + token * stride_v + offs, mask=ok)
+    tl.store(kc_ptr + slot * width + offs, k.to(kc_ptr.dtype.element_ty), mask=ok)
+    tl.store(vc_ptr + slot * width + offs, v.to(vc_ptr.dtype.element_ty), mask=ok)
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Both caches' new rows in one launch (module Semantics); ``k_flat`` / ``v_flat``
+    contiguous ``[slots, KV·D]``, ``key`` / ``value`` rows contiguous, ``slot_mapping [T]``
+    distinct valid slots (as ``index_copy_`` wants them)."""
+    tokens = key.shape[0]
+    width = k_flat.shape[1]
+    if tokens:
+        launcher(_kv_write_kernel)[(tokens,)](
+            key, value, k_flat, v_flat, slot_mapping, width, key.stride(0), value.stride(0),
+            BLOCK=_next_power_of_2(width), num_warps=4 if width >= 1024 else 1)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,11 @@ Whatever the mode, the twins run when autograd is recording through one of the i
 kernels have no backward) and when an input is one the kernels do not take (see ``usable``).
 The choice is made in Python at call time, so a CUDA graph records the implementation that was
 selected when it was captured.
+
+``VALORA_FUSED_KV_WRITE`` (``1`` / ``on``; off by default, read once, or
+``set_fused_kv_write``): also write a step's new K and V into the paged cache with one Triton
+launch (``fused_kernels.write_kv``) where ``usable`` allows, instead of two ``index_copy_``.
+Opt-in until it is measured on a GPU.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ _SPELLINGS: dict[str, FusedMode] = {
 }
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _mode: FusedMode | None = None
+KV_WRITE_ENV_VAR = "VALORA_FUSED_KV_WRITE"
+_kv_write: bool | None = None
 
 
 def parse_mode(text: str) -> FusedMode:
@@ -56,6 +63,23 @@ def set_fused_layers_mode(mode: FusedMode | None) -> None:
     """Force ``mode`` for later calls; ``None`` re-reads ``VALORA_FUSED_LAYERS`` next time."""
     global _mode
     _mode = mode if mode is None else parse_mode(mode)
+
+
+def fused_kv_write() -> bool:
+    """Whether the one-launch K/V cache write is switched on (module docstring)."""
+    global _kv_write
+    if _kv_write is None:
+        value = os.environ.get(KV_WRITE_ENV_VAR, "").strip().lower()
+        if value not in ("", "0", "off", "false", "no", "1", "on", "true", "yes"):
+            raise ValueError(f"{KV_WRITE_ENV_VAR}={value!r}: expected 1/on or 0/off")
+        _kv_write = value in ("1", "on", "true", "yes")
+    return _kv_write
+
+
+def set_fused_kv_write(enabled: bool | None) -> None:
+    """Force the one-launch K/V write on or off; ``None`` re-reads the environment next time."""
+    global _kv_write
+    _kv_write = enabled
 
 
 @contextmanager
