@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from lora_methods import (
 
 from valora.ops.lora import LoRASlotWeights, lora_apply, prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights, make_token_slots
-from valora.ops.timing import Timing, rotations_for, time_calls
+from valora.ops.timing import Timing, copy_rates, rotations_for, time_calls
 
 LAYERS = {"q": (4096, (4096,)), "qkv": (4096, (4096,) * 3), "gate_up": (4096, (11008,) * 2),
           "down": (11008, (4096,))}
@@ -77,42 +76,17 @@ def grid(kind: str) -> list[dict[str, object]]:
 def measure_ceilings(copy_bytes: int, matmul_size: int) -> dict[str, float]:
     """Device copy bandwidth (bytes read + written) and bf16 matmul rate, on random data.
 
-    The copy rate is the fastest of three ways to move ``copy_bytes``: ``copy_`` replayed from a
-    CUDA graph (captured as a memcpy node), the same ``copy_`` launched eagerly, and an
-    elementwise kernel (``torch.neg(out=)``) replayed from a graph. On an H200 the graph's memcpy
-    node ran at 2.7 TB/s where the eager copy ran at 4.3 (2026-11-29): the operator grid's floors
-    came from the first until then, ≈ 1.6× too lenient. Each way's rate is kept in the row."""
-    src = torch.empty(copy_bytes // 2, dtype=torch.bfloat16, device=DEVICE).normal_()
-    dst = torch.empty_like(src)
-    rates = {}
-    graph_copy = time_calls([lambda: dst.copy_(src)], DEVICE, repeats=10, min_calls_per_graph=4)
-    rates["copy_graph_memcpy"] = 2 * copy_bytes / (graph_copy.median_us * 1e-6)
-    kernel = time_calls([lambda: torch.neg(src, out=dst)], DEVICE, repeats=10, min_calls_per_graph=4)
-    rates["copy_graph_kernel"] = 2 * copy_bytes / (kernel.median_us * 1e-6)
-    rates["copy_eager"] = 2 * copy_bytes / (_eager_us(lambda: dst.copy_(src)) * 1e-6)
+    The copy rate is the fastest of ``valora.ops.timing.copy_rates``'s three ways; each way's
+    rate is kept in the row. Until 2026-11-29 the grid took the graph-replayed ``copy_`` alone,
+    a memcpy node at 2.7 TB/s on an H200 where a kernel moves 4.3: its floors were ≈ 1.6× too
+    lenient."""
+    rates = copy_rates(DEVICE, copy_bytes)
     n = matmul_size
     a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     mm = time_calls([lambda: a @ b], DEVICE, repeats=10, min_calls_per_graph=4)
     return {"copy_bytes_per_s": max(rates.values()), **rates,
             "bf16_flops_per_s": 2 * n**3 / (mm.median_us * 1e-6)}
-
-
-def _eager_us(call: Callable[[], object], repeats: int = 10) -> float:
-    """Median GPU time of ``call`` launched eagerly, between CUDA events (wall clock on the CPU)."""
-    if DEVICE.type != "cuda":
-        return time_calls([call], DEVICE, repeats=repeats).median_us
-    call()
-    torch.cuda.synchronize(DEVICE)
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3)
-    return sorted(samples)[len(samples) // 2]
 
 
 def make_sets(point: dict, seed: int) -> list[InputSet]:

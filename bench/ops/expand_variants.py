@@ -6,8 +6,9 @@ alone under the table's configuration and a fixed list of alternatives — each 
 loaded late (after the rank loop, as shipped) and early (``ExpandConfig.early_y``) — after checking
 each against the shipped output; the whole op (shrink + expand) with the table's configuration,
 late and early; for one-adapter points cuBLAS's ``y.addmm_(h, Bᵀ)`` (the dense ideal of the same
-read-modify-write); and two copy ceilings in the same run (``ceilings``; the first run of this
-script, ``bench/results/ops/expand-variants-h200-ef1051a/``, had three that were all too low).
+read-modify-write); and the copy ceilings in the same run (``valora.ops.timing.copy_rates``;
+the first run of this script, ``bench/results/ops/expand-variants-h200-ef1051a/``, had three
+that were all too low).
 Floors: the op's bytes (x, y read + written, the used adapters'
 weights) over the best ceiling. GPU times are CUDA-graph replays (``valora.ops.timing``).
 
@@ -29,7 +30,7 @@ from valora.ops.lora import prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights, make_token_slots
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.tile_config import ExpandConfig
-from valora.ops.timing import time_calls
+from valora.ops.timing import copy_rates, time_calls
 from valora.ops.triton_lora import (
     choose_tile_config,
     launch_expand,
@@ -52,20 +53,6 @@ ALTERNATIVES = ((64, 128, 32, 4, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 3),
 DECODE_ALTERNATIVES = ((16, 256, 16, 4, 2), (16, 128, 16, 4, 2), (16, 128, 32, 4, 2),
                        (16, 256, 32, 8, 2))
 TINY_LAYERS = {"q": (64, (64,)), "qkv": (64, (64, 16, 16))}
-
-
-def ceilings(device: torch.device, nbytes: int) -> dict[str, float]:
-    """Bytes read + written per second: ``copy_`` replayed from a CUDA graph (a memcpy node)
-    and an elementwise kernel (``torch.neg(out=)``) replayed from one; the floor takes the
-    faster (``bench_lora_ops.measure_ceilings`` says why)."""
-    src = torch.randn(nbytes // 2, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    out = {}
-    for name, call in (("copy_graph_memcpy", lambda: dst.copy_(src)),
-                       ("copy_graph_kernel", lambda: torch.neg(src, out=dst))):
-        timing = time_calls([call], device, repeats=10, min_calls_per_graph=4)
-        out[name] = 2 * nbytes / (timing.median_us * 1e-6)
-    return out
 
 
 def op_bytes(x: torch.Tensor, y: torch.Tensor, slots: list[int], ranks: list[int],
@@ -147,7 +134,7 @@ def main() -> None:
     device = torch.device("cpu" if args.tiny else "cuda")
     layers = TINY_LAYERS if args.tiny else LAYERS
     points = [(40, 3, "uniform", "mixed")] if args.tiny else POINTS
-    rates = ceilings(device, 1 << 20 if args.tiny else 1 << 30)
+    rates = copy_rates(device, 1 << 20 if args.tiny else 1 << 30)
     best = max(rates.values())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
     print(f"{name}: " + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in rates.items()))

@@ -13,17 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from kernel_devices import DEVICES
 
 from valora.layers import attention, fused_kernels, fused_select
 from valora.layers.attention import write_kv_cache
-
-INTERPRETED = type(fused_kernels._kv_write_kernel).__name__ == "InterpretedFunction"
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED,
-                                                 reason="CPU kernels need TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs CUDA")]),
-]
 
 
 @pytest.fixture(autouse=True)

@@ -17,21 +17,15 @@ from typing import Any
 
 import pytest
 import torch
+from kernel_devices import DEVICES
 
 from valora.forward_batch import AttentionMetadata, ForwardBatch
-from valora.layers import fused_kernels, fused_select
+from valora.layers import fused_select
 from valora.layers.activation import silu_and_mul, silu_and_mul_torch
 from valora.layers.norm import RMSNorm, add_rms_norm_torch, rms_norm_torch
 from valora.layers.rope_scaling import RopeConfig
 from valora.layers.rotary import RotaryEmbedding, apply_rotary, apply_rotary_torch
 
-INTERPRETED = type(fused_kernels._rms_norm_kernel).__name__ == "InterpretedFunction"
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED,
-                                                 reason="CPU kernels need TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs CUDA")]),
-]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

@@ -24,6 +24,7 @@ With ``use_graphs=False`` (the CPU, tests) the same buffers are run eagerly.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -42,11 +43,24 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 VARIANTS = ("base", "lora", "mixed")
 
 
+def smallest_bucket(buckets: Sequence[int], size: int) -> int | None:
+    """The smallest of ``buckets`` (ascending) that holds ``size``, or None: the bucket a step
+    pads to in every graph runner (decode, piecewise, vision tower)."""
+    index = bisect.bisect_left(buckets, size)
+    return buckets[index] if index < len(buckets) else None
+
+
+def capped_buckets(limit: int, buckets: Iterable[int], name: str) -> tuple[int, ...]:
+    """The ``buckets`` below ``limit``, plus ``limit`` itself, ascending (every graph runner's
+    bucket list; ``name`` names ``limit`` in the error)."""
+    if limit < 1:
+        raise ValoraError(f"{name} must be >= 1, got {limit}")
+    return tuple(sorted({b for b in buckets if 0 < b < limit} | {limit}))
+
+
 def batch_buckets(max_batch: int, buckets: Iterable[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
     """The buckets below ``max_batch``, plus ``max_batch`` itself (sorted)."""
-    if max_batch < 1:
-        raise ValoraError(f"max_batch must be >= 1, got {max_batch}")
-    return tuple(sorted({b for b in buckets if 0 < b < max_batch} | {max_batch}))
+    return capped_buckets(max_batch, buckets, "max_batch")
 
 
 def variant_of(batch: ForwardBatch) -> str:
@@ -308,10 +322,7 @@ class CudaGraphRunner:
 
     # ----- replay ---------------------------------------------------------------------------
     def bucket_for(self, num_seqs: int) -> int | None:
-        for size in self.buckets:
-            if num_seqs <= size:
-                return size
-        return None
+        return smallest_bucket(self.buckets, num_seqs)
 
     def can_run(self, batch: ForwardBatch) -> bool:
         """Whether ``batch`` is a decode step a captured graph can serve."""

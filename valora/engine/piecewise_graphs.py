@@ -52,10 +52,12 @@ import torch
 from valora.engine.cuda_graph import (
     StaticSegments,
     attach_static_lora,
+    capped_buckets,
     capture_largest_first,
     check_variants,
     fill_lora_slots,
     lora_variant_served,
+    smallest_bucket,
     variant_of,
 )
 from valora.errors import ValoraError
@@ -77,9 +79,7 @@ captured in 2 s by a warm engine, 318 MiB). A bucket is ``layers + 1`` graphs pe
 def token_buckets(max_tokens: int, buckets: Iterable[int] = DEFAULT_TOKEN_BUCKETS
                   ) -> tuple[int, ...]:
     """The buckets below ``max_tokens``, plus ``max_tokens`` itself (sorted)."""
-    if max_tokens < 1:
-        raise ValoraError(f"max_tokens must be >= 1, got {max_tokens}")
-    return tuple(sorted({b for b in buckets if 0 < b < max_tokens} | {max_tokens}))
+    return capped_buckets(max_tokens, buckets, "max_tokens")
 
 
 def _static_shapes(model: CausalLMBase, size: int) -> dict[str, tuple[int, ...]]:
@@ -255,10 +255,7 @@ class PiecewiseGraphRunner:
 
     # ----- replay ---------------------------------------------------------------------------
     def bucket_for(self, num_tokens: int) -> int | None:
-        for size in self.buckets:
-            if num_tokens <= size:
-                return size
-        return None
+        return smallest_bucket(self.buckets, num_tokens)
 
     def can_run(self, batch: ForwardBatch) -> bool:
         """Whether captured pieces serve ``batch`` (any step of at most the largest bucket's

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from valora.engine.cuda_graph import capped_buckets, smallest_bucket
 from valora.errors import ValoraError
 from valora.logger import get_logger
 
@@ -47,9 +48,7 @@ def image_input_shape(model: Any) -> tuple[int, int, int]:
 
 def image_buckets(max_images: int, buckets: Iterable[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
     """The buckets below ``max_images``, plus ``max_images`` itself (sorted)."""
-    if max_images < 1:
-        raise ValoraError(f"max_images must be >= 1, got {max_images}")
-    return tuple(sorted({b for b in buckets if 0 < b < max_images} | {max_images}))
+    return capped_buckets(max_images, buckets, "max_images")
 
 
 def images_per_step(model: Any, max_num_batched_tokens: int) -> int:
@@ -134,10 +133,7 @@ class VisionGraphRunner:
 
     def bucket_for(self, num_images: int) -> int | None:
         """The smallest bucket a graph serves that holds ``num_images``, or None."""
-        for size in self.active_buckets:
-            if num_images <= size:
-                return size
-        return None
+        return smallest_bucket(self.active_buckets, num_images)
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -43,12 +43,13 @@ KV_WRITE_ENV_VAR = "VALORA_FUSED_KV_WRITE"
 _kv_write: bool | None = None
 
 
-def parse_mode(text: str) -> FusedMode:
-    """The mode a ``VALORA_FUSED_LAYERS`` value names (``ValueError`` if none)."""
+def parse_mode(text: str, name: str = ENV_VAR) -> FusedMode:
+    """The mode a ``VALORA_FUSED_LAYERS`` value (or one of variable ``name``) names
+    (``ValueError`` if none)."""
     try:
         return _SPELLINGS[text.strip().lower()]
     except KeyError:
-        raise ValueError(f"{ENV_VAR}={text!r}: expected one of auto, 1/on, 0/off") from None
+        raise ValueError(f"{name}={text!r}: expected one of auto, 1/on, 0/off") from None
 
 
 def fused_layers_mode() -> FusedMode:
@@ -68,11 +69,8 @@ def set_fused_layers_mode(mode: FusedMode | None) -> None:
 def fused_kv_write() -> bool:
     """Whether the one-launch K/V cache write is switched on (module docstring)."""
     global _kv_write
-    if _kv_write is None:
-        value = os.environ.get(KV_WRITE_ENV_VAR, "").strip().lower()
-        if value not in ("", "0", "off", "false", "no", "1", "on", "true", "yes"):
-            raise ValueError(f"{KV_WRITE_ENV_VAR}={value!r}: expected 1/on or 0/off")
-        _kv_write = value in ("1", "on", "true", "yes")
+    if _kv_write is None:  # unset / auto: off
+        _kv_write = parse_mode(os.environ.get(KV_WRITE_ENV_VAR, ""), KV_WRITE_ENV_VAR) == "on"
     return _kv_write
 
 
