@@ -16,7 +16,7 @@ into the rotary kernel would remove):
 adapters' true-rank bytes).
 
     python bench/model/decode_anatomy.py --out DIR [--sha SHA] [--batches 32] [--steps 5]
-        [--tiny CKPT_DIR]   # a tiny checkpoint on the CPU: exercises the script, no claims
+        [--layers fused,fused_kv] [--tiny CKPT_DIR]   # a tiny checkpoint on the CPU: exercises the script, no claims
 
 Writes ``DIR/decode_anatomy.jsonl`` (one row per scenario × batch × path, with every category,
 and the 15 most expensive kernel names) and prints a table last.
@@ -39,18 +39,18 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload as wl
 from bench_decode import CONFIG_DIR, CONTEXT, MAX_RANK, NUM_SLOTS, ceilings, time_ms
-from fused_layers import LABEL_MODES
+from fused_layers import LABEL_KV_WRITE, LABEL_MODES
 
 import valora.layers.attention_triton  # noqa: F401  (registers "triton")
 from valora.engine.cuda_graph import CudaGraphRunner
-from valora.layers.fused_select import fused_layers
+from valora.layers.fused_select import fused_layers, set_fused_kv_write
 from valora.models.loader import load_model
 
 # First match wins; names are CUDA kernel names (or ATen op names on the CPU).
 CATEGORIES: tuple[tuple[str, str], ...] = (
     ("lora_shrink", r"lora_shrink"),
     ("lora_expand", r"lora_expand"),
-    ("kv_write", r"index_copy"),  # new K/V into the paged cache (two per layer)
+    ("kv_write", r"index_copy|kv_write"),  # new K/V into the paged cache (two launches per layer, or one fused)
     ("attention", r"attention|attn|paged|flash|decode_kernel|sdpa"),
     ("gemm", r"gemm|xmma|cutlass|nvjet|cublas|matmul|mm_|addmm|linear|Kernel2"),
     ("norm", r"rms|norm"),
@@ -112,6 +112,7 @@ def floors_us(model: Any, step: wl.StepSetup, ranks: list[int], slots: list[int]
 
 def anatomy(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int], steps: int,
             rate: float, common: dict[str, Any], sink: Any) -> list[dict[str, Any]]:
+    """One row per scenario × batch × path under the per-layer op mode already set."""
     device = model.device
     rows = []
     runner = None
@@ -158,15 +159,16 @@ def anatomy(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int], s
 
 def table(rows: list[dict[str, Any]]) -> str:
     cats = [c for c, _ in CATEGORIES] + ["other"]
-    lines = ["scenario        batch path  |   step    gap | " + " ".join(f"{c[:11]:>11}" for c in cats)]
+    lines = ["layers   scenario        batch path  |   step    gap | "
+             + " ".join(f"{c[:11]:>11}" for c in cats)]
     for row in rows:
-        lines.append(f"{row['scenario']:<15} {row['batch']:>5} {row['path']:<5} | "
+        lines.append(f"{row['layers']:<8} {row['scenario']:<15} {row['batch']:>5} {row['path']:<5} | "
                      f"{row['step_us']:6.0f} {row['gap_us']:6.0f} | "
                      + " ".join(f"{row['category_us'].get(c, 0.0):11.0f}" for c in cats))
     lines.append("µs per step; floors (µs): " + "; ".join(
         f"{r['scenario']}@{r['batch']}: " + ", ".join(f"{k} {v:.0f}" for k, v in
                                                       r["floor_us"].items())
-        for r in rows if r["path"] == rows[0]["path"]))
+        for r in rows if r["path"] == rows[0]["path"] and r["layers"] == rows[0]["layers"]))
     return "\n".join(lines)
 
 
@@ -176,6 +178,9 @@ def main() -> None:
     parser.add_argument("--sha", default="unknown")
     parser.add_argument("--batches", default="32")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--layers", default="fused",
+                        help="comma list of per-layer op modes (bench_decode's labels: fused, "
+                             "fused_kv, stock, ...)")
     parser.add_argument("--tiny", type=Path, help="a tiny checkpoint: exercise the script only")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -192,9 +197,17 @@ def main() -> None:
     common = {"device": name, "git_sha": args.sha, "model": "tiny" if args.tiny
               else "llava-1.5-7b-dummy", "dtype": str(dtype), "copy_bytes_per_s": rate}
     args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "decode_anatomy.jsonl").open("w") as sink, \
-            fused_layers(LABEL_MODES["fused"] if device.type == "cuda" else LABEL_MODES["stock"]):
-        rows = anatomy(model, pool, ranks, batches, args.steps, rate, common, sink)
+    rows: list[dict[str, Any]] = []
+    with (args.out / "decode_anatomy.jsonl").open("w") as sink:
+        for label in args.layers.split(","):
+            mode = LABEL_MODES[label] if device.type == "cuda" else LABEL_MODES["stock"]
+            set_fused_kv_write(LABEL_KV_WRITE.get(label, False))
+            try:
+                with fused_layers(mode):
+                    rows += anatomy(model, pool, ranks, batches, args.steps, rate,
+                                    {**common, "layers": label}, sink)
+            finally:
+                set_fused_kv_write(None)
     print(table(rows))
 
 
