@@ -9,7 +9,10 @@ scenario under ``torch.profiler`` and sums the kernels it sees per category (``C
 kernel name; the LM head's GEMM counts with ``gemm``), per step; the gap is the step's
 CUDA-event time minus the kernels' sum (launch gaps inside the graph, idle SMs between
 dependent kernels). The same step is also profiled eagerly, for its kernel count and in case the
-profiler sees no kernels inside graph replays. Per category, its floor where the bytes are known
+profiler sees no kernels inside graph replays, and (path ``known``) eagerly with the step's
+adapter slots known on the host, as the engine's eager steps have them: the LoRA tiles then come
+from the table bucket of the adapters' own ranks and count, where a captured graph (and the
+``eager`` path) must take the worst case (storage rank, one adapter per token). Per category, its floor where the bytes are known
 (the KV read is charged to ``attention``; ``kv_write`` launches are what fusing the cache write
 into the rotary kernel would remove):
 ``gemm`` (decoder + LM-head weights), ``attention`` (the KV read), ``lora`` (the distinct
@@ -25,6 +28,7 @@ and the 15 most expensive kernel names) and prints a table last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import statistics
@@ -45,6 +49,7 @@ import valora.layers.attention_triton  # noqa: F401  (registers "triton")
 from valora.engine.cuda_graph import CudaGraphRunner
 from valora.layers.fused_select import fused_layers, set_fused_kv_write
 from valora.models.loader import load_model
+from valora.ops.lora import prepare_lora_batch
 
 # First match wins; names are CUDA kernel names (or ATen op names on the CPU).
 CATEGORIES: tuple[tuple[str, str], ...] = (
@@ -134,6 +139,16 @@ def anatomy(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int], s
                     model.compute_logits(model.forward(fb))
 
             paths = [("eager", eager)]
+            if fb.lora is not None:  # the host knows the slots: tiles keyed by their ranks
+                hinted = dataclasses.replace(fb, lora=prepare_lora_batch(
+                    fb.lora.token_slots, NUM_SLOTS, "triton",
+                    active_slots=sorted({s for s in slots if s >= 0})))
+
+                def eager_known(fb: Any = hinted) -> None:
+                    with torch.inference_mode():
+                        model.compute_logits(model.forward(fb))
+
+                paths.append(("known", eager_known))
             if runner is not None:
                 def graphed(fb: Any = fb) -> None:
                     with torch.inference_mode():
