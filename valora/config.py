@@ -90,7 +90,10 @@ class SchedulerConfig:
     output objects while the *next* step runs on the device (``LLMEngine``: "Asynchronous output
     processing"). Outputs then reach callers one step later and a request stopped by a stop
     string runs one step more (that token is discarded); tokens, texts and finish reasons are
-    those of the synchronous order. Off by default until measured on a GPU.
+    those of the synchronous order. On by default: on an H200 at LLaVA-1.5-7B shapes (dummy
+    weights, 32 / 64 greedy requests of 128 tokens, base and 8 adapters) engine steps were
+    4.7–11.3 % shorter with it (``bench/results/model/h200-async-known-d1a2d47/``); the cost is
+    one step of latency before each output (a first token's included).
     """
 
     max_num_batched_tokens: int = 2048
@@ -98,7 +101,7 @@ class SchedulerConfig:
     max_waiting: int = 4096
     chunked_prefill: bool = True
     policy: str = "fcfs"
-    async_output_processing: bool = False
+    async_output_processing: bool = True
 
     def __post_init__(self) -> None:
         _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive")

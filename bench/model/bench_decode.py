@@ -114,13 +114,13 @@ def bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[in
                  ceil: dict[str, float], rec: Recorder, label: str, repeats: int) -> None:
     """The decode grid with the per-layer ops of ``label`` (captured and replayed in that mode)."""
     model.set_lora_overlap(LABEL_OVERLAP[label])
-    set_fused_kv_write(LABEL_KV_WRITE.get(label, False))
+    set_fused_kv_write(LABEL_KV_WRITE.get(label, True))
     try:
         with fused_layers(LABEL_MODES[label]):
             _bench_decode(model, pool, ranks, batches, ceil, rec, label, repeats)
     finally:
         model.set_lora_overlap(0)
-        set_fused_kv_write(False)
+        set_fused_kv_write(None)
 
 
 def _bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
@@ -196,11 +196,11 @@ def count_kernels(model: Any, pool: wl.KVPool, batch: int, labels: list[str],
             model.compute_logits(model.forward(step.batch))
 
     for label in labels:
-        set_fused_kv_write(LABEL_KV_WRITE.get(label, False))
+        set_fused_kv_write(LABEL_KV_WRITE.get(label, True))
         try:
             count = kernels_per_step(run, LABEL_MODES[label])
         finally:
-            set_fused_kv_write(False)
+            set_fused_kv_write(None)
         rec.emit({"section": "kernels", "label": label, "batch": batch,
                   "kernels_per_step": count, "per_layer": count / model.spec.num_layers})
 
@@ -263,8 +263,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--layers", default="stock,fused",
                         help="comma list of per-layer op modes to bench: stock, fused (engine "
                              "defaults), serial (fused, LoRA never overlapped), overlap "
-                             "(fused, LoRA beside the base GEMM up to 256 tokens), fused_kv "
-                             "(fused + K/V written in one launch, VALORA_FUSED_KV_WRITE)")
+                             "(fused, LoRA beside the base GEMM up to 256 tokens), split_kv "
+                             "(fused, K/V written by two index_copy_, VALORA_FUSED_KV_WRITE=0), "
+                             "fused_kv (= fused since the one-launch K/V write became the "
+                             "default)")
     parser.add_argument("--skip-fused", action="store_true", help="same as --layers stock")
     parser.add_argument("--tiny", type=Path, help="a tiny checkpoint: exercise the script only")
     parser.add_argument("--config", type=Path, default=CONFIG_DIR,

@@ -216,7 +216,7 @@ def main() -> None:
     with (args.out / "decode_anatomy.jsonl").open("w") as sink:
         for label in args.layers.split(","):
             mode = LABEL_MODES[label] if device.type == "cuda" else LABEL_MODES["stock"]
-            set_fused_kv_write(LABEL_KV_WRITE.get(label, False))
+            set_fused_kv_write(LABEL_KV_WRITE.get(label, True))
             try:
                 with fused_layers(mode):
                     rows += anatomy(model, pool, ranks, batches, args.steps, rate,

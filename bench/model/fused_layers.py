@@ -22,12 +22,15 @@ from valora.layers.norm import add_rms_norm_torch, rms_norm_torch
 from valora.layers.rotary import apply_rotary_torch
 
 LABEL_MODES: dict[str, FusedMode] = {"stock": "off", "fused": "on", "serial": "on",
-                                     "overlap": "on", "fused_kv": "on"}
-LABEL_KV_WRITE: dict[str, bool] = {"fused_kv": True}
-"""Labels that also write K/V in one launch (``VALORA_FUSED_KV_WRITE``; off elsewhere)."""
+                                     "overlap": "on", "fused_kv": "on", "split_kv": "on"}
+LABEL_KV_WRITE: dict[str, bool] = {"stock": False, "split_kv": False}
+"""Labels whose K/V cache write is two ``index_copy_`` (``VALORA_FUSED_KV_WRITE=0``); every other
+label writes K/V in one launch, the engine's default on CUDA since session 10 (``fused_kv`` is
+kept as a name for the rows measured before that: the same as ``fused`` now)."""
 DEFAULT_OVERLAP = LoRAConfig().overlap_max_tokens
 LABEL_OVERLAP: dict[str, int] = {"stock": DEFAULT_OVERLAP, "fused": DEFAULT_OVERLAP,
-                                 "serial": 0, "overlap": 256, "fused_kv": DEFAULT_OVERLAP}
+                                 "serial": 0, "overlap": 256, "fused_kv": DEFAULT_OVERLAP,
+                                 "split_kv": DEFAULT_OVERLAP}
 """Per label, the largest step (tokens) whose LoRA deltas run beside the base GEMM
 (``Model.set_lora_overlap``): ``stock`` / ``fused`` as the engine runs by default, ``serial``
 never, ``overlap`` at every decode size benched."""

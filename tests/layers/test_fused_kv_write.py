@@ -82,14 +82,21 @@ def test_one_launch_equals_two_index_copies(device: str, dtype: torch.dtype,
     torch.testing.assert_close(cache[1], expected[1], rtol=ulp, atol=0)
 
 
-def test_off_by_default_and_the_twin_where_the_kernel_cannot(
+def test_on_by_default_and_the_twin_where_the_kernel_cannot(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(fused_select.KV_WRITE_ENV_VAR, raising=False)
-    assert fused_select.fused_kv_write() is False
-    fused_select.set_fused_kv_write(None)
-    monkeypatch.setenv(fused_select.KV_WRITE_ENV_VAR, "1")
+    for value, expected in (("", True), ("auto", True), ("1", True), ("off", False),
+                            ("0", False)):
+        monkeypatch.setenv(fused_select.KV_WRITE_ENV_VAR, value)
+        assert fused_select.fused_kv_write() is expected, value
+        fused_select.set_fused_kv_write(None)
+    monkeypatch.delenv(fused_select.KV_WRITE_ENV_VAR)
     assert fused_select.fused_kv_write() is True
     fused_select.set_fused_kv_write(None)
+    # On by default yet CPU tensors keep the twin in the default (auto) layer mode.
+    fused_select.set_fused_layers_mode("auto")
+    key, value, cache, slots = _case("cpu", torch.float32, torch.float32)
+    assert not attention._kv_kernel_fits(key, value, *cache)
+    fused_select.set_fused_layers_mode(None)
     monkeypatch.setenv(fused_select.KV_WRITE_ENV_VAR, "maybe")
     with pytest.raises(ValueError, match="VALORA_FUSED_KV_WRITE"):
         fused_select.fused_kv_write()
