@@ -134,11 +134,11 @@ class LogitsRecorder:
             pending.append(request.request_id)
             return original_row(request)
 
-        def sample(logits: torch.Tensor, rows: Any) -> Any:
+        def sample(logits: torch.Tensor, rows: Any, before_read: Any = None) -> Any:
             for rid, row in zip(pending, logits, strict=True):
                 self.rows.setdefault(rid, []).append(row.float().cpu())
             pending.clear()
-            return _SAMPLE(logits, rows)
+            return _SAMPLE(logits, rows, before_read)
 
         monkeypatch.setattr(runner, "_sampling_row", sampling_row)
         monkeypatch.setattr(model_runner, "sample", sample)

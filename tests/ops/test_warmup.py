@@ -75,10 +75,22 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> Callable[[TileTable | None], No
 
 
 def _select(device: torch.device, shape: LoRALayerShape, tokens: int, rank: int,
-            adapters: int) -> TileConfig:
-    """What the launcher asks for a call keyed by ``rank`` (``choose_tile_config``)."""
-    return select_tile_config(device, tokens, rank, shape.in_features, shape.slice_widths,
-                              adapters, storage_rank=shape.max_rank)[0]
+            adapters: int, mix: bool = False) -> TileConfig:
+    """What the launcher asks for a call keyed by ``rank`` (``choose_tile_config``); ``mix``:
+    slots unknown to the host (then only a mix entry's answer counts here)."""
+    config, source = select_tile_config(device, tokens, rank, shape.in_features,
+                                        shape.slice_widths, adapters,
+                                        storage_rank=shape.max_rank, mix=mix)
+    assert source == "mix" or not mix
+    return config
+
+
+def _mix_answer(device: torch.device, shape: LoRALayerShape, tokens: int,
+                adapters: int) -> TileConfig | None:
+    config, source = select_tile_config(device, tokens, shape.max_rank, shape.in_features,
+                                        shape.slice_widths, adapters,
+                                        storage_rank=shape.max_rank, mix=True)
+    return config if source == "mix" else None
 
 
 def _exhaustive(shape: LoRALayerShape, max_tokens: int, max_adapters: int,
@@ -93,6 +105,10 @@ def _exhaustive(shape: LoRALayerShape, max_tokens: int, max_adapters: int,
             for adapters in range(1, min(tokens, max_adapters) + 1):
                 config = _select(device, shape, tokens, rank, adapters)
                 seen.add(kernel_variants(shape, config, tokens))
+    for tokens in range(1, max_tokens + 1):  # slots unknown: the worst-case adapter count
+        mixed = _mix_answer(device, shape, tokens, min(tokens, max_adapters))
+        if mixed is not None:
+            seen.add(kernel_variants(shape, mixed, tokens))
     return seen
 
 
@@ -105,8 +121,10 @@ def _check_enumeration(shape: LoRALayerShape, max_tokens: int, max_adapters: int
     for v in variants:  # each representative call is legal and selects its variant
         assert 1 <= v.num_adapters <= min(v.num_tokens, max_adapters)
         assert v.num_tokens <= max_tokens and tile_rank(v.key_rank, shape.max_rank) == v.key_rank
-        config = _select(device, shape, v.num_tokens, v.key_rank, v.num_adapters)
+        config = _select(device, shape, v.num_tokens, v.key_rank, v.num_adapters, v.mix)
         assert config == v.config and kernel_variants(shape, config, v.num_tokens) == v.key
+        assert not v.mix or (v.key_rank == shape.max_rank
+                             and v.num_adapters == min(v.num_tokens, max_adapters))
     return variants
 
 
@@ -142,6 +160,18 @@ def test_table_enumeration_is_exhaustive_and_deduplicated(
     # stride classes.
     assert {v.config.shrink.block_k for v in variants} == {16, 64}
     assert len(variants) == 4
+
+
+def test_mix_entries_add_their_binaries(fake_gpu: Callable[[TileTable | None], None]) -> None:
+    """A mix entry's tiles are enumerated (for calls with slots unknown: storage rank, worst
+    adapter count) beside every regular answer."""
+    table = _tiny_table()
+    table.put("mix:t16-" + TINY_BUCKET.format("a8"), _config(16, 1, expand_n=64, stages=1), {})
+    fake_gpu(table)
+    variants = _check_enumeration(TINY, 40, 3, FAKE_CUDA)
+    mixed = [v for v in variants if v.mix]
+    assert mixed and all(9 <= v.num_tokens <= 16 for v in mixed)
+    assert {v.config.expand.block_n for v in mixed} == {64}
 
 
 def test_shipped_h200_table_covers_llava_layers(
@@ -295,6 +325,8 @@ def _tiny_rank_table() -> TileTable:
     table.put("t16-r16-i64-o16-a8-s2", _config(64, 1, expand_n=32, stages=3), {})
     table.put("t8-r64-i64-o16-a1-s2", _config(16, 3, stages=3), {})
     table.put("t32-r64-i64-o16-a8-s2", _config(32, 1), {})
+    # Graph replays (slots unknown) of 17–32 tokens: tiles of their own, 1-stage expand.
+    table.put("mix:t32-r64-i64-o16-a8-s2", _config(16, 1, expand_n=64, stages=1), {})
     return table
 
 
@@ -352,3 +384,25 @@ def test_no_op_off_the_triton_backend() -> None:
     assert warm_up_lora_kernels(layers, 8, 2, CPU, backend="reference").launches == 0
     assert warm_up_enabled(CPU) == triton_lora.kernels_interpreted()
     assert warm_up_lora_kernels([], 8, 2, CPU).launches == 0
+
+
+def test_the_launcher_asks_for_a_mix_entry_only_when_slots_are_unknown(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[bool] = []
+
+    def spy(*args: Any, **kwargs: Any) -> tuple[TileConfig, str]:
+        asked.append(bool(kwargs.get("mix")))
+        return select_tile_config(*args, **kwargs)
+
+    monkeypatch.setattr(triton_lora, "select_tile_config", spy)
+    weights = make_slot_weights([4, 2, 8], 32, (8, 8), torch.float32, CPU, seed=1)
+    x = torch.zeros(6, 32)
+    slots = torch.tensor([0, 1, 2, 0, 1, -1], dtype=torch.int32)
+    known = prepare_lora_batch(slots, 3, "triton")  # CPU slots: the host derives them
+    segments = LoRASegments.allocate(6, 3, CPU)
+    segments.update(slots)  # as a captured graph's: unknown to the host
+    for batch_segments in (known.backend_data, segments):
+        assert isinstance(batch_segments, LoRASegments)
+        triton_lora.choose_tile_config(x, weights, batch_segments,
+                                       triton_lora.active_slice_ranks(weights, batch_segments))
+    assert asked == [False, True]

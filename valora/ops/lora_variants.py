@@ -26,6 +26,8 @@ Layers whose constants specialise alike share binaries (e.g. o_proj 4096→4096 
 The launcher keys its lookup by a rank too: the storage rank ``R`` (batches whose slots the host
 does not know: CUDA graphs), or ``tile_rank(effective rank, R)`` when it knows them (the largest
 rank the batch's adapters use, rounded up to its rank bucket; ``key_ranks`` lists the values).
+Batches whose slots the host does not know take the bucket's mix entry where the table has one
+(``tile_table``, "Mix entries"); the enumeration adds those selections (``LoRAVariant.mix``).
 
 ``enumerate_lora_variants`` lists, for one layer shape, every (shrink, expand) pair of binaries
 that any call with ``1 ≤ T ≤ max_tokens``, ``1 ≤ A ≤ min(T, max_adapters)`` and any key rank
@@ -157,6 +159,9 @@ class LoRAVariant:
     shape: LoRALayerShape
     correction: bool = False
     """A mixed-mode call with the correction in the same op (``h`` rows ``2·J·R`` wide)."""
+    mix: bool = False
+    """A call whose slots the host does not know (a CUDA-graph replay), served by a mix entry
+    (``tile_table``); ``num_adapters`` is then the worst case ``min(T, slots)``."""
 
     @property
     def key(self) -> tuple[ShrinkVariant, ExpandVariant]:
@@ -211,8 +216,8 @@ def _runs(bounds: Sequence[int], limit: int) -> list[tuple[int, int]]:
 
 def _cell_calls(shape: LoRALayerShape, rank: int, tokens: tuple[int, int],
                 adapters: tuple[int, int], max_adapters: int,
-                device: torch.device) -> Iterator[tuple[int, int, TileConfig]]:
-    """``(T, A, config)`` for calls keyed by ``rank`` of one token-run × adapter-run cell that
+                device: torch.device) -> Iterator[tuple[int, int, TileConfig, bool]]:
+    """``(T, A, config, False)`` for calls keyed by ``rank`` of one token-run × adapter-run cell that
     together select every binary any such call of the cell selects (module docstring)."""
     t_low, t_high = tokens
     a_low, a_high = adapters
@@ -236,11 +241,28 @@ def _cell_calls(shape: LoRALayerShape, rank: int, tokens: tuple[int, int],
         # One bucket: one config; T only moves the split_stride specialisation, whose classes
         # all appear among 16 consecutive token counts.
         for num_tokens in range(t_high, max(t_first, t_high - 15) - 1, -1):
-            yield num_tokens, top(num_tokens), config
+            yield num_tokens, top(num_tokens), config, False
         return
     for num_tokens in range(t_first, t_high + 1):
         for num_adapters in range(a_low, top(num_tokens) + 1):
-            yield num_tokens, num_adapters, select(num_tokens, num_adapters)[0]
+            yield num_tokens, num_adapters, select(num_tokens, num_adapters)[0], False
+
+
+def _mix_calls(shape: LoRALayerShape, tokens: tuple[int, int], max_adapters: int,
+               device: torch.device) -> Iterator[tuple[int, int, TileConfig, bool]]:
+    """``(T, A, config, True)`` for the calls of one token run whose slots the host does not know
+    (key rank = storage rank, ``A = min(T, slots)``) that a mix entry serves
+    (``tile_table``, "Mix entries"); nothing where the run's bucket has none — those calls take
+    the worst-case answer the other cells cover."""
+    t_low, t_high = tokens
+    for num_tokens in range(t_high, max(t_low, t_high - 15) - 1, -1):
+        adapters = min(num_tokens, max_adapters)
+        config, source = select_tile_config(device, num_tokens, shape.max_rank,
+                                            shape.in_features, shape.slice_widths, adapters,
+                                            storage_rank=shape.max_rank, mix=True)
+        if source != "mix":
+            return
+        yield num_tokens, adapters, config, True
 
 
 def enumerate_lora_variants(shape: LoRALayerShape, max_tokens: int, max_adapters: int,
@@ -259,19 +281,21 @@ def enumerate_lora_variants(shape: LoRALayerShape, max_tokens: int, max_adapters
         return []
     for rank in key_ranks(shape.max_rank) if ranks is None else ranks:
         for tokens in _runs(TOKEN_BUCKETS, max_tokens):
-            for adapters in _runs(ADAPTER_BUCKETS, max_adapters):
-                for num_tokens, num_adapters, config in _cell_calls(
-                        shape, rank, tokens, adapters, max_adapters, device):
-                    width = shape.flat_rank * (2 if correction else 1)
-                    seen = (config, int_spec(num_tokens * width))
-                    if seen in checked:
-                        continue
-                    checked.add(seen)
-                    shrink, expand = kernel_variants(shape, config, num_tokens, correction)
-                    if (shrink, expand) not in found:
-                        found[shrink, expand] = LoRAVariant(
-                            shrink, expand, config, num_tokens, num_adapters, rank, shape,
-                            correction)
+            cells = [_cell_calls(shape, rank, tokens, adapters, max_adapters, device)
+                     for adapters in _runs(ADAPTER_BUCKETS, max_adapters)]
+            if rank == shape.max_rank:  # calls whose slots the host does not know
+                cells.append(_mix_calls(shape, tokens, max_adapters, device))
+            for num_tokens, num_adapters, config, mix in (c for cell in cells for c in cell):
+                width = shape.flat_rank * (2 if correction else 1)
+                seen = (config, int_spec(num_tokens * width))
+                if seen in checked:
+                    continue
+                checked.add(seen)
+                shrink, expand = kernel_variants(shape, config, num_tokens, correction)
+                if (shrink, expand) not in found:
+                    found[shrink, expand] = LoRAVariant(
+                        shrink, expand, config, num_tokens, num_adapters, rank, shape,
+                        correction, mix)
     return list(found.values())
 
 

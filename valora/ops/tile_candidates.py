@@ -29,6 +29,22 @@ EXPAND_TILES: tuple[tuple[int, int, int, int, int], ...] = (
     (32, 128, 32, 4, 2), (64, 64, 32, 4, 2), (64, 128, 16, 4, 3), (64, 128, 32, 4, 3),
     (64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (128, 256, 32, 8, 2),
 )
+DECODE_SHRINK_TILES: tuple[tuple[int, int, int, int, int], ...] = (
+    (16, 16, 128, 2, 2), (16, 32, 128, 4, 2), (16, 16, 256, 2, 2), (16, 32, 256, 2, 2),
+    (16, 64, 64, 4, 2),
+)
+DECODE_EXPAND_TILES: tuple[tuple[int, int, int, int, int], ...] = (
+    (16, 64, 16, 2, 1), (16, 128, 16, 2, 1), (16, 128, 16, 4, 1), (16, 256, 16, 4, 1),
+    (16, 256, 16, 8, 1), (16, 512, 16, 4, 1), (16, 128, 32, 4, 1), (16, 256, 32, 4, 1),
+    (16, 512, 32, 8, 1), (16, 64, 16, 2, 2), (16, 128, 16, 2, 2),
+)
+DECODE_MAX_TOKENS = 256
+"""Buckets up to this many tokens also try the ``DECODE_*`` tiles: 2-warp programs, 1- and
+2-stage pipelines (a decode program's rank loop runs once or twice: deeper staging only costs
+shared memory, so fewer programs fit an SM). On an H200 at LLaVA-1.5-7B decode shapes (32
+tokens; one adapter, 8, or 32 of ranks 8–64) they were the best of 73 shrink and 21 expand
+variants at 8 of 12 shrink and all 12 expand points, 10–35 % below the tuner's earlier lists
+(``bench/results/ops/decode-tiles-h200-2114aa0/``)."""
 EARLY_Y_MIN_TOKENS = 4096
 """Buckets from this many tokens also try every tile of ``block_m`` ≥ 64 with the ``y`` load
 before the rank loop (``ExpandConfig.early_y``). On an H200 the early load beat the same tile
@@ -54,7 +70,8 @@ def shrink_candidates(num_tokens: int, max_rank: int, in_features: int, num_adap
     m_cap = _block_m_limit(num_tokens, adapters)
     found = [heuristic_config(num_tokens, max_rank, in_features, 16, adapters, num_slices,
                               num_sms).shrink]
-    for block_m, block_n, block_k, warps, stages in SHRINK_TILES:
+    decode = DECODE_SHRINK_TILES if num_tokens <= DECODE_MAX_TOKENS else ()
+    for block_m, block_n, block_k, warps, stages in SHRINK_TILES + decode:
         if block_m > m_cap or block_n > flat or block_k > k_cap:
             continue
         tiles = adapters * -(-max(1, num_tokens // adapters) // block_m)
@@ -79,7 +96,8 @@ def expand_candidates(num_tokens: int, max_rank: int, max_slice_width: int, num_
     m_cap = _block_m_limit(num_tokens, adapters)
     found = [heuristic_config(num_tokens, max_rank, in_features, max_slice_width, adapters,
                               num_slices, num_sms).expand]
-    for block_m, block_n, block_k, warps, stages in EXPAND_TILES:
+    decode = DECODE_EXPAND_TILES if num_tokens <= DECODE_MAX_TOKENS else ()
+    for block_m, block_n, block_k, warps, stages in EXPAND_TILES + decode:
         if block_m > m_cap or block_n > n_cap or block_k > k_cap:
             continue
         for early_y in (False, True) if num_tokens >= EARLY_Y_MIN_TOKENS and block_m >= 64 \

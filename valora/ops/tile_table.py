@@ -13,6 +13,15 @@ size is far closer to right than the shape-blind heuristic, which served every d
 8, 32 and 128 before. ``heuristic_config`` remains for no table, no neighbour, or a rank above
 what the tables cover. Results are memoised per bucket; it never touches the GPU.
 
+Mix entries (``"mix:" + ShapeBucket.key``, ``valora.ops.tuning --mix``): a call whose slots the
+host does not know — a CUDA-graph replay, which serves every batch of its token bucket — cannot
+be keyed by its adapters' ranks and count; the regular answer is then the worst case (storage
+rank, one adapter per token), tuned for that batch alone. A mix entry is the tile pair that
+minimises the summed time over a mix of batches the replay may carry (one adapter, a few, one per
+token; ranks 8 up to the storage rank), so one-adapter replays stop paying for tiles sized for
+32 adapters. Looked up by exact bucket only (no neighbour: a mix tuned for decode sizes says
+nothing of a 2048-token piece); without one the worst-case answer stands.
+
 Rank axis: a call is keyed by the rank its tiles should serve — the slot storage rank, or the
 batch's *effective rank* (the largest rank its adapters use, ``tile_rank``) when the host knows
 it. A key rank below the storage rank whose bucket has no tuned entry (not even a neighbour)
@@ -47,6 +56,8 @@ logger = get_logger(__name__)
 
 TABLE_DIR = Path(__file__).with_name("tables")
 TABLE_VERSION = 1
+MIX_PREFIX = "mix:"
+"""Key prefix of the entries tuned over a mix of batches (module docstring)."""
 
 
 _KEY = re.compile(r"^t(\d+)-r(\d+)-i(\d+)-o(\d+)-a(\d+)-s(\d+)$")
@@ -114,6 +125,10 @@ class TileTable:
                 found = (config, "nearest")
         self._resolved[bucket.key] = found
         return found
+
+    def lookup_mix(self, bucket: ShapeBucket) -> TileConfig | None:
+        """The mix entry of exactly ``bucket`` (module docstring), None when not tuned."""
+        return self.get(MIX_PREFIX + bucket.key)
 
     def put(self, key: str, config: TileConfig, time_us: dict[str, float]) -> None:
         record: dict[str, object] = dict(config.to_json())
@@ -195,9 +210,14 @@ def _rank_bucket(rank: int) -> int | None:
 
 def select_tile_config(device: torch.device, num_tokens: int, max_rank: int, in_features: int,
                        slice_widths: tuple[int, ...], num_adapters: int,
-                       storage_rank: int | None = None) -> tuple[TileConfig, str]:
-    """The configuration for one call and where it came from (``"table"``, ``"nearest"`` or
-    ``"heuristic"``).
+                       storage_rank: int | None = None,
+                       mix: bool = False) -> tuple[TileConfig, str]:
+    """The configuration for one call and where it came from (``"mix"``, ``"table"``,
+    ``"nearest"`` or ``"heuristic"``).
+
+    ``mix``: the host does not know the call's slots (``max_rank`` is then the storage rank and
+    ``num_adapters`` the worst case): the bucket's mix entry when tuned (module docstring), else
+    as without.
 
     ``max_rank`` is the key rank: the slot storage rank, or ``tile_rank`` of the batch's
     effective rank. With ``storage_rank`` above it, a key rank whose bucket has no tuned entry
@@ -207,13 +227,20 @@ def select_tile_config(device: torch.device, num_tokens: int, max_rank: int, in_
     name, num_sms = _device_facts(device)
     table = table_for_device(name) if device.type == "cuda" else None
     return select_from_table(table, num_sms, num_tokens, max_rank, in_features, slice_widths,
-                             num_adapters, storage_rank)
+                             num_adapters, storage_rank, mix)
 
 
 def select_from_table(table: TileTable | None, num_sms: int, num_tokens: int, max_rank: int,
                       in_features: int, slice_widths: tuple[int, ...], num_adapters: int,
-                      storage_rank: int | None = None) -> tuple[TileConfig, str]:
+                      storage_rank: int | None = None,
+                      mix: bool = False) -> tuple[TileConfig, str]:
     """``select_tile_config`` against a given table (None: the heuristic only)."""
+    if table is not None and mix:
+        bucket = shape_bucket(num_tokens, max_rank, in_features, sum(slice_widths), num_adapters,
+                              len(slice_widths))
+        mixed = None if bucket is None else table.lookup_mix(bucket)
+        if mixed is not None:
+            return mixed, "mix"
     if table is not None:
         for step, rank in enumerate(_key_ranks(max_rank, storage_rank)):
             bucket = shape_bucket(num_tokens, rank, in_features, sum(slice_widths), num_adapters,

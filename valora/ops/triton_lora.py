@@ -178,14 +178,17 @@ def live_flat_rank(slice_ranks: tuple[int, ...], max_rank: int) -> int:
 def choose_tile_config(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegments,
                        slice_ranks: tuple[int, ...] | None) -> tuple[TileConfig, str]:
     """The call's tile configuration and its source (``select_tile_config``), keyed by the
-    batch's effective rank ``max(slice_ranks)`` when known, else by the storage rank."""
+    batch's effective rank ``max(slice_ranks)`` when known, else by the storage rank — and then,
+    the host knowing nothing of the slots (CUDA-graph segments), by the bucket's mix entry when
+    the table has one (``tile_table``: tiles for every batch a replay may carry)."""
     storage = weights.max_rank
     rank = storage if slice_ranks is None else tile_rank(max(slice_ranks, default=0), storage)
     active = segments.num_active_slots
     # Unknown adapter count (graph-captured segments): the worst case, one per token.
     worst = min(x.shape[0], segments.num_slots)
     return select_tile_config(x.device, x.shape[0], rank, x.shape[1], weights.slice_widths,
-                              active if active > 0 else worst, storage_rank=storage)
+                              active if active > 0 else worst, storage_rank=storage,
+                              mix=segments.read_slots is None and slice_ranks is None)
 
 
 def lora_apply_triton(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,

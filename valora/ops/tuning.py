@@ -8,6 +8,15 @@ expand cheaper), and the pair with the smallest sum wins. Winners are stored und
 ``valora/ops/tables/<GPU>.json`` (or ``--out``).
 The table is written after each bucket; a rerun skips buckets already present (resume) unless
 ``--no-resume``. ``--time-budget`` stops cleanly between buckets. A progress bar shows the way.
+
+``--mix`` tunes the *mix* entries instead (``valora.ops.tile_table``, "Mix entries": the tiles of
+calls whose slots the host does not know, as in CUDA-graph replays): per bucket (``--ranks``
+read as slot storage ranks, ``--adapters`` as slot counts), one problem per kind of batch a
+replay may carry — ``one`` adapter (rank 16, or the storage rank below it), a ``few`` (up to 8,
+uniform), ``all`` (one per token, up to the slot count) — over slots of mixed ranks (8, 16, …
+up to the storage rank), no host hints (as graph segments); each candidate's time is the sum
+over the kinds (the expected time of a replay drawn uniformly from them), and the same
+shrink → expand → pairs search picks the winner, stored under ``"mix:" + bucket key``.
 """
 
 from __future__ import annotations
@@ -26,8 +35,8 @@ from valora.ops.lora import LoRASlotWeights, prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights, make_token_slots
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.tile_candidates import expand_candidates, shrink_candidates
-from valora.ops.tile_config import TileConfig, shape_bucket
-from valora.ops.tile_table import TABLE_DIR, TileTable, table_file_name
+from valora.ops.tile_config import ExpandConfig, ShrinkConfig, TileConfig, shape_bucket
+from valora.ops.tile_table import MIX_PREFIX, TABLE_DIR, TileTable, table_file_name
 from valora.ops.timing import rotations_for, time_calls
 from valora.ops.triton_lora import launch_expand, launch_shrink
 
@@ -78,6 +87,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-budget", type=float, default=0.0, help="seconds; 0 = no limit")
     parser.add_argument("--max-candidates", type=int, default=0, help="per kernel; 0 = all")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--mix", action="store_true",
+                        help="tune the mix entries (tiles for CUDA-graph replays, whose slots "
+                             "the host does not know): --ranks are storage ranks, --adapters "
+                             "slot counts")
     parser.add_argument("--pair-shrinks", type=int, default=3,
                         help="shrinks (best first) whose output the best expand is timed on")
     return parser.parse_args(argv)
@@ -108,9 +121,41 @@ class InputSet:
     segments: LoRASegments
 
 
+MIX_KINDS = ("one", "few", "all")
+"""The kinds of batch a mix entry is tuned over (module docstring)."""
+MIX_RANKS = (8, 16, 32, 64, 128, 256)
+
+
+def mix_slot_ranks(storage_rank: int, num_slots: int) -> list[int]:
+    """Slot ranks of a mix problem: ``MIX_RANKS`` below the storage rank, then the storage rank,
+    repeated over the slots (slot 0 has rank 8, or the storage rank when that is smaller)."""
+    ranks = [r for r in MIX_RANKS if r < storage_rank] + [storage_rank]
+    return [ranks[s % len(ranks)] for s in range(num_slots)]
+
+
+def token_slots_of(kind: str, shape: TuneShape, slot_ranks: list[int],
+                   generator: torch.Generator) -> torch.Tensor:
+    """The token slots of one problem: ``uniform`` (a regular bucket: uniform over its
+    adapters), or a mix kind (``MIX_KINDS``)."""
+    tokens, slots = shape.num_tokens, shape.num_adapters
+    if kind == "uniform":
+        return make_token_slots(tokens, slots, "uniform", generator)
+    if kind == "one":  # the slot whose rank is nearest 16
+        target = min(16, shape.max_rank)
+        slot = min(range(len(slot_ranks)), key=lambda s: abs(slot_ranks[s] - target))
+        return torch.full((tokens,), slot, dtype=torch.int32)
+    if kind == "few":
+        return make_token_slots(tokens, min(8, slots), "uniform", generator)
+    if kind == "all":
+        return make_token_slots(tokens, slots, "distinct", generator)
+    raise ValueError(f"unknown problem kind {kind!r}")
+
+
 def _problems(shape: TuneShape, dtype: torch.dtype, device: torch.device,
-              seed: int) -> list[InputSet]:
-    """Rotating input sets for one bucket: enough that their calls together touch
+              seed: int, kind: str = "uniform") -> list[InputSet]:
+    """Rotating input sets for one bucket and kind of batch (``token_slots_of``; ``uniform``:
+    every slot at the bucket's rank, the host's hints set; a mix kind: ``mix_slot_ranks``, no
+    hints): enough that their calls together touch
     ``ROTATE_BYTES`` (operands cold in L2, as in a model step; at most ``MAX_ROTATIONS``).
 
     A call touches its tokens' activations and the factors of the adapters its tokens use (not
@@ -120,23 +165,25 @@ def _problems(shape: TuneShape, dtype: torch.dtype, device: torch.device,
     generator = torch.Generator().manual_seed(seed)
     width = sum(shape.slice_widths)
     item = torch.tensor([], dtype=dtype).element_size()
-    slot_sets = [make_token_slots(shape.num_tokens, shape.num_adapters, "uniform", generator)]
-    used = len(set(slot_sets[0].tolist()))
+    slot_ranks = ([shape.max_rank] * shape.num_adapters if kind == "uniform"
+                  else mix_slot_ranks(shape.max_rank, shape.num_adapters))
+    slot_sets = [token_slots_of(kind, shape, slot_ranks, generator)]
+    used = set(slot_sets[0].tolist())
     touched = item * (shape.num_tokens * (shape.in_features + 2 * width)
-                      + used * shape.max_rank * (shape.in_features * len(shape.slice_widths)
-                                                 + width))
+                      + sum(slot_ranks[s] for s in used)
+                      * (shape.in_features * len(shape.slice_widths) + width))
     storage = item * shape.num_adapters * shape.max_rank * (
         shape.in_features * len(shape.slice_widths) + width)
     rotations = rotations_for(touched, set_bytes=storage)
     sets: list[InputSet] = []
     for i in range(rotations):
-        weights = make_slot_weights([shape.max_rank] * shape.num_adapters, shape.in_features,
-                                    shape.slice_widths, dtype, device, seed + i)
+        weights = make_slot_weights(slot_ranks, shape.in_features, shape.slice_widths, dtype,
+                                    device, seed + i, max_rank=shape.max_rank)
         if i >= len(slot_sets):
-            slot_sets.append(make_token_slots(shape.num_tokens, shape.num_adapters, "uniform",
-                                              generator))
+            slot_sets.append(token_slots_of(kind, shape, slot_ranks, generator))
         batch = prepare_lora_batch(slot_sets[i].to(device), shape.num_adapters, "triton",
-                                   num_active_slots=shape.num_adapters)
+                                   num_active_slots=(shape.num_adapters if kind == "uniform"
+                                                     else None))
         x = torch.randn(shape.num_tokens, shape.in_features, device=device, dtype=dtype)
         y = torch.randn(shape.num_tokens, width, device=device, dtype=dtype)
         assert isinstance(batch.backend_data, LoRASegments)
@@ -145,10 +192,12 @@ def _problems(shape: TuneShape, dtype: torch.dtype, device: torch.device,
 
 
 def tune_bucket(shape: TuneShape, dtype: torch.dtype, device: torch.device, num_sms: int,
-                max_candidates: int, repeats: int,
-                pair_shrinks: int = 1) -> tuple[TileConfig, dict[str, float]]:
-    """Time the candidates for one shape (module docstring): shrink, expand, pairs."""
-    sets = _problems(shape, dtype, device, seed=shape.num_tokens * 7919 + shape.max_rank)
+                max_candidates: int, repeats: int, pair_shrinks: int = 1,
+                kinds: tuple[str, ...] = ("uniform",)) -> tuple[TileConfig, dict[str, float]]:
+    """Time the candidates for one shape (module docstring): shrink, expand, pairs; with several
+    ``kinds`` of problem (``--mix``), a configuration's time is its sum over them."""
+    seed = shape.num_tokens * 7919 + shape.max_rank
+    problems = [_problems(shape, dtype, device, seed, kind) for kind in kinds]
     args = (shape.num_tokens, shape.max_rank)
     shrinks = shrink_candidates(*args, shape.in_features, shape.num_adapters,
                                 len(shape.slice_widths), num_sms)
@@ -156,30 +205,36 @@ def tune_bucket(shape: TuneShape, dtype: torch.dtype, device: torch.device, num_
                                 shape.in_features, len(shape.slice_widths), num_sms)
     if max_candidates > 0:
         shrinks, expands = shrinks[:max_candidates], expands[:max_candidates]
-    shrink_times = {}
-    for cfg in shrinks:
-        calls = [partial(launch_shrink, s.x, s.weights, s.segments, cfg) for s in sets]
-        shrink_times[cfg] = time_calls(calls, device, repeats=repeats).median_us
+
+    def shrink_us(cfg: ShrinkConfig) -> float:
+        return sum(time_calls([partial(launch_shrink, s.x, s.weights, s.segments, cfg)
+                               for s in sets], device, repeats=repeats).median_us
+                   for sets in problems)
+
+    def outputs(cfg: ShrinkConfig) -> list[list[torch.Tensor]]:
+        return [[launch_shrink(s.x, s.weights, s.segments, cfg) for s in sets]
+                for sets in problems]
+
+    def expand_us(ecfg: ExpandConfig, partials: list[list[torch.Tensor]]) -> float:
+        return sum(time_calls([partial(launch_expand, h, s.y, s.weights, s.segments, ecfg, 1.0)
+                               for s, h in zip(sets, hs, strict=True)], device,
+                              repeats=repeats).median_us
+                   for sets, hs in zip(problems, partials, strict=True))
+
+    shrink_times = {cfg: shrink_us(cfg) for cfg in shrinks}
     best_shrink = min(shrink_times, key=shrink_times.__getitem__)
-    partials = [launch_shrink(s.x, s.weights, s.segments, best_shrink) for s in sets]
-    expand_times = {}
-    for ecfg in expands:
-        expand_calls = [partial(launch_expand, h, s.y, s.weights, s.segments, ecfg, 1.0)
-                        for s, h in zip(sets, partials, strict=True)]
-        expand_times[ecfg] = time_calls(expand_calls, device, repeats=repeats).median_us
+    partials = outputs(best_shrink)
+    expand_times = {ecfg: expand_us(ecfg, partials) for ecfg in expands}
     best_expand = min(expand_times, key=expand_times.__getitem__)
     times = {"shrink": shrink_times[best_shrink], "expand": expand_times[best_expand],
              "shrink_heuristic": shrink_times[shrinks[0]],
              "expand_heuristic": expand_times[expands[0]]}
     pair_total = times["shrink"] + times["expand"]
     for cfg in sorted(shrink_times, key=shrink_times.__getitem__)[1:max(1, pair_shrinks)]:
-        outs = [launch_shrink(s.x, s.weights, s.segments, cfg) for s in sets]
-        expand_calls = [partial(launch_expand, h, s.y, s.weights, s.segments, best_expand, 1.0)
-                        for s, h in zip(sets, outs, strict=True)]
-        expand_us = time_calls(expand_calls, device, repeats=repeats).median_us
-        if shrink_times[cfg] + expand_us < pair_total:
-            best_shrink, pair_total = cfg, shrink_times[cfg] + expand_us
-            times.update(shrink=shrink_times[cfg], expand=expand_us)
+        expand_after = expand_us(best_expand, outputs(cfg))
+        if shrink_times[cfg] + expand_after < pair_total:
+            best_shrink, pair_total = cfg, shrink_times[cfg] + expand_after
+            times.update(shrink=shrink_times[cfg], expand=expand_after)
     return TileConfig(best_shrink, best_expand), times
 
 
@@ -200,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         bucket = shape_bucket(shape.num_tokens, shape.max_rank, shape.in_features,
                               sum(shape.slice_widths), shape.num_adapters, len(shape.slice_widths))
         assert bucket is not None
-        if args.no_resume or bucket.key not in table.entries:
-            pending.append((bucket.key, shape))
+        key = MIX_PREFIX + bucket.key if args.mix else bucket.key
+        if args.no_resume or key not in table.entries:
+            pending.append((key, shape))
     logger.info("tuning %d buckets for %s into %s", len(pending), name, out)
     began = time.monotonic()
     done = 0
@@ -211,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                            len(pending) - done, len(pending))
             break
         config, times = tune_bucket(shape, DTYPES[args.dtype], device, num_sms,
-                                    args.max_candidates, args.repeats, args.pair_shrinks)
+                                    args.max_candidates, args.repeats, args.pair_shrinks,
+                                    MIX_KINDS if args.mix else ("uniform",))
         table.put(key, config, times)
         table.save(out)
         done += 1

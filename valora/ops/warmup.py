@@ -45,6 +45,7 @@ from valora.ops.lora import (
     prepare_lora_batch,
     resolve_lora_backend,
 )
+from valora.ops.lora_segments import LoRASegments
 from valora.ops.lora_variants import LoRALayerShape, LoRAVariant, plan_warm_up
 
 logger = get_logger(__name__)
@@ -108,8 +109,20 @@ def _keyed_by(weights: LoRASlotWeights, rank: int) -> LoRASlotWeights:
 def _batch(variant: LoRAVariant, num_slots: int, device: torch.device) -> LoRABatch:
     """A batch whose call selects ``variant``: its token count, adapter count (the tiling
     hint) and, for a correction variant, a merged slot outside the tokens' own slots (every
-    token corrected; which slots does not matter to the binaries)."""
+    token corrected; which slots does not matter to the binaries). A mix variant's batch keeps
+    its slots from the host (segments updated on the device, as in a CUDA graph)."""
     tokens, active = variant.num_tokens, variant.num_adapters
+    if variant.mix:  # slots unknown to the host, as a captured graph's segments
+        corrected = None
+        slots = torch.arange(tokens, dtype=torch.int32, device=device) % num_slots
+        if variant.correction:  # merged slot 0, own slots beside it (as below)
+            corrected = torch.zeros(tokens, dtype=torch.int32, device=device)
+            slots = (1 + slots % (num_slots - 1)) if num_slots > 1 else torch.full_like(slots, -1)
+        segments = LoRASegments.allocate(tokens, num_slots, device,
+                                         with_correction=variant.correction)
+        segments.update(slots, correction_slots=corrected)
+        return LoRABatch(slots, num_slots, "triton", backend_data=segments,
+                         correction_slots=corrected)
     if not variant.correction:
         slots = torch.arange(tokens, dtype=torch.int32, device=device) % active
         return prepare_lora_batch(slots, num_slots, "triton", num_active_slots=active,
