@@ -1,0 +1,228 @@
+"""Would a rank-major ``B`` make the decode expand cheaper? A measurement, not a feature.
+
+``LoRASlotWeights.lora_b`` is ``[slots, out, R]``: each output column's ranks are contiguous, so
+an expand tile ``[BLOCK_K ranks × BLOCK_N columns]`` of a rank-8 adapter in rank-64 storage
+reads ``BLOCK_N`` pieces of 16–32 bytes at a 128-byte stride (and, unmasked along the rank for
+vector width, the padding of the chunk). Stored rank-major, ``[slots, R, out]``, the same tile is
+``BLOCK_K`` rows of ``BLOCK_N`` contiguous elements and a low-rank adapter reads only its own
+rows (the mask is then along the strided axis, free). This times the shipped expand against an
+expand that reads ``B`` rank-major (``_expand_rank_major`` below: the shipped kernel's
+non-correction path with only ``B``'s addressing and mask changed), on the same ``h``, at the
+model benchmark's decode step (32 tokens; one adapter r16, 8 adapters r16, 32 adapters of ranks
+8–64 in storage rank 64; LLaVA-1.5-7B widths; weights rotated out of L2) and a few tiles; every
+output is checked against the shipped one first.
+
+    python bench/ops/expand_layout.py --out $OUT/expand_layout.jsonl [--sha SHA] [--tiny]
+"""
+
+# mypy: disable-error-code="no-untyped-def"
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from valora.ops.lora import prepare_lora_batch
+from valora.ops.lora_kernels import _pick
+from valora.ops.lora_problems import make_slot_weights
+from valora.ops.lora_segments import LoRASegments
+from valora.ops.tile_config import ExpandConfig
+from valora.ops.timing import copy_rates, time_calls
+from valora.ops.triton_lora import (
+    _dot_flags,
+    choose_tile_config,
+    expand_split_constexpr,
+    launch_expand,
+    launch_shrink,
+    slice_groups,
+)
+
+LAYERS = {"o": (4096, (4096,)), "qkv": (4096, (4096,) * 3), "gate_up": (4096, (11008,) * 2),
+          "down": (11008, (4096,))}
+TINY_LAYERS = {"o": (64, (64,)), "qkv": (64, (64, 16, 16))}
+SLOT_RANKS = (8, 16, 32, 64)
+NUM_SLOTS, TOKENS = 32, 32
+SCENARIOS = {"mixed32_ranks": [i % 32 for i in range(TOKENS)],
+             "mixed8_r16": [1 + 4 * (i % 8) for i in range(TOKENS)],
+             "one_adapter_r16": [1] * TOKENS}
+TILES = ((16, 128, 16, 4, 1), (16, 256, 16, 4, 1), (16, 128, 32, 4, 1), (16, 256, 32, 4, 1),
+         (16, 512, 16, 4, 1), (16, 64, 16, 2, 1), (16, 256, 16, 8, 1), (16, 128, 16, 4, 2))
+L2_BYTES = 150 << 20
+
+
+@triton.jit(do_not_specialize=["tile_stride", "num_col_blocks", "split_k",
+                               "blocks_1", "blocks_2", "blocks_3", "slice_base"])
+def _expand_rank_major(
+    h_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, tiles_ptr,
+    tile_stride, num_col_blocks, split_k, split_stride,
+    blocks_1, blocks_2, blocks_3, col_0, col_1, col_2, col_3, col_4, slice_base,
+    num_slices, max_rank, flat_rank, out_features, stride_ym, scale_multiplier,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """``lora_expand_kernel`` without correction / early ``y``, reading ``B[slot, ρ, c]``."""
+    pid = tl.program_id(0)
+    col_block = pid % num_col_blocks
+    tile = pid // num_col_blocks
+    slot = tl.load(tiles_ptr + tile)
+    if slot < 0:
+        return
+    group = ((col_block >= blocks_1).to(tl.int32) + (col_block >= blocks_2).to(tl.int32)
+             + (col_block >= blocks_3).to(tl.int32))
+    slice_id = slice_base + group
+    rank = tl.minimum(tl.load(ranks_ptr + slot * num_slices + slice_id), max_rank)
+    if rank <= 0:
+        return
+    scale = tl.load(scales_ptr + slot * num_slices + slice_id) * scale_multiplier
+    first_block = _pick(group, 0, blocks_1, blocks_2, blocks_3)
+    col_begin = _pick(group, col_0, col_1, col_2, col_3)
+    col_end = _pick(group, col_1, col_2, col_3, col_4)
+    offs_n = col_begin + (col_block - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < col_end
+    row_start = tl.load(tiles_ptr + tile_stride + tile)
+    num_rows = tl.load(tiles_ptr + 2 * tile_stride + tile)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < num_rows
+    h_rows = h_ptr + (row_start + offs_m)[:, None].to(tl.int64) * flat_rank + slice_id * max_rank
+    b_base = b_ptr + slot.to(tl.int64) * max_rank * out_features
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, rank, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < rank
+        h_tile = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        if SPLIT_K > 0:
+            for split in tl.static_range(SPLIT_K):
+                h_tile += tl.load(h_rows + split * split_stride + offs_k[None, :],
+                                  mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        else:
+            for split in range(0, split_k):
+                h_tile += tl.load(h_rows + split * split_stride + offs_k[None, :],
+                                  mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b_tile = tl.load(b_base + offs_k[:, None].to(tl.int64) * out_features + offs_n[None, :],
+                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        h_tile = (h_tile * scale).to(b_tile.dtype)
+        if UPCAST:
+            h_tile = h_tile.to(tl.float32)
+            b_tile = b_tile.to(tl.float32)
+        acc = tl.dot(h_tile, b_tile, acc, input_precision=PRECISION)
+    tokens = tl.load(sorted_ptr + row_start + tl.minimum(offs_m, num_rows - 1)).to(tl.int64)
+    y_ptrs = y_ptr + tokens[:, None] * stride_ym + offs_n[None, :]
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    y_tile = tl.load(y_ptrs, mask=out_mask, other=0.0)
+    tl.store(y_ptrs, (y_tile.to(tl.float32) + acc).to(y_tile.dtype), mask=out_mask)
+
+
+def launch_rank_major(h: torch.Tensor, y: torch.Tensor, b_rank_major: torch.Tensor,
+                      weights: Any, segments: LoRASegments, cfg: ExpandConfig) -> None:
+    split_k, num_tokens, width = h.shape
+    widths = weights.slice_widths
+    flat_rank = len(widths) * weights.max_rank
+    bound = segments.tile_bound(cfg.block_m)
+    for first, num_col_blocks, starts, cols in slice_groups(widths, cfg.block_n):
+        _expand_rank_major[(bound * num_col_blocks,)](
+            h, b_rank_major, y, weights.ranks, weights.scales, segments.sorted_tokens,
+            segments.tile_list(cfg.block_m), segments.tile_capacity, num_col_blocks, split_k,
+            num_tokens * width, *starts, *cols, first, len(widths), weights.max_rank, flat_rank,
+            sum(widths), y.stride(0), 1.0,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            SPLIT_K=expand_split_constexpr(split_k, cfg), **_dot_flags(y.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rate: float,
+              tokens: int, dtype: torch.dtype) -> dict[str, Any]:
+    in_features, widths = layers[layer]
+    slots = SCENARIOS[scenario][:tokens]
+    ranks = [SLOT_RANKS[s % 4] for s in range(NUM_SLOTS)]
+    used = sorted(set(slots))
+    b_bytes = 2 * sum(ranks[s] * sum(widths) for s in used)
+    copies = max(1, min(8, -(-L2_BYTES // max(b_bytes, 1))))
+    weights = [make_slot_weights(ranks, in_features, widths, dtype, device, seed=i)
+               for i in range(copies)]
+    rank_major = [w.lora_b.transpose(1, 2).contiguous() for w in weights]
+    x = torch.randn(tokens, in_features, device=device, dtype=dtype)
+    y = torch.randn(tokens, sum(widths), device=device, dtype=dtype)
+    batch = prepare_lora_batch(torch.tensor(slots, dtype=torch.int32, device=device), NUM_SLOTS,
+                               "triton")
+    segments = batch.backend_data
+    assert isinstance(segments, LoRASegments)
+    table, source = choose_tile_config(x, weights[0], segments, None)
+    hs = [launch_shrink(x, w, segments, table.shrink) for w in weights]
+    shipped = y.clone()
+    launch_expand(hs[0], shipped, weights[0], segments, table.expand, 1.0)
+    row: dict[str, Any] = {"scenario": scenario, "layer": layer, "tokens": tokens,
+                           "table_source": source, "table": table.to_json(), "copies": copies,
+                           "expand_floor_us": b_bytes / rate * 1e6, "column_major_us": {},
+                           "rank_major_us": {}, "errors": {}}
+    configs = [("table", table.expand)] + [(f"{m}x{n}x{k} w{w} s{st}", ExpandConfig(m, n, k, w, st))
+                                           for m, n, k, w, st in TILES]
+    scale = max(1.0, shipped.float().abs().max().item())
+    for label, cfg in configs:
+        for layout, launch in (
+                ("column_major", lambda h, out, i, c: launch_expand(h, out, weights[i], segments,
+                                                                    c, 1.0)),
+                ("rank_major", lambda h, out, i, c: launch_rank_major(h, out, rank_major[i],
+                                                                      weights[i], segments, c))):
+            out = y.clone()
+            try:
+                launch(hs[0], out, 0, cfg)
+            except Exception as error:  # a config the GPU cannot run is a result
+                row["errors"][f"{layout} {label}"] = f"{type(error).__name__}: {error}"[:200]
+                continue
+            diff = (out.float() - shipped.float()).abs().max().item()
+            if diff > 2e-2 * scale:
+                row["errors"][f"{layout} {label}"] = f"differs from the shipped expand by {diff:.3g}"
+                continue
+            work = y.clone()
+            timing = time_calls([lambda i=i, c=cfg, f=launch, w=work: f(hs[i], w, i, c)
+                                 for i in range(copies)], device, repeats=10)
+            row[f"{layout}_us"][label] = timing.median_us
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sha", default="unknown")
+    parser.add_argument("--tiny", action="store_true", help="small shapes, CPU interpreter")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    layers = TINY_LAYERS if args.tiny else LAYERS
+    tokens = 4 if args.tiny else TOKENS
+    rates = copy_rates(device, 1 << 20 if args.tiny else 1 << 30)
+    rate = max(rates.values())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
+    print(f"{name}: best copy {rate / 1e12:.2f} TB/s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    totals: dict[str, dict[str, float]] = {}
+    with args.out.open("w") as sink:
+        for scenario in SCENARIOS:
+            for layer in layers:
+                row = run_point(scenario, layer, layers, device, rate, tokens, dtype)
+                row.update(device=name, git_sha=args.sha)
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                col, rm = row["column_major_us"], row["rank_major_us"]
+                best_c = min(col, key=col.get) if col else "-"
+                best_r = min(rm, key=rm.get) if rm else "-"
+                print(f"{scenario:<16} {layer:<7} table {col.get('table', 0):6.1f} -> rank-major "
+                      f"{rm.get('table', 0):6.1f} | best column {col.get(best_c, 0):6.1f} "
+                      f"({best_c}) rank {rm.get(best_r, 0):6.1f} ({best_r}) | floor "
+                      f"{row['expand_floor_us']:5.1f} | errors {len(row['errors'])}", flush=True)
+                total = totals.setdefault(scenario, {"column": 0.0, "rank": 0.0, "floor": 0.0})
+                total["column"] += col.get(best_c, 0.0)
+                total["rank"] += rm.get(best_r, 0.0)
+                total["floor"] += row["expand_floor_us"]
+    print("per decode step (32 layers), best tile per op, ms: " + "; ".join(
+        f"{s}: column-major {32 * t['column'] / 1e3:.3f}, rank-major {32 * t['rank'] / 1e3:.3f}, "
+        f"floor {32 * t['floor'] / 1e3:.3f}" for s, t in totals.items()))
+
+
+if __name__ == "__main__":
+    main()
