@@ -1,7 +1,8 @@
 """Engine cold start and memory on a GPU at LLaVA-1.5-7B shapes: how long ``LLM(...)`` takes
 (dummy weights, KV cache, adapter slots, the LoRA kernel warm-up, CUDA-graph capture) with an
 empty Triton cache, where the memory goes (the engine's memory plan, logged at info level), and
-the first request's latency after it.
+the latency of the first requests after it (the same prompt twice, then new prompt sizes: what
+first-use compilation adds).
 
     TRITON_CACHE_DIR=$(mktemp -d) python bench/model/engine_start_gpu.py --model DIR
 """
@@ -28,14 +29,16 @@ def main() -> None:
     built = time.perf_counter() - start
     allocated = torch.cuda.memory_allocated() / 2**20
     reserved = torch.cuda.memory_reserved() / 2**20
-    start = time.perf_counter()
-    llm.generate(["USER: hello ASSISTANT:"], SamplingParams(max_tokens=16, temperature=0.0,
-                                                          ignore_eos=True))
-    first = time.perf_counter() - start
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    requests = []
+    for words in (3, 3, 40, 200):  # the first request, the same again, then new prompt sizes
+        prompt = "USER: " + " ".join(f"w{i % 50}" for i in range(words)) + " ASSISTANT:"
+        start = time.perf_counter()
+        llm.generate([prompt], params)
+        requests.append(f"{words} words {1e3 * (time.perf_counter() - start):.0f} ms")
     print(f"{torch.cuda.get_device_name()}: engine built in {built:.1f} s; "
           f"{allocated:.0f} MiB allocated, {reserved:.0f} MiB reserved after start; "
-          f"first request (16 tokens) {first * 1e3:.0f} ms")
-
+          f"requests of 16 tokens in order: " + ", ".join(requests))
 
 if __name__ == "__main__":
     main()
