@@ -329,6 +329,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         if max_images:
             runner.enable_vision_graphs(max_images)
         graph_bytes = torch.cuda.memory_reserved(device) - before
+    if device.type == "cuda":
+        logger.info("eager path warmed up in %.2f s", runner.warm_up_eager())
     weight_bytes, slot_bytes = weight_and_slot_bytes(model)
     activation_bytes = sizing.plan.activation_peak_bytes if sizing.plan is not None else 0
     pristine = switcher.pristine_bytes_on(device.type) if switcher is not None else 0

@@ -63,7 +63,7 @@ def _attend_block(q, k, v, s_mask, m_i, l_i, acc, scale_log2,
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["num_splits", "split_len"])
+@triton.jit(do_not_specialize=["num_splits", "split_len", "stride_pt"])
 def paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     seq_lens_ptr, page_table_ptr, query_start_ptr, seqs_ptr,
@@ -148,7 +148,7 @@ def paged_decode_reduce_kernel(
              out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_pt"])  # the page-table width varies per batch
 def paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tiles_ptr,
     seq_lens_ptr, page_table_ptr, query_start_ptr, scale_log2,
