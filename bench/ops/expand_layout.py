@@ -26,6 +26,15 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from decode_tiles import (  # the decode tile sweep's step: same scenarios, widths and ranks
+    L2_BYTES,
+    LAYERS,
+    NUM_SLOTS,
+    SCENARIOS,
+    SLOT_RANKS,
+    TINY_LAYERS,
+    TOKENS,
+)
 
 from valora.ops.lora import prepare_lora_batch
 from valora.ops.lora_kernels import _pick
@@ -42,17 +51,8 @@ from valora.ops.triton_lora import (
     slice_groups,
 )
 
-LAYERS = {"o": (4096, (4096,)), "qkv": (4096, (4096,) * 3), "gate_up": (4096, (11008,) * 2),
-          "down": (11008, (4096,))}
-TINY_LAYERS = {"o": (64, (64,)), "qkv": (64, (64, 16, 16))}
-SLOT_RANKS = (8, 16, 32, 64)
-NUM_SLOTS, TOKENS = 32, 32
-SCENARIOS = {"mixed32_ranks": [i % 32 for i in range(TOKENS)],
-             "mixed8_r16": [1 + 4 * (i % 8) for i in range(TOKENS)],
-             "one_adapter_r16": [1] * TOKENS}
 TILES = ((16, 128, 16, 4, 1), (16, 256, 16, 4, 1), (16, 128, 32, 4, 1), (16, 256, 32, 4, 1),
          (16, 512, 16, 4, 1), (16, 64, 16, 2, 1), (16, 256, 16, 8, 1), (16, 128, 16, 4, 2))
-L2_BYTES = 150 << 20
 
 
 @triton.jit(do_not_specialize=["tile_stride", "num_col_blocks", "split_k",

@@ -55,10 +55,11 @@ class Spy:
 
         def select(device: torch.device, num_tokens: int, max_rank: int, in_features: int,
                    slice_widths: tuple[int, ...], num_adapters: int,
-                   storage_rank: int | None = None) -> tuple[TileConfig, str]:
+                   storage_rank: int | None = None,
+                   mix: bool = False) -> tuple[TileConfig, str]:
             self.keys.append((max_rank, storage_rank))
             return select_from_table(table, 132, num_tokens, max_rank, in_features, slice_widths,
-                                     num_adapters, storage_rank)
+                                     num_adapters, storage_rank, mix)
 
         def launch_shrink(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegments,
                           cfg: ShrinkConfig, live_rank: int | None = None) -> torch.Tensor:
