@@ -157,5 +157,8 @@ def heuristic_config(num_tokens: int, max_rank: int, in_features: int, max_slice
         # Long segments of large ranks (H200, T = 16384, rank 64: the best of 18 expand variants
         # in 11 of 12 points, 1.04-1.46x faster than 64x128x32; at rank 16 it lost).
         return TileConfig(shrink, ExpandConfig(128, 256, 32, 8, 2))
-    expand = ExpandConfig(exp_m, exp_n, exp_k, 4, 2 if small_m else 3)
+    # One pipeline stage when segments are short: a decode program's rank loop runs once or twice
+    # (H200 decode sweep, bench/results/ops/decode-tiles-h200-2114aa0/: 16×128×16 with 1 stage
+    # was within 5 % of the best of 21 expand tiles at 8 of 12 points, with 2 stages at 3).
+    expand = ExpandConfig(exp_m, exp_n, exp_k, 4, 1 if small_m else 3)
     return TileConfig(shrink, expand)
