@@ -19,10 +19,8 @@ from valora.ops.tile_config import (
     shape_bucket,
 )
 from valora.ops.tile_table import (
-    MIX_PREFIX,
     TileTable,
     parse_bucket_key,
-    select_from_table,
     select_tile_config,
     table_file_name,
 )
@@ -152,58 +150,3 @@ def test_unknown_adapter_count_takes_the_worst_case_bucket() -> None:
     assert unknown is not None and unknown == shape_bucket(32, 64, 4096, 12288, 32, 3)
     assert unknown.num_adapters == 32
 
-
-def test_tuner_writes_mix_entries(tmp_path: Path) -> None:
-    """``--mix``: entries under ``mix:`` + the bucket key, tuned over the three kinds of batch,
-    beside (never instead of) the regular ones; resumed like them."""
-    out = tmp_path / "table.json"
-    argv = ["--device", "cuda" if torch.cuda.is_available() else "cpu", "--layers", "24:16,8",
-            "--tokens", "8", "--ranks", "16", "--adapters", "4", "--max-candidates", "2",
-            "--repeats", "1", "--out", str(out), "--dtype", "fp32", "--mix"]
-    assert tuning.main(argv) == 0
-    table = TileTable.load(out)
-    assert set(table.entries) == {"mix:t8-r16-i32-o32-a8-s2"}
-    config = table.get("mix:t8-r16-i32-o32-a8-s2")
-    assert config is not None
-    _valid(config)
-    record = table.entries["mix:t8-r16-i32-o32-a8-s2"]
-    assert isinstance(record["time_us"], dict) and record["time_us"]["shrink"] > 0
-    stamp = out.stat().st_mtime_ns
-    assert tuning.main(argv) == 0
-    assert out.stat().st_mtime_ns == stamp
-
-
-def test_mix_problems_cover_one_few_and_all_adapters() -> None:
-    shape = tuning.TuneShape(32, 64, 64, (16,), 32)
-    ranks = tuning.mix_slot_ranks(64, 32)
-    assert ranks[:5] == [8, 16, 32, 64, 8] and max(ranks) == 64
-    assert tuning.mix_slot_ranks(16, 1) == [8] and tuning.mix_slot_ranks(4, 3) == [4, 4, 4]
-    generator = torch.Generator().manual_seed(0)
-    one = tuning.token_slots_of("one", shape, ranks, generator)
-    few = tuning.token_slots_of("few", shape, ranks, generator)
-    every = tuning.token_slots_of("all", shape, ranks, generator)
-    assert set(one.tolist()) == {1} and ranks[1] == 16
-    assert 1 < len(set(few.tolist())) <= 8
-    assert sorted(every.tolist()) == list(range(32))
-    with pytest.raises(ValueError, match="kind"):
-        tuning.token_slots_of("some", shape, ranks, generator)
-
-
-def test_mix_entries_serve_unknown_slots_by_exact_bucket_only() -> None:
-    table = TileTable("NVIDIA H200")
-    table.put("t32-r64-i4096-o16384-a32-s3", _config(2), {})
-    table.put(MIX_PREFIX + "t32-r64-i4096-o16384-a32-s3", _config(4), {})
-    table.put(MIX_PREFIX + "t64-r64-i4096-o16384-a32-s3", _config(8), {})
-
-    def select(tokens: int, mix: bool) -> tuple[TileConfig, str]:
-        return select_from_table(table, 132, tokens, 64, 4096, (4096,) * 3, min(tokens, 32),
-                                 storage_rank=64, mix=mix)
-
-    assert select(32, mix=True) == (_config(4), "mix")
-    assert select(24, mix=True) == (_config(4), "mix")  # same token bucket
-    assert select(32, mix=False) == (_config(2), "table")  # slots known: never a mix entry
-    # No mix entry for 16 tokens: the regular (nearest) answer, not the t32 / t64 mix entries.
-    assert select(16, mix=True) == (_config(2), "nearest")
-    # Mix keys never count as regular neighbours.
-    assert parse_bucket_key(MIX_PREFIX + "t32-r64-i4096-o16384-a32-s3") is None
-    assert select(128, mix=False) == (_config(2), "nearest")

@@ -385,24 +385,3 @@ def test_no_op_off_the_triton_backend() -> None:
     assert warm_up_enabled(CPU) == triton_lora.kernels_interpreted()
     assert warm_up_lora_kernels([], 8, 2, CPU).launches == 0
 
-
-def test_the_launcher_asks_for_a_mix_entry_only_when_slots_are_unknown(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    asked: list[bool] = []
-
-    def spy(*args: Any, **kwargs: Any) -> tuple[TileConfig, str]:
-        asked.append(bool(kwargs.get("mix")))
-        return select_tile_config(*args, **kwargs)
-
-    monkeypatch.setattr(triton_lora, "select_tile_config", spy)
-    weights = make_slot_weights([4, 2, 8], 32, (8, 8), torch.float32, CPU, seed=1)
-    x = torch.zeros(6, 32)
-    slots = torch.tensor([0, 1, 2, 0, 1, -1], dtype=torch.int32)
-    known = prepare_lora_batch(slots, 3, "triton")  # CPU slots: the host derives them
-    segments = LoRASegments.allocate(6, 3, CPU)
-    segments.update(slots)  # as a captured graph's: unknown to the host
-    for batch_segments in (known.backend_data, segments):
-        assert isinstance(batch_segments, LoRASegments)
-        triton_lora.choose_tile_config(x, weights, batch_segments,
-                                       triton_lora.active_slice_ranks(weights, batch_segments))
-    assert asked == [False, True]

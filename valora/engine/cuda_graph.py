@@ -12,9 +12,10 @@ adapters change) and the token grouping from ``LoRASegments`` buffers owned here
 device from the static token slots inside the graph (or, if capturing that fails, just before
 the replay). So graphs depend on the bucket and the *variant* only — ``"base"`` (no LoRA),
 ``"lora"`` and ``"mixed"`` (LoRA + merged-adapter correction; also a correction alone, with every
-token slot -1) — never on which adapters run. With ``fuse_correction`` the ``mixed`` graph runs
-one LoRA op per layer with the correction inside (``valora.ops.lora``; its segments read both
-static slot buffers), else two; either replays batches of either form.
+token slot -1; ``valora.engine.graph_lora``) — never on which adapters run. With
+``fuse_correction`` the ``mixed`` graph runs one LoRA op per layer with the correction inside
+(``valora.ops.lora``; its segments read both static slot buffers), else two; either replays
+batches of either form.
 
 Invariants: the model's KV caches, LoRA slot tensors and weights keep their storage after
 ``capture`` (rebinding caches or calling ``init_lora`` again needs a new runner); the hidden
@@ -30,17 +31,22 @@ from dataclasses import dataclass
 
 import torch
 
+from valora.engine.graph_lora import (
+    StaticSegments,
+    attach_static_lora,
+    check_variants,
+    fill_lora_slots,
+    lora_variant_served,
+    variant_of,
+)
 from valora.errors import ValoraError
 from valora.forward_batch import AttentionMetadata, ForwardBatch
 from valora.logger import get_logger
 from valora.models.base import CausalLMBase
-from valora.ops.lora import LoRABatch
-from valora.ops.lora_segments import LoRASegments
 
 logger = get_logger(__name__)
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
-VARIANTS = ("base", "lora", "mixed")
 
 
 def smallest_bucket(buckets: Sequence[int], size: int) -> int | None:
@@ -63,94 +69,6 @@ def batch_buckets(max_batch: int, buckets: Iterable[int] = DEFAULT_BUCKETS) -> t
     return capped_buckets(max_batch, buckets, "max_batch")
 
 
-def variant_of(batch: ForwardBatch) -> str:
-    """The graph variant serving ``batch``: a correction without per-token LoRA (every row of the
-    base model while an adapter is merged) replays ``"mixed"`` with all token slots -1, which
-    the LoRA kernels skip — it ran eagerly before (≈ 31 ms instead of ≈ 8 at 7B on an H200)."""
-    if correction_slots_of(batch) is not None:
-        return "mixed"
-    return "base" if batch.lora is None else "lora"
-
-
-def fusable(batch: ForwardBatch) -> bool:
-    """Whether a two-batch mixed step meets the fused op's invariant (``valora.ops.lora``: no
-    token of the merged slot's own, every own-adapter token corrected) as far as the host knows:
-    the merged slot is not among the tokens' own slots. (The engine's batches always meet it.)"""
-    own, correction = batch.lora, batch.lora_correction
-    if own is None or correction is None or own.active_slots is None:
-        return True
-    return not set(own.active_slots) & set(correction.active_slots or ())
-
-
-def correction_slots_of(batch: ForwardBatch) -> torch.Tensor | None:
-    """The step's correction slots: a second batch's, or those inside a fused one
-    (``LoRAConfig.fuse_correction``; graphs replay it as two launches, the same sums)."""
-    if batch.lora_correction is not None:
-        return batch.lora_correction.token_slots
-    return batch.lora.correction_slots if batch.lora is not None else None
-
-
-StaticSegments = tuple[LoRASegments, torch.Tensor, torch.Tensor | None]
-"""``(segments, token slots, correction slots or None)``: a graph's LoRA segments and the static
-buffers they are rebuilt from before each replay."""
-
-
-def check_variants(variants: Iterable[str], num_lora_slots: int) -> tuple[str, ...]:
-    """``variants`` as a tuple; ``ValoraError`` for an unknown one, or a LoRA variant without
-    adapter slots."""
-    wanted = tuple(variants)
-    unknown = [v for v in wanted if v not in VARIANTS]
-    if unknown or (num_lora_slots == 0 and set(wanted) - {"base"}):
-        raise ValoraError(f"variants {wanted} invalid (known {VARIANTS}; LoRA variants need "
-                          "num_lora_slots > 0)")
-    return wanted
-
-
-def lora_variant_served(batch: ForwardBatch, num_lora_slots: int, fuse_correction: bool,
-                        variants: Sequence[str]) -> bool:
-    """Whether graphs captured for ``variants`` over ``num_lora_slots`` slots (with the
-    correction fused or not) can replay ``batch``'s LoRA work."""
-    for lora in (batch.lora, batch.lora_correction):
-        if lora is not None and lora.num_slots != num_lora_slots:
-            return False
-    if fuse_correction and not fusable(batch):
-        return False
-    return variant_of(batch) in variants
-
-
-def static_lora_batch(
-    slots: torch.Tensor, num_slots: int, correction: torch.Tensor | None = None
-) -> tuple[LoRABatch, StaticSegments]:
-    """A ``"triton"`` LoRA batch over the static slot buffer ``slots`` (and ``correction``) for
-    graph capture: its segments know nothing of the host's slots (tiles for the worst case), and
-    ``(segments, slots, correction)`` says what to rebuild them from before each replay."""
-    segments = LoRASegments.allocate(int(slots.shape[0]), num_slots, slots.device,
-                                     with_correction=correction is not None)
-    segments.update(slots, correction_slots=correction)
-    batch = LoRABatch(token_slots=slots, num_slots=num_slots, backend="triton",
-                      backend_data=segments, correction_slots=correction)
-    return batch, (segments, slots, correction)
-
-
-def attach_static_lora(batch: ForwardBatch, variant: str, slots: torch.Tensor,
-                       correction: torch.Tensor, num_slots: int, fuse_correction: bool
-                       ) -> list[StaticSegments]:
-    """Give ``batch`` the LoRA batches of ``variant`` over the static slot buffers (``base``:
-    none; ``lora``: the tokens' own; ``mixed``: their own and the merged adapter's correction,
-    in one batch with ``fuse_correction``, else two) and return what to rebuild before each
-    replay."""
-    if variant == "mixed" and fuse_correction:
-        batch.lora, entry = static_lora_batch(slots, num_slots, correction)
-        return [entry]
-    if variant not in ("lora", "mixed"):
-        return []
-    batch.lora, entry = static_lora_batch(slots, num_slots)
-    if variant == "lora":
-        return [entry]
-    batch.lora_correction, second = static_lora_batch(correction, num_slots)
-    return [entry, second]
-
-
 def capture_largest_first(device: torch.device, buckets: Sequence[int], variants: Sequence[str],
                           capture: Callable[[tuple[int, str]], None]) -> float:
     """``capture((bucket, variant))`` for every pair, largest bucket first (smaller ones then
@@ -161,23 +79,6 @@ def capture_largest_first(device: torch.device, buckets: Sequence[int], variants
             capture((size, variant))
     torch.cuda.synchronize(device)
     return (torch.cuda.memory_reserved(device) - before) / 2**20
-
-
-def fill_lora_slots(batch: ForwardBatch, token_slots: torch.Tensor,
-                    correction_slots: torch.Tensor, rows: int, size: int) -> None:
-    """Copy ``batch``'s per-row LoRA slots into the static buffers' first ``rows`` entries;
-    rows ``rows..size`` (padding) get -1, which the LoRA kernels skip. A step without LoRA
-    leaves the buffers alone (its variant, ``base``, reads neither)."""
-    correction = correction_slots_of(batch)
-    if batch.lora is not None:
-        token_slots[:rows].copy_(batch.lora.token_slots)
-    elif correction is not None:
-        token_slots[:rows].fill_(-1)
-    if correction is not None:
-        correction_slots[:rows].copy_(correction)
-    if size > rows:
-        token_slots[rows:size].fill_(-1)
-        correction_slots[rows:size].fill_(-1)
 
 
 @dataclass

@@ -49,15 +49,13 @@ from typing import cast
 
 import torch
 
-from valora.engine.cuda_graph import (
+from valora.engine.cuda_graph import capped_buckets, capture_largest_first, smallest_bucket
+from valora.engine.graph_lora import (
     StaticSegments,
     attach_static_lora,
-    capped_buckets,
-    capture_largest_first,
     check_variants,
     fill_lora_slots,
     lora_variant_served,
-    smallest_bucket,
     variant_of,
 )
 from valora.errors import ValoraError

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from valora.errors import ValoraError
+from valora.ops.lora import LoRABatch
 from valora.ops.tile_config import BLOCK_M_CHOICES
 
 assert tuple(BLOCK_M_CHOICES[0] << i for i in range(len(BLOCK_M_CHOICES))) == BLOCK_M_CHOICES
@@ -196,3 +197,17 @@ class LoRASegments:
         self.tiles[:, 0].copy_(torch.where(used, label, -1))
         self.tiles[:, 1].copy_(torch.where(used, start, 0))
         self.tiles[:, 2].copy_(torch.where(used, rows, 0))
+
+
+def unhinted_lora_batch(token_slots: torch.Tensor, num_slots: int,
+                        correction_slots: torch.Tensor | None = None) -> LoRABatch:
+    """A ``"triton"`` LoRA batch over ``token_slots`` (and ``correction_slots``) whose segments
+    are built on the device with no host hints — the batches CUDA graphs capture: their tiles
+    must serve every batch a replay may carry (``triton_lora.choose_tile_config``: the bucket's
+    mix entry, else the worst case). ``backend_data`` is the ``LoRASegments``; ``update`` it from
+    the same buffers to reuse it."""
+    segments = LoRASegments.allocate(int(token_slots.shape[0]), num_slots, token_slots.device,
+                                     with_correction=correction_slots is not None)
+    segments.update(token_slots, correction_slots=correction_slots)
+    return LoRABatch(token_slots=token_slots, num_slots=num_slots, backend="triton",
+                     backend_data=segments, correction_slots=correction_slots)

@@ -214,6 +214,13 @@ def _runs(bounds: Sequence[int], limit: int) -> list[tuple[int, int]]:
     return runs
 
 
+def _stride_classes(low: int, high: int) -> range:
+    """The last 16 token counts of ``low..high``, descending: within one bucket (one config) the
+    token count moves only the ``split_stride`` specialisation, and 16 consecutive counts show
+    all its classes."""
+    return range(high, max(low, high - 15) - 1, -1)
+
+
 def _cell_calls(shape: LoRALayerShape, rank: int, tokens: tuple[int, int],
                 adapters: tuple[int, int], max_adapters: int,
                 device: torch.device) -> Iterator[tuple[int, int, TileConfig, bool]]:
@@ -238,9 +245,8 @@ def _cell_calls(shape: LoRALayerShape, rank: int, tokens: tuple[int, int],
     first = shape_bucket(t_first, rank, shape.in_features, out_features, a_low, slices)
     last = shape_bucket(t_high, rank, shape.in_features, out_features, top(t_high), slices)
     if source != HEURISTIC and first is not None and first == last:
-        # One bucket: one config; T only moves the split_stride specialisation, whose classes
-        # all appear among 16 consecutive token counts.
-        for num_tokens in range(t_high, max(t_first, t_high - 15) - 1, -1):
+        # One bucket: one config (``_stride_classes``).
+        for num_tokens in _stride_classes(t_first, t_high):
             yield num_tokens, top(num_tokens), config, False
         return
     for num_tokens in range(t_first, t_high + 1):
@@ -254,8 +260,7 @@ def _mix_calls(shape: LoRALayerShape, tokens: tuple[int, int], max_adapters: int
     (key rank = storage rank, ``A = min(T, slots)``) that a mix entry serves
     (``tile_table``, "Mix entries"); nothing where the run's bucket has none — those calls take
     the worst-case answer the other cells cover."""
-    t_low, t_high = tokens
-    for num_tokens in range(t_high, max(t_low, t_high - 15) - 1, -1):
+    for num_tokens in _stride_classes(*tokens):
         adapters = min(num_tokens, max_adapters)
         config, source = select_tile_config(device, num_tokens, shape.max_rank,
                                             shape.in_features, shape.slice_widths, adapters,

@@ -45,7 +45,7 @@ from valora.ops.lora import (
     prepare_lora_batch,
     resolve_lora_backend,
 )
-from valora.ops.lora_segments import LoRASegments
+from valora.ops.lora_segments import unhinted_lora_batch
 from valora.ops.lora_variants import LoRALayerShape, LoRAVariant, plan_warm_up
 
 logger = get_logger(__name__)
@@ -118,11 +118,7 @@ def _batch(variant: LoRAVariant, num_slots: int, device: torch.device) -> LoRABa
         if variant.correction:  # merged slot 0, own slots beside it (as below)
             corrected = torch.zeros(tokens, dtype=torch.int32, device=device)
             slots = (1 + slots % (num_slots - 1)) if num_slots > 1 else torch.full_like(slots, -1)
-        segments = LoRASegments.allocate(tokens, num_slots, device,
-                                         with_correction=variant.correction)
-        segments.update(slots, correction_slots=corrected)
-        return LoRABatch(slots, num_slots, "triton", backend_data=segments,
-                         correction_slots=corrected)
+        return unhinted_lora_batch(slots, num_slots, corrected)
     if not variant.correction:
         slots = torch.arange(tokens, dtype=torch.int32, device=device) % active
         return prepare_lora_batch(slots, num_slots, "triton", num_active_slots=active,
