@@ -43,8 +43,8 @@ DECODE_MAX_TOKENS = 256
 2-stage pipelines (a decode program's rank loop runs once or twice: deeper staging only costs
 shared memory, so fewer programs fit an SM). On an H200 at LLaVA-1.5-7B decode shapes (32
 tokens; one adapter, 8, or 32 of ranks 8–64) they were the best of 73 shrink and 21 expand
-variants at 8 of 12 shrink and all 12 expand points, 10–35 % below the tuner's earlier lists
-(``bench/results/ops/decode-tiles-h200-2114aa0/``)."""
+variants at 8 of 12 shrink and all 12 expand points: 0–19 % (shrink) and 1–16 % (expand) below
+the best of the tuner's earlier lists (``bench/results/ops/decode-tiles-h200-2114aa0/``)."""
 EARLY_Y_MIN_TOKENS = 4096
 """Buckets from this many tokens also try every tile of ``block_m`` ≥ 64 with the ``y`` load
 before the rank loop (``ExpandConfig.early_y``). On an H200 the early load beat the same tile
