@@ -56,7 +56,15 @@ NEW_SHRINK = ((16, 16, 256, 2, 2), (16, 32, 256, 2, 2), (16, 16, 128, 2, 2), (16
 NEW_EXPAND = ((16, 64, 16, 2, 1), (16, 128, 16, 2, 1), (16, 128, 16, 4, 1), (16, 256, 16, 4, 1),
               (16, 256, 16, 8, 1), (16, 512, 16, 4, 1), (16, 512, 16, 8, 1), (16, 128, 32, 4, 1),
               (16, 256, 32, 4, 1), (16, 64, 16, 2, 2), (16, 128, 16, 2, 2), (16, 64, 32, 2, 1),
-              (16, 512, 32, 8, 1), (16, 1024, 16, 8, 1))
+              (16, 512, 32, 8, 1), (16, 1024, 16, 8, 1),
+              # session 11: the whole storage rank in one chunk (one B load, no rank loop), the
+              # tail masked at the rank rounded up to 8 (``triton_lora.expand_b_mask``)
+              (16, 64, 64, 2, 1), (16, 128, 64, 2, 1), (16, 128, 64, 4, 1), (16, 256, 64, 4, 1),
+              (16, 256, 64, 8, 1), (16, 512, 64, 8, 1), (16, 128, 32, 2, 1))
+EARLY_Y_EXPAND = ((16, 128, 16, 4, 1), (16, 256, 16, 4, 1), (16, 128, 32, 4, 1),
+                  (16, 256, 32, 4, 1), (16, 64, 64, 2, 1), (16, 128, 64, 2, 1),
+                  (16, 128, 64, 4, 1), (16, 256, 64, 4, 1), (16, 256, 64, 8, 1))
+"""Tiles also timed with the ``y`` load issued before the rank loop (label suffix ``ey``)."""
 SPLITS = (4, 8, 16, 32)
 L2_BYTES = 150 << 20  # rotate weights over more than this (H200 L2: 50 MiB)
 
@@ -69,12 +77,15 @@ def shrink_configs() -> list[tuple[str, ShrinkConfig]]:
 
 def expand_configs() -> list[tuple[str, ExpandConfig]]:
     tiles = [t for t in EXPAND_TILES if t[0] == 16] + list(NEW_EXPAND)
-    return [(f"{m}x{n}x{k} w{w} s{st}" + (" new" if (m, n, k, w, st) in NEW_EXPAND else ""),
-             ExpandConfig(m, n, k, w, st)) for m, n, k, w, st in tiles]
+    found = [(f"{m}x{n}x{k} w{w} s{st}" + (" new" if (m, n, k, w, st) in NEW_EXPAND else ""),
+              ExpandConfig(m, n, k, w, st)) for m, n, k, w, st in tiles]
+    found += [(f"{m}x{n}x{k} w{w} s{st} ey", ExpandConfig(m, n, k, w, st, early_y=True))
+              for m, n, k, w, st in EARLY_Y_EXPAND]
+    return found
 
 
 def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rate: float,
-              tokens: int) -> dict[str, Any]:
+              tokens: int, expand_only: bool = False) -> dict[str, Any]:
     in_features, widths = layers[layer]
     slots = SCENARIOS[scenario][:tokens]
     ranks = [SLOT_RANKS[s % 4] for s in range(NUM_SLOTS)]
@@ -148,7 +159,7 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
 
     shrink_time("graph", graph_cfg.shrink, graph_seg, None)
     shrink_time("known", known_cfg.shrink, known_seg, live)
-    for label, cfg in shrink_configs():
+    for label, cfg in () if expand_only else shrink_configs():
         shrink_time(label, cfg, known_seg, live)
     expand_time("graph", graph_cfg.expand, graph_seg, graph_cfg.shrink)
     expand_time("known", known_cfg.expand, known_seg, known_cfg.shrink)
@@ -193,6 +204,8 @@ def main() -> None:
     parser.add_argument("--sha", default="unknown")
     parser.add_argument("--budget", type=float, default=300.0)
     parser.add_argument("--tiny", action="store_true", help="small shapes, CPU interpreter")
+    parser.add_argument("--expand-only", action="store_true",
+                        help="time only the graph / known shrinks, every expand candidate")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
     layers = TINY_LAYERS if args.tiny else LAYERS
@@ -210,7 +223,7 @@ def main() -> None:
                 if time.perf_counter() - start > args.budget:
                     print("budget spent; points left out")
                     break
-                row = run_point(scenario, layer, layers, device, rate, tokens)
+                row = run_point(scenario, layer, layers, device, rate, tokens, args.expand_only)
                 row.update(device=name, git_sha=args.sha, ceilings=rates)
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()

@@ -59,7 +59,8 @@ from valora.ops.triton_lora import (
 MULTI_TILES = (2, 4)
 """Tiles a program of the multi-tile rank-major expand handles (``_expand_multi``)."""
 TILES = ((16, 128, 16, 4, 1), (16, 256, 16, 4, 1), (16, 128, 32, 4, 1), (16, 256, 32, 4, 1),
-         (16, 512, 16, 4, 1), (16, 64, 16, 2, 1), (16, 256, 16, 8, 1), (16, 128, 16, 4, 2))
+         (16, 512, 16, 4, 1), (16, 64, 16, 2, 1), (16, 256, 16, 8, 1), (16, 128, 16, 4, 2),
+         (16, 128, 64, 4, 1), (16, 256, 64, 4, 1))
 
 
 @triton.jit(do_not_specialize=["tile_stride", "num_col_blocks", "split_k",

@@ -109,8 +109,8 @@ def lora_shrink_kernel(
 @triton.jit
 def _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_ok, n_ok,
                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                  MASK_K: tl.constexpr, MASK_B_K: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr):
+                  MASK_K: tl.constexpr, MASK_B_K: tl.constexpr, B_ALIGN: tl.constexpr,
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``acc += (Σ_split h[:, k:k+BLOCK_K] · scale) · B[k:k+BLOCK_K, :]``; ``MASK_K`` for the
     rank tail (a mask along the contiguous rank axis would stop vectorised loads elsewhere).
     In the tail, ``h`` is always masked above the rank (its padding is never written); ``B`` only
@@ -118,6 +118,11 @@ def _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_
     the storage rank is a multiple of ``BLOCK_K``, finite by the storage contract (``valora.ops.
     lora``), and multiplied by the zeros of ``h`` — so its loads stay 16 bytes wide (masked along
     the rank they were 2-byte loads: the whole work of a rank-8 adapter at decode tiles).
+    ``B_ALIGN`` > 1 (a storage rank that is a multiple of it) masks ``B`` at the rank rounded up
+    to a multiple of ``B_ALIGN``: the compiler sees the mask constant over ``B_ALIGN`` elements,
+    so the loads stay 16 bytes wide while a wide chunk (``BLOCK_K`` = the storage rank: one load,
+    no rank loop) reads at most ``B_ALIGN - 1`` padding columns of a low-rank adapter instead of
+    the whole chunk.
 
     ``SPLIT_K`` > 0 (= ``split_k``) unrolls the split sum: its loads are independent and issue
     together. A run-time loop issues them one after another, one L2 round trip each (split_k ×
@@ -129,8 +134,12 @@ def _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_
     offs_k = k + tl.arange(0, BLOCK_K)
     if MASK_K:
         h_mask = m_ok[:, None] & (offs_k < rank)[None, :]
-        if MASK_B_K:  # noqa: SIM108 (a compile-time branch)
-            b_mask = (offs_k < rank)[:, None] & n_ok[None, :]
+        if MASK_B_K:
+            if B_ALIGN > 1:  # noqa: SIM108 (a compile-time branch)
+                rank_b = (rank + B_ALIGN - 1) // B_ALIGN * B_ALIGN
+            else:
+                rank_b = rank
+            b_mask = (offs_k < rank_b)[:, None] & n_ok[None, :]
         else:
             b_mask = n_ok[None, :]
     else:
@@ -168,7 +177,7 @@ def lora_expand_kernel(
     num_slices, max_rank, flat_rank, out_features, stride_ym, scale_multiplier,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, CORRECTION: tl.constexpr,
-    MASK_B_K: tl.constexpr = True, EARLY_Y: tl.constexpr = False,
+    MASK_B_K: tl.constexpr = True, EARLY_Y: tl.constexpr = False, B_ALIGN: tl.constexpr = 1,
 ):
     """Up to four slices per launch: slice ``g`` owns column blocks ``[blocks_g, blocks_{g+1})``
     (``blocks_0 = 0``) and columns ``[col_g, col_{g+1})`` of ``y``; ``slice_base`` is the index
@@ -230,11 +239,11 @@ def lora_expand_kernel(
     full = rank // BLOCK_K * BLOCK_K
     for k in range(0, full, BLOCK_K):  # whole rank chunks: no mask along the contiguous axis
         acc = _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_ok,
-                            n_ok, BLOCK_M, BLOCK_K, SPLIT_K, False, False, PRECISION, UPCAST)
+                            n_ok, BLOCK_M, BLOCK_K, SPLIT_K, False, False, B_ALIGN, PRECISION, UPCAST)
     if full < rank:
         acc = _expand_chunk(acc, h_rows, b_cols, full, rank, split_k, split_stride, scale, m_ok,
-                            n_ok, BLOCK_M, BLOCK_K, SPLIT_K, True, MASK_B_K, PRECISION,
-                            UPCAST)
+                            n_ok, BLOCK_M, BLOCK_K, SPLIT_K, True, MASK_B_K, B_ALIGN,
+                            PRECISION, UPCAST)
     if CORRECTION:  # minus the merged adapter's term, same rows and columns
         scale_c = -tl.load(scales_ptr + merged * num_slices + slice_id) * scale_multiplier
         h_rows_c = h_rows + flat_rank
@@ -244,11 +253,11 @@ def lora_expand_kernel(
         for k in range(0, full_c, BLOCK_K):
             acc = _expand_chunk(acc, h_rows_c, b_cols_c, k, rank_c, split_k, split_stride,
                                 scale_c, m_ok, n_ok, BLOCK_M, BLOCK_K, SPLIT_K, False, False,
-                                PRECISION, UPCAST)
+                                B_ALIGN, PRECISION, UPCAST)
         if full_c < rank_c:
             acc = _expand_chunk(acc, h_rows_c, b_cols_c, full_c, rank_c, split_k, split_stride,
                                 scale_c, m_ok, n_ok, BLOCK_M, BLOCK_K, SPLIT_K, True, MASK_B_K,
-                                PRECISION, UPCAST)
+                                B_ALIGN, PRECISION, UPCAST)
     if not EARLY_Y:
         tokens = tl.load(sorted_ptr + row_start + tl.minimum(offs_m, num_rows - 1)).to(tl.int64)
         y_ptrs = y_ptr + tokens[:, None] * stride_ym + offs_n[None, :]

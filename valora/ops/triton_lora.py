@@ -326,8 +326,24 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             SPLIT_K=expand_split_constexpr(split_k, cfg),
             **_dot_flags(y.dtype), CORRECTION=correction is not None,
-            MASK_B_K=weights.max_rank % cfg.block_k != 0, EARLY_Y=cfg.early_y,
+            **expand_b_mask(weights.max_rank, cfg.block_k), EARLY_Y=cfg.early_y,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+B_MASK_ALIGN = 8
+"""Rank granularity of the expand's ``B`` mask in a rank-tail chunk (8 bf16 = 16 bytes)."""
+
+
+def expand_b_mask(max_rank: int, block_k: int) -> dict[str, object]:
+    """The expand's ``MASK_B_K`` / ``B_ALIGN`` constexprs (``lora_kernels._expand_chunk``).
+
+    Chunks of ≤ 16 ranks over a storage rank they divide read ``B``'s tail chunk whole (as many
+    bytes as the masked read: one 32-byte sector a row); wider chunks mask it at the rank rounded
+    up to ``B_MASK_ALIGN`` when the storage rank is a multiple of it (16-byte loads, at most 7
+    padding columns), else at the exact rank."""
+    mask = max_rank % block_k != 0 or block_k > 16
+    align = B_MASK_ALIGN if mask and max_rank % B_MASK_ALIGN == 0 else 1
+    return {"MASK_B_K": mask, "B_ALIGN": align}
 
 
 UNROLLED_SPLIT_BYTES = 144 << 10
