@@ -190,3 +190,66 @@ def test_a_failing_step_still_delivers_the_previous_steps_outputs(
     monkeypatch.undo()
     assert not engine.has_unfinished_requests()
     engine.step()  # the failure count resets on the next good step
+
+
+def test_an_eager_step_runs_the_deferred_half_before_its_forward(
+        pair: tuple[LLM, LLM], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a decode-graph replay (every step on the CPU): the deferred half runs before the
+    step's forward is launched, not after its sampling — an eager step's host time is the step."""
+    engine = pair[1].engine
+    events: list[str] = []
+    model = engine.parts.runner.model
+    real_forward, real_deferred = model.forward, engine._run_deferred
+
+    def forward(batch: Any) -> Any:
+        events.append("forward")
+        return real_forward(batch)
+
+    def deferred() -> list[RequestOutput]:
+        built = real_deferred()
+        if built:
+            events.append("deferred")
+        return built
+
+    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(engine, "_run_deferred", deferred)
+    pair[1].generate([PROMPTS[0]], SamplingParams(max_tokens=3, temperature=0.0,
+                                                  ignore_eos=True))
+    assert events == ["forward", "deferred"] * 3
+
+
+def test_the_output_sink_receives_outputs_mid_step_in_order(pair: tuple[LLM, LLM]) -> None:
+    """With ``output_sink`` set, the deferred half's outputs leave inside the next step (before
+    its forward here); sink and return value together carry every output of the synchronous
+    order, each request's in order, none twice; without a deferred half the sink stays unused."""
+    results = []
+    for llm in pair:
+        engine = llm.engine
+        received: list[tuple[str, str, int, bool]] = []
+
+        def sink(outputs: list[RequestOutput],
+                 received: list[tuple[str, str, int, bool]] = received) -> None:
+            received.extend(("sink", o.request_id, len(o.outputs[0].token_ids), o.finished)
+                            for o in outputs)
+
+        engine.output_sink = sink
+        try:
+            params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+            for prompt in PROMPTS[:2]:
+                engine.add_request(GenerateRequest(prompt=prompt, sampling_params=params))
+            while engine.has_unfinished_requests():
+                received.extend(("return", o.request_id, len(o.outputs[0].token_ids), o.finished)
+                                for o in engine.step())
+        finally:
+            engine.output_sink = None
+        results.append(received)
+    sync, asynchronous = results
+    assert {kind for kind, *_ in sync} == {"return"}
+    assert sum(kind == "sink" for kind, *_ in asynchronous) >= 6  # 2 requests × 3 later steps
+    for outputs in (sync, asynchronous):
+        by_request: dict[str, list[tuple[int, bool]]] = {}
+        for _, rid, count, finished in outputs:
+            by_request.setdefault(rid, []).append((count, finished))
+        assert len(by_request) == 2
+        for seen in by_request.values():
+            assert seen == [(1, False), (2, False), (3, False), (4, True)]

@@ -190,7 +190,7 @@ def test_device_fault_classification() -> None:
 def _inject(llm: LLM, exc: Exception) -> None:
     runner = llm.engine.parts.runner
 
-    def broken(batch: ForwardBatch) -> torch.Tensor:
+    def broken(batch: ForwardBatch, before_eager: object = None) -> torch.Tensor:
         raise exc
 
     runner._forward = broken  # type: ignore[method-assign]

@@ -21,6 +21,7 @@ from valora.engine.engine import LLMEngine
 from valora.engine.inputs import GenerateRequest
 from valora.errors import ValoraError
 from valora.logger import get_logger
+from valora.outputs import RequestOutput
 from valora.sampling_params import SamplingParams
 
 logger = get_logger(__name__)
@@ -147,26 +148,11 @@ def run_inprocess(
     open_ids: set[str] = set()
     clock_start = time.perf_counter()
     start = time.monotonic()
-    next_index = 0
-    while next_index < len(specs) or open_ids:
+
+    def record(outputs: list[RequestOutput]) -> None:
+        """Time ``outputs`` as they reach the caller: with ``step()``'s return, or mid-step
+        through the engine's ``output_sink`` (async output processing's deferred half)."""
         now = time.monotonic() - start
-        while next_index < len(specs) and requests[next_index].arrival_s <= now:
-            spec = specs[next_index]
-            rid = spec.request_id or ""
-            try:
-                engine.add_request(spec)
-                open_ids.add(rid)
-            except ValoraError as exc:
-                timings[rid].error = f"{type(exc).__name__}: {exc}"
-            next_index += 1
-        if not engine.has_unfinished_requests():
-            if next_index < len(specs):
-                wait = requests[next_index].arrival_s - (time.monotonic() - start)
-                time.sleep(max(0.0, min(wait, idle_sleep_s * 50)))
-            continue
-        outputs = engine.step()
-        now = time.monotonic() - start
-        sampler.sample(now)
         for output in outputs:
             timing = timings.get(output.request_id)
             if timing is None:
@@ -180,6 +166,31 @@ def run_inprocess(
                 timing.finish_s = now
                 if output.error is not None:
                     timing.error = output.error
+
+    previous_sink, engine.output_sink = engine.output_sink, record
+    try:
+        next_index = 0
+        while next_index < len(specs) or open_ids:
+            now = time.monotonic() - start
+            while next_index < len(specs) and requests[next_index].arrival_s <= now:
+                spec = specs[next_index]
+                rid = spec.request_id or ""
+                try:
+                    engine.add_request(spec)
+                    open_ids.add(rid)
+                except ValoraError as exc:
+                    timings[rid].error = f"{type(exc).__name__}: {exc}"
+                next_index += 1
+            if not engine.has_unfinished_requests():
+                if next_index < len(specs):
+                    wait = requests[next_index].arrival_s - (time.monotonic() - start)
+                    time.sleep(max(0.0, min(wait, idle_sleep_s * 50)))
+                continue
+            outputs = engine.step()
+            sampler.sample(time.monotonic() - start)
+            record(outputs)
+    finally:
+        engine.output_sink = previous_sink
     wall = time.monotonic() - start
     ordered = [timings[s.request_id or ""] for s in specs]
     steps = None

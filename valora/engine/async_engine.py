@@ -140,6 +140,7 @@ class AsyncEngine:
         self._dead_reason: str | None = None
         self._unexplained_failures = 0
         self._wakeup = threading.Event()
+        engine.output_sink = self._deliver  # async output processing: outputs leave mid-step
         self._thread = threading.Thread(target=self._run, name="valora-engine", daemon=True)
         self._thread.start()
 
@@ -325,6 +326,17 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand ``outputs`` to their streams (engine thread; also the engine's ``output_sink``,
+        so the deferred half's outputs leave mid-step)."""
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue  # aborted by its caller, or rejected while being added
+            if output.finished:
+                del self._streams[output.request_id]
+            stream.put(output)
+
     def _step(self) -> None:
         steps_before = self.engine.num_steps
         try:
@@ -333,13 +345,7 @@ class AsyncEngine:
         except Exception as exc:  # raised outside the step's own per-step guard
             outputs = []
             self._recover(exc)
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is None:
-                continue  # aborted by its caller, or rejected while being added
-            if output.finished:
-                del self._streams[output.request_id]
-            stream.put(output)
+        self._deliver(outputs)
         if self._reason() is not None:
             self._fail_all(EngineDeadError(f"the engine is dead: {self._reason()}"))
         elif not outputs and self.engine.num_steps == steps_before:

@@ -21,11 +21,20 @@ dropped, so tokens, texts and finish reasons equal the synchronous order's (a st
 on a token that also ended the request by length or EOS wins, as in that order). Outputs reach
 the caller one step later; ``has_unfinished_requests`` stays true until the last deferred half
 has run (a step with nothing to schedule runs it), and ``abort_request`` runs it first.
+
+``output_sink`` (None by default): a callable that receives outputs as soon as the deferred half
+has built them — inside the next step, before its forward (eager and piecewise steps) or while
+its decode graph replays — instead of with that step's return value. Without it those outputs
+wait for the whole next step: on an H200 serving A/B (session 11) that put asynchronous output
+processing behind the synchronous order in latency at every point. Outputs reach the sink and
+the return value in the order they were built (everything built earlier in the step goes to the
+sink first); the server's engine thread and the in-process benchmark set it.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from valora.config import EngineConfig
@@ -57,6 +66,8 @@ class LLMEngine:
         # processing): (request, token, the token-level stop reason when it finished the request).
         self._deferred: list[tuple[Request, int, str | int | None]] = []
         self._async_outputs = config.scheduler.async_output_processing
+        self.output_sink: Callable[[list[RequestOutput]], None] | None = None
+        """Receives the deferred half's outputs as soon as they are built (module docstring)."""
         self._consecutive_failures = 0
         self.dead_reason: str | None = None
         self.num_steps = 0
@@ -140,11 +151,21 @@ class LLMEngine:
             if item.request.first_scheduled_time is None:
                 item.request.first_scheduled_time = now
         deferred: list[RequestOutput] = []
+
+        def deferred_half() -> None:
+            built = self._run_deferred()
+            sink = self.output_sink
+            if sink is None:
+                deferred.extend(built)
+                return
+            early = outputs + built  # what the step built before them goes first
+            outputs.clear()
+            if early:
+                sink(early)
+
         try:
             if self._deferred:  # the last step's deferred half runs while this one computes
-                result = self.parts.execute(
-                    scheduled, lambda: deferred.extend(self._run_deferred())
-                )
+                result = self.parts.execute(scheduled, deferred_half)
             else:
                 result = self.parts.execute(scheduled)
         except Exception as exc:  # a fault inside the step fails that step's requests only

@@ -225,23 +225,28 @@ class ModelRunner:
 
         ``wait_slots`` is called with the LoRA slots the step reads before anything is launched
         (the adapter manager orders the stream after their pending prefetches).
-        ``while_device_runs`` is called once the step's sampling is launched, before the host
-        waits for its tokens (``sampler.sample``'s ``before_read``); not at all when the step
-        samples nothing. Its host time is part of the step's measured seconds."""
+        ``while_device_runs`` is called once: in a decode-graph replay, after the step's sampling
+        is launched and before the host waits for its tokens (``sampler.sample``'s
+        ``before_read``), so it overlaps the replay; in any other step (eager or piecewise),
+        before the forward is launched — those steps are host-bound (launching their kernels
+        takes about as long as running them), so calling it after the launch would delay its
+        outputs by the whole step and overlap little (H200 serving A/B, session 11). Its host time
+        is part of the step's measured seconds."""
         started = time.perf_counter()
         batch, layout, image_rows, token_slots = build_forward_batch(
             scheduled, page_table_of, self.page_size, slot_of, self.device
         )
         self._attach_lora(batch, token_slots, plan_lora, wait_slots)
         self._attach_images(batch, image_rows)
-        hidden, graphed = self._forward(batch)
+        hidden, graphed = self._forward(batch, while_device_runs)
+        after_launch = while_device_runs if graphed else None  # else it ran before the forward
         result = StepResult()
         self._collect_head_hidden(scheduled, layout.token_ranges, hidden, head_tokens_of, result)
         if layout.sampling_rows:
             logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
             requests = [scheduled[i].request for i in layout.sampling_rows]
             rows = [self._sampling_row(r) for r in requests]
-            tokens, logprobs = sample(logits, rows, while_device_runs)
+            tokens, logprobs = sample(logits, rows, after_launch)
             for request, token, logprob in zip(requests, tokens, logprobs, strict=True):
                 result.sampled[request.request_id] = token
                 if logprob is not None:
@@ -272,14 +277,17 @@ class ModelRunner:
             self.step_trace = []
         return self.step_trace
 
-    def _forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, bool]:
+    def _forward(self, batch: ForwardBatch, before_eager: Callable[[], None] | None = None
+                 ) -> tuple[torch.Tensor, bool]:
         """Hidden states of ``batch`` (a graph replay when one serves it, else eager) and
-        whether a graph served it."""
+        whether a graph served it; ``before_eager`` runs first when no graph serves it."""
         graphs = self.graphs
         hidden = graphs.try_run(batch) if graphs is not None else None
         if hidden is not None:
             self.num_graph_steps += 1
             return hidden, True
+        if before_eager is not None:
+            before_eager()
         self.num_eager_steps += 1
         piecewise = self.piecewise
         hidden = piecewise.try_run(batch) if piecewise is not None else None
