@@ -4,7 +4,7 @@
 # workload (unmerged-fcfs, both popularity skews, the three rates of the session-8 grid, identical
 # requests by seed) on two engines in turn, `--$FLAG true` then `false`, LLaVA-1.5-7B shapes
 # (<= ~6.5 min, H200).
-#   OUT=$OUT [FLAG=prefill-graphs] bash bench/orchestrator/piecewise_ab.sh [--tiny]
+#   OUT=$OUT [FLAG=prefill-graphs] [ORDER="false true"] bash bench/orchestrator/piecewise_ab.sh [--tiny]
 # Files under $OUT: ab-$FLAG-{true,false}.jsonl and .log
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -21,7 +21,7 @@ else
   WORK=(--num-adapters 16 --adapter-ranks 8 16 32 64)
   RATES=(7.587 15.174 22.761); N=77; BOX=${BOX:-210}
 fi
-for value in true false; do
+for value in ${ORDER:-true false}; do
   timeout -s INT "$BOX" python3 -m valora.cli --log-level info bench serve --model /tmp/ab-model \
     --load-format dummy "${ENGINE[@]}" "${WORK[@]}" --adapter-std 0.02 \
     --adapter-cache-dir /tmp/ab-adapters --popularity zipf:1 hot:0.7 --latency-target-s 5 \
