@@ -90,10 +90,14 @@ class SchedulerConfig:
     output objects while the *next* step runs on the device (``LLMEngine``: "Asynchronous output
     processing"). Outputs then reach callers one step later and a request stopped by a stop
     string runs one step more (that token is discarded); tokens, texts and finish reasons are
-    those of the synchronous order. On by default: on an H200 at LLaVA-1.5-7B shapes (dummy
-    weights, 32 / 64 greedy requests of 128 tokens, base and 8 adapters) engine steps were
-    4.7–11.3 % shorter with it (``bench/results/model/h200-async-known-d1a2d47/``); the cost is
-    one step of latency before each output (a first token's included).
+    those of the synchronous order. Off by default: on an H200 at LLaVA-1.5-7B shapes engine
+    steps were 4.7–11.3 % shorter with it (dummy weights, 32 / 64 greedy requests of 128 tokens,
+    ``bench/results/model/h200-async-known-d1a2d47/``), but in the serving A/B
+    (``bench/orchestrator/piecewise_ab.sh``, 6 workload points, three runs at two trees and both
+    orders, ``bench/results/serve/async-ab-h200-*``) it bought no consistent latency: mean
+    latency off / on 0.61–1.20 and the first token later at 16 of 18 points — outputs wait for
+    part of the next step (``LLMEngine.output_sink`` shortens that wait to the next step's
+    preparation).
     """
 
     max_num_batched_tokens: int = 2048
@@ -101,7 +105,7 @@ class SchedulerConfig:
     max_waiting: int = 4096
     chunked_prefill: bool = True
     policy: str = "fcfs"
-    async_output_processing: bool = True
+    async_output_processing: bool = False
 
     def __post_init__(self) -> None:
         _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive")
@@ -118,8 +122,11 @@ class LoRAConfig:
     ``lora_backend``: ``"auto"`` (Triton on CUDA, reference on CPU), ``"reference"`` or ``"triton"``.
     ``overlap_max_tokens``: on CUDA, steps of at most this many tokens compute each layer's LoRA
     delta on a side stream beside the base GEMM (``valora.layers.lora_overlap``); ``0`` = never.
-    Measured on an H200 at 7B shapes: it hides most of the per-op fixed latency at batch 1–8 and
-    costs time from batch 32 up with many adapters, hence 16.
+    Measured on an H200 at 7B shapes (decode graph replays, ``bench/results/model/
+    h200-overlap-3cb0ce6/``, overlapped step / serial step): 0.94–0.96× at batch 24–32 with one
+    or 8 adapters, 0.995–0.998× with 32 adapters of ranks 8–64, 0.97–1.01× at 48, 1.00–1.04× (a
+    loss) at 64–128 — hence 32 (it was 16 until session 11; at batch 1–8 it hides most of the
+    per-op fixed latency).
     ``warm_up_lora_kernels``: on CUDA with the Triton backend, compile at engine start every LoRA
     kernel variant a step of up to ``max_num_batched_tokens`` tokens can select
     (``valora.ops.warmup``), so that no prefill stalls on a compile while serving.
@@ -139,7 +146,7 @@ class LoRAConfig:
     max_cpu_loras: int = 64
     max_lora_rank: int = 64
     lora_backend: str = "auto"
-    overlap_max_tokens: int = 16
+    overlap_max_tokens: int = 32
     warm_up_lora_kernels: bool = True
     warm_up_threads: int = 0
     fuse_correction: bool = True
