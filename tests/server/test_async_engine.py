@@ -60,6 +60,36 @@ def test_concurrent_generations_stream_and_match_the_sync_engine(engine: AsyncEn
     assert idle_pages_used(engine) == 0
 
 
+def test_async_output_processing_streams_every_token_through_the_sink(
+        tiny_model: Path, reference_llm: LLM) -> None:
+    """With asynchronous output processing the deferred half's outputs reach the streams through
+    the engine's ``output_sink`` mid-step: every token count arrives once, in order, and the
+    texts equal the synchronous engine's."""
+    async_engine = AsyncEngine.from_config(EngineConfig.create(
+        model=str(tiny_model), **{**ENGINE_OPTIONS, "async_output_processing": True}))
+    try:
+        assert async_engine.engine.output_sink is not None
+        prompts = [f"USER: item {i} ASSISTANT:" for i in range(4)]
+
+        async def run(prompt: str) -> tuple[list[int], str]:
+            counts, last = [], None
+            async for output in async_engine.generate(greedy(prompt)):
+                counts.append(len(output.outputs[0].token_ids))
+                last = output
+            assert last is not None and last.finished
+            return counts, last.text
+
+        async def main() -> list[tuple[list[int], str]]:
+            return list(await asyncio.gather(*(run(p) for p in prompts)))
+        results = asyncio.run(main())
+        expected = reference_llm.generate([greedy(p) for p in prompts])
+        for (counts, text), reference in zip(results, expected, strict=True):
+            assert counts == [1, 2, 3, 4, 5, 6] and text == reference.text
+        assert idle_pages_used(async_engine) == 0
+    finally:
+        async_engine.shutdown()
+
+
 def test_leaving_early_aborts_and_frees_pages(engine: AsyncEngine) -> None:
     async def main() -> None:
         stream = await engine.add_request(greedy("USER: long ASSISTANT:", max_tokens=500))
