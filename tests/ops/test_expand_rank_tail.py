@@ -1,7 +1,10 @@
 """The expand's rank-tail chunk (ranks off the ``block_k`` grid) loads ``B``'s storage padding
-whole when the storage rank is a multiple of ``block_k`` (16-byte loads; the padding is finite by
-the storage contract and meets zeros of ``h``), and masks it otherwise (the chunk would leave the
-storage). Both against the fp32 reference, with large finite values in the padding."""
+whole when the storage rank is a multiple of a ``block_k`` of ≤ 16 (16-byte loads; the padding is
+finite by the storage contract and meets zeros of ``h``); otherwise it masks ``B`` at the rank
+rounded up to 8 when the storage rank is a multiple of 8 (``triton_lora.expand_b_mask``: wide
+chunks read ≤ 7 padding columns, not the whole chunk), else at the exact rank (the chunk would
+leave the storage). Every form against the fp32 reference, with large finite values in the
+padding."""
 
 from __future__ import annotations
 
@@ -18,14 +21,24 @@ from valora.ops.lora_problems import make_slot_weights
 from valora.ops.tile_config import ExpandConfig, ShrinkConfig, TileConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TILES = TileConfig(ShrinkConfig(16, 16, 16, 1, 4, 2), ExpandConfig(16, 32, 16, 4, 2))
 
 
-@pytest.mark.parametrize(("storage", "masked"), [(32, False), (24, True)])
+def _tiles(block_k: int) -> TileConfig:
+    return TileConfig(ShrinkConfig(16, 16, 16, 1, 4, 2), ExpandConfig(16, 32, block_k, 4, 2))
+
+
+@pytest.mark.parametrize(("block_k", "storage", "mask"), [
+    (16, 32, (False, 1)),  # whole tail chunk
+    (16, 24, (True, 8)),   # the chunk would leave the storage: masked, rounded up to 8
+    (32, 64, (True, 8)),   # wide chunk: masked, rounded up to 8
+    (64, 64, (True, 8)),   # the whole storage rank in one chunk
+    (32, 20, (True, 1)),   # storage not a multiple of 8: the exact rank
+])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rank_tail_reads_the_padding_only_where_storage_allows(
-        monkeypatch: pytest.MonkeyPatch, storage: int, masked: bool, dtype: torch.dtype) -> None:
-    flags: list[bool] = []
+        monkeypatch: pytest.MonkeyPatch, block_k: int, storage: int, mask: tuple[bool, int],
+        dtype: torch.dtype) -> None:
+    flags: list[tuple[bool, int]] = []
     real = triton_lora.launcher
 
     def spy(fn: Any) -> Any:
@@ -36,14 +49,14 @@ def test_rank_tail_reads_the_padding_only_where_storage_allows(
         class Recorder:
             def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
                 def call(*args: Any, **kwargs: Any) -> None:
-                    flags.append(kwargs["MASK_B_K"])
+                    flags.append((kwargs["MASK_B_K"], kwargs["B_ALIGN"]))
                     launch[grid](*args, **kwargs)
                 return call
         return Recorder()
 
     monkeypatch.setattr(triton_lora, "launcher", spy)
     monkeypatch.setattr(triton_lora, "select_tile_config",
-                        lambda *args, **kwargs: (TILES, "test"))
+                        lambda *args, **kwargs: (_tiles(block_k), "test"))
     ranks = [1, 5, 13, 16, storage - 3]  # tails of 1..15 columns, one whole chunk, a long tail
     slices = (40, 24)
     weights = make_slot_weights(ranks, 48, slices, dtype, DEVICE, seed=7, max_rank=storage)
@@ -55,4 +68,5 @@ def test_rank_tail_reads_the_padding_only_where_storage_allows(
     lora_apply(out, x, weights, prepare_lora_batch(slots, len(ranks), "triton"))
     ref = reference_output(y, x, weights, slots.cpu(), len(ranks))
     assert relative_error(out, ref) <= TOLERANCE[dtype]
-    assert flags and set(flags) == {masked}
+    assert flags and set(flags) == {mask}
+    assert flags[0] == tuple(triton_lora.expand_b_mask(storage, block_k).values())
