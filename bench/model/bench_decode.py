@@ -14,7 +14,8 @@ fused rows are preceded by a kernel-vs-twin check at 7B shapes; a ``kernels`` se
 CUDA kernels of one eager decode step per decoder layer in each mode. The no-graph point and the
 prefill run with the last mode listed. ``serial`` / ``overlap`` rows are ``fused`` with the LoRA
 deltas never / always (≤ 256 tokens) on the side stream (``valora/layers/lora_overlap.py``);
-``fused`` and ``stock`` overlap as the engine does by default (``LoRAConfig.overlap_max_tokens``).
+``fused`` and ``stock`` overlap as the engine does by default (``LoRAConfig.overlap_max_tokens``);
+``overlap_o_down`` also overlaps the o / down projections' deltas at every size (not measured yet).
 
     python bench/model/bench_decode.py --out DIR [--sha SHA] [--layers stock,fused] [--skip-hf]
         [--tiny CKPT_DIR]
@@ -38,9 +39,9 @@ import workload as wl
 from fused_layers import (
     LABEL_KV_WRITE,
     LABEL_MODES,
-    LABEL_OVERLAP,
     check_against_stock,
     kernels_per_step,
+    set_overlap,
 )
 from summary import write_summary
 
@@ -113,7 +114,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
                  ceil: dict[str, float], rec: Recorder, label: str, repeats: int) -> None:
     """The decode grid with the per-layer ops of ``label`` (captured and replayed in that mode)."""
-    model.set_lora_overlap(LABEL_OVERLAP[label])
+    set_overlap(model, label)
     set_fused_kv_write(LABEL_KV_WRITE.get(label, True))
     try:
         with fused_layers(LABEL_MODES[label]):
@@ -263,7 +264,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--layers", default="stock,fused",
                         help="comma list of per-layer op modes to bench: stock, fused (engine "
                              "defaults), serial (fused, LoRA never overlapped), overlap "
-                             "(fused, LoRA beside the base GEMM up to 256 tokens), split_kv "
+                             "(fused, LoRA beside the base GEMM up to 256 tokens), "
+                             "overlap_o_down (fused, o / down LoRA overlapped at every size), "
+                             "split_kv "
                              "(fused, K/V written by two index_copy_, VALORA_FUSED_KV_WRITE=0), "
                              "fused_kv (= fused since the one-launch K/V write became the "
                              "default)")

@@ -22,7 +22,8 @@ from valora.layers.norm import add_rms_norm_torch, rms_norm_torch
 from valora.layers.rotary import apply_rotary_torch
 
 LABEL_MODES: dict[str, FusedMode] = {"stock": "off", "fused": "on", "serial": "on",
-                                     "overlap": "on", "fused_kv": "on", "split_kv": "on"}
+                                     "overlap": "on", "fused_kv": "on", "split_kv": "on",
+                                     "overlap_o_down": "on"}
 LABEL_KV_WRITE: dict[str, bool] = {"stock": False, "split_kv": False}
 """Labels whose K/V cache write is two ``index_copy_`` (``VALORA_FUSED_KV_WRITE=0``); every other
 label writes K/V in one launch, the engine's default on CUDA since session 10 (``fused_kv`` is
@@ -31,9 +32,24 @@ DEFAULT_OVERLAP = LoRAConfig().overlap_max_tokens
 LABEL_OVERLAP: dict[str, int] = {"stock": DEFAULT_OVERLAP, "fused": DEFAULT_OVERLAP,
                                  "serial": 0, "overlap": 256, "fused_kv": DEFAULT_OVERLAP,
                                  "split_kv": DEFAULT_OVERLAP}
+LABEL_OVERLAP["overlap_o_down"] = DEFAULT_OVERLAP
 """Per label, the largest step (tokens) whose LoRA deltas run beside the base GEMM
 (``Model.set_lora_overlap``): ``stock`` / ``fused`` as the engine runs by default, ``serial``
 never, ``overlap`` at every decode size benched."""
+LABEL_OVERLAP_ALWAYS: dict[str, tuple[str, ...]] = {"overlap_o_down": ("o_proj", "down_proj")}
+"""Labels whose linears of these PEFT names overlap at every size on top of ``LABEL_OVERLAP``:
+``overlap_o_down`` tries overlapping the latency-bound o / down LoRA ops (small ``B``) at every
+batch while qkv / gate_up follow the default (``bench/ops/NOTES.md``, session 11's leads)."""
+
+
+def set_overlap(model: object, label: str) -> None:
+    """``label``'s overlap (``LABEL_OVERLAP`` for every linear, then ``LABEL_OVERLAP_ALWAYS``)."""
+    model.set_lora_overlap(LABEL_OVERLAP[label])  # type: ignore[attr-defined]
+    names = set(LABEL_OVERLAP_ALWAYS.get(label, ()))
+    if names:
+        for linear, _ in model.decoder.lora_targets().values():  # type: ignore[attr-defined]
+            if set(linear.slice_names) <= names:
+                linear.lora_overlap_tokens = 1 << 20
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
