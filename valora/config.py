@@ -88,16 +88,18 @@ class SchedulerConfig:
     ``async_output_processing``: process a step's sampled tokens in two halves — the token-level
     stop checks (EOS, stop token ids, lengths) at once, the detokenisation, stop strings and
     output objects while the *next* step runs on the device (``LLMEngine``: "Asynchronous output
-    processing"). Outputs then reach callers one step later and a request stopped by a stop
+    processing"), except for a request's first token and a token that ends it by a token-level
+    check. Outputs in between reach callers one step later and a request stopped by a stop
     string runs one step more (that token is discarded); tokens, texts and finish reasons are
     those of the synchronous order. Off by default: on an H200 at LLaVA-1.5-7B shapes engine
     steps were 4.7–11.3 % shorter with it (dummy weights, 32 / 64 greedy requests of 128 tokens,
     ``bench/results/model/h200-async-known-d1a2d47/``), but in the serving A/B
     (``bench/orchestrator/piecewise_ab.sh``, 6 workload points, three runs at two trees and both
     orders, ``bench/results/serve/async-ab-h200-*``) it bought no consistent latency: mean
-    latency off / on 0.61–1.20 and the first token later at 16 of 18 points — outputs wait for
-    part of the next step (``LLMEngine.output_sink`` shortens that wait to the next step's
-    preparation).
+    latency off / on 0.61–1.20 and the first token later at 16 of 18 points — outputs waited for
+    part of the next step (``LLMEngine.output_sink`` shortened that wait to the next step's
+    preparation; since then first and final tokens are not deferred at all, which no GPU run has
+    measured yet).
     """
 
     max_num_batched_tokens: int = 2048

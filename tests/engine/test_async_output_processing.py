@@ -1,8 +1,8 @@
 """Asynchronous output processing (``SchedulerConfig.async_output_processing``): the same tokens,
 texts, finish and stop reasons and logprobs as the synchronous order for a mixed batch (greedy
 and seeded sampling, adapters, images, stop strings hit mid-output and on the last allowed
-token, stop token ids, ``min_tokens``, logprobs, more requests than ``max_num_seqs``); outputs
-one step later; the deferred half runs inside the next step's ``execute`` (before the tokens are
+token, stop token ids, ``min_tokens``, logprobs, more requests than ``max_num_seqs``); first and
+final outputs at once, those in between one step later; the deferred half runs inside the next step's ``execute`` (before the tokens are
 read back); aborts see every token's text; a failing step still delivers the previous step's
 outputs; pages and adapter pins all come back."""
 
@@ -112,8 +112,12 @@ def test_outputs_equal_the_synchronous_order(pair: tuple[LLM, LLM],
     assert any(isinstance(e[3], str) for e in expected)  # a stop string ended one
 
 
-def test_outputs_come_one_step_later_and_resources_return(pair: tuple[LLM, LLM]) -> None:
-    counts = []
+def test_first_and_final_outputs_come_at_once_and_resources_return(
+        pair: tuple[LLM, LLM]) -> None:
+    """Each ``step()`` call's outputs for one request: synchronous — one token more each call;
+    asynchronous — the first token at once, tokens 2–4 one call late (two arrive together when
+    the final one is not deferred), and no extra call at the end."""
+    counts, arrivals = [], []
     for llm in pair:
         engine = llm.engine
         pool = engine.parts.kv_manager.pool
@@ -122,16 +126,21 @@ def test_outputs_come_one_step_later_and_resources_return(pair: tuple[LLM, LLM])
         rid = engine.add_request(GenerateRequest(prompt=PROMPTS[0], adapter="r8",
                                                  sampling_params=params)).request_id
         seen: list[list[int]] = []
+        per_call: list[list[int]] = []
         model_steps, calls = engine.num_steps, 0
         while engine.has_unfinished_requests():
-            seen += [o.outputs[0].token_ids for o in engine.step() if o.request_id == rid]
+            mine = [len(o.outputs[0].token_ids) for o in engine.step() if o.request_id == rid]
+            seen += mine
+            per_call.append(mine)
             calls += 1
         counts.append((engine.num_steps - model_steps, calls))
-        assert len(seen) == 5 and [len(t) for t in seen] == [1, 2, 3, 4, 5]
+        arrivals.append(per_call)
+        assert seen == [1, 2, 3, 4, 5]
         assert pool.num_free_pages == free
         assert all(a.pin_count == 0 for a in engine.parts.adapters.list_adapters())
-    # the same model steps; the last outputs come from one more call that schedules nothing
-    assert counts[1] == (counts[0][0], counts[0][1] + 1)
+    assert counts[1] == counts[0]  # the same model steps and calls
+    assert arrivals[0] == [[1], [2], [3], [4], [5]]
+    assert arrivals[1] == [[1], [], [2], [3], [4, 5]]
 
 
 def test_deferred_half_runs_inside_the_next_step(pair: tuple[LLM, LLM],
@@ -147,7 +156,8 @@ def test_deferred_half_runs_inside_the_next_step(pair: tuple[LLM, LLM],
     monkeypatch.setattr(engine.parts, "execute", spy)
     pair[1].generate([PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0.0,
                                                   ignore_eos=True))
-    assert calls[0] is False and all(calls[1:]) and len(calls) >= 4
+    # steps 1 and 2 have nothing deferred before them (the first token is not deferred)
+    assert calls == [False, False, True, True]
 
 
 def test_abort_sees_every_token(pair: tuple[LLM, LLM]) -> None:
@@ -215,7 +225,8 @@ def test_an_eager_step_runs_the_deferred_half_before_its_forward(
     monkeypatch.setattr(engine, "_run_deferred", deferred)
     pair[1].generate([PROMPTS[0]], SamplingParams(max_tokens=3, temperature=0.0,
                                                   ignore_eos=True))
-    assert events == ["forward", "deferred"] * 3
+    # token 1 at once, token 2 deferred into step 3, token 3 (the last) at once
+    assert events == ["forward", "forward", "deferred", "forward"]
 
 
 def test_the_output_sink_receives_outputs_mid_step_in_order(pair: tuple[LLM, LLM]) -> None:
@@ -245,7 +256,7 @@ def test_the_output_sink_receives_outputs_mid_step_in_order(pair: tuple[LLM, LLM
         results.append(received)
     sync, asynchronous = results
     assert {kind for kind, *_ in sync} == {"return"}
-    assert sum(kind == "sink" for kind, *_ in asynchronous) >= 6  # 2 requests × 3 later steps
+    assert sum(kind == "sink" for kind, *_ in asynchronous) == 4  # tokens 2 and 3 of each
     for outputs in (sync, asynchronous):
         by_request: dict[str, list[tuple[int, bool]]] = {}
         for _, rid, count, finished in outputs:

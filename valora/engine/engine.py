@@ -13,20 +13,23 @@ Asynchronous output processing (``SchedulerConfig.async_output_processing``; vLL
 under that name): a step's sampled tokens are handled in two halves. At once: append the token
 and its logprobs, and the checks that need only the token — EOS, stop token ids, ``max_tokens``,
 the model length — which finish the request before the next step is scheduled. Deferred to the
-next step, and run on the host while that step's kernels run on the device (``execute``'s
-``while_device_runs``, called between launching the sampling and reading its tokens back): the
-detokenisation, the stop-string check and the ``RequestOutput`` objects. A stop string found
-then finishes its request after it was scheduled once more; that step's token for it is
-dropped, so tokens, texts and finish reasons equal the synchronous order's (a stop string found
-on a token that also ended the request by length or EOS wins, as in that order). Outputs reach
-the caller one step later; ``has_unfinished_requests`` stays true until the last deferred half
-has run (a step with nothing to schedule runs it), and ``abort_request`` runs it first.
+next step, and run on the host while that step's device work runs (``execute``'s
+``while_device_runs``: during a decode-graph replay, else before the step's forward): the
+detokenisation, the stop-string check and the ``RequestOutput`` objects. A request's first token
+and a token that ends it by a token-level check are not deferred (the previous step's deferred
+half has always run by then, so the order holds): the first token and the final output reach the
+caller as in the synchronous order; only the outputs in between come one step later. A stop
+string found in the deferred half finishes its request after it was scheduled once more; that
+step's token for it is dropped, so tokens, texts and finish reasons equal the synchronous
+order's. ``has_unfinished_requests`` stays true until the last deferred half has run (a step
+with nothing to schedule runs it), and ``abort_request`` runs it first.
 
 ``output_sink`` (None by default): a callable that receives outputs as soon as the deferred half
 has built them — inside the next step, before its forward (eager and piecewise steps) or while
 its decode graph replays — instead of with that step's return value. Without it those outputs
-wait for the whole next step: on an H200 serving A/B (session 11) that put asynchronous output
-processing behind the synchronous order in latency at every point. Outputs reach the sink and
+wait for the whole next step: on an H200 serving A/B (session 11, before first and final tokens
+were taken out of the deferred half) that put asynchronous output processing behind the
+synchronous order in latency at every point. Outputs reach the sink and
 the return value in the order they were built (everything built earlier in the step goes to the
 sink first); the server's engine thread and the in-process benchmark set it.
 """
@@ -225,12 +228,13 @@ class LLMEngine:
                 request.output_logprobs.append(
                     {token: result.logprobs[rid].logprob, **result.logprobs[rid].top}
                 )
-            if self._async_outputs:
-                status, reason = self._token_stop_status(request, token)
-                if status is not None:  # retired with its output in the deferred half
-                    self.parts.scheduler.finish_request(rid, status)
-                self._deferred.append((request, token, reason))
+            if (self._async_outputs and len(request.output_token_ids) > 1
+                    and self._token_stop_status(request, token)[0] is None):
+                self._deferred.append((request, token, None))
                 continue
+            # (async output processing: a first token and a token that ends the request by a
+            # token-level check are handled at once — nothing of theirs is deferred, as the
+            # deferred half of the step before has already run)
             stop_string = self.parts.detokenizer_of(request).add_tokens([token])
             status, reason = self._stop_status(request, token, stop_string)
             if status is not None:
