@@ -26,3 +26,23 @@ def test_generate_flags_come_from_the_config() -> None:
 def test_bad_choice_is_rejected() -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--dtype", "float8"])
+
+
+def test_every_engine_flag_is_described_from_its_config_docstring() -> None:
+    """``--help`` carries each config field's first docstring sentence and its default, so the
+    flags and the config documentation cannot drift apart."""
+    import dataclasses
+
+    from valora.cli_config import SECTIONS, field_help
+
+    for section in SECTIONS:
+        described = field_help(section)
+        missing = [f.name for f in dataclasses.fields(section) if not described.get(f.name)]
+        assert not missing, f"{section.__name__} fields without a docstring entry: {missing}"
+    parser = build_parser()
+    generate = next(a for a in parser._subparsers._group_actions[0].choices.items()
+                    if a[0] == "generate")[1]
+    helps = {a.dest: a.help for a in generate._actions}
+    assert helps["overlap_max_tokens"].startswith("on CUDA, steps of at most this many tokens")
+    assert helps["overlap_max_tokens"].endswith("(default: 32)")
+    assert helps["dtype"].startswith('"auto" (bfloat16 on CUDA')

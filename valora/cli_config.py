@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
 import json
+import re
 import typing
 from typing import Any, get_args, get_origin
 
@@ -44,11 +47,28 @@ def _flag_type(annotation: Any) -> tuple[Any, list[Any] | None]:
     return str, None
 
 
+@functools.cache
+def field_help(section: type) -> dict[str, str]:
+    """Each field's description from ``section``'s docstring, whose convention is a field name in
+    double backticks, a colon, then text: the first sentence, markup dropped — so ``--help`` and
+    the config docs never disagree."""
+    flat = " ".join((inspect.getdoc(section) or "").split())
+    found = {}
+    for field in dataclasses.fields(section):
+        match = re.search(rf"``{field.name}``(?:\s*/\s*``\w+``)*\s*(?:\([^)]*\))?:\s*"
+                          r"(.+?)(?<!e\.g)(?<!i\.e)\.(?:\s|$)", flat)
+        if match:
+            found[field.name] = match.group(1).replace("``", "").replace("%", "%%")
+    return found
+
+
 def add_engine_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
-    """Add ``--field-name`` for every field of every config section (defaults from the dataclass)."""
+    """Add ``--field-name`` for every field of every config section (defaults from the dataclass,
+    help from its docstring: ``field_help``)."""
     for section in SECTIONS:
         group = parser.add_argument_group(section.__name__)
         hints = typing.get_type_hints(section)
+        described = field_help(section)
         for field in dataclasses.fields(section):
             if field.name in skip:
                 continue
@@ -60,7 +80,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
                 type=flag_type,
                 choices=choices,
                 default=default,
-                help=f"(default: {default})",
+                help=f"{described.get(field.name, '')} (default: {default})".lstrip(),
             )
     parser.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)"

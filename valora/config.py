@@ -23,7 +23,9 @@ class ModelConfig:
     """Which checkpoint to serve and how to load it.
 
     ``model``: a local Hugging Face checkpoint directory, or ``"default"`` for the embedded model.
-    ``load_format``: ``"safetensors"`` reads weights; ``"dummy"`` fills random weights for any
+    ``dtype``: ``"auto"`` (bfloat16 on CUDA, float32 on the CPU), ``"float32"``, ``"bfloat16"`` or
+    ``"float16"``. ``seed``: seeds the dummy weights and the sampling of requests without a seed of
+    their own. ``load_format``: ``"safetensors"`` reads weights; ``"dummy"`` fills random weights for any
     config (benchmarks at real shapes). ``max_model_len``: ``None`` = the config's own limit.
     ``attention_backend``: ``"auto"`` (Triton kernels on CUDA, plain PyTorch elsewhere),
     ``"torch"`` or ``"triton"``. ``enforce_eager``: never capture CUDA graphs for decode steps
@@ -60,7 +62,14 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache. ``num_pages=None`` sizes the pool from ``memory_fraction`` (GPU) or
-    ``cpu_cache_bytes`` (CPU)."""
+    ``cpu_cache_bytes`` (CPU).
+
+    ``page_size``: tokens per KV page. ``num_pages``: KV pages (``None``: sized from memory).
+    ``memory_fraction``: share of the GPU's memory the engine may use in all (weights, adapter
+    slots, graphs, activations; the KV cache gets the rest, ``valora.engine.memory_plan``).
+    ``cpu_cache_bytes``: KV cache bytes on the CPU. ``enable_prefix_caching``: reuse the KV pages
+    of prompt prefixes already computed (keyed by tokens, adapter and images).
+    """
 
     page_size: int = 16
     num_pages: int | None = None
@@ -119,7 +128,7 @@ class SchedulerConfig:
 class LoRAConfig:
     """Adapter residency and the batched LoRA backend.
 
-    ``max_loras``: resident slots usable in one step. ``max_cpu_loras``: adapters kept decoded in
+    ``enable_lora``: allocate adapter slots (off: the base model only). ``max_loras``: resident slots usable in one step. ``max_cpu_loras``: adapters kept decoded in
     host memory (LRU beyond). ``max_lora_rank``: slot storage rank; larger adapters are rejected.
     ``lora_backend``: ``"auto"`` (Triton on CUDA, reference on CPU), ``"reference"`` or ``"triton"``.
     ``overlap_max_tokens``: on CUDA, steps of at most this many tokens compute each layer's LoRA
@@ -195,7 +204,11 @@ class OrchestratorConfig:
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """Limits on images accepted in requests."""
+    """Limits on images accepted in requests.
+
+    ``max_image_pixels``: width × height of one decoded image. ``max_image_bytes``: encoded size
+    of one image. ``max_images_per_request``: images in one request.
+    """
 
     max_image_pixels: int = 16_000_000
     max_image_bytes: int = 32 * 1024 * 1024
