@@ -40,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="accept file:// image URLs for files under DIR (default: refused)")
     server.add_argument("--allow-remote-images", action="store_true",
                         help="fetch http(s) image URLs (default: refused)")
-    server.add_argument("--remote-image-timeout-s", type=float, default=10.0)
-    server.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
+    server.add_argument("--remote-image-timeout-s", type=float, default=10.0,
+                        help="time limit of one remote image fetch (default: 10)")
+    server.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024,
+                        help="larger request bodies get 413 before they are parsed "
+                             "(default: 64 MiB)")
     server.add_argument("--max-prompt-tokens", type=int, default=None,
                         help="refuse longer prompts, image tokens included "
                              "(default: the context length)")
@@ -49,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output budget of chat requests that set none (default: 256)")
     server.add_argument("--cors-allow-origins", nargs="*", default=[],
                         help="origins allowed by CORS (default: none, CORS off)")
-    server.add_argument("--uvicorn-log-level", default="warning")
+    server.add_argument("--uvicorn-log-level", default="warning",
+                        help="uvicorn's own log level (default: warning)")
     add_engine_flags(parser)
     return parser
 
