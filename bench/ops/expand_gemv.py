@@ -21,22 +21,18 @@ same run.
 # mypy: disable-error-code="no-untyped-def"
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
-from decode_tiles import L2_BYTES, LAYERS, NUM_SLOTS, SCENARIOS, SLOT_RANKS, TINY_LAYERS, TOKENS
+from decode_experiment import best_of, decode_problem, run_main
 
 from valora.ops.lora import prepare_lora_batch
 from valora.ops.lora_kernels import _pick
-from valora.ops.lora_problems import make_slot_weights
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.tile_config import ExpandConfig, next_power_of_2
-from valora.ops.timing import copy_rates, time_calls
+from valora.ops.timing import time_calls
 from valora.ops.triton_lora import choose_tile_config, launch_expand, launch_shrink, slice_groups
 
 GEMV_TILES = ((64, 2), (128, 4), (128, 2), (256, 4), (256, 8), (512, 8), (32, 1), (64, 1))
@@ -117,19 +113,10 @@ def launch_gemv(h: torch.Tensor, y: torch.Tensor, b: torch.Tensor, weights: Any,
 
 def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rate: float,
               tokens: int, dtype: torch.dtype) -> dict[str, Any]:
-    in_features, widths = layers[layer]
-    slots = SCENARIOS[scenario][:tokens]
-    ranks = [SLOT_RANKS[s % 4] for s in range(NUM_SLOTS)]
-    used = sorted(set(slots))
-    b_bytes = 2 * sum(ranks[s] * sum(widths) for s in used)
-    copies = max(1, min(8, -(-L2_BYTES // max(b_bytes, 1))))
-    weights = [make_slot_weights(ranks, in_features, widths, dtype, device, seed=i)
-               for i in range(copies)]
+    problem = decode_problem(scenario, layer, layers, device, tokens, dtype, "b")
+    weights, x, y, copies = problem.weights, problem.x, problem.y, problem.copies
     rank_major = [w.lora_b.transpose(1, 2).contiguous() for w in weights]
-    x = torch.randn(tokens, in_features, device=device, dtype=dtype)
-    y = torch.randn(tokens, sum(widths), device=device, dtype=dtype)
-    batch = prepare_lora_batch(torch.tensor(slots, dtype=torch.int32, device=device), NUM_SLOTS,
-                               "triton")
+    batch = prepare_lora_batch(problem.token_slots, problem.num_slots, "triton")
     segments = batch.backend_data
     assert isinstance(segments, LoRASegments)
     table, source = choose_tile_config(x, weights[0], segments, None)
@@ -138,7 +125,7 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     launch_expand(hs[0], shipped, weights[0], segments, table.expand, 1.0)
     row: dict[str, Any] = {"scenario": scenario, "layer": layer, "tokens": tokens,
                            "table_source": source, "table": table.to_json(), "copies": copies,
-                           "expand_floor_us": b_bytes / rate * 1e6, "us": {}, "errors": {}}
+                           "expand_floor_us": problem.nbytes / rate * 1e6, "us": {}, "errors": {}}
     variants: list[tuple[str, Any]] = [("dot table", lambda h, out, i: launch_expand(
         h, out, weights[i], segments, table.expand, 1.0))]
     for m, n, k, w, st in DOT_TILES:
@@ -171,46 +158,10 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--sha", default="unknown")
-    parser.add_argument("--tiny", action="store_true", help="small shapes, CPU interpreter")
-    args = parser.parse_args()
-    device = torch.device("cpu" if args.tiny else "cuda")
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    layers = TINY_LAYERS if args.tiny else LAYERS
-    tokens = 4 if args.tiny else TOKENS
-    rates = copy_rates(device, 1 << 20 if args.tiny else 1 << 30)
-    rate = max(rates.values())
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
-    print(f"{name}: best copy {rate / 1e12:.2f} TB/s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    totals: dict[str, dict[str, float]] = {}
-    kinds = ("dot", "gemv column-major", "gemv rank-major")
-    with args.out.open("w") as sink:
-        for scenario in SCENARIOS:
-            for layer in layers:
-                row = run_point(scenario, layer, layers, device, rate, tokens, dtype)
-                row.update(device=name, git_sha=args.sha)
-                sink.write(json.dumps(row) + "\n")
-                sink.flush()
-                total = totals.setdefault(scenario, {"floor": 0.0})
-                total["floor"] += row["expand_floor_us"]
-                parts = []
-                for kind in kinds:
-                    mine = {k: v for k, v in row["us"].items() if k.startswith(kind)}
-                    best = min(mine, key=mine.get) if mine else "-"
-                    parts.append(f"{mine.get(best, 0.0):6.1f} ({best})")
-                    total[kind] = total.get(kind, 0.0) + mine.get(best, 0.0)
-                print(f"{scenario:<16} {layer:<7} " + " | ".join(parts)
-                      + f" | floor {row['expand_floor_us']:5.1f} | errors {len(row['errors'])}"
-                      + "".join(f"\n    {k}: {v}" for k, v in row["errors"].items()),
-                      flush=True)
-    print("per decode step (32 layers), best per op, ms: " + "; ".join(
-        f"{s}: " + ", ".join(f"{k} {32 * v / 1e3:.3f}" for k, v in t.items())
-        for s, t in totals.items()))
+def columns(row: dict[str, Any]) -> dict[str, tuple[str, float]]:
+    return {kind: best_of(row["us"], kind)
+            for kind in ("dot", "gemv column-major", "gemv rank-major")}
 
 
 if __name__ == "__main__":
-    main()
+    run_main(__doc__ or "", run_point, columns, "expand_floor_us")

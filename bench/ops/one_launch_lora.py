@@ -25,22 +25,18 @@ again after the timed replays (the counters' reset).
 # mypy: disable-error-code="no-untyped-def"
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
-from decode_tiles import L2_BYTES, LAYERS, NUM_SLOTS, SCENARIOS, SLOT_RANKS, TINY_LAYERS, TOKENS
+from decode_experiment import decode_problem, run_main
 
 from valora.ops.lora import prepare_lora_batch
 from valora.ops.lora_kernels import _pick
-from valora.ops.lora_problems import make_slot_weights
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.tile_config import TileConfig
-from valora.ops.timing import copy_rates, time_calls
+from valora.ops.timing import time_calls
 from valora.ops.triton_lora import (
     _dot_flags,
     active_slice_ranks,
@@ -207,24 +203,16 @@ def launch_pair(x: torch.Tensor, y: torch.Tensor, weights: Any, segments: LoRASe
 
 def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rate: float,
               tokens: int, dtype: torch.dtype) -> dict[str, Any]:
-    in_features, widths = layers[layer]
-    slots = SCENARIOS[scenario][:tokens]
-    ranks = [SLOT_RANKS[s % 4] for s in range(NUM_SLOTS)]
-    used = sorted(set(slots))
-    nbytes = 2 * sum(ranks[s] * (in_features * len(widths) + sum(widths)) for s in used)
-    copies = max(1, min(8, -(-L2_BYTES // max(nbytes, 1))))
-    weights = [make_slot_weights(ranks, in_features, widths, dtype, device, seed=i)
-               for i in range(copies)]
-    x = torch.randn(tokens, in_features, device=device, dtype=dtype)
-    y = torch.randn(tokens, sum(widths), device=device, dtype=dtype)
-    token_slots = torch.tensor(slots, dtype=torch.int32, device=device)
-    graph_seg = prepare_lora_batch(token_slots, NUM_SLOTS, "triton").backend_data
-    known_seg = prepare_lora_batch(token_slots, NUM_SLOTS, "triton",
+    problem = decode_problem(scenario, layer, layers, device, tokens, dtype, "ab")
+    weights, x, y, copies = problem.weights, problem.x, problem.y, problem.copies
+    token_slots, used, num_slots = problem.token_slots, problem.used, problem.num_slots
+    graph_seg = prepare_lora_batch(token_slots, num_slots, "triton").backend_data
+    known_seg = prepare_lora_batch(token_slots, num_slots, "triton",
                                    active_slots=used).backend_data
     assert isinstance(graph_seg, LoRASegments) and isinstance(known_seg, LoRASegments)
     counters = torch.zeros(2, graph_seg.tile_capacity, dtype=torch.int32, device=device)
     row: dict[str, Any] = {"scenario": scenario, "layer": layer, "tokens": tokens,
-                           "copies": copies, "floor_us": nbytes / rate * 1e6, "us": {},
+                           "copies": copies, "floor_us": problem.nbytes / rate * 1e6, "us": {},
                            "errors": {}, "configs": {}}
     for name, seg in (("graph", graph_seg), ("known", known_seg)):
         cfg, _ = choose_tile_config(x, weights[0], seg,
@@ -263,42 +251,9 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--sha", default="unknown")
-    parser.add_argument("--tiny", action="store_true", help="small shapes, CPU interpreter")
-    args = parser.parse_args()
-    device = torch.device("cpu" if args.tiny else "cuda")
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    layers = TINY_LAYERS if args.tiny else LAYERS
-    tokens = 4 if args.tiny else TOKENS
-    rates = copy_rates(device, 1 << 20 if args.tiny else 1 << 30)
-    rate = max(rates.values())
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
-    print(f"{name}: best copy {rate / 1e12:.2f} TB/s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    totals: dict[str, dict[str, float]] = {}
-    with args.out.open("w") as sink:
-        for scenario in SCENARIOS:
-            for layer in layers:
-                row = run_point(scenario, layer, layers, device, rate, tokens, dtype)
-                row.update(device=name, git_sha=args.sha)
-                sink.write(json.dumps(row) + "\n")
-                sink.flush()
-                total = totals.setdefault(scenario, {"floor": 0.0})
-                total["floor"] += row["floor_us"]
-                for key, value in row["us"].items():
-                    total[key] = total.get(key, 0.0) + value
-                print(f"{scenario:<16} {layer:<7} "
-                      + " | ".join(f"{k} {v:6.1f}" for k, v in row["us"].items())
-                      + f" | floor {row['floor_us']:5.1f} | errors {len(row['errors'])}"
-                      + "".join(f"\n    {k}: {v}" for k, v in row["errors"].items()),
-                      flush=True)
-    print("per decode step (32 layers × the four ops), ms: " + "; ".join(
-        f"{s}: " + ", ".join(f"{k} {32 * v / 1e3:.3f}" for k, v in t.items())
-        for s, t in totals.items()))
+def columns(row: dict[str, Any]) -> dict[str, tuple[str, float]]:
+    return {label: (label, us) for label, us in row["us"].items()}
 
 
 if __name__ == "__main__":
-    main()
+    run_main(__doc__ or "", run_point, columns, "floor_us")

@@ -14,21 +14,17 @@ table's tile and its best tiles of the session-10 sweep are timed in the same ru
 # mypy: disable-error-code="no-untyped-def"
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
-from decode_tiles import L2_BYTES, LAYERS, NUM_SLOTS, SCENARIOS, SLOT_RANKS, TINY_LAYERS, TOKENS
+from decode_experiment import best_of, decode_problem, run_main
 
 from valora.ops.lora import prepare_lora_batch
-from valora.ops.lora_problems import make_slot_weights
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.tile_config import ShrinkConfig
-from valora.ops.timing import copy_rates, time_calls
+from valora.ops.timing import time_calls
 from valora.ops.triton_lora import choose_tile_config, launch_shrink
 
 # (BLOCK_N, BLOCK_K, split, warps)
@@ -102,29 +98,22 @@ def launch_gemv(x: torch.Tensor, weights: Any, segments: LoRASegments, block_n: 
 
 def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rate: float,
               tokens: int, dtype: torch.dtype) -> dict[str, Any]:
-    in_features, widths = layers[layer]
-    slots = SCENARIOS[scenario][:tokens]
-    ranks = [SLOT_RANKS[s % 4] for s in range(NUM_SLOTS)]
-    used = sorted(set(slots))
-    a_bytes = 2 * sum(ranks[s] * in_features * len(widths) for s in used)
-    copies = max(1, min(8, -(-L2_BYTES // max(a_bytes, 1))))
-    weights = [make_slot_weights(ranks, in_features, widths, dtype, device, seed=i)
-               for i in range(copies)]
-    x = torch.randn(tokens, in_features, device=device, dtype=dtype)
-    token_slots = torch.tensor(slots, dtype=torch.int32, device=device)
-    batch = prepare_lora_batch(token_slots, NUM_SLOTS, "triton")
+    _, widths = layers[layer]
+    problem = decode_problem(scenario, layer, layers, device, tokens, dtype, "a")
+    weights, x, token_slots, copies = problem.weights, problem.x, problem.token_slots, problem.copies
+    batch = prepare_lora_batch(token_slots, problem.num_slots, "triton")
     segments = batch.backend_data
     assert isinstance(segments, LoRASegments)
     table, source = choose_tile_config(x, weights[0], segments, None)
     reference = launch_shrink(x, weights[0], segments, table.shrink).sum(0)
     storage = weights[0].max_rank
     sorted_slots = token_slots[segments.sorted_tokens.long()].long()
-    slot_rank = torch.tensor(ranks, device=device)[sorted_slots]
+    slot_rank = torch.tensor(problem.ranks, device=device)[sorted_slots]
     flat = torch.arange(len(widths) * storage, device=device)
     valid = (flat % storage)[None, :] < slot_rank[:, None]
     row: dict[str, Any] = {"scenario": scenario, "layer": layer, "tokens": tokens,
                            "table_source": source, "table": table.to_json(), "copies": copies,
-                           "shrink_floor_us": a_bytes / rate * 1e6, "us": {}, "errors": {}}
+                           "shrink_floor_us": problem.nbytes / rate * 1e6, "us": {}, "errors": {}}
     variants: list[tuple[str, Any]] = [
         ("dot table", lambda i: launch_shrink(x, weights[i], segments, table.shrink))]
     for m, n, k, s, w, st in DOT_TILES:
@@ -150,45 +139,9 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--sha", default="unknown")
-    parser.add_argument("--tiny", action="store_true", help="small shapes, CPU interpreter")
-    args = parser.parse_args()
-    device = torch.device("cpu" if args.tiny else "cuda")
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    layers = TINY_LAYERS if args.tiny else LAYERS
-    tokens = 4 if args.tiny else TOKENS
-    rates = copy_rates(device, 1 << 20 if args.tiny else 1 << 30)
-    rate = max(rates.values())
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
-    print(f"{name}: best copy {rate / 1e12:.2f} TB/s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    totals: dict[str, dict[str, float]] = {}
-    with args.out.open("w") as sink:
-        for scenario in SCENARIOS:
-            for layer in layers:
-                row = run_point(scenario, layer, layers, device, rate, tokens, dtype)
-                row.update(device=name, git_sha=args.sha)
-                sink.write(json.dumps(row) + "\n")
-                sink.flush()
-                total = totals.setdefault(scenario, {"floor": 0.0})
-                total["floor"] += row["shrink_floor_us"]
-                parts = []
-                for kind in ("dot", "gemv"):
-                    mine = {k: v for k, v in row["us"].items() if k.startswith(kind)}
-                    best = min(mine, key=mine.get) if mine else "-"
-                    parts.append(f"{mine.get(best, 0.0):6.1f} ({best})")
-                    total[kind] = total.get(kind, 0.0) + mine.get(best, 0.0)
-                print(f"{scenario:<16} {layer:<7} " + " | ".join(parts)
-                      + f" | floor {row['shrink_floor_us']:5.1f} | errors {len(row['errors'])}"
-                      + "".join(f"\n    {k}: {v}" for k, v in row["errors"].items()),
-                      flush=True)
-    print("per decode step (32 layers), best per op, ms: " + "; ".join(
-        f"{s}: " + ", ".join(f"{k} {32 * v / 1e3:.3f}" for k, v in t.items())
-        for s, t in totals.items()))
+def columns(row: dict[str, Any]) -> dict[str, tuple[str, float]]:
+    return {kind: best_of(row["us"], kind) for kind in ("dot", "gemv")}
 
 
 if __name__ == "__main__":
-    main()
+    run_main(__doc__ or "", run_point, columns, "shrink_floor_us")
