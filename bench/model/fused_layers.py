@@ -31,8 +31,7 @@ kept as a name for the rows measured before that: the same as ``fused`` now)."""
 DEFAULT_OVERLAP = LoRAConfig().overlap_max_tokens
 LABEL_OVERLAP: dict[str, int] = {"stock": DEFAULT_OVERLAP, "fused": DEFAULT_OVERLAP,
                                  "serial": 0, "overlap": 256, "fused_kv": DEFAULT_OVERLAP,
-                                 "split_kv": DEFAULT_OVERLAP}
-LABEL_OVERLAP["overlap_o_down"] = DEFAULT_OVERLAP
+                                 "split_kv": DEFAULT_OVERLAP, "overlap_o_down": DEFAULT_OVERLAP}
 """Per label, the largest step (tokens) whose LoRA deltas run beside the base GEMM
 (``Model.set_lora_overlap``): ``stock`` / ``fused`` as the engine runs by default, ``serial``
 never, ``overlap`` at every decode size benched."""

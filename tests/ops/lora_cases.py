@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from valora.ops.lora import LoRABatch, LoRASlotWeights, lora_apply, prepare_lora_batch
+from valora.ops.tile_config import BLOCK_M_CHOICES, TileConfig
 
 
 def as_fp32(weights: LoRASlotWeights) -> LoRASlotWeights:
@@ -44,3 +45,12 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+
+def assert_valid_tile_config(config: TileConfig) -> None:
+    """Block sizes powers of two ≥ 16 (``tl.dot``), ``block_m`` one of the tile lists', split ≥ 1."""
+    for block in (config.shrink.block_n, config.shrink.block_k, config.expand.block_n,
+                  config.expand.block_k):
+        assert block >= 16 and block & (block - 1) == 0
+    assert config.shrink.block_m in BLOCK_M_CHOICES and config.expand.block_m in BLOCK_M_CHOICES
+    assert config.shrink.split_k >= 1

@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 import torch
+from lora_cases import assert_valid_tile_config
 
 import valora.ops.triton_lora as triton_lora
 from valora.ops import tuning
 from valora.ops.lora import prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights
 from valora.ops.lora_segments import LoRASegments, unhinted_lora_batch
-from valora.ops.tile_config import BLOCK_M_CHOICES, ExpandConfig, ShrinkConfig, TileConfig
+from valora.ops.tile_config import ExpandConfig, ShrinkConfig, TileConfig
 from valora.ops.tile_table import (
     MIX_PREFIX,
     TileTable,
@@ -32,14 +33,6 @@ def _config(split: int) -> TileConfig:
     return TileConfig(ShrinkConfig(16, 16, 256, split, 4, 3), ExpandConfig(16, 128, 16, 4, 2))
 
 
-def _valid(config: TileConfig) -> None:
-    for block in (config.shrink.block_n, config.shrink.block_k, config.expand.block_n,
-                  config.expand.block_k):
-        assert block >= 16 and block & (block - 1) == 0
-    assert config.shrink.block_m in BLOCK_M_CHOICES and config.expand.block_m in BLOCK_M_CHOICES
-    assert config.shrink.split_k >= 1
-
-
 def test_tuner_writes_mix_entries(tmp_path: Path) -> None:
     """``--mix``: entries under ``mix:`` + the bucket key, tuned over the three kinds of batch,
     beside (never instead of) the regular ones; resumed like them."""
@@ -52,7 +45,7 @@ def test_tuner_writes_mix_entries(tmp_path: Path) -> None:
     assert set(table.entries) == {"mix:t8-r16-i32-o32-a8-s2"}
     config = table.get("mix:t8-r16-i32-o32-a8-s2")
     assert config is not None
-    _valid(config)
+    assert_valid_tile_config(config)
     record = table.entries["mix:t8-r16-i32-o32-a8-s2"]
     assert isinstance(record["time_us"], dict) and record["time_us"]["shrink"] > 0
     stamp = out.stat().st_mtime_ns

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_cases import assert_valid_tile_config
 
 from valora.ops import tuning
 from valora.ops.tile_candidates import expand_candidates, shrink_candidates
 from valora.ops.tile_config import (
-    BLOCK_M_CHOICES,
     ExpandConfig,
     ShrinkConfig,
     TileConfig,
@@ -27,14 +27,6 @@ from valora.ops.tile_table import (
 from valora.ops.timing import rotations_for
 
 
-def _valid(config: TileConfig) -> None:
-    for block in (config.shrink.block_n, config.shrink.block_k, config.expand.block_n,
-                  config.expand.block_k):
-        assert block >= 16 and block & (block - 1) == 0
-    assert config.shrink.block_m in BLOCK_M_CHOICES and config.expand.block_m in BLOCK_M_CHOICES
-    assert config.shrink.split_k >= 1
-
-
 @pytest.mark.parametrize("tokens", [1, 7, 64, 1000, 16384, 70000])
 @pytest.mark.parametrize(("rank", "in_features", "width", "slices"),
                          [(1, 16, 8, 1), (16, 4096, 4096, 3), (128, 11008, 4096, 1),
@@ -42,7 +34,7 @@ def _valid(config: TileConfig) -> None:
 @pytest.mark.parametrize("adapters", [-1, 1, 32, 600])
 def test_heuristic_is_always_valid(tokens: int, rank: int, in_features: int, width: int,
                                    slices: int, adapters: int) -> None:
-    _valid(heuristic_config(tokens, rank, in_features, width, adapters, slices))
+    assert_valid_tile_config(heuristic_config(tokens, rank, in_features, width, adapters, slices))
 
 
 def test_bucket_rounding_and_coverage() -> None:
@@ -63,7 +55,7 @@ def test_candidates_start_with_the_heuristic_and_are_valid() -> None:
     assert len(set(shrinks)) == len(shrinks) > 1 and len(set(expands)) == len(expands) > 1
     for s in shrinks:
         for e in expands:
-            _valid(TileConfig(s, e))
+            assert_valid_tile_config(TileConfig(s, e))
 
 
 def test_table_round_trip_and_merge(tmp_path: Path) -> None:
@@ -101,7 +93,7 @@ def test_tuner_writes_and_resumes(tmp_path: Path) -> None:
     for key in table.entries:
         config = table.get(key)
         assert config is not None
-        _valid(config)
+        assert_valid_tile_config(config)
     stamp = out.stat().st_mtime_ns
     assert tuning.main(argv) == 0  # resume: every bucket present, nothing re-tuned or rewritten
     assert out.stat().st_mtime_ns == stamp

@@ -66,8 +66,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._pending_outputs: list[RequestOutput] = []
         # Tokens whose detokenisation and output wait for the next step (async output
-        # processing): (request, token, the token-level stop reason when it finished the request).
-        self._deferred: list[tuple[Request, int, str | int | None]] = []
+        # processing); never one that ends its request by a token-level check.
+        self._deferred: list[tuple[Request, int]] = []
         self._async_outputs = config.scheduler.async_output_processing
         self.output_sink: Callable[[list[RequestOutput]], None] | None = None
         """Receives the deferred half's outputs as soon as they are built (module docstring)."""
@@ -230,7 +230,7 @@ class LLMEngine:
                 )
             if (self._async_outputs and len(request.output_token_ids) > 1
                     and self._token_stop_status(request, token)[0] is None):
-                self._deferred.append((request, token, None))
+                self._deferred.append((request, token))
                 continue
             # (async output processing: a first token and a token that ends the request by a
             # token-level check are handled at once — nothing of theirs is deferred, as the
@@ -249,19 +249,14 @@ class LLMEngine:
         waiting token, check stop strings, build the outputs; retire finished requests."""
         items, self._deferred = self._deferred, []
         outputs = []
-        for request, token, reason in items:
+        for request, token in items:
             rid = request.request_id
             if self.requests.get(rid) is not request:
-                continue  # retired meanwhile (a failed step)
+                continue  # retired meanwhile (a failed step); every finish retires
             stop_string = self.parts.detokenizer_of(request).add_tokens([token])
             if stop_string is not None:
-                if request.is_finished:  # the stop string wins, as in the synchronous order
-                    request.status = RequestStatus.FINISHED_STOPPED
-                else:
-                    self.parts.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)
+                self.parts.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)
                 outputs.append(self._retire(request, stop_reason=stop_string))
-            elif request.is_finished:
-                outputs.append(self._retire(request, stop_reason=reason))
             else:
                 outputs.append(self._output(request))
         return outputs

@@ -7,8 +7,12 @@ preemption; the vision tower runs once per distinct image while its embeddings s
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 import torch
+
+from valora.engine.batch_builder import ImageRows
 
 
 class ImageEmbeddingCache:
@@ -51,3 +55,38 @@ class ImageEmbeddingCache:
     @property
     def nbytes(self) -> int:
         return self._bytes
+
+
+def step_image_embeddings(
+    image_rows: list[ImageRows], cache: ImageEmbeddingCache,
+    encode: Callable[[torch.Tensor], torch.Tensor], device: torch.device, dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's ``(image_embeds, image_token_indices)``: the rows of each placed image's
+    embedding and the flat tokens they replace. Images not in ``cache`` are encoded in one
+    ``encode`` call (pixels ``[N, C, H, W]``) and cached; one too large to cache serves this
+    step from its span."""
+    missing = {p.span.digest: p.span for p in image_rows if cache.get(p.span.digest) is None}
+    if missing:
+        spans = list(missing.values())
+        pixels = torch.stack([_pixels(s) for s in spans]).to(device, dtype)
+        for span, embedding in zip(spans, encode(pixels), strict=True):
+            cache.put(span.digest, embedding)
+            if cache.get(span.digest) is None:  # too large to cache: keep for this step
+                span.pixel_values = embedding
+    pieces: list[torch.Tensor] = []
+    indices: list[torch.Tensor] = []
+    for piece in image_rows:
+        cached = cache.get(piece.span.digest)
+        embedding = cached if cached is not None else piece.span.pixel_values
+        pieces.append(embedding[piece.row_start : piece.row_end])
+        count = piece.row_end - piece.row_start
+        indices.append(torch.arange(piece.flat_start, piece.flat_start + count, device=device))
+    return torch.cat(pieces), torch.cat(indices)
+
+
+def _pixels(span: Any) -> torch.Tensor:
+    if span.pixel_values is None:
+        raise RuntimeError(
+            f"image {span.digest[:12]} has no pixel values and no cached embedding"
+        )
+    return span.pixel_values

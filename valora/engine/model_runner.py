@@ -26,7 +26,7 @@ import torch
 
 from valora.engine.batch_builder import ImageRows, build_forward_batch, upload_ints
 from valora.engine.cuda_graph import CudaGraphRunner, capture_decode_graphs
-from valora.engine.image_cache import ImageEmbeddingCache
+from valora.engine.image_cache import ImageEmbeddingCache, step_image_embeddings
 from valora.engine.memory_plan import profiling_batch
 from valora.engine.piecewise_graphs import PiecewiseGraphRunner, capture_piecewise_graphs
 from valora.engine.sampler import SamplingRow, make_generator, sample
@@ -179,13 +179,11 @@ class ModelRunner:
             return 0.0
         start = time.perf_counter()
         batch, _ = profiling_batch(num_tokens, 1, self.page_size, self.device)
-        counters = (self.num_graph_steps, self.num_eager_steps,
-                    self.piecewise.num_replays if self.piecewise is not None else 0)
+        replays = self.piecewise.num_replays if self.piecewise is not None else 0
         hidden, _ = self._forward(batch)
         self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
-        self.num_graph_steps, self.num_eager_steps = counters[0], counters[1]
-        if self.piecewise is not None:
-            self.piecewise.num_replays = counters[2]
+        if self.piecewise is not None:  # the runner's own replay count
+            self.piecewise.num_replays = replays
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
@@ -239,6 +237,10 @@ class ModelRunner:
         self._attach_lora(batch, token_slots, plan_lora, wait_slots)
         self._attach_images(batch, image_rows)
         hidden, graphed = self._forward(batch, while_device_runs)
+        if graphed:
+            self.num_graph_steps += 1
+        else:
+            self.num_eager_steps += 1
         after_launch = while_device_runs if graphed else None  # else it ran before the forward
         result = StepResult()
         self._collect_head_hidden(scheduled, layout.token_ranges, hidden, head_tokens_of, result)
@@ -284,11 +286,9 @@ class ModelRunner:
         graphs = self.graphs
         hidden = graphs.try_run(batch) if graphs is not None else None
         if hidden is not None:
-            self.num_graph_steps += 1
             return hidden, True
         if before_eager is not None:
             before_eager()
-        self.num_eager_steps += 1
         piecewise = self.piecewise
         hidden = piecewise.try_run(batch) if piecewise is not None else None
         if hidden is None:
@@ -343,42 +343,10 @@ class ModelRunner:
     def _attach_images(self, batch: ForwardBatch, image_rows: list[ImageRows]) -> None:
         if not image_rows:
             return
-        missing = {
-            p.span.digest: p.span for p in image_rows if self.image_cache.get(p.span.digest) is None
-        }
-        if missing:
-            spans = list(missing.values())
-            pixels = torch.stack([self._pixels(s) for s in spans]).to(self.device, self.dtype)
-            # One vision-tower call for the whole step (a graph replay when one holds it).
-            vision = self.vision_graphs
-            embeds = vision.encode(pixels) if vision is not None else self.model.encode_images(
-                pixels)
-            for span, embedding in zip(spans, embeds, strict=True):
-                self.image_cache.put(span.digest, embedding)
-                if (
-                    self.image_cache.get(span.digest) is None
-                ):  # too large to cache: keep for this step
-                    span.pixel_values = embedding
-        pieces: list[torch.Tensor] = []
-        indices: list[torch.Tensor] = []
-        for piece in image_rows:
-            cached = self.image_cache.get(piece.span.digest)
-            embedding = cached if cached is not None else piece.span.pixel_values
-            pieces.append(embedding[piece.row_start : piece.row_end])
-            count = piece.row_end - piece.row_start
-            indices.append(
-                torch.arange(piece.flat_start, piece.flat_start + count, device=self.device)
-            )
-        batch.image_embeds = torch.cat(pieces)
-        batch.image_token_indices = torch.cat(indices)
-
-    @staticmethod
-    def _pixels(span: Any) -> torch.Tensor:
-        if span.pixel_values is None:
-            raise RuntimeError(
-                f"image {span.digest[:12]} has no pixel values and no cached embedding"
-            )
-        return span.pixel_values
+        vision = self.vision_graphs  # one vision-tower call a step (a replay when one holds it)
+        encode = vision.encode if vision is not None else self.model.encode_images
+        batch.image_embeds, batch.image_token_indices = step_image_embeddings(
+            image_rows, self.image_cache, encode, self.device, self.dtype)
 
     def _collect_head_hidden(
         self,
