@@ -39,6 +39,7 @@ import workload as wl
 from fused_layers import (
     LABEL_KV_WRITE,
     LABEL_MODES,
+    LABEL_PDL,
     check_against_stock,
     kernels_per_step,
     set_overlap,
@@ -50,6 +51,7 @@ from valora.engine.cuda_graph import CudaGraphRunner
 from valora.engine.piecewise_graphs import capture_piecewise_graphs
 from valora.layers.fused_select import fused_layers, set_fused_kv_write
 from valora.models.loader import load_model
+from valora.ops.triton_lora import set_pdl
 
 CONFIG_DIR = Path(__file__).resolve().parent / "llava-1.5-7b"
 NUM_SLOTS, MAX_RANK, CONTEXT = 32, 64, 600
@@ -116,12 +118,14 @@ def bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[in
     """The decode grid with the per-layer ops of ``label`` (captured and replayed in that mode)."""
     set_overlap(model, label)
     set_fused_kv_write(LABEL_KV_WRITE.get(label, True))
+    set_pdl(LABEL_PDL.get(label))
     try:
         with fused_layers(LABEL_MODES[label]):
             _bench_decode(model, pool, ranks, batches, ceil, rec, label, repeats)
     finally:
         model.set_lora_overlap(0)
         set_fused_kv_write(None)
+        set_pdl(None)
 
 
 def _bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
@@ -269,7 +273,9 @@ def parse() -> argparse.Namespace:
                              "split_kv "
                              "(fused, K/V written by two index_copy_, VALORA_FUSED_KV_WRITE=0), "
                              "fused_kv (= fused since the one-launch K/V write became the "
-                             "default)")
+                             "default), no_pdl / pdl_expand / pdl_both (fused, the LoRA op's "
+                             "programmatic dependent launch off / on the expand / on both "
+                             "launches: VALORA_PDL)")
     parser.add_argument("--skip-fused", action="store_true", help="same as --layers stock")
     parser.add_argument("--tiny", type=Path, help="a tiny checkpoint: exercise the script only")
     parser.add_argument("--config", type=Path, default=CONFIG_DIR,

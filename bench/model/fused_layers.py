@@ -23,7 +23,8 @@ from valora.layers.rotary import apply_rotary_torch
 
 LABEL_MODES: dict[str, FusedMode] = {"stock": "off", "fused": "on", "serial": "on",
                                      "overlap": "on", "fused_kv": "on", "split_kv": "on",
-                                     "overlap_o_down": "on"}
+                                     "overlap_o_down": "on", "no_pdl": "on", "pdl_expand": "on",
+                                     "pdl_both": "on"}
 LABEL_KV_WRITE: dict[str, bool] = {"stock": False, "split_kv": False}
 """Labels whose K/V cache write is two ``index_copy_`` (``VALORA_FUSED_KV_WRITE=0``); every other
 label writes K/V in one launch, the engine's default on CUDA since session 10 (``fused_kv`` is
@@ -31,10 +32,15 @@ kept as a name for the rows measured before that: the same as ``fused`` now)."""
 DEFAULT_OVERLAP = LoRAConfig().overlap_max_tokens
 LABEL_OVERLAP: dict[str, int] = {"stock": DEFAULT_OVERLAP, "fused": DEFAULT_OVERLAP,
                                  "serial": 0, "overlap": 256, "fused_kv": DEFAULT_OVERLAP,
-                                 "split_kv": DEFAULT_OVERLAP, "overlap_o_down": DEFAULT_OVERLAP}
+                                 "split_kv": DEFAULT_OVERLAP, "overlap_o_down": DEFAULT_OVERLAP,
+                                 "no_pdl": DEFAULT_OVERLAP, "pdl_expand": DEFAULT_OVERLAP,
+                                 "pdl_both": DEFAULT_OVERLAP}
 """Per label, the largest step (tokens) whose LoRA deltas run beside the base GEMM
 (``Model.set_lora_overlap``): ``stock`` / ``fused`` as the engine runs by default, ``serial``
 never, ``overlap`` at every decode size benched."""
+LABEL_PDL: dict[str, str] = {"no_pdl": "off", "pdl_expand": "expand", "pdl_both": "both"}
+"""Labels with a programmatic-dependent-launch mode of the LoRA op (``triton_lora.set_pdl``,
+``VALORA_PDL``); every other label runs the engine's default."""
 LABEL_OVERLAP_ALWAYS: dict[str, tuple[str, ...]] = {"overlap_o_down": ("o_proj", "down_proj")}
 """Labels whose linears of these PEFT names overlap at every size on top of ``LABEL_OVERLAP``:
 ``overlap_o_down`` tries overlapping the latency-bound o / down LoRA ops (small ``B``) at every

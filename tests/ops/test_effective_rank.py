@@ -62,14 +62,16 @@ class Spy:
                                      num_adapters, storage_rank, mix)
 
         def launch_shrink(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegments,
-                          cfg: ShrinkConfig, live_rank: int | None = None) -> torch.Tensor:
+                          cfg: ShrinkConfig, live_rank: int | None = None,
+                          **launch: Any) -> torch.Tensor:
             self.shrinks.append((cfg, live_rank))
-            return shrink(x, weights, segments, cfg, live_rank)
+            return shrink(x, weights, segments, cfg, live_rank, **launch)
 
         def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
-                          segments: LoRASegments, cfg: ExpandConfig, mult: float) -> None:
+                          segments: LoRASegments, cfg: ExpandConfig, mult: float,
+                          **launch: Any) -> None:
             self.expands.append(cfg)
-            expand(h, y, weights, segments, cfg, mult)
+            expand(h, y, weights, segments, cfg, mult, **launch)
 
         class Kernel:
             def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., Any]:

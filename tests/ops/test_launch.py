@@ -88,7 +88,7 @@ def test_second_call_launches_the_cached_binary_directly() -> None:
 
 
 @pytest.mark.parametrize("change", ["int_one", "int_div16", "int64", "dtype", "misaligned",
-                                    "constexpr", "warps", "stages", "none", "device"])
+                                    "constexpr", "warps", "stages", "pdl", "none", "device"])
 def test_a_change_triton_specialises_on_takes_tritons_path(
         change: str, monkeypatch: pytest.MonkeyPatch) -> None:
     fn = TritonDouble(PARAMS)
@@ -115,12 +115,16 @@ def test_a_change_triton_specialises_on_takes_tritons_path(
         kwargs["num_warps"] = 2
     elif change == "stages":
         kwargs["num_stages"] = 2
+    elif change == "pdl":  # a programmatic dependent launch is a compile option of its own
+        kwargs["launch_pdl"] = True
     elif change == "none":
         args[2] = None
     elif change == "device":  # binaries are per device: another current device compiles again
         monkeypatch.setattr(launch, "_current_device", lambda: 1)
     kernel[(1,)](*args, **kwargs)
     assert len(fn.compiles) == 2
+    if change == "pdl":
+        assert fn.compiles[1][2]["launch_pdl"] is True
     kernel[(1,)](*args, **kwargs)
     assert len(fn.compiles) == 2 and kernel.num_direct_launches == 2
 

@@ -72,7 +72,7 @@ def _arg_key(value: object) -> object:
     return cls
 
 
-_OPTIONS = frozenset({"num_warps", "num_stages"})
+_OPTIONS = frozenset({"num_warps", "num_stages", "launch_pdl"})
 """The launch options the direct path keys by; any other keyword goes to Triton's path."""
 
 
@@ -148,6 +148,8 @@ class FastKernel:
             return
         options = {"num_warps": kwargs.pop("num_warps", 4),
                    "num_stages": kwargs.pop("num_stages", 3)}
+        if kwargs.pop("launch_pdl", False):  # a compile option: the binary launches with it
+            options["launch_pdl"] = True
         values = list(args)
         for name in names[len(args):]:
             if name in kwargs:
@@ -158,7 +160,7 @@ class FastKernel:
                 self.fn[grid](*args, **options, **kwargs)
                 return
         device = _current_device()
-        key = (device, options["num_warps"], options["num_stages"],
+        key = (device, options["num_warps"], options["num_stages"], "launch_pdl" in options,
                *self._constexprs(values), *_runtime_keys(self._runtime(values)))
         binary = self._binaries.get(key)
         if binary is None:

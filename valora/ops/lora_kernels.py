@@ -23,6 +23,14 @@ one write of ``y``. ``m = -1``: nothing to subtract.
 
 ``UPCAST`` (interpreter only) multiplies in fp32 after the same rounding: Triton's CPU interpreter
 cannot multiply bf16 blocks.
+
+Programmatic dependent launch (``PDL`` > 0; Hopper, launched with ``launch_pdl``): each program
+first lets the next kernel in the stream launch (``gdc_launch_dependents``), then reads only
+what no kernel of the step writes (tile metadata, ranks, scales, the adapter weights) until
+``gdc_wait`` — which returns once the previous kernel has completed and its writes are visible —
+and reads ``x`` / ``h`` / ``y`` and writes ``h`` / ``y`` only after it. Every kernel waiting
+before its first dependent access makes the chain safe transitively: a kernel completes only
+after its own wait, i.e. after all kernels before it. Results are bit-identical to ``PDL`` = 0.
 """
 
 # Kernel arguments are symbolic Triton values (pointers, scalars, blocks): no Python annotations.
@@ -32,6 +40,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch (Hopper+, Triton >= 3.4)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - an older Triton: the launcher never sets PDL
+    gdc_launch_dependents = gdc_wait = None
+
 
 @triton.jit(do_not_specialize=["tile_stride", "num_rank_blocks", "split_k"])
 def lora_shrink_kernel(
@@ -40,12 +53,16 @@ def lora_shrink_kernel(
     num_slices, in_features, max_rank, flat_rank, stride_xm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    CORRECTION: tl.constexpr,
+    CORRECTION: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """``CORRECTION``: ``h`` rows are ``2·J·R`` wide — the tile's own slot on ``[0, J·R)``, the
     merged slot ``corr_ptr[0]`` on ``[J·R, 2·J·R)`` (module docstring of ``triton_lora``);
-    tiles of slot -2 have only the second half."""
+    tiles of slot -2 have only the second half. ``PDL`` > 0 (module docstring, "Programmatic
+    dependent launch"): the next kernel may launch at once; ``x`` is read and ``h`` written only
+    after the previous kernel has completed."""
     pid = tl.program_id(0)
+    if PDL > 0:
+        gdc_launch_dependents()
     rank_block = pid % num_rank_blocks
     rest = pid // num_rank_blocks
     split = rest % split_k
@@ -87,6 +104,8 @@ def lora_shrink_kernel(
         a_base = a_ptr + slot.to(tl.int64) * flat_rank * in_features
         a_ptrs = a_base + offs_n[None, :].to(tl.int64) * in_features + (k_begin + offs_k)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if PDL > 0:
+        gdc_wait()
     for k in range(0, k_split, BLOCK_K):
         if EVEN_K:
             x_tile = tl.load(x_ptrs)
@@ -163,6 +182,54 @@ def _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_
 
 
 @triton.jit
+def _expand_b_tile(b_cols, k, rank, n_ok, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr,
+                   MASK_B_K: tl.constexpr, B_ALIGN: tl.constexpr):
+    """The ``B`` tile of rank chunk ``[k, k + BLOCK_K)`` with ``_expand_chunk``'s masks (for a
+    load issued apart from its dot: ``PDL`` = 2)."""
+    offs_k = k + tl.arange(0, BLOCK_K)
+    if MASK_K:
+        if MASK_B_K:
+            if B_ALIGN > 1:  # noqa: SIM108 (a compile-time branch)
+                rank_b = (rank + B_ALIGN - 1) // B_ALIGN * B_ALIGN
+            else:
+                rank_b = rank
+            b_mask = (offs_k < rank_b)[:, None] & n_ok[None, :]
+        else:
+            b_mask = n_ok[None, :]
+    else:
+        b_mask = n_ok[None, :]
+    return tl.load(b_cols + offs_k[:, None], mask=b_mask, other=0.0)
+
+
+@triton.jit
+def _expand_dot(acc, h_rows, b_tile, k, rank, split_k, split_stride, scale, m_ok,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                MASK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc += (Σ_split h[:, k:k+BLOCK_K] · scale) · b_tile``: ``_expand_chunk`` with its ``B``
+    tile already loaded (``PDL`` = 2; kept apart so that ``_expand_chunk``, which every other
+    chunk and every ``PDL`` < 2 binary runs, compiles exactly as it did before it)."""
+    offs_k = k + tl.arange(0, BLOCK_K)
+    if MASK_K:  # noqa: SIM108 (a compile-time branch)
+        h_mask = m_ok[:, None] & (offs_k < rank)[None, :]
+    else:
+        h_mask = m_ok[:, None]
+    h_tile = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if SPLIT_K > 0:
+        for split in tl.static_range(SPLIT_K):
+            h_tile += tl.load(h_rows + split * split_stride + offs_k[None, :], mask=h_mask,
+                              other=0.0)
+    else:
+        for split in range(0, split_k):
+            h_tile += tl.load(h_rows + split * split_stride + offs_k[None, :], mask=h_mask,
+                              other=0.0)
+    h_tile = (h_tile * scale).to(b_tile.dtype)
+    if UPCAST:
+        h_tile = h_tile.to(tl.float32)
+        b_tile = b_tile.to(tl.float32)
+    return tl.dot(h_tile, b_tile, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _pick(index, v0, v1, v2, v3):
     """``(v0, v1, v2, v3)[index]`` for a scalar ``index`` in [0, 4)."""
     return tl.where(index == 0, v0, tl.where(index == 1, v1, tl.where(index == 2, v2, v3)))
@@ -178,6 +245,7 @@ def lora_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, CORRECTION: tl.constexpr,
     MASK_B_K: tl.constexpr = True, EARLY_Y: tl.constexpr = False, B_ALIGN: tl.constexpr = 1,
+    PDL: tl.constexpr = 0,
 ):
     """Up to four slices per launch: slice ``g`` owns column blocks ``[blocks_g, blocks_{g+1})``
     (``blocks_0 = 0``) and columns ``[col_g, col_{g+1})`` of ``y``; ``slice_base`` is the index
@@ -188,8 +256,15 @@ def lora_expand_kernel(
     ``EARLY_Y`` issues the ``y`` tile's load before the rank loop, so its HBM latency overlaps
     the ``h``/``B`` loads and the dots instead of following them (at large T the expand streams
     ``y``; the late load left it at ≈ 1.8 TB/s on an H200). It holds the tile in registers
-    across the loop (more registers a thread, fewer programs an SM), so it is a tile choice."""
+    across the loop (more registers a thread, fewer programs an SM), so it is a tile choice.
+
+    ``PDL`` > 0 (module docstring, "Programmatic dependent launch"): the next kernel may launch
+    at once; ``h`` and ``y`` are read only after the previous kernel has completed. ``PDL`` = 2
+    also loads the first rank chunk's ``B`` tile (a weight) before that wait, so its HBM read
+    overlaps the end of the previous kernel (the shrink that writes ``h``)."""
     pid = tl.program_id(0)
+    if PDL > 0:
+        gdc_launch_dependents()
     col_block = pid % num_col_blocks
     tile = pid // num_col_blocks
     slot = tl.load(tiles_ptr + tile)
@@ -231,16 +306,29 @@ def lora_expand_kernel(
     b_cols = (b_ptr + own.to(tl.int64) * out_features * max_rank
               + offs_n[None, :].to(tl.int64) * max_rank)
     out_mask = m_ok[:, None] & n_ok[None, :]
+    if PDL == 2:  # the first chunk, whole or tail (masked as a tail: exact for both)
+        b_first = _expand_b_tile(b_cols, 0, rank, n_ok, BLOCK_K, True, MASK_B_K, B_ALIGN)
+    if PDL > 0:
+        gdc_wait()
     if EARLY_Y:
         tokens = tl.load(sorted_ptr + row_start + tl.minimum(offs_m, num_rows - 1)).to(tl.int64)
         y_ptrs = y_ptr + tokens[:, None] * stride_ym + offs_n[None, :]
         y_tile = tl.load(y_ptrs, mask=out_mask, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start = 0
+    if PDL == 2:
+        acc = _expand_dot(acc, h_rows, b_first, 0, rank, split_k, split_stride, scale, m_ok,
+                          BLOCK_M, BLOCK_K, SPLIT_K, True, PRECISION, UPCAST)
+        start = BLOCK_K
     full = rank // BLOCK_K * BLOCK_K
-    for k in range(0, full, BLOCK_K):  # whole rank chunks: no mask along the contiguous axis
+    for k in range(start, full, BLOCK_K):  # whole rank chunks: no mask along the contiguous axis
         acc = _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_ok,
                             n_ok, BLOCK_M, BLOCK_K, SPLIT_K, False, False, B_ALIGN, PRECISION, UPCAST)
-    if full < rank:
+    if PDL == 2:  # noqa: SIM108 (a compile-time branch)
+        tail = (full < rank) & (full >= start)  # the first chunk may have been the tail
+    else:
+        tail = full < rank
+    if tail:
         acc = _expand_chunk(acc, h_rows, b_cols, full, rank, split_k, split_stride, scale, m_ok,
                             n_ok, BLOCK_M, BLOCK_K, SPLIT_K, True, MASK_B_K, B_ALIGN,
                             PRECISION, UPCAST)

@@ -55,6 +55,7 @@ into replays of other slots.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -223,8 +224,15 @@ def lora_apply_triton(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights
     if x.stride(1) != 1:
         x = x.contiguous()
     target = y if y.stride(1) == 1 else y.contiguous()
-    h = launch_shrink(x, weights, segments, config.shrink, live)
-    launch_expand(h, target, weights, segments, config.expand, scale_multiplier)
+    shrink_pdl, expand_pdl, shrink_launch = pdl_levels(x.device)
+    if expand_pdl:
+        h = launch_shrink(x, weights, segments, config.shrink, live, pdl=shrink_pdl,
+                          pdl_launch=shrink_launch)
+        launch_expand(h, target, weights, segments, config.expand, scale_multiplier,
+                      pdl=expand_pdl)
+    else:
+        h = launch_shrink(x, weights, segments, config.shrink, live)
+        launch_expand(h, target, weights, segments, config.expand, scale_multiplier)
     if target is not y:
         y.copy_(target)
 
@@ -258,11 +266,15 @@ def _dot_flags(dtype: torch.dtype) -> dict[str, object]:
 
 
 def launch_shrink(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegments,
-                  cfg: ShrinkConfig, live_rank: int | None = None) -> torch.Tensor:
+                  cfg: ShrinkConfig, live_rank: int | None = None, pdl: int = 0,
+                  pdl_launch: bool = True) -> torch.Tensor:
     """``h[split, p, j·R+ρ]`` (fp32) for every token position ``p`` with an adapter, ``ρ`` below
     its slot's rank. ``h`` always has the storage layout ``[split_k, T, J·R]``; ``live_rank``
     (``live_flat_rank`` of the batch, None = ``J·R``) bounds the rank blocks launched (module
-    docstring: only valid when every slot of the batch has ``j·R + ranks[s, j] ≤ live_rank``)."""
+    docstring: only valid when every slot of the batch has ``j·R + ranks[s, j] ≤ live_rank``).
+    ``pdl``: the kernel's ``PDL`` constexpr, launched as a programmatic dependent launch when
+    > 0 and ``pdl_launch`` (``pdl_supported`` must hold; without the launch the kernel's wait is
+    a no-op and it still lets a dependent expand launch early)."""
     num_tokens, in_features = x.shape
     max_rank = weights.max_rank
     flat_rank = len(weights.slice_widths) * max_rank
@@ -286,7 +298,7 @@ def launch_shrink(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegme
         len(weights.slice_widths), in_features, max_rank, flat_rank, x.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
         **_dot_flags(x.dtype), CORRECTION=correction is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl_flags(pdl, pdl_launch))
     return h
 
 
@@ -304,8 +316,10 @@ def expand_split_constexpr(split_k: int, cfg: ExpandConfig) -> int:
 
 
 def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
-                  segments: LoRASegments, cfg: ExpandConfig, scale_multiplier: float) -> None:
-    """``y[t, slice j] += mult · scale · h_sum[p, j] · B[slot, slice j]ᵀ``, ≤ 4 slices a launch."""
+                  segments: LoRASegments, cfg: ExpandConfig, scale_multiplier: float,
+                  pdl: int = 0) -> None:
+    """``y[t, slice j] += mult · scale · h_sum[p, j] · B[slot, slice j]ᵀ``, ≤ 4 slices a launch.
+    ``pdl``: as ``launch_shrink``'s (2: also prefetch the first ``B`` chunk before the wait)."""
     split_k, num_tokens, width = h.shape
     widths = weights.slice_widths
     correction = segments.correction
@@ -327,7 +341,68 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
             SPLIT_K=expand_split_constexpr(split_k, cfg),
             **_dot_flags(y.dtype), CORRECTION=correction is not None,
             **expand_b_mask(weights.max_rank, cfg.block_k), EARLY_Y=cfg.early_y,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl_flags(pdl))
+
+
+def _pdl_flags(pdl: int, launch: bool = True) -> dict[str, object]:
+    """The ``PDL`` constexpr and launch option of a level (none at 0: the default binaries)."""
+    if pdl <= 0:
+        return {}
+    return {"PDL": pdl, "launch_pdl": True} if launch else {"PDL": pdl}
+
+
+PDL_MODES = ("off", "expand", "both")
+"""How the LoRA op's two launches use programmatic dependent launch (``pdl_levels``)."""
+
+
+def _pdl_default() -> str:
+    mode = os.environ.get("VALORA_PDL", "off")
+    if mode not in PDL_MODES:
+        raise ValoraError(f"VALORA_PDL={mode!r}: choose one of {PDL_MODES}")
+    return mode
+
+
+_PDL = [_pdl_default()]
+
+
+def set_pdl(mode: str | None) -> None:
+    """The LoRA op's programmatic-dependent-launch mode from now on (``PDL_MODES``; None: the
+    default, ``VALORA_PDL`` or ``"off"``; benchmarks compare modes in one process). Each mode's
+    binaries are separate, so a switch compiles on first use."""
+    if mode is not None and mode not in PDL_MODES:
+        raise ValoraError(f"PDL mode {mode!r}: choose one of {PDL_MODES}")
+    _PDL[0] = _pdl_default() if mode is None else mode
+
+
+def pdl_levels(device: torch.device) -> tuple[int, int, bool]:
+    """``(shrink PDL, expand PDL, shrink launched with PDL)`` for ``lora_apply_triton`` on
+    ``device``: ``"off"`` (or unsupported) → ``(0, 0, False)``; ``"expand"`` → ``(1, 2,
+    False)`` — the shrink, launched plainly after whatever precedes it, lets the expand launch at
+    once, and the expand loads its first ``B`` chunk before waiting for ``h``; ``"both"`` →
+    ``(1, 2, True)`` — the shrink too may start before the kernel before it (the base GEMM)
+    ends. Safe because nothing read before a wait is written by a kernel of the step
+    (``lora_kernels``, "Programmatic dependent launch"): adapter weights change only through slot
+    writes, which the step waits for before its first kernel.
+
+    Off by default: measured on an H200 at 7B shapes (``docs/kernels.md``,
+    ``bench/results/model/h200-pdl-*``), the decode step gained ≈ 1 % with one or 8 adapters and
+    lost 2–3 % with 32."""
+    mode = _PDL[0]
+    if mode == "off" or not pdl_supported(device):
+        return 0, 0, False
+    return 1, 2, mode == "both"
+
+
+@functools.lru_cache(maxsize=16)
+def pdl_supported(device: torch.device) -> bool:
+    """Whether programmatic dependent launch is available on ``device``: a CUDA GPU of compute
+    capability 9.0 or newer (Hopper), a Triton with grid dependency control, kernels not
+    interpreted."""
+    from valora.ops import lora_kernels
+
+    return (device.type == "cuda" and not kernels_interpreted()
+            and lora_kernels.gdc_wait is not None
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 B_MASK_ALIGN = 8
