@@ -37,13 +37,31 @@ after its own wait, i.e. after all kernels before it. Results are bit-identical 
 # mypy: disable-error-code="no-untyped-def"
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
-try:  # programmatic dependent launch (Hopper+, Triton >= 3.4)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - an older Triton: the launcher never sets PDL
-    gdc_launch_dependents = gdc_wait = None
+GDC_AVAILABLE = False
+"""Whether Triton's grid dependency control is compiled in (``PDL`` > 0 can run on a GPU)."""
+if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
+    try:  # programmatic dependent launch (Hopper+, Triton >= 3.4)
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+        GDC_AVAILABLE = True
+    except ImportError:  # pragma: no cover - an older Triton: the launcher never sets PDL
+        pass
+if not GDC_AVAILABLE:
+    # The CPU interpreter has no grid dependency control; there, and on a Triton without it, the
+    # two are no-ops, so the ``PDL`` > 0 code paths still run (and are tested) in the
+    # interpreter. Without a dependent launch both are no-ops on a GPU too.
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+    @triton.jit
+    def gdc_wait():
+        pass
 
 
 @triton.jit(do_not_specialize=["tile_stride", "num_rank_blocks", "split_k"])

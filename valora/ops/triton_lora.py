@@ -355,14 +355,8 @@ PDL_MODES = ("off", "expand", "both")
 """How the LoRA op's two launches use programmatic dependent launch (``pdl_levels``)."""
 
 
-def _pdl_default() -> str:
-    mode = os.environ.get("VALORA_PDL", "off")
-    if mode not in PDL_MODES:
-        raise ValoraError(f"VALORA_PDL={mode!r}: choose one of {PDL_MODES}")
-    return mode
-
-
-_PDL = [_pdl_default()]
+_PDL: list[str | None] = [None]
+"""The mode set by ``set_pdl``; None: ``VALORA_PDL``'s, read when first needed."""
 
 
 def set_pdl(mode: str | None) -> None:
@@ -371,7 +365,19 @@ def set_pdl(mode: str | None) -> None:
     binaries are separate, so a switch compiles on first use."""
     if mode is not None and mode not in PDL_MODES:
         raise ValoraError(f"PDL mode {mode!r}: choose one of {PDL_MODES}")
-    _PDL[0] = _pdl_default() if mode is None else mode
+    _PDL[0] = mode
+
+
+def pdl_mode() -> str:
+    """The current mode (``set_pdl``'s, else ``VALORA_PDL``'s, else ``"off"``); an unknown
+    ``VALORA_PDL`` is an error naming the choices."""
+    mode = _PDL[0]
+    if mode is None:
+        env = os.environ.get("VALORA_PDL", "off")
+        if env not in PDL_MODES:
+            raise ValoraError(f"VALORA_PDL={env!r}: choose one of {PDL_MODES}")
+        mode = _PDL[0] = env
+    return mode
 
 
 def pdl_levels(device: torch.device) -> tuple[int, int, bool]:
@@ -387,7 +393,7 @@ def pdl_levels(device: torch.device) -> tuple[int, int, bool]:
     Off by default: measured on an H200 at 7B shapes (``docs/kernels.md``,
     ``bench/results/model/h200-pdl-*``), the decode step gained ≈ 1 % with one or 8 adapters and
     lost 2–3 % with 32."""
-    mode = _PDL[0]
+    mode = pdl_mode()
     if mode == "off" or not pdl_supported(device):
         return 0, 0, False
     return 1, 2, mode == "both"
@@ -401,7 +407,7 @@ def pdl_supported(device: torch.device) -> bool:
     from valora.ops import lora_kernels
 
     return (device.type == "cuda" and not kernels_interpreted()
-            and lora_kernels.gdc_wait is not None
+            and lora_kernels.GDC_AVAILABLE
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
