@@ -102,13 +102,12 @@ class SchedulerConfig:
     string runs one step more (that token is discarded); tokens, texts and finish reasons are
     those of the synchronous order. Off by default: on an H200 at LLaVA-1.5-7B shapes engine
     steps were 4.7–11.3 % shorter with it (dummy weights, 32 / 64 greedy requests of 128 tokens,
-    ``bench/results/model/h200-async-known-d1a2d47/``), but in the serving A/B
-    (``bench/orchestrator/piecewise_ab.sh``, 6 workload points, three runs at two trees and both
-    orders, ``bench/results/serve/async-ab-h200-*``) it bought no consistent latency: mean
-    latency off / on 0.61–1.20 and the first token later at 16 of 18 points — outputs waited for
-    part of the next step (``LLMEngine.output_sink`` shortened that wait to the next step's
-    preparation; since then first and final tokens are not deferred at all, which no GPU run has
-    measured yet).
+    ``bench/results/model/h200-async-known-d1a2d47/``); the serving A/Bs
+    (``bench/orchestrator/piecewise_ab.sh``, 6 workload points, ``bench/results/serve/
+    async-ab-h200-*``, five runs) found no consistent latency difference — and, run in both
+    orders on the same code (session 12), the engine that ran first lost at every point either
+    way (``docs/gpu.md``), so the order biased them all. The script now warms an engine first; the
+    default stays the simpler synchronous order until such an A/B decides.
     """
 
     max_num_batched_tokens: int = 2048
