@@ -51,7 +51,7 @@ from valora.engine.cuda_graph import CudaGraphRunner
 from valora.engine.piecewise_graphs import capture_piecewise_graphs
 from valora.layers.fused_select import fused_layers, set_fused_kv_write
 from valora.models.loader import load_model
-from valora.ops.triton_lora import set_pdl
+from valora.ops.pdl import set_pdl
 
 CONFIG_DIR = Path(__file__).resolve().parent / "llava-1.5-7b"
 NUM_SLOTS, MAX_RANK, CONTEXT = 32, 64, 600

@@ -39,7 +39,7 @@ LABEL_OVERLAP: dict[str, int] = {"stock": DEFAULT_OVERLAP, "fused": DEFAULT_OVER
 (``Model.set_lora_overlap``): ``stock`` / ``fused`` as the engine runs by default, ``serial``
 never, ``overlap`` at every decode size benched."""
 LABEL_PDL: dict[str, str] = {"no_pdl": "off", "pdl_expand": "expand", "pdl_both": "both"}
-"""Labels with a programmatic-dependent-launch mode of the LoRA op (``triton_lora.set_pdl``,
+"""Labels with a programmatic-dependent-launch mode of the LoRA op (``valora.ops.pdl.set_pdl``,
 ``VALORA_PDL``); every other label runs the engine's default."""
 LABEL_OVERLAP_ALWAYS: dict[str, tuple[str, ...]] = {"overlap_o_down": ("o_proj", "down_proj")}
 """Labels whose linears of these PEFT names overlap at every size on top of ``LABEL_OVERLAP``:

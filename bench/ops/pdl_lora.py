@@ -34,8 +34,9 @@ from decode_experiment import decode_problem, run_main
 
 from valora.ops.lora import prepare_lora_batch
 from valora.ops.lora_segments import LoRASegments
+from valora.ops.pdl import pdl_supported
 from valora.ops.timing import time_calls
-from valora.ops.triton_lora import choose_tile_config, launch_expand, launch_shrink, pdl_supported
+from valora.ops.triton_lora import choose_tile_config, launch_expand, launch_shrink
 
 LEVELS = ((0, 0, True), (1, 1, True), (1, 2, True), (1, 2, False))
 """(shrink ``pdl``, expand ``pdl``, shrink launched with PDL) timed; labels ``pdl{s}{e}`` and

@@ -16,15 +16,10 @@ from lora_cases import reference_output, relative_error
 from valora.ops.lora import LoRABatch, lora_apply, prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights, make_token_slots
 from valora.ops.lora_segments import LoRASegments
+from valora.ops.pdl import PDL_MODES, pdl_levels, pdl_supported, set_pdl
 from valora.ops.tile_candidates import EXPAND_TILES, SHRINK_TILES
 from valora.ops.tile_config import ExpandConfig, ShrinkConfig, TileConfig
-from valora.ops.triton_lora import (
-    PDL_MODES,
-    lora_apply_triton,
-    pdl_levels,
-    pdl_supported,
-    set_pdl,
-)
+from valora.ops.triton_lora import lora_apply_triton
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

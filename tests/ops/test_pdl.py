@@ -1,4 +1,4 @@
-"""Programmatic dependent launch of the LoRA op (``triton_lora.pdl_levels``, the kernels' ``PDL``).
+"""Programmatic dependent launch of the LoRA op (``valora.ops.pdl``, the kernels' ``PDL``).
 
 In the CPU interpreter the grid-dependency instructions are no-ops (``lora_kernels.GDC_AVAILABLE``),
 so what runs there is the control flow ``PDL`` adds — the expand's first rank chunk loaded before the wait
@@ -15,20 +15,13 @@ import pytest
 import torch
 
 from valora.errors import ValoraError
-from valora.ops import triton_lora
+from valora.ops import pdl
 from valora.ops.lora import prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights, make_token_slots
 from valora.ops.lora_segments import LoRASegments
+from valora.ops.pdl import PDL_MODES, pdl_levels, pdl_mode, pdl_supported, set_pdl
 from valora.ops.tile_config import ExpandConfig, ShrinkConfig
-from valora.ops.triton_lora import (
-    PDL_MODES,
-    launch_expand,
-    launch_shrink,
-    pdl_levels,
-    pdl_mode,
-    pdl_supported,
-    set_pdl,
-)
+from valora.ops.triton_lora import launch_expand, launch_shrink
 
 RANKS = [1, 8, 13, 16, 17, 40, 64]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -66,7 +59,7 @@ def test_levels_per_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     for mode in PDL_MODES:  # the CPU (interpreter) never launches dependently
         set_pdl(mode)
         assert pdl_levels(cpu) == (0, 0, False)
-    monkeypatch.setattr(triton_lora, "pdl_supported", lambda device: True)
+    monkeypatch.setattr(pdl, "pdl_supported", lambda device: True)
     expected = {"off": (0, 0, False), "expand": (1, 2, False), "both": (1, 2, True)}
     for mode, levels in expected.items():
         set_pdl(mode)
@@ -74,16 +67,16 @@ def test_levels_per_mode(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_launch_flags() -> None:
-    assert triton_lora._pdl_flags(0) == {}
-    assert triton_lora._pdl_flags(1, launch=False) == {"PDL": 1}
-    assert triton_lora._pdl_flags(2) == {"PDL": 2, "launch_pdl": True}
+    assert pdl.pdl_flags(0) == {}
+    assert pdl.pdl_flags(1, launch=False) == {"PDL": 1}
+    assert pdl.pdl_flags(2) == {"PDL": 2, "launch_pdl": True}
 
 
 def _run(x: torch.Tensor, y: torch.Tensor, weights, segments: LoRASegments, shrink: ShrinkConfig,
-         expand: ExpandConfig, pdl: int) -> torch.Tensor:
+         expand: ExpandConfig, level: int) -> torch.Tensor:
     out = y.clone()
-    h = launch_shrink(x, weights, segments, shrink, pdl=min(pdl, 1), pdl_launch=False)
-    launch_expand(h, out, weights, segments, expand, 1.0, pdl=pdl)
+    h = launch_shrink(x, weights, segments, shrink, pdl=min(level, 1), pdl_launch=False)
+    launch_expand(h, out, weights, segments, expand, 1.0, pdl=level)
     return out
 
 
@@ -115,5 +108,5 @@ def test_pdl_levels_give_the_bits_of_no_pdl(block_k: int, split_k: int, early_y:
     expand = ExpandConfig(16, 32, block_k, 4, 1, early_y)
     plain = _run(x, y, weights, segments, shrink, expand, 0)
     assert not torch.equal(plain, y)
-    for pdl in (1, 2):
-        assert torch.equal(_run(x, y, weights, segments, shrink, expand, pdl), plain), pdl
+    for level in (1, 2):
+        assert torch.equal(_run(x, y, weights, segments, shrink, expand, level), plain), level

@@ -55,7 +55,6 @@ into replays of other slots.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -64,6 +63,7 @@ from valora.ops.launch import launcher
 from valora.ops.lora import LoRABatch, LoRASlotWeights
 from valora.ops.lora_kernels import lora_expand_kernel, lora_shrink_kernel
 from valora.ops.lora_segments import LoRASegments
+from valora.ops.pdl import pdl_flags, pdl_levels
 from valora.ops.tile_config import ExpandConfig, ShrinkConfig, TileConfig
 from valora.ops.tile_table import select_tile_config, tile_rank
 
@@ -298,7 +298,7 @@ def launch_shrink(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegme
         len(weights.slice_widths), in_features, max_rank, flat_rank, x.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
         **_dot_flags(x.dtype), CORRECTION=correction is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl_flags(pdl, pdl_launch))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_flags(pdl, pdl_launch))
     return h
 
 
@@ -341,74 +341,7 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
             SPLIT_K=expand_split_constexpr(split_k, cfg),
             **_dot_flags(y.dtype), CORRECTION=correction is not None,
             **expand_b_mask(weights.max_rank, cfg.block_k), EARLY_Y=cfg.early_y,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl_flags(pdl))
-
-
-def _pdl_flags(pdl: int, launch: bool = True) -> dict[str, object]:
-    """The ``PDL`` constexpr and launch option of a level (none at 0: the default binaries)."""
-    if pdl <= 0:
-        return {}
-    return {"PDL": pdl, "launch_pdl": True} if launch else {"PDL": pdl}
-
-
-PDL_MODES = ("off", "expand", "both")
-"""How the LoRA op's two launches use programmatic dependent launch (``pdl_levels``)."""
-
-
-_PDL: list[str | None] = [None]
-"""The mode set by ``set_pdl``; None: ``VALORA_PDL``'s, read when first needed."""
-
-
-def set_pdl(mode: str | None) -> None:
-    """The LoRA op's programmatic-dependent-launch mode from now on (``PDL_MODES``; None: the
-    default, ``VALORA_PDL`` or ``"off"``; benchmarks compare modes in one process). Each mode's
-    binaries are separate, so a switch compiles on first use."""
-    if mode is not None and mode not in PDL_MODES:
-        raise ValoraError(f"PDL mode {mode!r}: choose one of {PDL_MODES}")
-    _PDL[0] = mode
-
-
-def pdl_mode() -> str:
-    """The current mode (``set_pdl``'s, else ``VALORA_PDL``'s, else ``"off"``); an unknown
-    ``VALORA_PDL`` is an error naming the choices."""
-    mode = _PDL[0]
-    if mode is None:
-        env = os.environ.get("VALORA_PDL", "off")
-        if env not in PDL_MODES:
-            raise ValoraError(f"VALORA_PDL={env!r}: choose one of {PDL_MODES}")
-        mode = _PDL[0] = env
-    return mode
-
-
-def pdl_levels(device: torch.device) -> tuple[int, int, bool]:
-    """``(shrink PDL, expand PDL, shrink launched with PDL)`` for ``lora_apply_triton`` on
-    ``device``: ``"off"`` (or unsupported) → ``(0, 0, False)``; ``"expand"`` → ``(1, 2,
-    False)`` — the shrink, launched plainly after whatever precedes it, lets the expand launch at
-    once, and the expand loads its first ``B`` chunk before waiting for ``h``; ``"both"`` →
-    ``(1, 2, True)`` — the shrink too may start before the kernel before it (the base GEMM)
-    ends. Safe because nothing read before a wait is written by a kernel of the step
-    (``lora_kernels``, "Programmatic dependent launch"): adapter weights change only through slot
-    writes, which the step waits for before its first kernel.
-
-    Off by default: measured on an H200 at 7B shapes (``docs/kernels.md``,
-    ``bench/results/model/h200-pdl-*``), the decode step gained ≈ 1 % with one or 8 adapters and
-    lost 2–3 % with 32."""
-    mode = pdl_mode()
-    if mode == "off" or not pdl_supported(device):
-        return 0, 0, False
-    return 1, 2, mode == "both"
-
-
-@functools.lru_cache(maxsize=16)
-def pdl_supported(device: torch.device) -> bool:
-    """Whether programmatic dependent launch is available on ``device``: a CUDA GPU of compute
-    capability 9.0 or newer (Hopper), a Triton with grid dependency control, kernels not
-    interpreted."""
-    from valora.ops import lora_kernels
-
-    return (device.type == "cuda" and not kernels_interpreted()
-            and lora_kernels.GDC_AVAILABLE
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_flags(pdl))
 
 
 B_MASK_ALIGN = 8
