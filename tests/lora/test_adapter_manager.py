@@ -45,12 +45,17 @@ def _file_delta(path: Path, layer: int, module: str, x: torch.Tensor) -> torch.T
     return scale * (x @ a.T) @ b.T
 
 
+@pytest.mark.parametrize("b_layout", ["column", "rank"])
 def test_acquired_slots_compute_each_tokens_adapter(make_slot_map: SlotMapFactory,
                                                     base_shapes: BaseModelShapes,
-                                                    adapter_pool: list[Path]) -> None:
+                                                    adapter_pool: list[Path], b_layout: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Slots start full of garbage; after acquire, lora_apply equals the adapter file's math
-    for every module, per token, and rows without an adapter get nothing."""
+    for every module, per token, and rows without an adapter get nothing — with ``lora_b``
+    stored either way (``VALORA_LORA_B_LAYOUT``: the slot writer writes through the view)."""
+    monkeypatch.setenv("VALORA_LORA_B_LAYOUT", b_layout)
     manager = _manager(make_slot_map, base_shapes, max_loras=3, garbage=True)
+    assert all(w.b_rank_major == (b_layout == "rank") for w, _ in manager._slot_map.values())
     paths = {"full": adapter_pool[0], "qv": adapter_pool[1], "mlp": adapter_pool[2]}
     slots = {}
     for name, path in paths.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import CheckpointFactory
 from hf_reference import hf_prompt
@@ -70,10 +71,15 @@ def _run(model: CausalLMBase, prompts: list[list[int]], slots: list[int],
     return [torch.cat(o) for o in outputs]
 
 
-def test_lora_slots_match_hand_merged_weights(checkpoint: CheckpointFactory) -> None:
+@pytest.mark.parametrize("b_layout", ["column", "rank"])
+def test_lora_slots_match_hand_merged_weights(checkpoint: CheckpointFactory, b_layout: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also with ``lora_b`` stored rank-major (``VALORA_LORA_B_LAYOUT=rank``)."""
+    monkeypatch.setenv("VALORA_LORA_B_LAYOUT", b_layout)
     path = checkpoint("default")
     model = load_model(str(path), dtype=torch.float32, device="cpu")
     model.init_lora(NUM_SLOTS, MAX_RANK)
+    assert all(w.b_rank_major == (b_layout == "rank") for w, _ in model.lora_slot_map().values())
     adapters = [random_adapter(model, 8, LORA_MODULE_NAMES, seed=1),
                 random_adapter(model, 3, ("q_proj", "v_proj", "down_proj"), seed=2),
                 random_adapter(model, 5, ("k_proj", "o_proj", "gate_proj", "up_proj"), seed=3)]

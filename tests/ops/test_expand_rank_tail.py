@@ -59,7 +59,8 @@ def test_rank_tail_reads_the_padding_only_where_storage_allows(
                         lambda *args, **kwargs: (_tiles(block_k), "test"))
     ranks = [1, 5, 13, 16, storage - 3]  # tails of 1..15 columns, one whole chunk, a long tail
     slices = (40, 24)
-    weights = make_slot_weights(ranks, 48, slices, dtype, DEVICE, seed=7, max_rank=storage)
+    weights = make_slot_weights(ranks, 48, slices, dtype, DEVICE, seed=7, max_rank=storage,
+                                b_layout="column")  # the masks of the contiguous layout
     slots = torch.tensor([0, 1, -1, 2, 3, 4, 4, -1, 1], dtype=torch.int32, device=DEVICE)
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(len(slots), 48, generator=generator).to(DEVICE, dtype)

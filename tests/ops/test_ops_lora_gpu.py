@@ -42,12 +42,14 @@ def _static_batch(slots: torch.Tensor, num_slots: int) -> tuple[LoRABatch, LoRAS
     return LoRABatch(slots, num_slots, "triton", segments), segments
 
 
+@pytest.mark.parametrize("b_layout", ["column", "rank"])
 @pytest.mark.parametrize("capture_prepare", [False, True])
-def test_cuda_graph_replay_with_new_slots(capture_prepare: bool) -> None:
-    """Capture once; each step writes new slots (and inputs) in place, replays, and matches."""
+def test_cuda_graph_replay_with_new_slots(capture_prepare: bool, b_layout: str) -> None:
+    """Capture once; each step writes new slots (and inputs) in place, replays, and matches
+    (``lora_b`` stored either way)."""
     num_tokens, num_slots, widths = 96, 12, (512, 128, 128)
     weights = make_slot_weights([MIXED[s % 5] for s in range(num_slots)], 512, widths,
-                                torch.bfloat16, CUDA, 0)
+                                torch.bfloat16, CUDA, 0, b_layout=b_layout)
     generator = torch.Generator().manual_seed(0)
     static_slots = make_token_slots(num_tokens, num_slots, "uniform", generator).to(CUDA)
     batch, segments = _static_batch(static_slots, num_slots)

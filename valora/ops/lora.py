@@ -3,7 +3,12 @@
 Weights of all resident adapters for one (possibly fused) linear live in *slots*:
 
 - ``lora_a``: ``[num_slots, num_slices, max_rank, in_features]``
-- ``lora_b``: ``[num_slots, sum(slice_widths), max_rank]``
+- ``lora_b``: ``[num_slots, sum(slice_widths), max_rank]`` — stored either contiguous (each
+  output column's ranks side by side: the default) or *rank-major*, as the transposed view of a
+  contiguous ``[num_slots, max_rank, sum(slice_widths)]`` tensor (each rank's output columns side
+  by side; ``LoRASlotWeights.b_rank_major``). Code that indexes ``lora_b[s, cols, :r]`` sees the
+  same values either way; the Triton expand reads each layout as it lies (``VALORA_LORA_B_LAYOUT``,
+  ``lora_b_layout``)
 - ``ranks``:  ``[num_slots, num_slices]`` int32 — the true rank of each slot's slice
   (0 = the adapter does not target that slice)
 - ``scales``: ``[num_slots, num_slices]`` float32 — ``lora_alpha / r`` (or ``/ sqrt(r)`` for rsLoRA)
@@ -41,12 +46,39 @@ one shrink and one expand launch (``triton_lora``), instead of a second ``lora_a
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from valora.errors import ValoraError
+
+B_LAYOUTS = ("column", "rank")
+"""Storage layouts of ``lora_b`` (module docstring): ``"column"`` contiguous ``[S, out, R]``,
+``"rank"`` the transposed view of a contiguous ``[S, R, out]``."""
+
+
+def lora_b_layout() -> str:
+    """The ``lora_b`` layout new slot storage gets: ``VALORA_LORA_B_LAYOUT`` (``"column"`` when
+    unset). ``"rank"`` reads each rank's columns contiguously in the decode expand (measured with
+    the best tiles per op on an H200: 32 adapters of ranks 8–64 2.06 → 1.79 ms of expands a 7B
+    decode step, ``bench/results/ops/expand-layout-h200-54ee2aa/``) but the shipped tile table
+    was tuned on ``"column"``; it becomes the default once a table tuned with it wins."""
+    layout = os.environ.get("VALORA_LORA_B_LAYOUT", "column")
+    if layout not in B_LAYOUTS:
+        raise ValoraError(f"VALORA_LORA_B_LAYOUT={layout!r}: choose one of {B_LAYOUTS}")
+    return layout
+
+
+def b_storage(lora_b: torch.Tensor, layout: str) -> torch.Tensor:
+    """``lora_b`` (any strides) with the same values stored in ``layout`` (a copy unless it is
+    already so)."""
+    if layout not in B_LAYOUTS:
+        raise ValoraError(f"unknown lora_b layout {layout!r}; choose one of {B_LAYOUTS}")
+    if layout == "column":
+        return lora_b.contiguous()
+    return lora_b.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @dataclass
@@ -67,6 +99,12 @@ class LoRASlotWeights:
     @property
     def max_rank(self) -> int:
         return int(self.lora_a.shape[2])
+
+    @property
+    def b_rank_major(self) -> bool:
+        """Whether ``lora_b`` is stored rank-major (module docstring) rather than contiguous."""
+        b = self.lora_b
+        return not b.is_contiguous() and b.transpose(1, 2).is_contiguous()
 
     def host_ranks(self) -> list[list[int]]:
         """``ranks[slot][slice]`` on the host: the mirror when kept, else one device read."""
@@ -98,12 +136,23 @@ class LoRASlotWeights:
         slice_widths: tuple[int, ...],
         dtype: torch.dtype,
         device: torch.device | str,
+        b_layout: str | None = None,
     ) -> LoRASlotWeights:
-        """Allocate zeroed slot storage (every slot empty: rank 0)."""
+        """Allocate zeroed slot storage (every slot empty: rank 0); ``lora_b`` in ``b_layout``
+        (default ``lora_b_layout()``)."""
+        layout = lora_b_layout() if b_layout is None else b_layout
+        if layout not in B_LAYOUTS:
+            raise ValoraError(f"unknown lora_b layout {layout!r}; choose one of {B_LAYOUTS}")
+        out = sum(slice_widths)
+        if layout == "rank":
+            lora_b = torch.zeros(num_slots, max_rank, out, dtype=dtype, device=device)
+            lora_b = lora_b.transpose(1, 2)
+        else:
+            lora_b = torch.zeros(num_slots, out, max_rank, dtype=dtype, device=device)
         return cls(
             lora_a=torch.zeros(num_slots, len(slice_widths), max_rank, in_features, dtype=dtype,
                                device=device),
-            lora_b=torch.zeros(num_slots, sum(slice_widths), max_rank, dtype=dtype, device=device),
+            lora_b=lora_b,
             ranks=torch.zeros(num_slots, len(slice_widths), dtype=torch.int32, device=device),
             scales=torch.zeros(num_slots, len(slice_widths), dtype=torch.float32, device=device),
             slice_widths=tuple(slice_widths),

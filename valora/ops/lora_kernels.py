@@ -147,7 +147,8 @@ def lora_shrink_kernel(
 def _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_ok, n_ok,
                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                   MASK_K: tl.constexpr, MASK_B_K: tl.constexpr, B_ALIGN: tl.constexpr,
-                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  B_RANK_MAJOR: tl.constexpr = False, b_rank_stride=1):
     """``acc += (Σ_split h[:, k:k+BLOCK_K] · scale) · B[k:k+BLOCK_K, :]``; ``MASK_K`` for the
     rank tail (a mask along the contiguous rank axis would stop vectorised loads elsewhere).
     In the tail, ``h`` is always masked above the rank (its padding is never written); ``B`` only
@@ -191,7 +192,10 @@ def _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_
         for split in range(0, split_k):
             h_tile += tl.load(h_rows + split * split_stride + offs_k[None, :], mask=h_mask,
                               other=0.0)
-    b_tile = tl.load(b_cols + offs_k[:, None], mask=b_mask, other=0.0)
+    if B_RANK_MAJOR:  # rank ρ's columns lie ``b_rank_stride`` (= the output width) apart
+        b_tile = tl.load(b_cols + offs_k[:, None] * b_rank_stride, mask=b_mask, other=0.0)
+    else:
+        b_tile = tl.load(b_cols + offs_k[:, None], mask=b_mask, other=0.0)
     h_tile = (h_tile * scale).to(b_tile.dtype)
     if UPCAST:
         h_tile = h_tile.to(tl.float32)
@@ -201,7 +205,8 @@ def _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_
 
 @triton.jit
 def _expand_b_tile(b_cols, k, rank, n_ok, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr,
-                   MASK_B_K: tl.constexpr, B_ALIGN: tl.constexpr):
+                   MASK_B_K: tl.constexpr, B_ALIGN: tl.constexpr,
+                   B_RANK_MAJOR: tl.constexpr = False, b_rank_stride=1):
     """The ``B`` tile of rank chunk ``[k, k + BLOCK_K)`` with ``_expand_chunk``'s masks (for a
     load issued apart from its dot: ``PDL`` = 2)."""
     offs_k = k + tl.arange(0, BLOCK_K)
@@ -216,6 +221,8 @@ def _expand_b_tile(b_cols, k, rank, n_ok, BLOCK_K: tl.constexpr, MASK_K: tl.cons
             b_mask = n_ok[None, :]
     else:
         b_mask = n_ok[None, :]
+    if B_RANK_MAJOR:
+        return tl.load(b_cols + offs_k[:, None] * b_rank_stride, mask=b_mask, other=0.0)
     return tl.load(b_cols + offs_k[:, None], mask=b_mask, other=0.0)
 
 
@@ -263,7 +270,7 @@ def lora_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, CORRECTION: tl.constexpr,
     MASK_B_K: tl.constexpr = True, EARLY_Y: tl.constexpr = False, B_ALIGN: tl.constexpr = 1,
-    PDL: tl.constexpr = 0,
+    PDL: tl.constexpr = 0, B_RANK_MAJOR: tl.constexpr = False,
 ):
     """Up to four slices per launch: slice ``g`` owns column blocks ``[blocks_g, blocks_{g+1})``
     (``blocks_0 = 0``) and columns ``[col_g, col_{g+1})`` of ``y``; ``slice_base`` is the index
@@ -279,7 +286,11 @@ def lora_expand_kernel(
     ``PDL`` > 0 (module docstring, "Programmatic dependent launch"): the next kernel may launch
     at once; ``h`` and ``y`` are read only after the previous kernel has completed. ``PDL`` = 2
     also loads the first rank chunk's ``B`` tile (a weight) before that wait, so its HBM read
-    overlaps the end of the previous kernel (the shrink that writes ``h``)."""
+    overlaps the end of the previous kernel (the shrink that writes ``h``).
+
+    ``B_RANK_MAJOR``: ``B`` is stored rank-major (``valora.ops.lora``: element ``[s, c, ρ]`` at
+    ``(s·R + ρ)·out + c``) instead of ``(s·out + c)·R + ρ``; the tile loads run along the
+    columns, so masking the rank axis costs them nothing."""
     pid = tl.program_id(0)
     if PDL > 0:
         gdc_launch_dependents()
@@ -321,11 +332,15 @@ def lora_expand_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < num_rows
     h_rows = h_ptr + (row_start + offs_m)[:, None].to(tl.int64) * h_width + slice_id * max_rank
-    b_cols = (b_ptr + own.to(tl.int64) * out_features * max_rank
-              + offs_n[None, :].to(tl.int64) * max_rank)
+    if B_RANK_MAJOR:
+        b_cols = b_ptr + own.to(tl.int64) * out_features * max_rank + offs_n[None, :]
+    else:
+        b_cols = (b_ptr + own.to(tl.int64) * out_features * max_rank
+                  + offs_n[None, :].to(tl.int64) * max_rank)
     out_mask = m_ok[:, None] & n_ok[None, :]
     if PDL == 2:  # the first chunk, whole or tail (masked as a tail: exact for both)
-        b_first = _expand_b_tile(b_cols, 0, rank, n_ok, BLOCK_K, True, MASK_B_K, B_ALIGN)
+        b_first = _expand_b_tile(b_cols, 0, rank, n_ok, BLOCK_K, True, MASK_B_K, B_ALIGN,
+                                 B_RANK_MAJOR, out_features)
     if PDL > 0:
         gdc_wait()
     if EARLY_Y:
@@ -341,7 +356,8 @@ def lora_expand_kernel(
     full = rank // BLOCK_K * BLOCK_K
     for k in range(start, full, BLOCK_K):  # whole rank chunks: no mask along the contiguous axis
         acc = _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_ok,
-                            n_ok, BLOCK_M, BLOCK_K, SPLIT_K, False, False, B_ALIGN, PRECISION, UPCAST)
+                            n_ok, BLOCK_M, BLOCK_K, SPLIT_K, False, False, B_ALIGN, PRECISION,
+                            UPCAST, B_RANK_MAJOR, out_features)
     if PDL == 2:  # noqa: SIM108 (a compile-time branch)
         tail = (full < rank) & (full >= start)  # the first chunk may have been the tail
     else:
@@ -349,21 +365,24 @@ def lora_expand_kernel(
     if tail:
         acc = _expand_chunk(acc, h_rows, b_cols, full, rank, split_k, split_stride, scale, m_ok,
                             n_ok, BLOCK_M, BLOCK_K, SPLIT_K, True, MASK_B_K, B_ALIGN,
-                            PRECISION, UPCAST)
+                            PRECISION, UPCAST, B_RANK_MAJOR, out_features)
     if CORRECTION:  # minus the merged adapter's term, same rows and columns
         scale_c = -tl.load(scales_ptr + merged * num_slices + slice_id) * scale_multiplier
         h_rows_c = h_rows + flat_rank
-        b_cols_c = (b_ptr + merged.to(tl.int64) * out_features * max_rank
-                    + offs_n[None, :].to(tl.int64) * max_rank)
+        if B_RANK_MAJOR:
+            b_cols_c = b_ptr + merged.to(tl.int64) * out_features * max_rank + offs_n[None, :]
+        else:
+            b_cols_c = (b_ptr + merged.to(tl.int64) * out_features * max_rank
+                        + offs_n[None, :].to(tl.int64) * max_rank)
         full_c = rank_c // BLOCK_K * BLOCK_K
         for k in range(0, full_c, BLOCK_K):
             acc = _expand_chunk(acc, h_rows_c, b_cols_c, k, rank_c, split_k, split_stride,
                                 scale_c, m_ok, n_ok, BLOCK_M, BLOCK_K, SPLIT_K, False, False,
-                                B_ALIGN, PRECISION, UPCAST)
+                                B_ALIGN, PRECISION, UPCAST, B_RANK_MAJOR, out_features)
         if full_c < rank_c:
             acc = _expand_chunk(acc, h_rows_c, b_cols_c, full_c, rank_c, split_k, split_stride,
                                 scale_c, m_ok, n_ok, BLOCK_M, BLOCK_K, SPLIT_K, True, MASK_B_K,
-                                B_ALIGN, PRECISION, UPCAST)
+                                B_ALIGN, PRECISION, UPCAST, B_RANK_MAJOR, out_features)
     if not EARLY_Y:
         tokens = tl.load(sorted_ptr + row_start + tl.minimum(offs_m, num_rows - 1)).to(tl.int64)
         y_ptrs = y_ptr + tokens[:, None] * stride_ym + offs_n[None, :]

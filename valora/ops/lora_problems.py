@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from valora.errors import ValoraError
-from valora.ops.lora import LoRASlotWeights
+from valora.ops.lora import LoRASlotWeights, b_storage, lora_b_layout
 
 POPULARITIES: tuple[str, ...] = ("distinct", "uniform", "zipf", "identical", "one_hot")
 HOT_SHARE = 0.7
@@ -57,11 +57,13 @@ def make_token_slots(num_tokens: int, num_adapters: int, popularity: str,
 
 def make_slot_weights(slot_ranks: Sequence[int | Sequence[int]], in_features: int,
                       slice_widths: Sequence[int], dtype: torch.dtype, device: torch.device | str,
-                      seed: int, max_rank: int | None = None) -> LoRASlotWeights:
+                      seed: int, max_rank: int | None = None,
+                      b_layout: str | None = None) -> LoRASlotWeights:
     """Slot storage with random weights drawn on ``device``; ``slot_ranks[s]`` is one rank for
     every slice, or one rank per slice (0 = slice not targeted). Storage rank: ``max_rank`` or
     the largest rank. Storage above each rank holds 1e3 (poison: computing on it shows; the
-    expand may load ``B``'s padding in a rank-tail chunk, against zeros of ``h``)."""
+    expand may load ``B``'s padding in a rank-tail chunk, against zeros of ``h``). ``lora_b`` is
+    stored in ``b_layout`` (default ``lora_b_layout()``); the values do not depend on it."""
     per_slice = [[int(r)] * len(slice_widths) if isinstance(r, int) else [int(v) for v in r]
                  for r in slot_ranks]
     storage = max(max_rank if max_rank is not None else max(max(r) for r in per_slice), 1)
@@ -79,8 +81,10 @@ def make_slot_weights(slot_ranks: Sequence[int | Sequence[int]], in_features: in
                                         torch.tensor(list(slice_widths), device=device))
     lora_b.masked_fill_(rho.view(1, 1, storage) >= ranks[:, col_slice].unsqueeze(-1), POISON)
     scales = 0.5 + torch.rand(num_slots, num_slices, generator=generator, device=device)
-    return LoRASlotWeights(lora_a=lora_a.to(dtype), lora_b=lora_b.to(dtype), ranks=ranks,
-                           scales=scales, slice_widths=tuple(slice_widths), ranks_cpu=per_slice)
+    layout = lora_b_layout() if b_layout is None else b_layout
+    return LoRASlotWeights(lora_a=lora_a.to(dtype), lora_b=b_storage(lora_b.to(dtype), layout),
+                           ranks=ranks, scales=scales, slice_widths=tuple(slice_widths),
+                           ranks_cpu=per_slice)
 
 
 def zero_padding(weights: LoRASlotWeights) -> LoRASlotWeights:

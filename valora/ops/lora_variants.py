@@ -75,6 +75,8 @@ class LoRALayerShape:
     slice_widths: tuple[int, ...]
     max_rank: int
     dtype: torch.dtype
+    b_rank_major: bool = False
+    """``lora_b`` stored rank-major (``LoRASlotWeights.b_rank_major``): other expand binaries."""
 
     @property
     def flat_rank(self) -> int:
@@ -84,7 +86,7 @@ class LoRALayerShape:
     @classmethod
     def of(cls, weights: LoRASlotWeights) -> LoRALayerShape:
         return cls(int(weights.lora_a.shape[3]), tuple(weights.slice_widths), weights.max_rank,
-                   weights.lora_a.dtype)
+                   weights.lora_a.dtype, weights.b_rank_major)
 
     def shrink_spec(self) -> tuple[object, ...]:
         """What the layer adds to a shrink binary: the dtype and the specialisation of
@@ -96,15 +98,17 @@ class LoRALayerShape:
 
     def expand_spec(self) -> tuple[object, ...]:
         """What the layer adds to an expand binary: the dtype, the specialisation of
-        ``num_slices``, ``max_rank``, ``flat_rank``, ``out_features``, the row stride of ``y``
-        and, per launch group (``triton_lora.slice_groups``), its slices' column offsets."""
+        ``num_slices``, ``max_rank``, ``flat_rank``, ``out_features``, the row stride of ``y``,
+        per launch group (``triton_lora.slice_groups``) its slices' column offsets, and
+        ``lora_b``'s layout when rank-major (``triton_lora.expand_b_layout``)."""
         from valora.ops.triton_lora import slice_groups
 
         widths = self.slice_widths
         groups = tuple(tuple(map(int_spec, cols)) for _, _, _, cols in slice_groups(widths, 1))
         out = sum(widths)
         values = (len(widths), self.max_rank, self.flat_rank, out, out)
-        return (str(self.dtype), *map(int_spec, values), groups)
+        layout = ("rank-major",) if self.b_rank_major else ()
+        return (str(self.dtype), *map(int_spec, values), groups, *layout)
 
 
 @dataclass(frozen=True)

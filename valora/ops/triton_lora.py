@@ -110,7 +110,8 @@ def _check(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,
             and shape[1] == len(weights.slice_widths)
             and ranks.shape == shape[:2] and scales.shape == shape[:2]
             and shape[0] >= segments.num_slots and x.shape[0] == segments.num_tokens
-            and a.is_contiguous() and b.is_contiguous() and ranks.is_contiguous()
+            and a.is_contiguous() and (b.is_contiguous() or b.transpose(1, 2).is_contiguous())
+            and ranks.is_contiguous()
             and scales.is_contiguous()
             and (device.type == "cuda" or kernels_interpreted())):
         return
@@ -147,10 +148,13 @@ def _explain(y: torch.Tensor, x: torch.Tensor, weights: LoRASlotWeights,
     if num_slots < segments.num_slots:
         raise ValoraError(f"triton LoRA: batch addresses {segments.num_slots} slots, "
                           f"weights hold {num_slots}")
-    for name, tensor in {"lora_a": weights.lora_a, "lora_b": weights.lora_b,
-                         "ranks": weights.ranks, "scales": weights.scales}.items():
+    for name, tensor in {"lora_a": weights.lora_a, "ranks": weights.ranks,
+                         "scales": weights.scales}.items():
         if not tensor.is_contiguous():
             raise ValoraError(f"triton LoRA: {name} must be contiguous (slot storage)")
+    if not (weights.lora_b.is_contiguous() or weights.b_rank_major):
+        raise ValoraError("triton LoRA: lora_b must be contiguous or rank-major (the transpose of "
+                          "a contiguous [slots, rank, out]: valora.ops.lora)")
     if x.shape[0] != segments.num_tokens:
         raise ValoraError(f"triton LoRA: {x.shape[0]} tokens, segments for {segments.num_tokens}")
     if x.device.type != "cuda" and not kernels_interpreted():
@@ -340,7 +344,7 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             SPLIT_K=expand_split_constexpr(split_k, cfg),
             **_dot_flags(y.dtype), CORRECTION=correction is not None,
-            **expand_b_mask(weights.max_rank, cfg.block_k), EARLY_Y=cfg.early_y,
+            **expand_b_layout(weights, cfg.block_k), EARLY_Y=cfg.early_y,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_flags(pdl))
 
 
@@ -358,6 +362,15 @@ def expand_b_mask(max_rank: int, block_k: int) -> dict[str, object]:
     mask = max_rank % block_k != 0 or block_k > 16
     align = B_MASK_ALIGN if mask and max_rank % B_MASK_ALIGN == 0 else 1
     return {"MASK_B_K": mask, "B_ALIGN": align}
+
+
+def expand_b_layout(weights: LoRASlotWeights, block_k: int) -> dict[str, object]:
+    """The expand's ``B`` constexprs for ``weights``' storage: ``expand_b_mask`` for the contiguous
+    layout (none added: the binaries of before); rank-major ``B`` (``B_RANK_MAJOR``) masks its
+    rank tail exactly, since its loads run along the columns."""
+    if weights.b_rank_major:
+        return {"B_RANK_MAJOR": True, "MASK_B_K": True, "B_ALIGN": 1}
+    return expand_b_mask(weights.max_rank, block_k)
 
 
 UNROLLED_SPLIT_BYTES = 144 << 10
