@@ -9,7 +9,7 @@
 # run n of a value writes ab-$FLAG-$value-$n.{jsonl,md,log} under $OUT, and the table averages a
 # value's runs per point. WARMUP=1 first runs one discarded engine (the first value, the lowest
 # rate, 16 requests: ab-$FLAG-warmup.log): the engine that ran first was slower in both orders of
-# session 12's A/B (its eager steps 10-15 % longer), which decided the outcome; warming first
+# session 12's A/B (its eager steps 2-21 % longer), which decided the outcome; warming first
 # gives every measured engine the same caches.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
