@@ -46,6 +46,10 @@ def compile_for_sm90(fn: Any, dtype: str, constexprs: dict[str, object], num_war
                      num_stages: int) -> Any:
     sig: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[object]]] = {}
+    # constexprs not given take their defaults, as a launch does (a missing one would otherwise
+    # compile as a run-time integer and its static branches as run-time ones)
+    constexprs = {**{p.name: p.default for p in fn.params
+                     if p.is_constexpr and p.default is not inspect.Parameter.empty}, **constexprs}
     for index, name in enumerate(inspect.signature(fn.fn).parameters):
         if name in constexprs:
             sig[name] = "constexpr"
