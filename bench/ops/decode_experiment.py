@@ -69,6 +69,24 @@ def decode_problem(scenario: str, layer: str, layers: dict, device: torch.device
     return DecodeProblem(slots, ranks, used, weights, token_slots, x, y, nbytes)
 
 
+def output_ok(errors: dict[str, str], key: str, launch: Callable[[torch.Tensor], object],
+              start: torch.Tensor, want: torch.Tensor, tolerance: float, what: str) -> bool:
+    """Run ``launch`` once on a copy of ``start`` and compare the result with ``want`` (max abs
+    difference ≤ ``tolerance`` × max(1, max |want|)); an exception (a config the GPU cannot run
+    is a result) or a difference goes to ``errors[key]`` and gives False."""
+    out = start.clone()
+    try:
+        launch(out)
+    except Exception as error:
+        errors[key] = f"{type(error).__name__}: {error}"[:300]
+        return False
+    diff = (out.float() - want.float()).abs().max().item()
+    if diff > tolerance * max(1.0, want.float().abs().max().item()):
+        errors[key] = f"differs from {what} by {diff:.3g}"
+        return False
+    return True
+
+
 RunPoint = Callable[[str, str, dict, torch.device, float, int, torch.dtype], dict[str, Any]]
 Columns = Callable[[dict[str, Any]], dict[str, tuple[str, float]]]
 

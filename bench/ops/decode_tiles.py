@@ -58,7 +58,7 @@ NEW_EXPAND = ((16, 64, 16, 2, 1), (16, 128, 16, 2, 1), (16, 128, 16, 4, 1), (16,
               (16, 256, 32, 4, 1), (16, 64, 16, 2, 2), (16, 128, 16, 2, 2), (16, 64, 32, 2, 1),
               (16, 512, 32, 8, 1), (16, 1024, 16, 8, 1),
               # session 11: the whole storage rank in one chunk (one B load, no rank loop), the
-              # tail masked at the rank rounded up to 8 (``triton_lora.expand_b_mask``)
+              # tail masked at the rank rounded up to 8 (``lora_launch_args.expand_b_mask``)
               (16, 64, 64, 2, 1), (16, 128, 64, 2, 1), (16, 128, 64, 4, 1), (16, 256, 64, 4, 1),
               (16, 256, 64, 8, 1), (16, 512, 64, 8, 1), (16, 128, 32, 2, 1))
 EARLY_Y_EXPAND = ((16, 128, 16, 4, 1), (16, 256, 16, 4, 1), (16, 128, 32, 4, 1),

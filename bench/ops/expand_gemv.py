@@ -26,14 +26,15 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from decode_experiment import best_of, decode_problem, run_main
+from decode_experiment import best_of, decode_problem, output_ok, run_main
 
 from valora.ops.lora import prepare_lora_batch
 from valora.ops.lora_kernels import _pick
+from valora.ops.lora_launch_args import slice_groups
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.tile_config import ExpandConfig, next_power_of_2
 from valora.ops.timing import time_calls
-from valora.ops.triton_lora import choose_tile_config, launch_expand, launch_shrink, slice_groups
+from valora.ops.triton_lora import choose_tile_config, launch_expand, launch_shrink
 
 GEMV_TILES = ((64, 2), (128, 4), (128, 2), (256, 4), (256, 8), (512, 8), (32, 1), (64, 1))
 """(``BLOCK_N``, warps) of the GEMV expand."""
@@ -139,17 +140,9 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
             variants.append((label, lambda h, out, i, n=block_n, w=warps, r=major: launch_gemv(
                 h, out, rank_major[i] if r else weights[i].lora_b, weights[i], segments, n, w,
                 r)))
-    scale = max(1.0, shipped.float().abs().max().item())
     for label, launch in variants:
-        out = y.clone()
-        try:
-            launch(hs[0], out, 0)
-        except Exception as error:  # a config the GPU cannot run is a result
-            row["errors"][label] = f"{type(error).__name__}: {error}"[:200]
-            continue
-        diff = (out.float() - shipped.float()).abs().max().item()
-        if diff > 2e-2 * scale:
-            row["errors"][label] = f"differs from the shipped expand by {diff:.3g}"
+        if not output_ok(row["errors"], label, lambda out, f=launch: f(hs[0], out, 0), y, shipped,
+                         2e-2, "the shipped expand"):
             continue
         work = y.clone()
         timing = time_calls([lambda i=i, f=launch, w=work: f(hs[i], w, i) for i in range(copies)],

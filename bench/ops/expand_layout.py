@@ -28,20 +28,19 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from decode_experiment import best_of, decode_problem, run_main
+from decode_experiment import best_of, decode_problem, output_ok, run_main
 
 from valora.ops.lora import prepare_lora_batch
 from valora.ops.lora_kernels import _pick
+from valora.ops.lora_launch_args import expand_split_constexpr, slice_groups
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.tile_config import ExpandConfig
 from valora.ops.timing import time_calls
 from valora.ops.triton_lora import (
     _dot_flags,
     choose_tile_config,
-    expand_split_constexpr,
     launch_expand,
     launch_shrink,
-    slice_groups,
 )
 
 MULTI_TILES = (2, 4)
@@ -247,7 +246,6 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     tiles = TILES[:1] if device.type == "cpu" else TILES  # the interpreter: correctness only
     configs = [("table", table.expand)] + [(f"{m}x{n}x{k} w{w} s{st}", ExpandConfig(m, n, k, w, st))
                                            for m, n, k, w, st in tiles]
-    scale = max(1.0, shipped.float().abs().max().item())
     for label, cfg in configs:
         layouts: list[tuple[str, Any]] = [
             ("column_major", lambda h, out, i, c: launch_expand(h, out, weights[i], segments,
@@ -259,15 +257,9 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
         layouts += [(f"column_major_x{g}", lambda h, out, i, c, g=g: launch_multi(
             h, out, weights[i].lora_b, weights[i], segments, c, g, False)) for g in MULTI_TILES]
         for layout, launch in layouts:
-            out = y.clone()
-            try:
-                launch(hs[0], out, 0, cfg)
-            except Exception as error:  # a config the GPU cannot run is a result
-                row["errors"][f"{layout} {label}"] = f"{type(error).__name__}: {error}"[:200]
-                continue
-            diff = (out.float() - shipped.float()).abs().max().item()
-            if diff > 2e-2 * scale:
-                row["errors"][f"{layout} {label}"] = f"differs from the shipped expand by {diff:.3g}"
+            if not output_ok(row["errors"], f"{layout} {label}",
+                             lambda out, f=launch, c=cfg: f(hs[0], out, 0, c), y, shipped, 2e-2,
+                             "the shipped expand"):
                 continue
             work = y.clone()
             timing = time_calls([lambda i=i, c=cfg, f=launch, w=work: f(hs[i], w, i, c)

@@ -30,10 +30,11 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from decode_experiment import decode_problem, run_main
+from decode_experiment import decode_problem, output_ok, run_main
 
 from valora.ops.lora import prepare_lora_batch
 from valora.ops.lora_kernels import _pick
+from valora.ops.lora_launch_args import shrink_split, slice_groups
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.tile_config import TileConfig
 from valora.ops.timing import time_calls
@@ -43,8 +44,6 @@ from valora.ops.triton_lora import (
     choose_tile_config,
     launch_expand,
     launch_shrink,
-    shrink_split,
-    slice_groups,
 )
 
 
@@ -220,7 +219,6 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
         row["configs"][name] = cfg.to_json()
         shipped = y.clone()
         launch_pair(x, shipped, weights[0], seg, cfg)
-        scale = max(1.0, shipped.float().abs().max().item())
         variants = [("pair", lambda i, out, c=cfg, s=seg: launch_pair(x, out, weights[i], s, c))]
         if cfg.shrink.block_m == cfg.expand.block_m:
             variants.append(("one", lambda i, out, c=cfg, s=seg: launch_one(
@@ -229,25 +227,15 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
             row["errors"][f"one {name}"] = "block_m differs between the shrink and expand tiles"
         for label, launch in variants:
             key = f"{label} {name}"
-            out = y.clone()
-            try:
-                launch(0, out)
-            except Exception as error:  # a config the GPU cannot run is a result
-                row["errors"][key] = f"{type(error).__name__}: {error}"[:300]
-                continue
-            diff = (out.float() - shipped.float()).abs().max().item()
-            if diff > 2e-2 * scale:
-                row["errors"][key] = f"differs from the shipped pair by {diff:.3g}"
+            if not output_ok(row["errors"], key, lambda out, f=launch: f(0, out), y, shipped, 2e-2,
+                             "the shipped pair"):
                 continue
             work = y.clone()
             timing = time_calls([lambda i=i, f=launch, w=work: f(i, w) for i in range(copies)],
                                 device, repeats=10)
             row["us"][key] = timing.median_us
-            again = y.clone()
-            launch(0, again)
-            diff = (again.float() - shipped.float()).abs().max().item()
-            if diff > 2e-2 * scale:
-                row["errors"][key] = f"after the timed replays: differs by {diff:.3g}"
+            output_ok(row["errors"], key, lambda out, f=launch: f(0, out), y, shipped, 2e-2,
+                      "the shipped pair after the timed replays")
     return row
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from decode_experiment import decode_problem, run_main
+from decode_experiment import decode_problem, output_ok, run_main
 
 from valora.ops.lora import prepare_lora_batch
 from valora.ops.lora_segments import LoRASegments
@@ -83,19 +83,11 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
                            "gemm_floor_us": w_bytes / rate * 1e6, "us": {}, "errors": {}}
     reference = y.clone()
     lora(reference, 0, 0, 0)
-    scale = max(1.0, reference.float().abs().max().item())
     for label, launch in variants:
-        if label.startswith("lora "):
-            out = y.clone()
-            try:
-                launch(out, 0)
-            except Exception as error:  # a variant the GPU cannot run is a result
-                row["errors"][label] = f"{type(error).__name__}: {error}"[:300]
-                continue
-            diff = (out.float() - reference.float()).abs().max().item()
-            if diff > 1e-2 * scale:
-                row["errors"][label] = f"differs from PDL 0 by {diff:.3g}"
-                continue
+        if label.startswith("lora ") and not output_ok(
+                row["errors"], label, lambda out, f=launch: f(out, 0), y, reference, 1e-2,
+                "PDL 0"):
+            continue
         rounds = max(copies, gemm_copies)
         work = y.clone()
         try:

@@ -1,7 +1,7 @@
 """The expand's rank-tail chunk (ranks off the ``block_k`` grid) loads ``B``'s storage padding
 whole when the storage rank is a multiple of a ``block_k`` of ≤ 16 (16-byte loads; the padding is
 finite by the storage contract and meets zeros of ``h``); otherwise it masks ``B`` at the rank
-rounded up to 8 when the storage rank is a multiple of 8 (``triton_lora.expand_b_mask``: wide
+rounded up to 8 when the storage rank is a multiple of 8 (``lora_launch_args.expand_b_mask``: wide
 chunks read ≤ 7 padding columns, not the whole chunk), else at the exact rank (the chunk would
 leave the storage). Every form against the fp32 reference, with large finite values in the
 padding."""
@@ -17,6 +17,7 @@ from lora_cases import TOLERANCE, reference_output, relative_error
 
 from valora.ops import triton_lora
 from valora.ops.lora import lora_apply, prepare_lora_batch
+from valora.ops.lora_launch_args import expand_b_mask
 from valora.ops.lora_problems import make_slot_weights
 from valora.ops.tile_config import ExpandConfig, ShrinkConfig, TileConfig
 
@@ -70,4 +71,4 @@ def test_rank_tail_reads_the_padding_only_where_storage_allows(
     ref = reference_output(y, x, weights, slots.cpu(), len(ranks))
     assert relative_error(out, ref) <= TOLERANCE[dtype]
     assert flags and set(flags) == {mask}
-    assert flags[0] == tuple(triton_lora.expand_b_mask(storage, block_k).values())
+    assert flags[0] == tuple(expand_b_mask(storage, block_k).values())

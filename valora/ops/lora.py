@@ -65,18 +65,20 @@ def lora_b_layout() -> str:
     the best tiles per op on an H200: 32 adapters of ranks 8–64 2.06 → 1.79 ms of expands a 7B
     decode step, ``bench/results/ops/expand-layout-h200-54ee2aa/``) but the shipped tile table
     was tuned on ``"column"``; it becomes the default once a table tuned with it wins."""
-    layout = os.environ.get("VALORA_LORA_B_LAYOUT", "column")
+    return _checked_layout(os.environ.get("VALORA_LORA_B_LAYOUT", "column"),
+                           "VALORA_LORA_B_LAYOUT=")
+
+
+def _checked_layout(layout: str, what: str = "lora_b layout ") -> str:
     if layout not in B_LAYOUTS:
-        raise ValoraError(f"VALORA_LORA_B_LAYOUT={layout!r}: choose one of {B_LAYOUTS}")
+        raise ValoraError(f"{what}{layout!r}: choose one of {B_LAYOUTS}")
     return layout
 
 
 def b_storage(lora_b: torch.Tensor, layout: str) -> torch.Tensor:
     """``lora_b`` (any strides) with the same values stored in ``layout`` (a copy unless it is
     already so)."""
-    if layout not in B_LAYOUTS:
-        raise ValoraError(f"unknown lora_b layout {layout!r}; choose one of {B_LAYOUTS}")
-    if layout == "column":
+    if _checked_layout(layout) == "column":
         return lora_b.contiguous()
     return lora_b.transpose(1, 2).contiguous().transpose(1, 2)
 
@@ -140,9 +142,7 @@ class LoRASlotWeights:
     ) -> LoRASlotWeights:
         """Allocate zeroed slot storage (every slot empty: rank 0); ``lora_b`` in ``b_layout``
         (default ``lora_b_layout()``)."""
-        layout = lora_b_layout() if b_layout is None else b_layout
-        if layout not in B_LAYOUTS:
-            raise ValoraError(f"unknown lora_b layout {layout!r}; choose one of {B_LAYOUTS}")
+        layout = lora_b_layout() if b_layout is None else _checked_layout(b_layout)
         out = sum(slice_widths)
         if layout == "rank":
             lora_b = torch.zeros(num_slots, max_rank, out, dtype=dtype, device=device)

@@ -148,7 +148,8 @@ def _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_
                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                   MASK_K: tl.constexpr, MASK_B_K: tl.constexpr, B_ALIGN: tl.constexpr,
                   PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                  B_RANK_MAJOR: tl.constexpr = False, b_rank_stride=1):
+                  B_RANK_MAJOR: tl.constexpr = False, b_rank_stride=1,
+                  B_GIVEN: tl.constexpr = False, b_given=None):
     """``acc += (Σ_split h[:, k:k+BLOCK_K] · scale) · B[k:k+BLOCK_K, :]``; ``MASK_K`` for the
     rank tail (a mask along the contiguous rank axis would stop vectorised loads elsewhere).
     In the tail, ``h`` is always masked above the rank (its padding is never written); ``B`` only
@@ -168,21 +169,18 @@ def _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_
     rank 128 against 4.4 µs at rank 16 with the same split of 32. Unrolled, the software
     pipeliner stages every plane's tile in shared memory, so the launcher unrolls only when
     ``split_k × BLOCK_M × BLOCK_K × 4 B × stages`` fits its budget (``SPLIT_K`` = 0: run-time
-    loop)."""
+    loop).
+
+    ``B_GIVEN``: ``b_given`` is the chunk's ``B`` tile, loaded earlier by ``_expand_b_tile`` (the
+    expand's ``PDL`` = 2); nothing else changes. The ``h`` loads stay ahead of the ``B`` load:
+    ``B`` first made the 32-adapter decode step ≈ 1 ms slower on an H200 (``bench/ops/NOTES.md``,
+    session 12)."""
     offs_k = k + tl.arange(0, BLOCK_K)
-    if MASK_K:
+    if MASK_K:  # noqa: SIM108 (a compile-time branch)
         h_mask = m_ok[:, None] & (offs_k < rank)[None, :]
-        if MASK_B_K:
-            if B_ALIGN > 1:  # noqa: SIM108 (a compile-time branch)
-                rank_b = (rank + B_ALIGN - 1) // B_ALIGN * B_ALIGN
-            else:
-                rank_b = rank
-            b_mask = (offs_k < rank_b)[:, None] & n_ok[None, :]
-        else:
-            b_mask = n_ok[None, :]
     else:
         h_mask = m_ok[:, None]
-        b_mask = n_ok[None, :]
+    b_mask = _expand_b_mask(offs_k, rank, n_ok, MASK_K, MASK_B_K, B_ALIGN)
     h_tile = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if SPLIT_K > 0:
         for split in tl.static_range(SPLIT_K):
@@ -192,66 +190,52 @@ def _expand_chunk(acc, h_rows, b_cols, k, rank, split_k, split_stride, scale, m_
         for split in range(0, split_k):
             h_tile += tl.load(h_rows + split * split_stride + offs_k[None, :], mask=h_mask,
                               other=0.0)
-    if B_RANK_MAJOR:  # rank ρ's columns lie ``b_rank_stride`` (= the output width) apart
-        b_tile = tl.load(b_cols + offs_k[:, None] * b_rank_stride, mask=b_mask, other=0.0)
+    if B_GIVEN:
+        b_tile = b_given
     else:
-        b_tile = tl.load(b_cols + offs_k[:, None], mask=b_mask, other=0.0)
+        b_tile = _expand_b_load(b_cols, offs_k, b_mask, B_RANK_MAJOR, b_rank_stride)
     h_tile = (h_tile * scale).to(b_tile.dtype)
     if UPCAST:
         h_tile = h_tile.to(tl.float32)
         b_tile = b_tile.to(tl.float32)
     return tl.dot(h_tile, b_tile, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _expand_b_mask(offs_k, rank, n_ok, MASK_K: tl.constexpr, MASK_B_K: tl.constexpr,
+                   B_ALIGN: tl.constexpr):
+    """The mask of a rank chunk's ``B`` tile (``_expand_chunk``'s docstring)."""
+    if MASK_K:
+        if MASK_B_K:
+            if B_ALIGN > 1:  # noqa: SIM108 (a compile-time branch)
+                rank_b = (rank + B_ALIGN - 1) // B_ALIGN * B_ALIGN
+            else:
+                rank_b = rank
+            b_mask = (offs_k < rank_b)[:, None] & n_ok[None, :]
+        else:
+            b_mask = n_ok[None, :]
+    else:
+        b_mask = n_ok[None, :]
+    return b_mask
+
+
+@triton.jit
+def _expand_b_load(b_cols, offs_k, b_mask, B_RANK_MAJOR: tl.constexpr, b_rank_stride):
+    """A ``B`` tile: ranks ``offs_k`` × the columns of ``b_cols``, in either storage layout."""
+    if B_RANK_MAJOR:  # rank ρ's columns lie ``b_rank_stride`` (= the output width) apart
+        return tl.load(b_cols + offs_k[:, None] * b_rank_stride, mask=b_mask, other=0.0)
+    return tl.load(b_cols + offs_k[:, None], mask=b_mask, other=0.0)
 
 
 @triton.jit
 def _expand_b_tile(b_cols, k, rank, n_ok, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr,
                    MASK_B_K: tl.constexpr, B_ALIGN: tl.constexpr,
                    B_RANK_MAJOR: tl.constexpr = False, b_rank_stride=1):
-    """The ``B`` tile of rank chunk ``[k, k + BLOCK_K)`` with ``_expand_chunk``'s masks (for a
-    load issued apart from its dot: ``PDL`` = 2)."""
+    """The ``B`` tile of rank chunk ``[k, k + BLOCK_K)`` with ``_expand_chunk``'s masks, loaded
+    apart from its dot (``PDL`` = 2: before the grid-dependency wait)."""
     offs_k = k + tl.arange(0, BLOCK_K)
-    if MASK_K:
-        if MASK_B_K:
-            if B_ALIGN > 1:  # noqa: SIM108 (a compile-time branch)
-                rank_b = (rank + B_ALIGN - 1) // B_ALIGN * B_ALIGN
-            else:
-                rank_b = rank
-            b_mask = (offs_k < rank_b)[:, None] & n_ok[None, :]
-        else:
-            b_mask = n_ok[None, :]
-    else:
-        b_mask = n_ok[None, :]
-    if B_RANK_MAJOR:
-        return tl.load(b_cols + offs_k[:, None] * b_rank_stride, mask=b_mask, other=0.0)
-    return tl.load(b_cols + offs_k[:, None], mask=b_mask, other=0.0)
-
-
-@triton.jit
-def _expand_dot(acc, h_rows, b_tile, k, rank, split_k, split_stride, scale, m_ok,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                MASK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc += (Σ_split h[:, k:k+BLOCK_K] · scale) · b_tile``: ``_expand_chunk`` with its ``B``
-    tile already loaded (``PDL`` = 2; kept apart so that ``_expand_chunk``, which every other
-    chunk and every ``PDL`` < 2 binary runs, compiles exactly as it did before it)."""
-    offs_k = k + tl.arange(0, BLOCK_K)
-    if MASK_K:  # noqa: SIM108 (a compile-time branch)
-        h_mask = m_ok[:, None] & (offs_k < rank)[None, :]
-    else:
-        h_mask = m_ok[:, None]
-    h_tile = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    if SPLIT_K > 0:
-        for split in tl.static_range(SPLIT_K):
-            h_tile += tl.load(h_rows + split * split_stride + offs_k[None, :], mask=h_mask,
-                              other=0.0)
-    else:
-        for split in range(0, split_k):
-            h_tile += tl.load(h_rows + split * split_stride + offs_k[None, :], mask=h_mask,
-                              other=0.0)
-    h_tile = (h_tile * scale).to(b_tile.dtype)
-    if UPCAST:
-        h_tile = h_tile.to(tl.float32)
-        b_tile = b_tile.to(tl.float32)
-    return tl.dot(h_tile, b_tile, acc, input_precision=PRECISION)
+    b_mask = _expand_b_mask(offs_k, rank, n_ok, MASK_K, MASK_B_K, B_ALIGN)
+    return _expand_b_load(b_cols, offs_k, b_mask, B_RANK_MAJOR, b_rank_stride)
 
 
 @triton.jit
@@ -350,8 +334,9 @@ def lora_expand_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     start = 0
     if PDL == 2:
-        acc = _expand_dot(acc, h_rows, b_first, 0, rank, split_k, split_stride, scale, m_ok,
-                          BLOCK_M, BLOCK_K, SPLIT_K, True, PRECISION, UPCAST)
+        acc = _expand_chunk(acc, h_rows, b_cols, 0, rank, split_k, split_stride, scale, m_ok,
+                            n_ok, BLOCK_M, BLOCK_K, SPLIT_K, True, MASK_B_K, B_ALIGN, PRECISION,
+                            UPCAST, B_RANK_MAJOR, out_features, True, b_first)
         start = BLOCK_K
     full = rank // BLOCK_K * BLOCK_K
     for k in range(start, full, BLOCK_K):  # whole rank chunks: no mask along the contiguous axis

@@ -10,14 +10,14 @@ specialisation):
 
 - shrink: the layer's part (dtype and the specialisation of its integer constants:
   ``LoRALayerShape.shrink_spec``), ``block_m/n/k``, ``num_warps``, ``num_stages``,
-  ``EVEN_K`` and the effective split ``split_k'`` (``triton_lora.shrink_split``; ``split_k``
+  ``EVEN_K`` and the effective split ``split_k'`` (``lora_launch_args.shrink_split``; ``split_k``
   itself is not specialised), and the specialisation of ``split_stride = T · J·R``. Triton specialises an
   integer argument on ``== 1`` and on divisibility by 16 (``int_spec``) and a tensor on its
   dtype and 16-byte alignment; every other integer argument is a layer constant, a multiple of
   ``block_k``, or excluded with ``do_not_specialize``; floats are not specialised;
 - expand: the layer's part (``LoRALayerShape.expand_spec``), its ``block_m/n/k``,
   ``num_warps``, ``num_stages``, the ``SPLIT_K`` constexpr
-  (``triton_lora.expand_split_constexpr``), and the same
+  (``lora_launch_args.expand_split_constexpr``), and the same
   ``split_stride`` specialisation.
 
 Layers whose constants specialise alike share binaries (e.g. o_proj 4096→4096 and down_proj
@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from valora.ops.lora import LoRASlotWeights
+from valora.ops.lora_launch_args import expand_split_constexpr, shrink_split, slice_groups
 from valora.ops.tile_config import ADAPTER_BUCKETS, TOKEN_BUCKETS, TileConfig, shape_bucket
 from valora.ops.tile_table import select_tile_config, tile_rank
 
@@ -99,10 +100,8 @@ class LoRALayerShape:
     def expand_spec(self) -> tuple[object, ...]:
         """What the layer adds to an expand binary: the dtype, the specialisation of
         ``num_slices``, ``max_rank``, ``flat_rank``, ``out_features``, the row stride of ``y``,
-        per launch group (``triton_lora.slice_groups``) its slices' column offsets, and
-        ``lora_b``'s layout when rank-major (``triton_lora.expand_b_layout``)."""
-        from valora.ops.triton_lora import slice_groups
-
+        per launch group (``lora_launch_args.slice_groups``) its slices' column offsets, and
+        ``lora_b``'s layout when rank-major (``lora_launch_args.expand_b_layout``)."""
         widths = self.slice_widths
         groups = tuple(tuple(map(int_spec, cols)) for _, _, _, cols in slice_groups(widths, 1))
         out = sum(widths)
@@ -178,7 +177,6 @@ def kernel_variants(shape: LoRALayerShape, config: TileConfig, num_tokens: int,
     ``launch_shrink`` / ``launch_expand`` of ``valora.ops.triton_lora`` pass as specialised
     arguments and constexprs); ``correction``: a batch with the mixed-mode correction, whose
     ``h`` rows (and so ``split_stride``) are twice as wide."""
-    from valora.ops.triton_lora import expand_split_constexpr, shrink_split
 
     shrink, expand = config.shrink, config.expand
     split_k, even_k = shrink_split(shape.in_features, shrink)
