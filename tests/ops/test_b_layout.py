@@ -36,10 +36,11 @@ RANKS = [1, 8, 13, 16, 17, 40]
 
 def test_layout_switch_and_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VALORA_LORA_B_LAYOUT", raising=False)
-    assert lora_b_layout() == "column"
-    assert not LoRASlotWeights.empty(2, 8, 16, (24, 8), torch.float32, "cpu").b_rank_major
-    monkeypatch.setenv("VALORA_LORA_B_LAYOUT", "rank")
+    assert lora_b_layout() == "rank"
     weights = LoRASlotWeights.empty(2, 8, 16, (24, 8), torch.float32, "cpu")
+    monkeypatch.setenv("VALORA_LORA_B_LAYOUT", "column")
+    column = LoRASlotWeights.empty(2, 8, 16, (24, 8), torch.float32, "cpu")
+    assert not column.b_rank_major and column.lora_b.is_contiguous()
     assert weights.b_rank_major and weights.lora_b.shape == (2, 32, 8)
     assert weights.lora_b.stride() == (8 * 32, 1, 32)
     assert not weights.lora_b.any()

@@ -80,9 +80,11 @@ def test_cpu_lookup_uses_the_heuristic() -> None:
     assert config == heuristic_config(64, 16, 4096, 4096, 32, 1, 132)
 
 
-def test_tuner_writes_and_resumes(tmp_path: Path) -> None:
+def test_tuner_writes_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tuner end to end on tiny buckets (wall-clock timing in the interpreter; CUDA graphs
-    on a GPU, where CPU tensors cannot reach compiled kernels), then resumed."""
+    on a GPU, where CPU tensors cannot reach compiled kernels), then resumed. Each entry records
+    the ``lora_b`` layout it was tuned with."""
+    monkeypatch.setenv("VALORA_LORA_B_LAYOUT", "column")
     out = tmp_path / "table.json"
     argv = ["--device", "cuda" if torch.cuda.is_available() else "cpu", "--layers", "24:16,8", "--tokens", "4,16", "--ranks", "8",
             "--adapters", "2", "--max-candidates", "2", "--repeats", "1", "--out", str(out),
@@ -94,6 +96,8 @@ def test_tuner_writes_and_resumes(tmp_path: Path) -> None:
         config = table.get(key)
         assert config is not None
         assert_valid_tile_config(config)
+    assert {json.loads(out.read_text())["entries"][key]["b_layout"] for key in table.entries} == {
+        "column"}
     stamp = out.stat().st_mtime_ns
     assert tuning.main(argv) == 0  # resume: every bucket present, nothing re-tuned or rewritten
     assert out.stat().st_mtime_ns == stamp

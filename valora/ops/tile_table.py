@@ -3,7 +3,13 @@
 File layout (written by ``valora.ops.tuning``)::
 
     {"device": "NVIDIA H200", "version": 1,
-     "entries": {"<ShapeBucket.key>": {"shrink": {...}, "expand": {...}, "time_us": {...}}}}
+     "entries": {"<ShapeBucket.key>": {"shrink": {...}, "expand": {...}, "time_us": {...},
+                                        "b_layout": "rank"}}}
+
+``b_layout`` records the ``lora_b`` storage layout the entry was tuned with
+(``valora.ops.lora.B_LAYOUTS``; entries without it were tuned on ``"column"``, the layout of
+before session 13). Any entry is correct for either layout; it only says for which the tiles were
+chosen.
 
 ``select_tile_config`` is the run-time entry: a dictionary lookup of the call's bucket in the
 table of the tensor's GPU. A bucket the tuner did not reach takes the entry of its nearest tuned
@@ -130,9 +136,14 @@ class TileTable:
         """The mix entry of exactly ``bucket`` (module docstring), None when not tuned."""
         return self.get(MIX_PREFIX + bucket.key)
 
-    def put(self, key: str, config: TileConfig, time_us: dict[str, float]) -> None:
+    def put(self, key: str, config: TileConfig, time_us: dict[str, float],
+            b_layout: str | None = None) -> None:
+        """Store ``key``'s winner and its times; ``b_layout``: the ``lora_b`` layout it was
+        tuned with (module docstring)."""
         record: dict[str, object] = dict(config.to_json())
         record["time_us"] = {name: round(value, 3) for name, value in time_us.items()}
+        if b_layout is not None:
+            record["b_layout"] = b_layout
         self.entries[key] = record
         self._resolved.clear()
 

@@ -5,8 +5,9 @@ problem at the bucket's shape (uniform rank, uniform popularity), times every sh
 under CUDA graphs with rotating inputs, then every expand candidate on the best shrink's output;
 the best expand is then timed after the next-best shrinks too (fewer split-K planes make the
 expand cheaper), and the pair with the smallest sum wins. Winners are stored under the bucket key in
-``valora/ops/tables/<GPU>.json`` (or ``--out``).
-The table is written after each bucket; a rerun skips buckets already present (resume) unless
+``valora/ops/tables/<GPU>.json`` (or ``--out``), each with the ``lora_b`` layout its problems were
+stored in (``VALORA_LORA_B_LAYOUT``, ``valora.ops.lora.lora_b_layout``: tune with the layout the
+engine will run). The table is written after each bucket; a rerun skips buckets already present (resume) unless
 ``--no-resume``. ``--time-budget`` stops cleanly between buckets. A progress bar shows the way.
 
 ``--mix`` tunes the *mix* entries instead (``valora.ops.tile_table``, "Mix entries": the tiles of
@@ -31,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from valora.logger import get_logger
-from valora.ops.lora import LoRASlotWeights, prepare_lora_batch
+from valora.ops.lora import LoRASlotWeights, lora_b_layout, prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights, make_token_slots
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.tile_candidates import expand_candidates, shrink_candidates
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         config, times = tune_bucket(shape, DTYPES[args.dtype], device, num_sms,
                                     args.max_candidates, args.repeats, args.pair_shrinks,
                                     MIX_KINDS if args.mix else ("uniform",))
-        table.put(key, config, times)
+        table.put(key, config, times, lora_b_layout())
         table.save(out)
         done += 1
     logger.info("tuned %d buckets; table has %d entries", done, len(table.entries))
