@@ -40,6 +40,7 @@ from fused_layers import (
     LABEL_KV_WRITE,
     LABEL_MODES,
     LABEL_PDL,
+    LABEL_SKINNY,
     check_against_stock,
     kernels_per_step,
     set_overlap,
@@ -52,6 +53,7 @@ from valora.engine.piecewise_graphs import capture_piecewise_graphs
 from valora.layers.fused_select import fused_layers, set_fused_kv_write
 from valora.models.loader import load_model
 from valora.ops.pdl import set_pdl
+from valora.ops.skinny_gemm import set_skinny_gemm
 
 CONFIG_DIR = Path(__file__).resolve().parent / "llava-1.5-7b"
 NUM_SLOTS, MAX_RANK, CONTEXT = 32, 64, 600
@@ -119,6 +121,7 @@ def bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[in
     set_overlap(model, label)
     set_fused_kv_write(LABEL_KV_WRITE.get(label, True))
     set_pdl(LABEL_PDL.get(label))
+    set_skinny_gemm(LABEL_SKINNY.get(label))
     try:
         with fused_layers(LABEL_MODES[label]):
             _bench_decode(model, pool, ranks, batches, ceil, rec, label, repeats)
@@ -126,6 +129,7 @@ def bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[in
         model.set_lora_overlap(0)
         set_fused_kv_write(None)
         set_pdl(None)
+        set_skinny_gemm(None)
 
 
 def _bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
@@ -275,7 +279,8 @@ def parse() -> argparse.Namespace:
                              "fused_kv (= fused since the one-launch K/V write became the "
                              "default), no_pdl / pdl_expand / pdl_both (fused, the LoRA op's "
                              "programmatic dependent launch off / on the expand / on both "
-                             "launches: VALORA_PDL)")
+                             "launches: VALORA_PDL), cublas_base (fused, the base projections "
+                             "on cuBLAS at every size: VALORA_SKINNY_GEMM=0)")
     parser.add_argument("--skip-fused", action="store_true", help="same as --layers stock")
     parser.add_argument("--tiny", type=Path, help="a tiny checkpoint: exercise the script only")
     parser.add_argument("--config", type=Path, default=CONFIG_DIR,

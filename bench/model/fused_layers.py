@@ -24,7 +24,7 @@ from valora.layers.rotary import apply_rotary_torch
 LABEL_MODES: dict[str, FusedMode] = {"stock": "off", "fused": "on", "serial": "on",
                                      "overlap": "on", "fused_kv": "on", "split_kv": "on",
                                      "overlap_o_down": "on", "no_pdl": "on", "pdl_expand": "on",
-                                     "pdl_both": "on"}
+                                     "pdl_both": "on", "cublas_base": "on"}
 LABEL_KV_WRITE: dict[str, bool] = {"stock": False, "split_kv": False}
 """Labels whose K/V cache write is two ``index_copy_`` (``VALORA_FUSED_KV_WRITE=0``); every other
 label writes K/V in one launch, the engine's default on CUDA since session 10 (``fused_kv`` is
@@ -34,13 +34,17 @@ LABEL_OVERLAP: dict[str, int] = {"stock": DEFAULT_OVERLAP, "fused": DEFAULT_OVER
                                  "serial": 0, "overlap": 256, "fused_kv": DEFAULT_OVERLAP,
                                  "split_kv": DEFAULT_OVERLAP, "overlap_o_down": DEFAULT_OVERLAP,
                                  "no_pdl": DEFAULT_OVERLAP, "pdl_expand": DEFAULT_OVERLAP,
-                                 "pdl_both": DEFAULT_OVERLAP}
+                                 "pdl_both": DEFAULT_OVERLAP, "cublas_base": DEFAULT_OVERLAP}
 """Per label, the largest step (tokens) whose LoRA deltas run beside the base GEMM
 (``Model.set_lora_overlap``): ``stock`` / ``fused`` as the engine runs by default, ``serial``
 never, ``overlap`` at every decode size benched."""
 LABEL_PDL: dict[str, str] = {"no_pdl": "off", "pdl_expand": "expand", "pdl_both": "both"}
 """Labels with a programmatic-dependent-launch mode of the LoRA op (``valora.ops.pdl.set_pdl``,
 ``VALORA_PDL``); every other label runs the engine's default."""
+LABEL_SKINNY: dict[str, bool] = {"cublas_base": False}
+"""Labels whose base projections run on cuBLAS at every size (``VALORA_SKINNY_GEMM=0``); every
+other label takes the engine's default, the Triton skinny GEMM up to 32 rows
+(``valora.ops.skinny_gemm``, session 13)."""
 LABEL_OVERLAP_ALWAYS: dict[str, tuple[str, ...]] = {"overlap_o_down": ("o_proj", "down_proj")}
 """Labels whose linears of these PEFT names overlap at every size on top of ``LABEL_OVERLAP``:
 ``overlap_o_down`` tries overlapping the latency-bound o / down LoRA ops (small ``B``) at every

@@ -37,8 +37,8 @@ from valora.ops.lora_segments import LoRASegments
 from valora.ops.tile_config import ExpandConfig
 from valora.ops.timing import time_calls
 from valora.ops.triton_lora import (
-    _dot_flags,
     choose_tile_config,
+    dot_flags,
     launch_expand,
     launch_shrink,
 )
@@ -204,7 +204,7 @@ def launch_multi(h: torch.Tensor, y: torch.Tensor, b: torch.Tensor, weights: Any
             split_k, num_tokens * width, *starts, *cols, first, len(widths), weights.max_rank,
             flat_rank, sum(widths), y.stride(0), 1.0,
             TILES=tiles, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            **_dot_flags(y.dtype), RANK_MAJOR=rank_major, num_warps=cfg.num_warps,
+            **dot_flags(y.dtype), RANK_MAJOR=rank_major, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
 
 
@@ -221,7 +221,7 @@ def launch_rank_major(h: torch.Tensor, y: torch.Tensor, b_rank_major: torch.Tens
             num_tokens * width, *starts, *cols, first, len(widths), weights.max_rank, flat_rank,
             sum(widths), y.stride(0), 1.0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            SPLIT_K=expand_split_constexpr(split_k, cfg), **_dot_flags(y.dtype),
+            SPLIT_K=expand_split_constexpr(split_k, cfg), **dot_flags(y.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

@@ -39,9 +39,9 @@ from valora.ops.lora_segments import LoRASegments
 from valora.ops.tile_config import TileConfig
 from valora.ops.timing import time_calls
 from valora.ops.triton_lora import (
-    _dot_flags,
     active_slice_ranks,
     choose_tile_config,
+    dot_flags,
     launch_expand,
     launch_shrink,
 )
@@ -190,7 +190,7 @@ def launch_one(x: torch.Tensor, y: torch.Tensor, weights: Any, segments: LoRASeg
         num_shrink, num_col_blocks, *starts, *cols, len(weights.slice_widths), in_features,
         weights.max_rank, flat_rank, sum(weights.slice_widths), x.stride(0), y.stride(0),
         BLOCK_M=s.block_m, S_BLOCK_N=s.block_n, S_BLOCK_K=s.block_k, E_BLOCK_N=e.block_n,
-        E_BLOCK_K=e.block_k, EVEN_K=even_k, **_dot_flags(x.dtype),
+        E_BLOCK_K=e.block_k, EVEN_K=even_k, **dot_flags(x.dtype),
         num_warps=max(s.num_warps, e.num_warps), num_stages=min(s.num_stages, e.num_stages))
 
 

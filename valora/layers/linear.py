@@ -19,16 +19,20 @@ On CUDA, a call of at most ``lora_overlap_tokens`` tokens computes the LoRA term
 separate buffer on a side stream while the base GEMM runs, then adds it (``lora_overlap``; the
 same value up to one rounding of the delta to the activation dtype). ``0`` (the default) runs
 them in series after the GEMM.
+
+The base GEMM is ``valora.ops.skinny_gemm.base_linear``: ``F.linear``, except for CUDA calls of at
+most 32 rows in fp16 / bf16 (decode steps), which take a Triton skinny GEMM (measured faster than
+cuBLAS there; ``VALORA_SKINNY_GEMM=0`` turns it off).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from valora.layers.lora_overlap import lora_side_stream
 from valora.ops.lora import LoRABatch, LoRASlotWeights, lora_apply
+from valora.ops.skinny_gemm import base_linear
 
 
 class FusedLinear(nn.Module):
@@ -81,10 +85,10 @@ class FusedLinear(nn.Module):
     ) -> torch.Tensor:
         weights = self.lora_weights
         if weights is None or (lora is None and lora_correction is None):
-            return F.linear(x, self.weight, self.bias)
+            return base_linear(x, self.weight, self.bias)
         if x.is_cuda and 0 < x.shape[0] <= self.lora_overlap_tokens:
             return self._forward_overlapped(x, weights, lora, lora_correction)
-        y = F.linear(x, self.weight, self.bias)
+        y = base_linear(x, self.weight, self.bias)
         _add_lora(y, x, weights, lora, lora_correction)
         return y
 
@@ -99,7 +103,7 @@ class FusedLinear(nn.Module):
         with torch.cuda.stream(side):
             delta.zero_()
             _add_lora(delta, x, weights, lora, lora_correction)
-        y = F.linear(x, self.weight, self.bias)
+        y = base_linear(x, self.weight, self.bias)
         main.wait_stream(side)
         return y.add_(delta)
 

@@ -261,7 +261,7 @@ def _live(weights: LoRASlotWeights, segments: LoRASegments,
     return flat + (flat if merged is None else live_flat_rank(merged, weights.max_rank))
 
 
-def _dot_flags(dtype: torch.dtype) -> dict[str, object]:
+def dot_flags(dtype: torch.dtype) -> dict[str, object]:
     """fp32 multiplies exactly (no tf32); the interpreter multiplies bf16 blocks in fp32."""
     upcast = dtype == torch.bfloat16 and kernels_interpreted()
     return {"PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "UPCAST": upcast}
@@ -299,7 +299,7 @@ def launch_shrink(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegme
         segments.tile_capacity, num_rank_blocks, split_k, k_split, num_tokens * width,
         len(weights.slice_widths), in_features, max_rank, flat_rank, x.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
-        **_dot_flags(x.dtype), CORRECTION=correction is not None,
+        **dot_flags(x.dtype), CORRECTION=correction is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_flags(pdl, pdl_launch))
     return h
 
@@ -328,6 +328,6 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
             float(scale_multiplier),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             SPLIT_K=expand_split_constexpr(split_k, cfg),
-            **_dot_flags(y.dtype), CORRECTION=correction is not None,
+            **dot_flags(y.dtype), CORRECTION=correction is not None,
             **expand_b_layout(weights, cfg.block_k), EARLY_Y=cfg.early_y,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_flags(pdl))

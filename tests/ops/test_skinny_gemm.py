@@ -1,0 +1,143 @@
+"""The skinny GEMM of decode-size projections (``valora.ops.skinny_gemm``) against ``F.linear``.
+
+In the CPU interpreter on small shapes (rows 1 … 32, widths off the tile grid, bias or none,
+every tile kind the heuristic picks, fp32 and bf16), plus the dispatch rules; on a GPU the same
+grid runs compiled, and ``test_skinny_gemm_7b_shapes_and_graph`` checks the 7B widths under a
+CUDA graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from valora.errors import ValoraError
+from valora.layers.linear import FusedLinear
+from valora.ops import skinny_gemm
+from valora.ops.skinny_gemm import (
+    SKINNY_MAX_TOKENS,
+    SMEM_BUDGET,
+    SkinnyTile,
+    base_linear,
+    set_skinny_gemm,
+    skinny_gemm_enabled,
+    skinny_linear,
+    skinny_tile,
+    use_skinny_gemm,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SMALL_TILES = (SkinnyTile(16, 16, 32, 4, 2), SkinnyTile(32, 32, 16, 4, 3),
+               SkinnyTile(16, 64, 64, 4, 1))
+
+
+@pytest.fixture(autouse=True)
+def _default_switch() -> Iterator[None]:
+    set_skinny_gemm(None)
+    yield
+    set_skinny_gemm(None)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    error = (got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)
+    assert error <= tolerance, f"relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 32])
+@pytest.mark.parametrize("tile", SMALL_TILES, ids=lambda t: f"n{t.block_n}k{t.block_k}")
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_f_linear(rows: int, tile: SkinnyTile, bias: bool) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    in_features, out_features = 72, 100  # neither on the tile grid
+    x = torch.randn(rows, in_features, generator=generator).to(DEVICE)
+    w = torch.randn(out_features, in_features, generator=generator).to(DEVICE)
+    b = torch.randn(out_features, generator=generator).to(DEVICE) if bias else None
+    block_m = max(16, 1 << (rows - 1).bit_length())
+    cfg = SkinnyTile(max(tile.block_m, block_m), tile.block_n, tile.block_k, tile.num_warps,
+                     tile.num_stages)
+    _close(skinny_linear(x, w, b, cfg), F.linear(x, w, b), torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(4, 96, 160), (8, 160, 64), (5, 64, 520)],
+                         ids=["narrow", "wide-k", "odd"])
+def test_heuristic_tile_bf16_and_row_views(shape: tuple[int, int, int]) -> None:
+    """The heuristic's own tile, bf16, and ``x`` as a row slice of a wider buffer."""
+    rows, in_features, out_features = shape
+    generator = torch.Generator().manual_seed(7)
+    wide = torch.randn(rows, in_features + 8, generator=generator).to(DEVICE, torch.bfloat16)
+    x = wide[:, 4:4 + in_features]
+    w = torch.randn(out_features, in_features, generator=generator).to(DEVICE, torch.bfloat16)
+    _close(skinny_linear(x, w), F.linear(x.float(), w.float()), torch.bfloat16)
+
+
+def test_empty_batch_and_bad_input() -> None:
+    w = torch.randn(8, 16, device=DEVICE)
+    assert skinny_linear(torch.empty(0, 16, device=DEVICE), w).shape == (0, 8)
+    with pytest.raises(ValoraError, match="shapes"):
+        skinny_linear(torch.randn(2, 12, device=DEVICE), w)
+    with pytest.raises(ValoraError, match="column stride"):
+        skinny_linear(torch.randn(16, 2, device=DEVICE).t(), w)
+    with pytest.raises(ValoraError, match="bias"):
+        skinny_linear(torch.randn(2, 16, device=DEVICE), w, torch.randn(9, device=DEVICE))
+
+
+def test_tiles_fit_the_budget_and_follow_the_measurement() -> None:
+    for rows in (1, 8, 32, 64, 128):
+        for out_f, in_f in ((4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008)):
+            tile = skinny_tile(rows, out_f, in_f)
+            assert tile.block_m >= rows and tile.block_m >= 16
+            assert tile.num_stages >= 2
+            assert tile.smem_bytes(2) <= SMEM_BUDGET or tile.num_stages == 2
+    assert skinny_tile(32, 4096, 11008) == SkinnyTile(32, 32, 256, 4, 6)  # down at batch 32
+    assert skinny_tile(32, 22016, 4096) == SkinnyTile(32, 64, 128, 4, 3)  # gate_up
+
+
+def test_dispatch_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = torch.randn(8, 16, dtype=torch.bfloat16)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    assert not use_skinny_gemm(x, w)  # CPU tensors: F.linear
+    assert torch.equal(base_linear(x, w), F.linear(x, w))
+    monkeypatch.delenv("VALORA_SKINNY_GEMM", raising=False)
+    assert skinny_gemm_enabled()
+    set_skinny_gemm(None)
+    monkeypatch.setenv("VALORA_SKINNY_GEMM", "0")
+    assert not skinny_gemm_enabled()
+    set_skinny_gemm(None)
+    monkeypatch.setenv("VALORA_SKINNY_GEMM", "yes")
+    with pytest.raises(ValoraError, match="VALORA_SKINNY_GEMM='yes'"):
+        skinny_gemm_enabled()
+    set_skinny_gemm(True)
+    assert skinny_gemm_enabled()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_skinny_gemm_7b_shapes_and_graph() -> None:
+    """Decode sizes at LLaVA-1.5-7B widths through ``FusedLinear`` (the model's path), eager and
+    replayed from a CUDA graph, against ``F.linear``; 33 rows and fp32 stay on ``F.linear``."""
+    torch.manual_seed(0)
+    for in_f, widths in ((4096, (4096,)), (4096, (4096,) * 3), (4096, (11008,) * 2),
+                         (11008, (4096,))):
+        layer = FusedLinear(in_f, widths, False, tuple(f"p{i}" for i in range(len(widths))))
+        layer = layer.to("cuda", torch.bfloat16)
+        layer.weight.normal_(0, in_f ** -0.5)
+        for rows in (1, 8, 32):
+            x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16)
+            assert use_skinny_gemm(x, layer.weight)
+            want = F.linear(x.float(), layer.weight.float())
+            _close(layer(x), want, torch.bfloat16)
+            graph = torch.cuda.CUDAGraph()
+            out = layer(x)
+            with torch.cuda.graph(graph):
+                out = layer(x)
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            _close(out, F.linear(x.float(), layer.weight.float()), torch.bfloat16)
+        big = torch.randn(SKINNY_MAX_TOKENS + 1, in_f, device="cuda", dtype=torch.bfloat16)
+        assert not use_skinny_gemm(big, layer.weight)
+        assert not use_skinny_gemm(big[:4].float(), layer.weight.float())
+    assert skinny_gemm.skinny_gemm_enabled()

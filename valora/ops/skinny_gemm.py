@@ -1,0 +1,135 @@
+"""The base projections of a decode step as a Triton *skinny GEMM* instead of cuBLAS.
+
+At decode sizes a projection is ``y = x Wᵀ (+ b)`` with few rows in ``x`` (the batch) and a
+large ``W``: it is a stream of ``W``'s bytes. cuBLAS runs the 7B projections at batch 8–32 at
+1.1–1.8× their bytes on an H200 (o 13.7 µs for 7.8 µs of bytes); this kernel, one program a
+block of output columns holding every row of the batch, with the whole reduction in the program
+and a software-pipelined ``K`` loop, took them 7–10 % closer per decode step
+(``bench/results/ops/decode-gemm-h200-91164a8/``: 3.78 → 3.51 ms of projections at batch 32,
+3.76 → 3.37 at batch 8) and lost from 64 rows up (qkv / gate_up), so it serves calls of at most
+``SKINNY_MAX_TOKENS`` rows.
+
+Semantics: ``skinny_linear(x, w, b) == F.linear(x, w, b)`` with fp32 accumulation, the result
+in ``x``'s dtype (rounded once). Tiles (``skinny_tile``) are the measured winners per layer kind
+on the H200 — output widths ≥ 16384 take 64 columns a program, reductions ≥ 8192 (down) 256-wide
+``K`` chunks over 6 stages — with stages cut to fit ``SMEM_BUDGET`` for wider batches.
+
+``use_skinny_gemm`` decides per call: CUDA, fp16 / bf16, 2-D ``x`` with unit column stride, a
+contiguous ``W``, 1 ≤ rows ≤ ``SKINNY_MAX_TOKENS``, and the switch on (``set_skinny_gemm``, else
+``VALORA_SKINNY_GEMM``: ``1`` / ``0``; on by default). Every other call is ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from valora.errors import ValoraError
+
+SKINNY_MAX_TOKENS = 32
+"""Most rows a skinny GEMM serves (module docstring: it lost to cuBLAS at 64)."""
+SMEM_BUDGET = 200 * 1024
+"""Shared memory a tile's pipeline may take (the H100 / H200 allow 227 KiB a block)."""
+ENV_VAR = "VALORA_SKINNY_GEMM"
+
+_SWITCH: list[bool | None] = [None]
+
+
+@dataclass(frozen=True)
+class SkinnyTile:
+    """One launch's tile: ``block_n`` output columns a program, ``block_k`` of the reduction a
+    pipeline stage, ``num_stages`` stages, ``num_warps`` warps; ``block_m`` covers the rows."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def smem_bytes(self, element_size: int) -> int:
+        """The pipeline's shared memory: every stage holds an ``x`` and a ``W`` tile."""
+        return self.num_stages * (self.block_m + self.block_n) * self.block_k * element_size
+
+
+def set_skinny_gemm(on: bool | None) -> None:
+    """Use the skinny GEMM from now on (``None``: the default, ``VALORA_SKINNY_GEMM`` or on;
+    benchmarks compare both in one process)."""
+    _SWITCH[0] = on
+
+
+def skinny_gemm_enabled() -> bool:
+    """The switch (``set_skinny_gemm``'s, else ``VALORA_SKINNY_GEMM``'s, else on); a value other
+    than ``0`` / ``1`` is an error."""
+    on = _SWITCH[0]
+    if on is None:
+        env = os.environ.get(ENV_VAR, "1")
+        if env not in ("0", "1"):
+            raise ValoraError(f"{ENV_VAR}={env!r}: choose 0 or 1")
+        on = _SWITCH[0] = env == "1"
+    return on
+
+
+def _pow2_at_least(value: int, floor: int) -> int:
+    out = floor
+    while out < value:
+        out *= 2
+    return out
+
+
+def skinny_tile(num_tokens: int, out_features: int, in_features: int,
+                element_size: int = 2) -> SkinnyTile:
+    """The tile of a ``[num_tokens, in] × [out, in]ᵀ`` call (module docstring)."""
+    block_m = _pow2_at_least(num_tokens, 16)
+    if out_features >= 16384:
+        tile = SkinnyTile(block_m, 64, 128, 4, 3)
+    elif in_features >= 8192:
+        tile = SkinnyTile(block_m, 32, 256, 4, 6)
+    elif out_features >= 8192:
+        tile = SkinnyTile(block_m, 32, 128, 4, 4)
+    else:
+        tile = SkinnyTile(block_m, 32, 256, 4, 4)
+    stages = tile.num_stages
+    while stages > 2 and tile.smem_bytes(element_size) > SMEM_BUDGET:
+        stages -= 1
+        tile = SkinnyTile(tile.block_m, tile.block_n, tile.block_k, tile.num_warps, stages)
+    return tile
+
+
+def use_skinny_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``base_linear`` takes the skinny GEMM for this call (module docstring)."""
+    return (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_TOKENS
+            and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
+            and x.stride(1) == 1 and weight.is_contiguous() and skinny_gemm_enabled())
+
+
+def base_linear(x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through the skinny GEMM where it serves."""
+    if use_skinny_gemm(x, weight):
+        return skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  tile: SkinnyTile | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` by the skinny GEMM (module docstring), any rows / device the
+    Triton build runs on (the CPU interpreter included); ``tile`` overrides ``skinny_tile``."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValoraError(f"skinny GEMM: shapes {tuple(x.shape)} × {tuple(weight.shape)}ᵀ")
+    if x.stride(1) != 1 or not weight.is_contiguous():
+        raise ValoraError("skinny GEMM: x needs unit column stride and weight contiguity")
+    if bias is not None and (bias.shape != (weight.shape[0],) or not bias.is_contiguous()):
+        raise ValoraError(f"skinny GEMM: bias of shape {tuple(bias.shape)}")
+    from valora.ops.skinny_gemm_kernel import launch_skinny_gemm
+
+    num_tokens, in_features = x.shape
+    out_features = weight.shape[0]
+    y = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)
+    if num_tokens == 0:
+        return y
+    cfg = tile or skinny_tile(num_tokens, out_features, in_features, x.element_size())
+    launch_skinny_gemm(x, weight, bias, y, cfg)
+    return y
