@@ -24,6 +24,7 @@ from valora.ops.skinny_gemm import (
     base_linear,
     set_skinny_gemm,
     skinny_gemm_enabled,
+    skinny_gemm_switch,
     skinny_linear,
     skinny_tile,
     use_skinny_gemm,
@@ -86,14 +87,19 @@ def test_empty_batch_and_bad_input() -> None:
 
 
 def test_tiles_fit_the_budget_and_follow_the_measurement() -> None:
-    for rows in (1, 8, 32, 64, 128):
-        for out_f, in_f in ((4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008)):
-            tile = skinny_tile(rows, out_f, in_f)
-            assert tile.block_m >= rows and tile.block_m >= 16
-            assert tile.num_stages >= 2
-            assert tile.smem_bytes(2) <= SMEM_BUDGET or tile.num_stages == 2
+    for budget in (SMEM_BUDGET, 99 * 1024, 40 * 1024):
+        for rows in (1, 8, 32, 64, 128):
+            for out_f, in_f in ((4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008)):
+                tile = skinny_tile(rows, out_f, in_f, 2, budget)
+                if tile is None:  # two stages do not fit: F.linear serves
+                    assert skinny_tile(rows, out_f, in_f, 2, 10 ** 9) is not None
+                    continue
+                assert tile.block_m >= rows and tile.block_m >= 16
+                assert tile.num_stages >= 2 and tile.smem_bytes(2) <= budget
     assert skinny_tile(32, 4096, 11008) == SkinnyTile(32, 32, 256, 4, 6)  # down at batch 32
     assert skinny_tile(32, 22016, 4096) == SkinnyTile(32, 64, 128, 4, 3)  # gate_up
+    assert skinny_tile(32, 4096, 11008, 2, 99 * 1024) == SkinnyTile(32, 32, 256, 4, 3)
+    assert skinny_tile(128, 4096, 11008, 2, 40 * 1024) is None
 
 
 def test_dispatch_rules(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,17 +107,24 @@ def test_dispatch_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(4, 16, dtype=torch.bfloat16)
     assert not use_skinny_gemm(x, w)  # CPU tensors: F.linear
     assert torch.equal(base_linear(x, w), F.linear(x, w))
+    cpu = torch.device("cpu")
     monkeypatch.delenv("VALORA_SKINNY_GEMM", raising=False)
-    assert skinny_gemm_enabled()
+    assert skinny_gemm_switch() == "auto" and not skinny_gemm_enabled(cpu)
     set_skinny_gemm(None)
     monkeypatch.setenv("VALORA_SKINNY_GEMM", "0")
-    assert not skinny_gemm_enabled()
+    assert skinny_gemm_switch() == "0" and not skinny_gemm_enabled(cpu)
+    set_skinny_gemm(None)
+    monkeypatch.setenv("VALORA_SKINNY_GEMM", "1")
+    assert skinny_gemm_enabled(cpu)  # forced on (calls on the CPU still take F.linear)
+    assert not use_skinny_gemm(x, w)
     set_skinny_gemm(None)
     monkeypatch.setenv("VALORA_SKINNY_GEMM", "yes")
     with pytest.raises(ValoraError, match="VALORA_SKINNY_GEMM='yes'"):
-        skinny_gemm_enabled()
+        skinny_gemm_switch()
+    set_skinny_gemm(False)
+    assert not skinny_gemm_enabled(cpu)
     set_skinny_gemm(True)
-    assert skinny_gemm_enabled()
+    assert skinny_gemm_enabled(cpu)
 
 
 @pytest.mark.gpu
@@ -127,7 +140,7 @@ def test_skinny_gemm_7b_shapes_and_graph() -> None:
         layer.weight.normal_(0, in_f ** -0.5)
         for rows in (1, 8, 32):
             x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16)
-            assert use_skinny_gemm(x, layer.weight)
+            assert use_skinny_gemm(x, layer.weight) == skinny_gemm_enabled(x.device)
             want = F.linear(x.float(), layer.weight.float())
             _close(layer(x), want, torch.bfloat16)
             graph = torch.cuda.CUDAGraph()
@@ -140,4 +153,5 @@ def test_skinny_gemm_7b_shapes_and_graph() -> None:
         big = torch.randn(SKINNY_MAX_TOKENS + 1, in_f, device="cuda", dtype=torch.bfloat16)
         assert not use_skinny_gemm(big, layer.weight)
         assert not use_skinny_gemm(big[:4].float(), layer.weight.float())
-    assert skinny_gemm.skinny_gemm_enabled()
+    assert skinny_gemm.skinny_gemm_enabled(torch.device("cuda")) == (
+        torch.cuda.get_device_capability()[0] >= 9)

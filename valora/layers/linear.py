@@ -21,8 +21,8 @@ same value up to one rounding of the delta to the activation dtype). ``0`` (the 
 them in series after the GEMM.
 
 The base GEMM is ``valora.ops.skinny_gemm.base_linear``: ``F.linear``, except for CUDA calls of at
-most 32 rows in fp16 / bf16 (decode steps), which take a Triton skinny GEMM (measured faster than
-cuBLAS there; ``VALORA_SKINNY_GEMM=0`` turns it off).
+most 32 rows in fp16 / bf16 (decode steps) on Hopper, which take a Triton skinny GEMM (measured
+faster than cuBLAS there; ``VALORA_SKINNY_GEMM`` switches it).
 """
 
 from __future__ import annotations

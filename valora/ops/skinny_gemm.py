@@ -15,12 +15,16 @@ on the H200 — output widths ≥ 16384 take 64 columns a program, reductions �
 ``K`` chunks over 6 stages — with stages cut to fit ``SMEM_BUDGET`` for wider batches.
 
 ``use_skinny_gemm`` decides per call: CUDA, fp16 / bf16, 2-D ``x`` with unit column stride, a
-contiguous ``W``, 1 ≤ rows ≤ ``SKINNY_MAX_TOKENS``, and the switch on (``set_skinny_gemm``, else
-``VALORA_SKINNY_GEMM``: ``1`` / ``0``; on by default). Every other call is ``F.linear``.
+contiguous ``W``, 1 ≤ rows ≤ ``SKINNY_MAX_TOKENS``, and the switch on for the device
+(``set_skinny_gemm``, else ``VALORA_SKINNY_GEMM``: ``1`` on, ``0`` off, unset / ``auto`` on for
+compute capability 9.0 and newer — Hopper, where it was measured; older GPUs keep cuBLAS unless
+asked). Every other call is ``F.linear``. A tile's pipeline is cut to the device's shared memory
+(``SMEM_BUDGET`` at most); a call no two-stage tile fits takes ``F.linear``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -35,7 +39,9 @@ SMEM_BUDGET = 200 * 1024
 """Shared memory a tile's pipeline may take (the H100 / H200 allow 227 KiB a block)."""
 ENV_VAR = "VALORA_SKINNY_GEMM"
 
-_SWITCH: list[bool | None] = [None]
+SWITCH_VALUES = ("auto", "0", "1")
+
+_SWITCH: list[str | None] = [None]
 
 
 @dataclass(frozen=True)
@@ -55,21 +61,45 @@ class SkinnyTile:
 
 
 def set_skinny_gemm(on: bool | None) -> None:
-    """Use the skinny GEMM from now on (``None``: the default, ``VALORA_SKINNY_GEMM`` or on;
-    benchmarks compare both in one process)."""
-    _SWITCH[0] = on
+    """Use the skinny GEMM (True), never (False), or as by default (None: ``VALORA_SKINNY_GEMM``,
+    else per device; benchmarks compare both in one process)."""
+    _SWITCH[0] = None if on is None else ("1" if on else "0")
 
 
-def skinny_gemm_enabled() -> bool:
-    """The switch (``set_skinny_gemm``'s, else ``VALORA_SKINNY_GEMM``'s, else on); a value other
-    than ``0`` / ``1`` is an error."""
-    on = _SWITCH[0]
-    if on is None:
-        env = os.environ.get(ENV_VAR, "1")
-        if env not in ("0", "1"):
-            raise ValoraError(f"{ENV_VAR}={env!r}: choose 0 or 1")
-        on = _SWITCH[0] = env == "1"
-    return on
+def skinny_gemm_switch() -> str:
+    """``set_skinny_gemm``'s value, else ``VALORA_SKINNY_GEMM``'s (``SWITCH_VALUES``), else
+    ``"auto"``; another value is an error naming the choices."""
+    value = _SWITCH[0]
+    if value is None:
+        env = os.environ.get(ENV_VAR, "auto")
+        if env not in SWITCH_VALUES:
+            raise ValoraError(f"{ENV_VAR}={env!r}: choose one of {SWITCH_VALUES}")
+        value = _SWITCH[0] = env
+    return value
+
+
+def skinny_gemm_enabled(device: torch.device) -> bool:
+    """Whether calls on ``device`` may take the skinny GEMM (module docstring)."""
+    value = skinny_gemm_switch()
+    if value != "auto":
+        return value == "1"
+    return device.type == "cuda" and _capability(device)[0] >= 9
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.lru_cache(maxsize=16)
+def smem_limit(device: torch.device) -> int:
+    """Shared memory a tile may take on ``device``: ``SMEM_BUDGET``, less on a GPU with less
+    (the opt-in per-block limit, minus 8 KiB for the compiler's own), unbounded on the CPU."""
+    if device.type != "cuda":
+        return SMEM_BUDGET
+    props = torch.cuda.get_device_properties(device)
+    limit = int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
+    return min(SMEM_BUDGET, limit - 8 * 1024) if limit > 0 else SMEM_BUDGET
 
 
 def _pow2_at_least(value: int, floor: int) -> int:
@@ -80,8 +110,9 @@ def _pow2_at_least(value: int, floor: int) -> int:
 
 
 def skinny_tile(num_tokens: int, out_features: int, in_features: int,
-                element_size: int = 2) -> SkinnyTile:
-    """The tile of a ``[num_tokens, in] × [out, in]ᵀ`` call (module docstring)."""
+                element_size: int = 2, budget: int = SMEM_BUDGET) -> SkinnyTile | None:
+    """The tile of a ``[num_tokens, in] × [out, in]ᵀ`` call (module docstring), its stages cut
+    to ``budget`` bytes of shared memory; None when two stages do not fit."""
     block_m = _pow2_at_least(num_tokens, 16)
     if out_features >= 16384:
         tile = SkinnyTile(block_m, 64, 128, 4, 3)
@@ -92,17 +123,20 @@ def skinny_tile(num_tokens: int, out_features: int, in_features: int,
     else:
         tile = SkinnyTile(block_m, 32, 256, 4, 4)
     stages = tile.num_stages
-    while stages > 2 and tile.smem_bytes(element_size) > SMEM_BUDGET:
+    while stages > 2 and tile.smem_bytes(element_size) > budget:
         stages -= 1
         tile = SkinnyTile(tile.block_m, tile.block_n, tile.block_k, tile.num_warps, stages)
-    return tile
+    return tile if tile.smem_bytes(element_size) <= budget else None
 
 
 def use_skinny_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``base_linear`` takes the skinny GEMM for this call (module docstring)."""
     return (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_TOKENS
             and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
-            and x.stride(1) == 1 and weight.is_contiguous() and skinny_gemm_enabled())
+            and weight.dim() == 2 and x.shape[1] == weight.shape[1]
+            and x.stride(1) == 1 and weight.is_contiguous() and skinny_gemm_enabled(x.device)
+            and skinny_tile(x.shape[0], weight.shape[0], weight.shape[1], x.element_size(),
+                            smem_limit(x.device)) is not None)
 
 
 def base_linear(x: torch.Tensor, weight: torch.Tensor,
@@ -130,6 +164,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return y
-    cfg = tile or skinny_tile(num_tokens, out_features, in_features, x.element_size())
+    cfg = tile or skinny_tile(num_tokens, out_features, in_features, x.element_size(),
+                              smem_limit(x.device))
+    if cfg is None:
+        raise ValoraError(f"skinny GEMM: no tile for {num_tokens} rows fits the shared memory")
     launch_skinny_gemm(x, weight, bias, y, cfg)
     return y
