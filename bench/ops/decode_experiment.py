@@ -20,7 +20,7 @@ from decode_tiles import L2_BYTES, LAYERS, NUM_SLOTS, SCENARIOS, SLOT_RANKS, TIN
 
 from valora.ops.lora import LoRASlotWeights
 from valora.ops.lora_problems import make_slot_weights
-from valora.ops.timing import copy_rates
+from valora.ops.timing import copy_rates, time_calls
 
 LAYERS_PER_STEP = 32
 
@@ -85,6 +85,21 @@ def output_ok(errors: dict[str, str], key: str, launch: Callable[[torch.Tensor],
         errors[key] = f"differs from {what} by {diff:.3g}"
         return False
     return True
+
+
+def time_variant(row: dict[str, Any], label: str, launch: Callable[[torch.Tensor, int], object],
+                 start: torch.Tensor, rounds: int, device: torch.device) -> None:
+    """``row["us"][label]``: the median µs of ``launch(out, i)`` over ``i`` in ``range(rounds)``
+    (rotating weight copies) on one copy of ``start``, replayed from CUDA graphs; an exception
+    goes to ``row["errors"][label]`` instead."""
+    work = start.clone()
+    try:
+        timing = time_calls([lambda i=i: launch(work, i) for i in range(rounds)], device,
+                            repeats=10)
+    except Exception as error:
+        row["errors"][label] = f"timing: {type(error).__name__}: {error}"[:300]
+        return
+    row["us"][label] = timing.median_us
 
 
 RunPoint = Callable[[str, str, dict, torch.device, float, int, torch.dtype], dict[str, Any]]

@@ -34,12 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from decode_experiment import decode_problem, output_ok, run_main
+from decode_experiment import decode_problem, output_ok, run_main, time_variant
 
 from valora.ops.lora import LoRASlotWeights, prepare_lora_batch
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.tile_table import select_tile_config
-from valora.ops.timing import time_calls
 from valora.ops.triton_lora import launch_expand, launch_shrink
 
 
@@ -166,14 +165,7 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     for label, launch in variants:
         if label in row["errors"]:
             continue
-        work = y.clone()
-        try:
-            timing = time_calls([lambda i=i, f=launch, w=work: f(w, i) for i in range(rounds)],
-                                device, repeats=10)
-        except Exception as error:
-            row["errors"][label] = f"timing: {type(error).__name__}: {error}"[:300]
-            continue
-        row["us"][label] = timing.median_us
+        time_variant(row, label, launch, y, rounds, device)
     us = row["us"]
     for key in ("gemm+atmm", "gemm+dense", "folded+dense"):
         if key in us and "gemm" in us:

@@ -30,12 +30,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from decode_experiment import decode_problem, output_ok, run_main
+from decode_experiment import decode_problem, output_ok, run_main, time_variant
 
 from valora.ops.lora import prepare_lora_batch
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.pdl import pdl_supported
-from valora.ops.timing import time_calls
 from valora.ops.triton_lora import choose_tile_config, launch_expand, launch_shrink
 
 LEVELS = ((0, 0, True), (1, 1, True), (1, 2, True), (1, 2, False))
@@ -89,14 +88,7 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
                 "PDL 0"):
             continue
         rounds = max(copies, gemm_copies)
-        work = y.clone()
-        try:
-            timing = time_calls([lambda i=i, f=launch, w=work: f(w, i) for i in range(rounds)],
-                                device, repeats=10)
-        except Exception as error:
-            row["errors"][label] = f"timing: {type(error).__name__}: {error}"[:300]
-            continue
-        row["us"][label] = timing.median_us
+        time_variant(row, label, launch, y, rounds, device)
     us = row["us"]
     for sp, ep, la in levels:
         key = f"gemm+lora {name(sp, ep, la)}"
