@@ -69,6 +69,14 @@ def decode_problem(scenario: str, layer: str, layers: dict, device: torch.device
     return DecodeProblem(slots, ranks, used, weights, token_slots, x, y, nbytes)
 
 
+def base_weights(in_features: int, out_features: int, device: torch.device,
+                 dtype: torch.dtype) -> list[torch.Tensor]:
+    """Copies of a random base weight ``[out, in]``, enough (≤ 4) to leave L2 between calls."""
+    copies = max(1, min(4, -(-(100 << 20) // (2 * in_features * out_features))))
+    return [torch.randn(out_features, in_features, device=device, dtype=dtype)
+            / in_features ** 0.5 for _ in range(copies)]
+
+
 def output_ok(errors: dict[str, str], key: str, launch: Callable[[torch.Tensor], object],
               start: torch.Tensor, want: torch.Tensor, tolerance: float, what: str) -> bool:
     """Run ``launch`` once on a copy of ``start`` and compare the result with ``want`` (max abs

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from decode_experiment import decode_problem, output_ok, run_main, time_variant
+from decode_experiment import base_weights, decode_problem, output_ok, run_main, time_variant
 
 from valora.ops.lora import LoRASlotWeights, prepare_lora_batch
 from valora.ops.lora_segments import LoRASegments
@@ -102,9 +102,8 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     in_features, widths = layers[layer]
     out_features = sum(widths)
     w_bytes = 2 * in_features * out_features
-    gemm_copies = max(1, min(4, -(-(100 << 20) // w_bytes)))
-    base = [torch.randn(out_features, in_features, device=device, dtype=dtype) / in_features ** 0.5
-            for _ in range(gemm_copies)]
+    base = base_weights(in_features, out_features, device, dtype)
+    gemm_copies = len(base)
     pools = [pack(w) for w in weights]
     rounds = max(copies, gemm_copies)
     folded = [torch.cat([base[i % gemm_copies], pools[i % copies].a]) for i in range(rounds)]

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from decode_experiment import decode_problem, output_ok, run_main, time_variant
+from decode_experiment import base_weights, decode_problem, output_ok, run_main, time_variant
 from decode_gemm import skinny_gemm
 
 from valora.ops.lora import LoRASlotWeights, prepare_lora_batch
@@ -122,10 +122,9 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     in_features, widths = layers[layer]
     out_features = sum(widths)
     w_bytes = 2 * in_features * out_features
-    gemm_copies = max(1, min(4, -(-(100 << 20) // w_bytes)))
+    base = base_weights(in_features, out_features, device, dtype)
+    gemm_copies = len(base)
     rounds = max(copies, gemm_copies)
-    base = [torch.randn(out_features, in_features, device=device, dtype=dtype) / in_features ** 0.5
-            for _ in range(gemm_copies)]
     batch = prepare_lora_batch(problem.token_slots, problem.num_slots, "triton")
     segments = batch.backend_data
     assert isinstance(segments, LoRASegments)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from decode_experiment import decode_problem, output_ok, run_main, time_variant
+from decode_experiment import base_weights, decode_problem, output_ok, run_main, time_variant
 
 from valora.ops.lora import prepare_lora_batch
 from valora.ops.lora_segments import LoRASegments
@@ -48,9 +48,8 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     weights, x, y, copies = problem.weights, problem.x, problem.y, problem.copies
     in_features, widths = layers[layer]
     w_bytes = 2 * in_features * sum(widths)
-    gemm_copies = max(1, min(4, -(-(100 << 20) // w_bytes)))
-    base = [torch.randn(sum(widths), in_features, device=device, dtype=dtype) / in_features ** 0.5
-            for _ in range(gemm_copies)]
+    base = base_weights(in_features, sum(widths), device, dtype)
+    gemm_copies = len(base)
     batch = prepare_lora_batch(problem.token_slots, problem.num_slots, "triton")
     segments = batch.backend_data
     assert isinstance(segments, LoRASegments)
