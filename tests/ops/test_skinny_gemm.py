@@ -1,14 +1,18 @@
 """The skinny GEMM of decode-size projections (``valora.ops.skinny_gemm``) against ``F.linear``.
 
 In the CPU interpreter on small shapes (rows 1 … 32, widths off the tile grid, bias or none,
-every tile kind the heuristic picks, fp32 and bf16), plus the dispatch rules; on a GPU the same
+every tile kind the heuristic picks, fp32 and bf16), the dispatch rules, and its tuner
+(``valora tune-kernels --skinny``) and table records; on a GPU the same
 grid runs compiled, and ``test_skinny_gemm_7b_shapes_and_graph`` checks the 7B widths under a
 CUDA graph.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,19 +20,23 @@ import torch.nn.functional as F
 
 from valora.errors import ValoraError
 from valora.layers.linear import FusedLinear
-from valora.ops import skinny_gemm
+from valora.ops import skinny_gemm, tuning
 from valora.ops.skinny_gemm import (
     SKINNY_MAX_TOKENS,
     SMEM_BUDGET,
     SkinnyTile,
     base_linear,
+    resolve_skinny_tile,
     set_skinny_gemm,
     skinny_gemm_enabled,
     skinny_gemm_switch,
+    skinny_key,
     skinny_linear,
     skinny_tile,
+    tile_from_record,
     use_skinny_gemm,
 )
+from valora.ops.skinny_tuning import skinny_candidates
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SMALL_TILES = (SkinnyTile(16, 16, 32, 4, 2), SkinnyTile(32, 32, 16, 4, 3),
@@ -155,3 +163,37 @@ def test_skinny_gemm_7b_shapes_and_graph() -> None:
         assert not use_skinny_gemm(big[:4].float(), layer.weight.float())
     assert skinny_gemm.skinny_gemm_enabled(torch.device("cuda")) == (
         torch.cuda.get_device_capability()[0] >= 9)
+
+
+def test_tuner_writes_and_resumes_skinny_entries(tmp_path: Path) -> None:
+    """``valora tune-kernels --skinny`` end to end on a tiny shape (wall-clock timing in the
+    interpreter): one entry a token bucket (3 and 4 rows share one; 40 is above the skinny
+    GEMM's rows), resumed without a rewrite; its record decides the tile."""
+    out = tmp_path / "table.json"
+    argv = ["--skinny", "--device", "cuda" if torch.cuda.is_available() else "cpu",
+            "--layers", "24:16,8", "--tokens", "3,4,40", "--max-candidates", "2",
+            "--repeats", "1", "--out", str(out), "--dtype", "fp32"]
+    assert tuning.main(argv) == 0
+    entries = json.loads(out.read_text())["entries"]
+    assert set(entries) == {skinny_key(4, 24, 24)} == {"skinny:t4-i24-o24"}
+    record = entries["skinny:t4-i24-o24"]
+    assert isinstance(record["use"], bool) and record["time_us"]["cublas"] > 0
+    tile = SkinnyTile(**record["tile"])
+    assert tile.block_m >= 16 and tile.smem_bytes(4) <= SMEM_BUDGET
+    assert resolve_skinny_tile(record, 3, 24, 24, 4) == (tile if record["use"] else None)
+    stamp = out.stat().st_mtime_ns
+    assert tuning.main(argv) == 0
+    assert out.stat().st_mtime_ns == stamp
+
+
+def test_table_records_decide_the_tile() -> None:
+    tile = SkinnyTile(32, 32, 128, 4, 4)
+    won = {"use": True, "tile": asdict(tile), "time_us": {"skinny": 1.0, "cublas": 2.0}}
+    lost = {"use": False, "tile": asdict(tile), "time_us": {"skinny": 3.0, "cublas": 2.0}}
+    assert resolve_skinny_tile(won, 20, 4096, 4096) == tile == tile_from_record(won)
+    assert resolve_skinny_tile(lost, 20, 4096, 4096) is None  # cuBLAS won there
+    assert resolve_skinny_tile(won, 20, 4096, 4096, 2, 10 * 1024) is None  # does not fit
+    assert resolve_skinny_tile(None, 20, 4096, 4096) == skinny_tile(20, 4096, 4096)
+    assert skinny_key(20, 4096, 12288) == "skinny:t32-i4096-o12288"
+    assert all(c.smem_bytes(2) <= SMEM_BUDGET for c in skinny_candidates(32))
+    assert skinny_candidates(8)[0].block_m == 16

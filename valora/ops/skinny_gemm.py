@@ -10,9 +10,12 @@ and a software-pipelined ``K`` loop, took them 7–10 % closer per decode step
 ``SKINNY_MAX_TOKENS`` rows.
 
 Semantics: ``skinny_linear(x, w, b) == F.linear(x, w, b)`` with fp32 accumulation, the result
-in ``x``'s dtype (rounded once). Tiles (``skinny_tile``) are the measured winners per layer kind
-on the H200 — output widths ≥ 16384 take 64 columns a program, reductions ≥ 8192 (down) 256-wide
-``K`` chunks over 6 stages — with stages cut to fit ``SMEM_BUDGET`` for wider batches.
+in ``x``'s dtype (rounded once). Tiles: the GPU's tile table when ``valora tune-kernels
+--skinny`` has profiled the call's shape there (``valora.ops.skinny_tuning``: entries
+``"skinny:" + skinny_key``, which also say where cuBLAS won and stays), else ``skinny_tile``, the
+measured winners per layer kind on the H200 — output widths ≥ 16384 take 64 columns a program,
+reductions ≥ 8192 (down) 256-wide ``K`` chunks over 6 stages — with stages cut to fit the
+shared memory.
 
 ``use_skinny_gemm`` decides per call: CUDA, fp16 / bf16, 2-D ``x`` with unit column stride, a
 contiguous ``W``, 1 ≤ rows ≤ ``SKINNY_MAX_TOKENS``, and the switch on for the device
@@ -129,21 +132,83 @@ def skinny_tile(num_tokens: int, out_features: int, in_features: int,
     return tile if tile.smem_bytes(element_size) <= budget else None
 
 
-def use_skinny_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``base_linear`` takes the skinny GEMM for this call (module docstring)."""
-    return (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_TOKENS
+SKINNY_PREFIX = "skinny:"
+"""Key prefix of the skinny GEMM's entries in a GPU's tile table (``skinny_tuning``)."""
+
+
+def skinny_token_bucket(num_tokens: int) -> int:
+    """The rows a table entry covers: ``num_tokens`` rounded up to a power of two."""
+    return _pow2_at_least(num_tokens, 1)
+
+
+def skinny_key(num_tokens: int, in_features: int, out_features: int) -> str:
+    """The table key of a call: its token bucket, exact widths."""
+    return f"{SKINNY_PREFIX}t{skinny_token_bucket(num_tokens)}-i{in_features}-o{out_features}"
+
+
+def tile_from_record(record: dict[str, object]) -> SkinnyTile | None:
+    """A table record's tile when the skinny GEMM won there, else None (``F.linear``)."""
+    tile = record.get("tile")
+    if not record.get("use") or not isinstance(tile, dict):
+        return None
+    return SkinnyTile(**tile)
+
+
+def select_skinny_tile(device: torch.device, num_tokens: int, out_features: int,
+                       in_features: int, element_size: int = 2) -> SkinnyTile | None:
+    """The tile of a call on ``device`` (module docstring: the GPU's table entry, else the
+    heuristic), None where ``F.linear`` serves (cuBLAS won there, or no tile fits)."""
+    return _select(device, num_tokens, out_features, in_features, element_size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _select(device: torch.device, num_tokens: int, out_features: int, in_features: int,
+            element_size: int) -> SkinnyTile | None:
+    from valora.ops.tile_table import table_for_device
+
+    record = None
+    if device.type == "cuda":
+        table = table_for_device(torch.cuda.get_device_name(device))
+        record = table.entries.get(skinny_key(num_tokens, in_features, out_features))
+    return resolve_skinny_tile(record, num_tokens, out_features, in_features, element_size,
+                               smem_limit(device))
+
+
+def resolve_skinny_tile(record: dict[str, object] | None, num_tokens: int, out_features: int,
+                        in_features: int, element_size: int = 2,
+                        budget: int = SMEM_BUDGET) -> SkinnyTile | None:
+    """A call's tile given its table record (None: not tuned → ``skinny_tile``): the record's
+    tile where the skinny GEMM won and it fits (its rows and ``budget``), else None."""
+    if record is None:
+        return skinny_tile(num_tokens, out_features, in_features, element_size, budget)
+    tile = tile_from_record(record)
+    if tile is None or tile.block_m < num_tokens or tile.smem_bytes(element_size) > budget:
+        return None
+    return tile
+
+
+def _call_tile(x: torch.Tensor, weight: torch.Tensor) -> SkinnyTile | None:
+    """The skinny tile of this call when it takes the skinny GEMM (module docstring), else None."""
+    if not (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_TOKENS
             and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
             and weight.dim() == 2 and x.shape[1] == weight.shape[1]
-            and x.stride(1) == 1 and weight.is_contiguous() and skinny_gemm_enabled(x.device)
-            and skinny_tile(x.shape[0], weight.shape[0], weight.shape[1], x.element_size(),
-                            smem_limit(x.device)) is not None)
+            and x.stride(1) == 1 and weight.is_contiguous() and skinny_gemm_enabled(x.device)):
+        return None
+    return select_skinny_tile(x.device, x.shape[0], weight.shape[0], weight.shape[1],
+                              x.element_size())
+
+
+def use_skinny_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``base_linear`` takes the skinny GEMM for this call (module docstring)."""
+    return _call_tile(x, weight) is not None
 
 
 def base_linear(x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the skinny GEMM where it serves."""
-    if use_skinny_gemm(x, weight):
-        return skinny_linear(x, weight, bias)
+    tile = _call_tile(x, weight)
+    if tile is not None:
+        return skinny_linear(x, weight, bias, tile)
     return F.linear(x, weight, bias)
 
 

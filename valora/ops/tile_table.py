@@ -147,6 +147,11 @@ class TileTable:
         self.entries[key] = record
         self._resolved.clear()
 
+    def put_record(self, key: str, record: dict[str, object]) -> None:
+        """Store a record of another kind under a prefixed key (``skinny_tuning``'s)."""
+        self.entries[key] = record
+        self._resolved.clear()
+
     @classmethod
     def load(cls, path: Path, device: str = "") -> TileTable:
         """Read ``path``; an absent file is an empty table."""

@@ -18,6 +18,9 @@ uniform), ``all`` (one per token, up to the slot count) — over slots of mixed 
 up to the storage rank), no host hints (as graph segments); each candidate's time is the sum
 over the kinds (the expected time of a replay drawn uniformly from them), and the same
 shrink → expand → pairs search picks the winner, stored under ``"mix:" + bucket key``.
+
+``--skinny`` tunes the skinny GEMM of the base projections instead (``valora.ops.skinny_tuning``:
+cuBLAS and every fitting tile per token bucket ≤ 32 and layer shape; entries ``"skinny:..."``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ from valora.logger import get_logger
 from valora.ops.lora import LoRASlotWeights, lora_b_layout, prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights, make_token_slots
 from valora.ops.lora_segments import LoRASegments
+from valora.ops.skinny_gemm import (
+    SKINNY_MAX_TOKENS,
+    skinny_key,
+    skinny_token_bucket,
+    smem_limit,
+)
+from valora.ops.skinny_tuning import tune_skinny
 from valora.ops.tile_candidates import expand_candidates, shrink_candidates
 from valora.ops.tile_config import ExpandConfig, ShrinkConfig, TileConfig, shape_bucket
 from valora.ops.tile_table import MIX_PREFIX, TABLE_DIR, TileTable, table_file_name
@@ -92,6 +102,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="tune the mix entries (tiles for CUDA-graph replays, whose slots "
                              "the host does not know): --ranks are storage ranks, --adapters "
                              "slot counts")
+    parser.add_argument("--skinny", action="store_true",
+                        help="tune the skinny GEMM of the base projections instead "
+                             "(valora.ops.skinny_tuning): --tokens up to 32, --layers' shapes")
     parser.add_argument("--pair-shrinks", type=int, default=3,
                         help="shrinks (best first) whose output the best expand is timed on")
     return parser.parse_args(argv)
@@ -251,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or TABLE_DIR / table_file_name(name)
     table = TileTable.load(out, name)
     table.device = name
+    if args.skinny:
+        return _tune_skinny(args, device, name, out, table)
     pending = []
     for shape in _shapes(args):
         bucket = shape_bucket(shape.num_tokens, shape.max_rank, shape.in_features,
@@ -274,6 +289,34 @@ def main(argv: list[str] | None = None) -> int:
         table.save(out)
         done += 1
     logger.info("tuned %d buckets; table has %d entries", done, len(table.entries))
+    return 0
+
+
+def _tune_skinny(args: argparse.Namespace, device: torch.device, name: str, out: Path,
+                 table: TileTable) -> int:
+    """``--skinny`` (``valora.ops.skinny_tuning``): one entry a token bucket × layer shape."""
+    specs = args.layers.split(";") if ";" in args.layers or ":" in args.layers \
+        else args.layers.split(",")
+    shapes: dict[str, tuple[int, int, int]] = {}
+    for spec in specs:
+        in_features, widths = _layer(spec)
+        for tokens in args.tokens:
+            if tokens <= SKINNY_MAX_TOKENS:
+                shapes.setdefault(skinny_key(tokens, in_features, sum(widths)),
+                                  (skinny_token_bucket(tokens), in_features, sum(widths)))
+    pending = [(k, v) for k, v in shapes.items() if args.no_resume or k not in table.entries]
+    logger.info("tuning %d skinny GEMM shapes for %s into %s", len(pending), name, out)
+    began = time.monotonic()
+    for done, (key, (tokens, in_features, out_features)) in enumerate(
+            tqdm(pending, desc="tune-kernels --skinny", unit="shape")):
+        if args.time_budget and time.monotonic() - began > args.time_budget:
+            logger.warning("time budget spent: %d of %d shapes left for a resumed run",
+                           len(pending) - done, len(pending))
+            break
+        table.put_record(key, tune_skinny(tokens, in_features, out_features, DTYPES[args.dtype],
+                                          device, args.max_candidates, args.repeats,
+                                          smem_limit(device)))
+        table.save(out)
     return 0
 
 
