@@ -18,7 +18,7 @@ reductions ≥ 8192 (down) 256-wide ``K`` chunks over 6 stages — with stages c
 shared memory.
 
 ``use_skinny_gemm`` decides per call: CUDA, fp16 / bf16, 2-D ``x`` with unit column stride, a
-contiguous ``W``, 1 ≤ rows ≤ ``SKINNY_MAX_TOKENS``, and the switch on for the device
+contiguous ``W`` (and bias, of the same dtype), 1 ≤ rows ≤ ``SKINNY_MAX_TOKENS``, and the switch on for the device
 (``set_skinny_gemm``, else ``VALORA_SKINNY_GEMM``: ``1`` on, ``0`` off, unset / ``auto`` on for
 compute capability 9.0 and newer — Hopper, where it was measured; older GPUs keep cuBLAS unless
 asked). Every other call is ``F.linear``. A tile's pipeline is cut to the device's shared memory
@@ -187,26 +187,31 @@ def resolve_skinny_tile(record: dict[str, object] | None, num_tokens: int, out_f
     return tile
 
 
-def _call_tile(x: torch.Tensor, weight: torch.Tensor) -> SkinnyTile | None:
+def _call_tile(x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None = None) -> SkinnyTile | None:
     """The skinny tile of this call when it takes the skinny GEMM (module docstring), else None."""
     if not (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_TOKENS
             and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
             and weight.dim() == 2 and x.shape[1] == weight.shape[1]
-            and x.stride(1) == 1 and weight.is_contiguous() and skinny_gemm_enabled(x.device)):
+            and x.stride(1) == 1 and weight.is_contiguous()
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()
+                                  and bias.shape == (weight.shape[0],)))
+            and skinny_gemm_enabled(x.device)):
         return None
     return select_skinny_tile(x.device, x.shape[0], weight.shape[0], weight.shape[1],
                               x.element_size())
 
 
-def use_skinny_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def use_skinny_gemm(x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> bool:
     """Whether ``base_linear`` takes the skinny GEMM for this call (module docstring)."""
-    return _call_tile(x, weight) is not None
+    return _call_tile(x, weight, bias) is not None
 
 
 def base_linear(x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the skinny GEMM where it serves."""
-    tile = _call_tile(x, weight)
+    tile = _call_tile(x, weight, bias)
     if tile is not None:
         return skinny_linear(x, weight, bias, tile)
     return F.linear(x, weight, bias)

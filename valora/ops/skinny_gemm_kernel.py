@@ -16,12 +16,14 @@ if TYPE_CHECKING:
     from valora.ops.skinny_gemm import SkinnyTile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``y[:, cols] = x @ w[cols, :]ᵀ (+ b[cols])`` for one block of ``BLOCK_N`` output columns
-    and all ``M`` ≤ ``BLOCK_M`` rows; fp32 accumulation over the whole ``K``. ``PRECISION`` /
+    and all ``M`` ≤ ``BLOCK_M`` rows; fp32 accumulation over the whole ``K``. ``M`` is not
+    specialised (it only masks rows): one binary serves every batch of a ``BLOCK_M``, so a model
+    compiles one per layer shape and ``BLOCK_M`` (16 or 32) instead of one per row-count class. ``PRECISION`` /
     ``UPCAST`` as the LoRA kernels' (``triton_lora.dot_flags``: exact fp32, bf16 multiplied in
     fp32 by the CPU interpreter)."""
     pid = tl.program_id(0)
