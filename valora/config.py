@@ -139,7 +139,8 @@ class LoRAConfig:
     per-op fixed latency).
     ``warm_up_lora_kernels``: on CUDA with the Triton backend, compile at engine start every LoRA
     kernel variant a step of up to ``max_num_batched_tokens`` tokens can select
-    (``valora.ops.warmup``), so that no prefill stalls on a compile while serving.
+    (``valora.ops.warmup``), so that no prefill stalls on a compile while serving — and the base
+    projections' skinny GEMM binaries (``valora.ops.skinny_gemm``, decode sizes on Hopper).
     ``warm_up_threads``: threads compiling them (0: one per CPU core, at most 16; 1: in order).
     ``fuse_correction``: in mixed mode, compute the rows' own adapters and the merged adapter's
     correction in one LoRA op (one shrink + one expand launch per layer, ``valora.ops.lora``)

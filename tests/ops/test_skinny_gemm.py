@@ -197,3 +197,25 @@ def test_table_records_decide_the_tile() -> None:
     assert skinny_key(20, 4096, 12288) == "skinny:t32-i4096-o12288"
     assert all(c.smem_bytes(2) <= SMEM_BUDGET for c in skinny_candidates(32))
     assert skinny_candidates(8)[0].block_m == 16
+
+
+def test_warm_up_plan_keys_binaries_and_launches_them() -> None:
+    """One launch per binary: weight shape / dtype, bias or not, tile (rows only mask). With the
+    heuristic's choice, 1–16 rows share a ``BLOCK_M`` of 16 and 17–32 one of 32; a layer shape
+    seen twice adds nothing; rows sent to ``F.linear`` add none. The launches run (interpreter)."""
+    def heuristic(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> SkinnyTile | None:
+        return skinny_tile(x.shape[0], w.shape[0], w.shape[1], x.element_size())
+
+    w1 = torch.randn(40, 24, device=DEVICE)
+    w2 = torch.randn(40, 24, device=DEVICE)
+    w3 = torch.randn(24, 72, device=DEVICE)
+    b3 = torch.randn(24, device=DEVICE)
+    plan = skinny_gemm.skinny_warm_up_plan([(w1, None), (w2, None), (w3, b3)], heuristic)
+    assert sorted((tuple(w.shape), b is not None, rows, t.block_m) for w, b, rows, t in plan) == [
+        ((24, 72), True, 1, 16), ((24, 72), True, 17, 32),
+        ((40, 24), False, 1, 16), ((40, 24), False, 17, 32)]
+    some = skinny_gemm.skinny_warm_up_plan(
+        [(w1, None)], lambda x, w, b: heuristic(x, w, b) if x.shape[0] <= 8 else None)
+    assert [rows for _, _, rows, _ in some] == [1]
+    assert skinny_gemm.warm_up_skinny_gemm([(w1, None), (w3, b3)], DEVICE, 1, heuristic) == 4
+    assert skinny_gemm.warm_up_skinny_gemm([(w1, None)], torch.device("cpu")) == 0  # F.linear

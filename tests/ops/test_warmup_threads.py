@@ -27,11 +27,11 @@ def test_launches_run_on_worker_threads_under_inference_mode() -> None:
     def launch() -> None:
         seen.append((threading.current_thread().name, torch.is_inference_mode_enabled()))
 
-    assert warmup._run_all([launch] * 6, CPU, 2) == 2
+    assert warmup.run_launches([launch] * 6, CPU, 2) == 2
     assert len(seen) == 6 and all(inference for _, inference in seen)
     assert {name for name, _ in seen} <= {f"valora-warmup_{i}" for i in range(2)}
     seen.clear()
-    assert warmup._run_all([launch] * 3, CPU, 1) == 1  # in order, on this thread
+    assert warmup.run_launches([launch] * 3, CPU, 1) == 1  # in order, on this thread
     assert {name for name, _ in seen} == {threading.current_thread().name}
 
 
@@ -49,7 +49,7 @@ def test_a_failure_on_the_workers_reruns_everything_in_order(
         calls.append(threading.current_thread().name)
 
     with caplog.at_level("WARNING", logger="valora.ops.warmup"):
-        assert warmup._run_all([fine, flaky, fine], CPU, 2) == 1
+        assert warmup.run_launches([fine, flaky, fine], CPU, 2) == 1
     assert "compiling in order" in caplog.text
     assert calls[-3:] == [main_thread] * 3  # all three again, in order, here
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +32,14 @@ from valora.engine.vision_graphs import images_per_step
 from valora.errors import InvalidAdapterError, InvalidRequestError, ValoraError
 from valora.kv_cache.kv_cache_manager import KVCacheManager
 from valora.kv_cache.page_pool import PagePool
+from valora.layers.linear import FusedLinear
 from valora.logger import get_logger
 from valora.lora.adapter_manager import AdapterManager
 from valora.lora.peft_format import BaseModelShapes
 from valora.models.loader import load_model
 from valora.multimodal.processor import ImageProcessor
 from valora.ops.lora import resolve_lora_backend
+from valora.ops.skinny_gemm import warm_up_skinny_gemm
 from valora.ops.warmup import WarmUpReport, warm_up_lora_kernels
 from valora.orchestrator.modes import plan_lora_batches
 from valora.request import Request
@@ -229,6 +232,22 @@ def warm_up_lora(
     return report
 
 
+def warm_up_base_gemm(config: EngineConfig, model: Any, device: torch.device) -> int:
+    """Compile the skinny GEMM's binaries for the model's projections (``valora.ops.
+    skinny_gemm``: decode-size base GEMMs on Hopper) on the warm-up threads, before graph capture
+    would compile them one by one; with ``warm_up_lora_kernels`` set, on CUDA. Returns the
+    launches (0 where no call takes the skinny GEMM)."""
+    if device.type != "cuda" or not config.lora.warm_up_lora_kernels:
+        return 0
+    start = time.perf_counter()
+    linears = [(m.weight, m.bias) for m in model.modules() if isinstance(m, FusedLinear)]
+    launches = warm_up_skinny_gemm(linears, device, config.lora.warm_up_threads)
+    if launches:
+        logger.info("compiled %d skinny GEMM binaries in %.1f s", launches,
+                    time.perf_counter() - start)
+    return launches
+
+
 def build_engine_parts(config: EngineConfig) -> EngineParts:
     """Load the model and build every component (logs where the memory goes)."""
     from transformers import AutoTokenizer
@@ -261,6 +280,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
             model.set_lora_overlap(config.lora.overlap_max_tokens)
     lora_backend = resolve_lora_backend(config.lora.lora_backend, device)
     warm_up_lora(config, model, device, lora_backend, num_slots)
+    warm_up_base_gemm(config, model, device)
     graphs = use_cuda_graphs(config, device, attention_backend, lora_backend)
     # A merging policy's pristine copy exists before the KV cache is sized (the plan counts it).
     switcher = build_switcher(config, model) if num_slots and merging_policy(config) else None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -240,3 +241,51 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValoraError(f"skinny GEMM: no tile for {num_tokens} rows fits the shared memory")
     launch_skinny_gemm(x, weight, bias, y, cfg)
     return y
+
+
+TileOf = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], "SkinnyTile | None"]
+"""``(x, weight, bias) -> tile or None``: a call's choice (``_call_tile`` in the engine)."""
+
+
+def skinny_warm_up_plan(linears: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+                        tile_of: TileOf | None = None
+                        ) -> list[tuple[torch.Tensor, torch.Tensor | None, int, SkinnyTile]]:
+    """One ``(weight, bias, rows, tile)`` per binary the skinny GEMM can run on these weights
+    for 1 … ``SKINNY_MAX_TOKENS`` rows: a binary is keyed by the weight's shape and dtype,
+    the bias's presence and the tile (rows only mask, ``skinny_gemm_kernel``); rows the choice
+    sends to ``F.linear`` add none."""
+    choose = tile_of or _call_tile
+    plan: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor | None, int, SkinnyTile]] = {}
+    for weight, bias in linears:
+        x = torch.zeros(SKINNY_MAX_TOKENS, weight.shape[1], dtype=weight.dtype,
+                        device=weight.device)
+        for rows in range(1, SKINNY_MAX_TOKENS + 1):
+            tile = choose(x[:rows], weight, bias)
+            if tile is not None:
+                key = (tuple(weight.shape), weight.dtype, bias is not None, tile)
+                plan.setdefault(key, (weight, bias, rows, tile))
+    return list(plan.values())
+
+
+def warm_up_skinny_gemm(linears: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+                        device: torch.device, threads: int = 0,
+                        tile_of: TileOf | None = None) -> int:
+    """Compile every binary of ``skinny_warm_up_plan`` by one launch on zeros (the weights are
+    only read), on ``warm_up_threads`` workers as the LoRA warm-up; returns the launches. On the
+    CPU nothing takes the skinny GEMM unless ``tile_of`` says so (tests)."""
+    from valora.ops.warmup import run_launches, warm_up_threads
+
+    plan = skinny_warm_up_plan(linears, tile_of)
+    launches: list[Callable[[], None]] = [
+        functools.partial(_warm_launch, weight, bias, rows, tile)
+        for weight, bias, rows, tile in plan]
+    run_launches(launches, device, warm_up_threads(device, threads))
+    if device.type == "cuda" and launches:
+        torch.cuda.synchronize(device)
+    return len(launches)
+
+
+def _warm_launch(weight: torch.Tensor, bias: torch.Tensor | None, rows: int,
+                 tile: SkinnyTile) -> None:
+    x = torch.zeros(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    skinny_linear(x, weight, bias, tile)

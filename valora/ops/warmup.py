@@ -142,7 +142,7 @@ def warm_up_threads(device: torch.device, requested: int = 0) -> int:
     return max(1, min(MAX_THREADS, os.cpu_count() or 1))
 
 
-def _run_all(launches: list[Callable[[], None]], device: torch.device, threads: int) -> int:
+def run_launches(launches: list[Callable[[], None]], device: torch.device, threads: int) -> int:
     """Run ``launches`` on ``threads`` workers (each under inference mode on ``device``), or in
     order here; returns the threads used (1 after a failure in the workers, which reruns all
     of them in order: compiled binaries are cached, so that costs only what failed)."""
@@ -206,7 +206,7 @@ def warm_up_lora_kernels(layers: Iterable[LoRASlotWeights], max_tokens: int, max
             launches.append(_launch(x[:variant.num_tokens], y[:variant.num_tokens],
                                     _keyed_by(weights, variant.key_rank),
                                     _batch(variant, weights.num_slots, device)))
-    used = _run_all(launches, device, warm_up_threads(device, threads))
+    used = run_launches(launches, device, warm_up_threads(device, threads))
     launches.clear()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
