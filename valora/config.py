@@ -25,8 +25,8 @@ class ModelConfig:
     ``model``: a local Hugging Face checkpoint directory, or ``"default"`` for the embedded model.
     ``dtype``: ``"auto"`` (bfloat16 on CUDA, float32 on the CPU), ``"float32"``, ``"bfloat16"`` or
     ``"float16"``. ``seed``: seeds the dummy weights and the sampling of requests without a seed of
-    their own. ``load_format``: ``"safetensors"`` reads weights; ``"dummy"`` fills random weights for any
-    config (benchmarks at real shapes). ``max_model_len``: ``None`` = the config's own limit.
+    their own. ``load_format``: ``"safetensors"`` reads weights; ``"dummy"`` fills random weights
+    for any config (benchmarks at real shapes). ``max_model_len``: ``None`` = the config's own limit.
     ``attention_backend``: ``"auto"`` (Triton kernels on CUDA, plain PyTorch elsewhere),
     ``"torch"`` or ``"triton"``. ``enforce_eager``: never capture CUDA graphs for decode steps
     (they are captured on CUDA with the ``"triton"`` attention backend otherwise).
@@ -127,8 +127,9 @@ class SchedulerConfig:
 class LoRAConfig:
     """Adapter residency and the batched LoRA backend.
 
-    ``enable_lora``: allocate adapter slots (off: the base model only). ``max_loras``: resident slots usable in one step. ``max_cpu_loras``: adapters kept decoded in
-    host memory (LRU beyond). ``max_lora_rank``: slot storage rank; larger adapters are rejected.
+    ``enable_lora``: allocate adapter slots (off: the base model only). ``max_loras``: resident
+    slots usable in one step. ``max_cpu_loras``: adapters kept decoded in host memory (LRU
+    beyond). ``max_lora_rank``: slot storage rank; larger adapters are rejected.
     ``lora_backend``: ``"auto"`` (Triton on CUDA, reference on CPU), ``"reference"`` or ``"triton"``.
     ``overlap_max_tokens``: on CUDA, steps of at most this many tokens compute each layer's LoRA
     delta on a side stream beside the base GEMM (``valora.layers.lora_overlap``); ``0`` = never.

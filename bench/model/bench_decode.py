@@ -15,7 +15,8 @@ CUDA kernels of one eager decode step per decoder layer in each mode. The no-gra
 prefill run with the last mode listed. ``serial`` / ``overlap`` rows are ``fused`` with the LoRA
 deltas never / always (≤ 256 tokens) on the side stream (``valora/layers/lora_overlap.py``);
 ``fused`` and ``stock`` overlap as the engine does by default (``LoRAConfig.overlap_max_tokens``);
-``overlap_o_down`` also overlaps the o / down projections' deltas at every size (not measured yet).
+``overlap_o_down`` also overlaps the o / down projections' deltas at every size (session 12:
+no gain).
 
     python bench/model/bench_decode.py --out DIR [--sha SHA] [--layers stock,fused] [--skip-hf]
         [--tiny CKPT_DIR]
@@ -41,6 +42,7 @@ from fused_layers import (
     LABEL_MODES,
     LABEL_PDL,
     LABEL_SKINNY,
+    LAYERS_HELP,
     check_against_stock,
     kernels_per_step,
     set_overlap,
@@ -269,18 +271,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--hf-batches", default="1,8,32")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--layers", default="stock,fused",
-                        help="comma list of per-layer op modes to bench: stock, fused (engine "
-                             "defaults), serial (fused, LoRA never overlapped), overlap "
-                             "(fused, LoRA beside the base GEMM up to 256 tokens), "
-                             "overlap_o_down (fused, o / down LoRA overlapped at every size), "
-                             "split_kv "
-                             "(fused, K/V written by two index_copy_, VALORA_FUSED_KV_WRITE=0), "
-                             "fused_kv (= fused since the one-launch K/V write became the "
-                             "default), no_pdl / pdl_expand / pdl_both (fused, the LoRA op's "
-                             "programmatic dependent launch off / on the expand / on both "
-                             "launches: VALORA_PDL), cublas_base (fused, the base projections "
-                             "on cuBLAS at every size: VALORA_SKINNY_GEMM=0)")
+    parser.add_argument("--layers", default="stock,fused", help=LAYERS_HELP)
     parser.add_argument("--skip-fused", action="store_true", help="same as --layers stock")
     parser.add_argument("--tiny", type=Path, help="a tiny checkpoint: exercise the script only")
     parser.add_argument("--config", type=Path, default=CONFIG_DIR,

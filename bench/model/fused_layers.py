@@ -49,6 +49,15 @@ LABEL_OVERLAP_ALWAYS: dict[str, tuple[str, ...]] = {"overlap_o_down": ("o_proj",
 """Labels whose linears of these PEFT names overlap at every size on top of ``LABEL_OVERLAP``:
 ``overlap_o_down`` tries overlapping the latency-bound o / down LoRA ops (small ``B``) at every
 batch while qkv / gate_up follow the default (``bench/ops/NOTES.md``, session 11's leads)."""
+LAYERS_HELP = (
+    "comma list of per-layer op modes to bench: stock, fused (engine defaults), serial (fused, "
+    "LoRA never overlapped), overlap (fused, LoRA beside the base GEMM up to 256 tokens), "
+    "overlap_o_down (fused, o / down LoRA overlapped at every size), split_kv (fused, K/V "
+    "written by two index_copy_, VALORA_FUSED_KV_WRITE=0), fused_kv (= fused since the "
+    "one-launch K/V write became the default), no_pdl / pdl_expand / pdl_both (fused, the LoRA "
+    "op's programmatic dependent launch off / on the expand / on both launches: VALORA_PDL), "
+    "cublas_base (fused, the base projections on cuBLAS at every size: VALORA_SKINNY_GEMM=0)")
+"""``bench_decode.py --layers``'s help: the labels above."""
 
 
 def set_overlap(model: object, label: str) -> None:

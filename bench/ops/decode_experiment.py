@@ -1,10 +1,11 @@
 """What the decode-step kernel experiments share (``expand_layout.py``, ``expand_gemv.py``,
-``shrink_gemv.py``, ``one_launch_lora.py``): the problem at the model benchmark's decode step
-(``decode_tiles.py``'s scenarios, widths and slot ranks; weights rotated over enough copies to
-leave L2) and the command line that runs an experiment over every scenario × layer, writes one
-JSONL row a point and prints, per point and per decode step (32 layers), the best time of each
-column the experiment names.
-"""
+``shrink_gemv.py``, ``one_launch_lora.py``, ``pdl_lora.py``, ``dense_pool.py``,
+``fused_gemm_lora.py``, ``gemm_shrink.py``; ``decode_gemm.py`` takes only ``setup``): the problem
+at the model benchmark's decode step (``decode_tiles.py``'s scenarios, widths and slot ranks;
+weights rotated over enough copies to leave L2), the shipped LoRA op as a graph replay runs it
+(``graph_lora``), the timing of a variant, and the command line that runs an experiment over every
+scenario × layer, writes one JSONL row a point and prints, per point and per decode step (32
+layers), the best time of each column the experiment names."""
 
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ from typing import Any
 import torch
 from decode_tiles import L2_BYTES, LAYERS, NUM_SLOTS, SCENARIOS, SLOT_RANKS, TINY_LAYERS, TOKENS
 
-from valora.ops.lora import LoRASlotWeights
+from valora.ops.lora import LoRASlotWeights, prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights
+from valora.ops.lora_segments import LoRASegments
+from valora.ops.tile_config import TileConfig
+from valora.ops.tile_table import select_tile_config
 from valora.ops.timing import copy_rates, time_calls
+from valora.ops.triton_lora import launch_expand, launch_shrink
 
 LAYERS_PER_STEP = 32
 
@@ -50,9 +55,11 @@ class DecodeProblem:
 
 
 def decode_problem(scenario: str, layer: str, layers: dict, device: torch.device, tokens: int,
-                   dtype: torch.dtype, parts: str) -> DecodeProblem:
+                   dtype: torch.dtype, parts: str, b_layout: str | None = None) -> DecodeProblem:
     """The problem of ``scenario`` at ``layer``; ``parts`` (``"a"``, ``"b"`` or ``"ab"``) names the
-    adapter matrices whose bytes count (the floor, and how many copies leave L2)."""
+    adapter matrices whose bytes count (the floor, and how many copies leave L2). ``lora_b`` is
+    stored in ``b_layout`` (default: the engine's, ``valora.ops.lora.lora_b_layout``); an
+    experiment whose own kernels read the raw storage as ``[S, out, R]`` asks for ``"column"``."""
     in_features, widths = layers[layer]
     slots = SCENARIOS[scenario][:tokens]
     ranks = [SLOT_RANKS[s % 4] for s in range(NUM_SLOTS)]
@@ -61,12 +68,39 @@ def decode_problem(scenario: str, layer: str, layers: dict, device: torch.device
         sum(widths) if "b" in parts else 0)
     nbytes = 2 * sum(ranks[s] * per_rank for s in used)
     copies = max(1, min(8, -(-L2_BYTES // max(nbytes, 1))))
-    weights = [make_slot_weights(ranks, in_features, widths, dtype, device, seed=i)
-               for i in range(copies)]
+    weights = [make_slot_weights(ranks, in_features, widths, dtype, device, seed=i,
+                                 b_layout=b_layout) for i in range(copies)]
     x = torch.randn(tokens, in_features, device=device, dtype=dtype)
     y = torch.randn(tokens, sum(widths), device=device, dtype=dtype)
     token_slots = torch.tensor(slots, dtype=torch.int32, device=device)
     return DecodeProblem(slots, ranks, used, weights, token_slots, x, y, nbytes)
+
+
+@dataclass
+class GraphLoRA:
+    """The shipped LoRA op on a problem as a decode-graph replay runs it: the step's segments
+    without host hints and the table's mix entry for them (``"mix"``; the heuristic's on the CPU)."""
+
+    segments: LoRASegments
+    tiles: TileConfig
+    source: str
+
+    def apply(self, x: torch.Tensor, weights: LoRASlotWeights, out: torch.Tensor) -> None:
+        """``out += LoRA(x)``: the ATMM shrink, then the expand."""
+        h = launch_shrink(x, weights, self.segments, self.tiles.shrink)
+        launch_expand(h, out, weights, self.segments, self.tiles.expand, 1.0)
+
+
+def graph_lora(problem: DecodeProblem, in_features: int, widths: tuple[int, ...]) -> GraphLoRA:
+    """``GraphLoRA`` of ``problem`` at a layer of these widths (storage rank: the slots')."""
+    x = problem.x
+    segments = prepare_lora_batch(problem.token_slots, problem.num_slots, "triton").backend_data
+    assert isinstance(segments, LoRASegments)
+    storage = problem.weights[0].max_rank
+    tiles, source = select_tile_config(x.device, x.shape[0], storage, in_features, widths,
+                                       min(x.shape[0], problem.num_slots), storage_rank=storage,
+                                       mix=x.device.type == "cuda")
+    return GraphLoRA(segments, tiles, source)
 
 
 def base_weights(in_features: int, out_features: int, device: torch.device,
@@ -110,6 +144,19 @@ def time_variant(row: dict[str, Any], label: str, launch: Callable[[torch.Tensor
     row["us"][label] = timing.median_us
 
 
+def check_and_time(row: dict[str, Any], variants: list[tuple[str, Any]], start: torch.Tensor,
+                   want: torch.Tensor, tolerance: float, what: str, rounds: int,
+                   device: torch.device, checked: Callable[[str], bool]) -> None:
+    """Every ``(label, launch)`` of ``variants`` through ``time_variant``, those whose label
+    ``checked`` accepts after ``output_ok`` against ``want`` (called ``what``): a variant that
+    fails it is not timed."""
+    for label, launch in variants:
+        if checked(label) and not output_ok(row["errors"], label, lambda out, f=launch: f(out, 0),
+                                            start, want, tolerance, what):
+            continue
+        time_variant(row, label, launch, start, rounds, device)
+
+
 RunPoint = Callable[[str, str, dict, torch.device, float, int, torch.dtype], dict[str, Any]]
 Columns = Callable[[dict[str, Any]], dict[str, tuple[str, float]]]
 
@@ -123,10 +170,33 @@ def best_of(times: dict[str, float], prefix: str = "") -> tuple[str, float]:
     return label, mine[label]
 
 
-def run_main(doc: str, run_point: RunPoint, columns: Columns, floor_key: str) -> None:
-    """``--out`` / ``--sha`` / ``--tiny`` (small shapes in the CPU interpreter, fp32): every
-    scenario × layer through ``run_point``; prints ``columns(row)`` and the floor a point, then
-    their sums over a decode step."""
+def best_columns(row: dict[str, Any], names: tuple[str, ...]) -> dict[str, tuple[str, float]]:
+    """Per column name, the fastest ``(label, µs)`` of the labels that are the name or start
+    with it and a space (a variant's tile choices); names without a label are left out."""
+    picked: dict[str, tuple[str, float]] = {}
+    for column in names:
+        mine = {k: v for k, v in row["us"].items() if k == column or k.startswith(column + " ")}
+        if mine:
+            best = min(mine, key=mine.__getitem__)
+            picked[column] = (best, mine[best])
+    return picked
+
+
+@dataclass
+class Setup:
+    """An experiment's command line and machine: ``args.out`` / ``args.sha`` / ``args.tiny``, the
+    device and dtype (``--tiny``: the CPU interpreter, fp32; else CUDA, bf16), the best measured
+    copy rate (bytes/s, the floors' divisor) and the device's name."""
+
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype
+    rate: float
+    name: str
+
+
+def setup(doc: str) -> Setup:
+    """Parse ``--out`` / ``--sha`` / ``--tiny``, measure the copy rate, print it with the device."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sha", default="unknown")
@@ -134,12 +204,20 @@ def run_main(doc: str, run_point: RunPoint, columns: Columns, floor_key: str) ->
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    layers = TINY_LAYERS if args.tiny else LAYERS
-    tokens = 4 if args.tiny else TOKENS
     rate = max(copy_rates(device, 1 << 20 if args.tiny else 1 << 30).values())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
     print(f"{name}: best copy {rate / 1e12:.2f} TB/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    return Setup(args, device, dtype, rate, name)
+
+
+def run_main(doc: str, run_point: RunPoint, columns: Columns, floor_key: str) -> None:
+    """``setup``, then every scenario × layer through ``run_point``; prints ``columns(row)`` and
+    the floor a point, then their sums over a decode step."""
+    run = setup(doc)
+    args, device, dtype, rate, name = run.args, run.device, run.dtype, run.rate, run.name
+    layers = TINY_LAYERS if args.tiny else LAYERS
+    tokens = 4 if args.tiny else TOKENS
     totals: dict[str, dict[str, float]] = {}
     with args.out.open("w") as sink:
         for scenario in SCENARIOS:

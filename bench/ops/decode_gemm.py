@@ -19,18 +19,17 @@ reach. This times, per projection at LLaVA-1.5-7B widths (o, qkv, gate_up, down)
 # mypy: disable-error-code="no-untyped-def"
 from __future__ import annotations
 
-import argparse
 import json
 from itertools import product
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from decode_experiment import setup
 
-from valora.ops.timing import copy_rates, time_calls
+from valora.ops.timing import time_calls
 
 SHAPES = {"o": (4096, 4096), "qkv": (4096, 12288), "gate_up": (4096, 22016),
           "down": (11008, 4096)}
@@ -113,20 +112,11 @@ def time_point(name: str, batch: int, in_f: int, out_f: int, device: torch.devic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--sha", default="unknown")
-    parser.add_argument("--tiny", action="store_true", help="small shapes, CPU interpreter")
-    args = parser.parse_args()
-    device = torch.device("cpu" if args.tiny else "cuda")
-    dtype = torch.float32 if args.tiny else torch.bfloat16
+    run = setup(__doc__ or "")
+    args, device, dtype, rate, name = run.args, run.device, run.dtype, run.rate, run.name
     shapes = TINY_SHAPES if args.tiny else SHAPES
     batches = (4,) if args.tiny else BATCHES
     tiles = TILES[:2] if args.tiny else TILES
-    rate = max(copy_rates(device, 1 << 20 if args.tiny else 1 << 30).values())
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
-    print(f"{name}: best copy {rate / 1e12:.2f} TB/s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     step: dict[int, dict[str, float]] = {}
     with args.out.open("w") as sink:
         for batch in batches:

@@ -34,12 +34,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from decode_experiment import base_weights, decode_problem, output_ok, run_main, time_variant
+from decode_experiment import (
+    base_weights,
+    decode_problem,
+    graph_lora,
+    output_ok,
+    run_main,
+    time_variant,
+)
 
-from valora.ops.lora import LoRASlotWeights, prepare_lora_batch
-from valora.ops.lora_segments import LoRASegments
-from valora.ops.tile_table import select_tile_config
-from valora.ops.triton_lora import launch_expand, launch_shrink
+from valora.ops.lora import LoRASlotWeights
 
 
 @dataclass
@@ -112,17 +116,11 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     mask = step_mask(pools[0], weights[0], problem.token_slots, dtype)
     h = torch.empty(tokens, pool_rows, device=device, dtype=dtype)
     wide = torch.empty(tokens, out_features + pool_rows, device=device, dtype=dtype)
-    batch = prepare_lora_batch(problem.token_slots, problem.num_slots, "triton")
-    segments = batch.backend_data
-    assert isinstance(segments, LoRASegments)
-    storage = weights[0].max_rank
-    table, source = select_tile_config(x.device, tokens, storage, in_features, widths,
-                                       min(tokens, problem.num_slots), storage_rank=storage,
-                                       mix=device.type == "cuda")
+    lora = graph_lora(problem, in_features, widths)
+    table, source = lora.tiles, lora.source
 
     def atmm(out: torch.Tensor, i: int) -> None:
-        hh = launch_shrink(x, weights[i % copies], segments, table.shrink)
-        launch_expand(hh, out, weights[i % copies], segments, table.expand, 1.0)
+        lora.apply(x, weights[i % copies], out)
 
     def dense(out: torch.Tensor, i: int) -> None:
         torch.mm(x, pools[i % copies].a.t(), out=h)

@@ -227,7 +227,7 @@ def launch_rank_major(h: torch.Tensor, y: torch.Tensor, b_rank_major: torch.Tens
 
 def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rate: float,
               tokens: int, dtype: torch.dtype) -> dict[str, Any]:
-    problem = decode_problem(scenario, layer, layers, device, tokens, dtype, "b")
+    problem = decode_problem(scenario, layer, layers, device, tokens, dtype, "b", "column")
     weights, x, y, copies = problem.weights, problem.x, problem.y, problem.copies
     rank_major = [w.lora_b.transpose(1, 2).contiguous() for w in weights]
     batch = prepare_lora_batch(problem.token_slots, problem.num_slots, "triton")

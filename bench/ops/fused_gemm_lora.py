@@ -33,13 +33,19 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from decode_experiment import base_weights, decode_problem, output_ok, run_main, time_variant
+from decode_experiment import (
+    base_weights,
+    best_columns,
+    check_and_time,
+    decode_problem,
+    graph_lora,
+    run_main,
+)
 from decode_gemm import skinny_gemm
 
-from valora.ops.lora import LoRASlotWeights, prepare_lora_batch
+from valora.ops.lora import LoRASlotWeights
 from valora.ops.lora_segments import LoRASegments
-from valora.ops.tile_table import select_tile_config
-from valora.ops.triton_lora import launch_expand, launch_shrink
+from valora.ops.triton_lora import launch_shrink
 
 SKINNY = [(n, k, 4, s) for n, k, s in product((32, 64), (128, 256), (3, 4, 6))]
 FUSED = [(n, k, w, s, r) for n, k, w, s, r in product((32, 64), (128, 256), (4,), (3, 4, 6),
@@ -125,20 +131,14 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     base = base_weights(in_features, out_features, device, dtype)
     gemm_copies = len(base)
     rounds = max(copies, gemm_copies)
-    batch = prepare_lora_batch(problem.token_slots, problem.num_slots, "triton")
-    segments = batch.backend_data
-    assert isinstance(segments, LoRASegments)
-    storage = weights[0].max_rank
-    table, source = select_tile_config(x.device, tokens, storage, in_features, widths,
-                                       min(tokens, problem.num_slots), storage_rank=storage,
-                                       mix=device.type == "cuda")
+    lora = graph_lora(problem, in_features, widths)
+    segments, table, source = lora.segments, lora.tiles, lora.source
     tiny = device.type != "cuda"
     skinny_tiles = SKINNY[:1] if tiny else SKINNY
     fused_tiles = [(16, 32, 4, 2, 16)] if tiny else FUSED
 
     def atmm(out: torch.Tensor, i: int) -> None:
-        h = launch_shrink(x, weights[i % copies], segments, table.shrink)
-        launch_expand(h, out, weights[i % copies], segments, table.expand, 1.0)
+        lora.apply(x, weights[i % copies], out)
 
     def cublas(out: torch.Tensor, i: int) -> None:
         torch.mm(x, base[i % gemm_copies].t(), out=out)
@@ -169,24 +169,13 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     cublas(want, 0)
     atmm(want, 0)
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    for label, launch in variants:
-        checked = "atmm" in label or "fused" in label  # the GEMMs alone leave out the LoRA
-        if checked and not output_ok(row["errors"], label, lambda out, f=launch: f(out, 0), y,
-                                     want, tolerance, "cuBLAS + ATMM"):
-            continue
-        time_variant(row, label, launch, y, rounds, device)
+    check_and_time(row, variants, y, want, tolerance, "cuBLAS + ATMM", rounds, device,
+                   lambda label: "atmm" in label or "fused" in label)  # GEMMs alone: no LoRA
     return row
 
 
 def columns(row: dict[str, Any]) -> dict[str, tuple[str, float]]:
-    us = row["us"]
-    picked: dict[str, tuple[str, float]] = {}
-    for column in ("cublas", "cublas+atmm", "skinny", "skinny+atmm", "fused"):
-        mine = {k: v for k, v in us.items() if k == column or k.startswith(column + " ")}
-        if mine:
-            best = min(mine, key=mine.__getitem__)
-            picked[column] = (best, mine[best])
-    return picked
+    return best_columns(row, ("cublas", "cublas+atmm", "skinny", "skinny+atmm", "fused"))
 
 
 if __name__ == "__main__":

@@ -28,13 +28,19 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from decode_experiment import base_weights, decode_problem, output_ok, run_main, time_variant
+from decode_experiment import (
+    base_weights,
+    best_columns,
+    check_and_time,
+    decode_problem,
+    graph_lora,
+    run_main,
+)
 
-from valora.ops.lora import LoRASlotWeights, prepare_lora_batch
+from valora.ops.lora import LoRASlotWeights
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.skinny_gemm import SkinnyTile, skinny_linear, skinny_tile
-from valora.ops.tile_table import select_tile_config
-from valora.ops.triton_lora import dot_flags, launch_expand, launch_shrink
+from valora.ops.triton_lora import dot_flags, launch_expand
 
 SHRINK_CHOICES = ((16, 0), (32, 0), (16, -1), (32, -1))
 """(``BLOCK_R``, stages relative to the base tile's) tried per point."""
@@ -154,13 +160,8 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     base = base_weights(in_features, out_features, device, dtype)
     gemm_copies = len(base)
     rounds = max(copies, gemm_copies)
-    batch = prepare_lora_batch(problem.token_slots, problem.num_slots, "triton")
-    segments = batch.backend_data
-    assert isinstance(segments, LoRASegments)
-    storage = weights[0].max_rank
-    table, source = select_tile_config(x.device, tokens, storage, in_features, widths,
-                                       min(tokens, problem.num_slots), storage_rank=storage,
-                                       mix=device.type == "cuda")
+    lora = graph_lora(problem, in_features, widths)
+    segments, table, source = lora.segments, lora.tiles, lora.source
     tile = skinny_tile(tokens, out_features, in_features, x.element_size())
     assert tile is not None
     choices = SHRINK_CHOICES[:1] if device.type != "cuda" else SHRINK_CHOICES
@@ -168,10 +169,12 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     def skinny(out: torch.Tensor, i: int) -> None:
         out.copy_(skinny_linear(x, base[i % gemm_copies], None, tile))
 
+    def atmm(out: torch.Tensor, i: int) -> None:
+        lora.apply(x, weights[i % copies], out)
+
     def skinny_atmm(out: torch.Tensor, i: int) -> None:
         skinny(out, i)
-        h = launch_shrink(x, weights[i % copies], segments, table.shrink)
-        launch_expand(h, out, weights[i % copies], segments, table.expand, 1.0)
+        atmm(out, i)
 
     def fused(out: torch.Tensor, i: int, block_r: int, stages: int, expand: bool) -> None:
         yy, h = gemm_shrink(x, base[i % gemm_copies], weights[i % copies], segments, tile,
@@ -179,10 +182,6 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
         out.copy_(yy)
         if expand:
             launch_expand(h, out, weights[i % copies], segments, table.expand, 1.0)
-
-    def atmm(out: torch.Tensor, i: int) -> None:
-        h = launch_shrink(x, weights[i % copies], segments, table.shrink)
-        launch_expand(h, out, weights[i % copies], segments, table.expand, 1.0)
 
     variants: list[tuple[str, Any]] = [("skinny", skinny), ("skinny+atmm", skinny_atmm),
                                        ("atmm", atmm)]
@@ -204,24 +203,13 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     want = torch.empty_like(y)
     skinny_atmm(want, 0)
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    for label, launch in variants:
-        if label.startswith("fused+expand") and not output_ok(
-                row["errors"], label, lambda out, f=launch: f(out, 0), y, want, tolerance,
-                "skinny + ATMM"):
-            continue
-        time_variant(row, label, launch, y, rounds, device)
+    check_and_time(row, variants, y, want, tolerance, "skinny + ATMM", rounds, device,
+                   lambda label: label.startswith("fused+expand"))
     return row
 
 
 def columns(row: dict[str, Any]) -> dict[str, tuple[str, float]]:
-    us = row["us"]
-    picked: dict[str, tuple[str, float]] = {}
-    for column in ("skinny", "skinny+atmm", "fused+expand", "fused", "atmm"):
-        mine = {k: v for k, v in us.items() if k == column or k.startswith(column + " ")}
-        if mine:
-            best = min(mine, key=mine.__getitem__)
-            picked[column] = (best, mine[best])
-    return picked
+    return best_columns(row, ("skinny", "skinny+atmm", "fused+expand", "fused", "atmm"))
 
 
 if __name__ == "__main__":

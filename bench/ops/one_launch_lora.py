@@ -202,7 +202,7 @@ def launch_pair(x: torch.Tensor, y: torch.Tensor, weights: Any, segments: LoRASe
 
 def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rate: float,
               tokens: int, dtype: torch.dtype) -> dict[str, Any]:
-    problem = decode_problem(scenario, layer, layers, device, tokens, dtype, "ab")
+    problem = decode_problem(scenario, layer, layers, device, tokens, dtype, "ab", "column")
     weights, x, y, copies = problem.weights, problem.x, problem.y, problem.copies
     token_slots, used, num_slots = problem.token_slots, problem.used, problem.num_slots
     graph_seg = prepare_lora_batch(token_slots, num_slots, "triton").backend_data

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from decode_experiment import base_weights, decode_problem, output_ok, run_main, time_variant
+from decode_experiment import base_weights, check_and_time, decode_problem, run_main
 
 from valora.ops.lora import prepare_lora_batch
 from valora.ops.lora_segments import LoRASegments
@@ -81,13 +81,8 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
                            "gemm_floor_us": w_bytes / rate * 1e6, "us": {}, "errors": {}}
     reference = y.clone()
     lora(reference, 0, 0, 0)
-    for label, launch in variants:
-        if label.startswith("lora ") and not output_ok(
-                row["errors"], label, lambda out, f=launch: f(out, 0), y, reference, 1e-2,
-                "PDL 0"):
-            continue
-        rounds = max(copies, gemm_copies)
-        time_variant(row, label, launch, y, rounds, device)
+    check_and_time(row, variants, y, reference, 1e-2, "PDL 0", max(copies, gemm_copies), device,
+                   lambda label: label.startswith("lora "))
     us = row["us"]
     for sp, ep, la in levels:
         key = f"gemm+lora {name(sp, ep, la)}"

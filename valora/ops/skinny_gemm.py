@@ -18,10 +18,10 @@ reductions ≥ 8192 (down) 256-wide ``K`` chunks over 6 stages — with stages c
 shared memory.
 
 ``use_skinny_gemm`` decides per call: CUDA, fp16 / bf16, 2-D ``x`` with unit column stride, a
-contiguous ``W`` (and bias, of the same dtype), 1 ≤ rows ≤ ``SKINNY_MAX_TOKENS``, and the switch on for the device
-(``set_skinny_gemm``, else ``VALORA_SKINNY_GEMM``: ``1`` on, ``0`` off, unset / ``auto`` on for
-compute capability 9.0 and newer — Hopper, where it was measured; older GPUs keep cuBLAS unless
-asked). Every other call is ``F.linear``. A tile's pipeline is cut to the device's shared memory
+contiguous ``W`` (and bias, of the same dtype), 1 ≤ rows ≤ ``SKINNY_MAX_TOKENS``, and the switch
+on for the device (``set_skinny_gemm``, else ``VALORA_SKINNY_GEMM``: ``1`` on, ``0`` off, unset /
+``auto`` on for compute capability 9.0 and newer — Hopper, where it was measured; older GPUs
+keep cuBLAS unless asked). Every other call is ``F.linear``. A tile's pipeline is cut to the device's shared memory
 (``SMEM_BUDGET`` at most); a call no two-stage tile fits takes ``F.linear``.
 """
 
@@ -60,7 +60,10 @@ class SkinnyTile:
     num_stages: int
 
     def smem_bytes(self, element_size: int) -> int:
-        """The pipeline's shared memory: every stage holds an ``x`` and a ``W`` tile."""
+        """The pipeline's shared memory, counted as ``num_stages`` buffers of an ``x`` and a
+        ``W`` tile each — an upper bound: Triton 3.x keeps ``num_stages - 1`` of them (it asked
+        245760 B for 32×64×256 at 6 stages on an H200:
+        ``bench/results/ops/decode-gemm-h200-91164a8/``)."""
         return self.num_stages * (self.block_m + self.block_n) * self.block_k * element_size
 
 
@@ -255,15 +258,18 @@ def skinny_warm_up_plan(linears: Iterable[tuple[torch.Tensor, torch.Tensor | Non
     the bias's presence and the tile (rows only mask, ``skinny_gemm_kernel``); rows the choice
     sends to ``F.linear`` add none."""
     choose = tile_of or _call_tile
+    kinds: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for weight, bias in linears:  # the layers of a model share a few kinds: ask once a kind
+        kinds.setdefault((tuple(weight.shape), weight.dtype, weight.device, bias is not None),
+                         (weight, bias))
     plan: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor | None, int, SkinnyTile]] = {}
-    for weight, bias in linears:
+    for kind, (weight, bias) in kinds.items():
         x = torch.zeros(SKINNY_MAX_TOKENS, weight.shape[1], dtype=weight.dtype,
                         device=weight.device)
         for rows in range(1, SKINNY_MAX_TOKENS + 1):
             tile = choose(x[:rows], weight, bias)
             if tile is not None:
-                key = (tuple(weight.shape), weight.dtype, bias is not None, tile)
-                plan.setdefault(key, (weight, bias, rows, tile))
+                plan.setdefault((*kind, tile), (weight, bias, rows, tile))
     return list(plan.values())
 
 

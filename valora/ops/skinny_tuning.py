@@ -5,7 +5,8 @@ and every ``--layers`` shape (``out`` = the sum of the widths), ``F.linear`` (cu
 candidate tile of ``skinny_candidates`` that fits the device's shared memory, under CUDA graphs
 with the weight rotated past L2, and stores under ``"skinny:" + skinny_key`` in the GPU's table::
 
-    {"use": true, "tile": {"block_m": 32, "block_n": 32, ...}, "time_us": {"skinny": …, "cublas": …}}
+    {"use": true, "tile": {"block_m": 32, "block_n": 32, ...},
+     "time_us": {"skinny": …, "cublas": …}}
 
 ``use`` is false where cuBLAS was faster: such calls keep ``F.linear`` on that GPU. At run time
 ``skinny_gemm.select_skinny_tile`` reads the entry of a call's token bucket (rows rounded up to a

@@ -144,11 +144,11 @@ class TileTable:
         record["time_us"] = {name: round(value, 3) for name, value in time_us.items()}
         if b_layout is not None:
             record["b_layout"] = b_layout
-        self.entries[key] = record
-        self._resolved.clear()
+        self.put_record(key, record)
 
     def put_record(self, key: str, record: dict[str, object]) -> None:
-        """Store a record of another kind under a prefixed key (``skinny_tuning``'s)."""
+        """Store ``record`` as it is (``put``'s, or another kind's under a prefixed key:
+        ``skinny_tuning``)."""
         self.entries[key] = record
         self._resolved.clear()
 

@@ -7,8 +7,8 @@ the best expand is then timed after the next-best shrinks too (fewer split-K pla
 expand cheaper), and the pair with the smallest sum wins. Winners are stored under the bucket key in
 ``valora/ops/tables/<GPU>.json`` (or ``--out``), each with the ``lora_b`` layout its problems were
 stored in (``VALORA_LORA_B_LAYOUT``, ``valora.ops.lora.lora_b_layout``: tune with the layout the
-engine will run). The table is written after each bucket; a rerun skips buckets already present (resume) unless
-``--no-resume``. ``--time-budget`` stops cleanly between buckets. A progress bar shows the way.
+engine will run). The table is written after each bucket; a rerun skips buckets already present
+(resume) unless ``--no-resume``. ``--time-budget`` stops cleanly between buckets. A progress bar shows the way.
 
 ``--mix`` tunes the *mix* entries instead (``valora.ops.tile_table``, "Mix entries": the tiles of
 calls whose slots the host does not know, as in CUDA-graph replays): per bucket (``--ranks``
@@ -110,12 +110,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _shapes(args: argparse.Namespace) -> list[TuneShape]:
+def _layer_specs(args: argparse.Namespace) -> list[tuple[int, tuple[int, ...]]]:
+    """``--layers`` as ``(in_features, slice widths)``: names split by ``,``; ``IN:W1,W2`` specs
+    by ``;``."""
     specs = args.layers.split(";") if ";" in args.layers or ":" in args.layers \
         else args.layers.split(",")
+    return [_layer(spec) for spec in specs]
+
+
+def _shapes(args: argparse.Namespace) -> list[TuneShape]:
     shapes: dict[str, TuneShape] = {}
-    for spec in specs:
-        in_features, widths = _layer(spec)
+    for in_features, widths in _layer_specs(args):
         for tokens in args.tokens:
             for rank in args.ranks:
                 for adapters in args.adapters:
@@ -295,11 +300,8 @@ def main(argv: list[str] | None = None) -> int:
 def _tune_skinny(args: argparse.Namespace, device: torch.device, name: str, out: Path,
                  table: TileTable) -> int:
     """``--skinny`` (``valora.ops.skinny_tuning``): one entry a token bucket × layer shape."""
-    specs = args.layers.split(";") if ";" in args.layers or ":" in args.layers \
-        else args.layers.split(",")
     shapes: dict[str, tuple[int, int, int]] = {}
-    for spec in specs:
-        in_features, widths = _layer(spec)
+    for in_features, widths in _layer_specs(args):
         for tokens in args.tokens:
             if tokens <= SKINNY_MAX_TOKENS:
                 shapes.setdefault(skinny_key(tokens, in_features, sum(widths)),
