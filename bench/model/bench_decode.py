@@ -42,10 +42,12 @@ from fused_layers import (
     LABEL_MODES,
     LABEL_PDL,
     LABEL_SKINNY,
+    LABEL_SKINNY_UNTUNED,
     LAYERS_HELP,
     check_against_stock,
     kernels_per_step,
     set_overlap,
+    untuned_skinny_tiles,
 )
 from summary import write_summary
 
@@ -125,7 +127,8 @@ def bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[in
     set_pdl(LABEL_PDL.get(label))
     set_skinny_gemm(LABEL_SKINNY.get(label))
     try:
-        with fused_layers(LABEL_MODES[label]):
+        with (fused_layers(LABEL_MODES[label]),
+              untuned_skinny_tiles(label in LABEL_SKINNY_UNTUNED)):
             _bench_decode(model, pool, ranks, batches, ceil, rec, label, repeats)
     finally:
         model.set_lora_overlap(0)

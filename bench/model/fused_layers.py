@@ -10,7 +10,8 @@ CUDA kernels one eager decode step launches per decoder layer in each mode (``ke
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -24,7 +25,8 @@ from valora.layers.rotary import apply_rotary_torch
 LABEL_MODES: dict[str, FusedMode] = {"stock": "off", "fused": "on", "serial": "on",
                                      "overlap": "on", "fused_kv": "on", "split_kv": "on",
                                      "overlap_o_down": "on", "no_pdl": "on", "pdl_expand": "on",
-                                     "pdl_both": "on", "cublas_base": "on"}
+                                     "pdl_both": "on", "cublas_base": "on",
+                                     "skinny_untuned": "on"}
 LABEL_KV_WRITE: dict[str, bool] = {"stock": False, "split_kv": False}
 """Labels whose K/V cache write is two ``index_copy_`` (``VALORA_FUSED_KV_WRITE=0``); every other
 label writes K/V in one launch, the engine's default on CUDA since session 10 (``fused_kv`` is
@@ -34,7 +36,8 @@ LABEL_OVERLAP: dict[str, int] = {"stock": DEFAULT_OVERLAP, "fused": DEFAULT_OVER
                                  "serial": 0, "overlap": 256, "fused_kv": DEFAULT_OVERLAP,
                                  "split_kv": DEFAULT_OVERLAP, "overlap_o_down": DEFAULT_OVERLAP,
                                  "no_pdl": DEFAULT_OVERLAP, "pdl_expand": DEFAULT_OVERLAP,
-                                 "pdl_both": DEFAULT_OVERLAP, "cublas_base": DEFAULT_OVERLAP}
+                                 "pdl_both": DEFAULT_OVERLAP, "cublas_base": DEFAULT_OVERLAP,
+                                 "skinny_untuned": DEFAULT_OVERLAP}
 """Per label, the largest step (tokens) whose LoRA deltas run beside the base GEMM
 (``Model.set_lora_overlap``): ``stock`` / ``fused`` as the engine runs by default, ``serial``
 never, ``overlap`` at every decode size benched."""
@@ -45,6 +48,9 @@ LABEL_SKINNY: dict[str, bool] = {"cublas_base": False}
 """Labels whose base projections run on cuBLAS at every size (``VALORA_SKINNY_GEMM=0``); every
 other label takes the engine's default, the Triton skinny GEMM up to 32 rows
 (``valora.ops.skinny_gemm``, session 13)."""
+LABEL_SKINNY_UNTUNED = ("skinny_untuned",)
+"""Labels whose skinny GEMM ignores the GPU table's ``skinny:`` entries and takes the heuristic
+tile everywhere (``untuned_skinny_tiles``): the tuned table against what it replaced, one process."""
 LABEL_OVERLAP_ALWAYS: dict[str, tuple[str, ...]] = {"overlap_o_down": ("o_proj", "down_proj")}
 """Labels whose linears of these PEFT names overlap at every size on top of ``LABEL_OVERLAP``:
 ``overlap_o_down`` tries overlapping the latency-bound o / down LoRA ops (small ``B``) at every
@@ -56,8 +62,33 @@ LAYERS_HELP = (
     "written by two index_copy_, VALORA_FUSED_KV_WRITE=0), fused_kv (= fused since the "
     "one-launch K/V write became the default), no_pdl / pdl_expand / pdl_both (fused, the LoRA "
     "op's programmatic dependent launch off / on the expand / on both launches: VALORA_PDL), "
-    "cublas_base (fused, the base projections on cuBLAS at every size: VALORA_SKINNY_GEMM=0)")
+    "cublas_base (fused, the base projections on cuBLAS at every size: VALORA_SKINNY_GEMM=0), "
+    "skinny_untuned (fused, the skinny GEMM's heuristic tiles, its table entries ignored)")
 """``bench_decode.py --layers``'s help: the labels above."""
+
+
+@contextlib.contextmanager
+def untuned_skinny_tiles(on: bool) -> Iterator[None]:
+    """While ``on``: the skinny GEMM's tile choice as if the GPU table had no ``skinny:`` entry
+    (``skinny_gemm.resolve_skinny_tile`` with no record: the heuristic, cut to the device's shared
+    memory). Graphs captured inside keep those tiles."""
+    from valora.ops import skinny_gemm
+
+    if not on:
+        yield
+        return
+    saved = skinny_gemm._select
+
+    def heuristic(device: torch.device, num_tokens: int, out_features: int, in_features: int,
+                  element_size: int) -> skinny_gemm.SkinnyTile | None:
+        return skinny_gemm.resolve_skinny_tile(None, num_tokens, out_features, in_features,
+                                               element_size, skinny_gemm.smem_limit(device))
+
+    skinny_gemm._select = heuristic  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        skinny_gemm._select = saved
 
 
 def set_overlap(model: object, label: str) -> None:

@@ -200,9 +200,10 @@ def test_table_records_decide_the_tile() -> None:
 
 
 def test_warm_up_plan_keys_binaries_and_launches_them() -> None:
-    """One launch per binary: weight shape / dtype, bias or not, tile (rows only mask). With the
-    heuristic's choice, 1–16 rows share a ``BLOCK_M`` of 16 and 17–32 one of 32; a layer shape
-    seen twice adds nothing; rows sent to ``F.linear`` add none. The launches run (interpreter)."""
+    """One launch per binary: weight shape / dtype, bias or not, tile, row class (1, a multiple
+    of 16, other). With the heuristic's choice, 1–16 rows share a ``BLOCK_M`` of 16 (classes: 1,
+    2–15, 16) and 17–32 one of 32 (17–31, 32); a layer shape seen twice adds nothing; rows sent
+    to ``F.linear`` add none. The launches run (interpreter)."""
     def heuristic(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> SkinnyTile | None:
         return skinny_tile(x.shape[0], w.shape[0], w.shape[1], x.element_size())
 
@@ -211,11 +212,11 @@ def test_warm_up_plan_keys_binaries_and_launches_them() -> None:
     w3 = torch.randn(24, 72, device=DEVICE)
     b3 = torch.randn(24, device=DEVICE)
     plan = skinny_gemm.skinny_warm_up_plan([(w1, None), (w2, None), (w3, b3)], heuristic)
+    per_shape = [(1, 16), (2, 16), (16, 16), (17, 32), (32, 32)]
     assert sorted((tuple(w.shape), b is not None, rows, t.block_m) for w, b, rows, t in plan) == [
-        ((24, 72), True, 1, 16), ((24, 72), True, 17, 32),
-        ((40, 24), False, 1, 16), ((40, 24), False, 17, 32)]
+        ((24, 72), True, *p) for p in per_shape] + [((40, 24), False, *p) for p in per_shape]
     some = skinny_gemm.skinny_warm_up_plan(
         [(w1, None)], lambda x, w, b: heuristic(x, w, b) if x.shape[0] <= 8 else None)
-    assert [rows for _, _, rows, _ in some] == [1]
-    assert skinny_gemm.warm_up_skinny_gemm([(w1, None), (w3, b3)], DEVICE, 1, heuristic) == 4
+    assert [rows for _, _, rows, _ in some] == [1, 2]
+    assert skinny_gemm.warm_up_skinny_gemm([(w1, None), (w3, b3)], DEVICE, 1, heuristic) == 10
     assert skinny_gemm.warm_up_skinny_gemm([(w1, None)], torch.device("cpu")) == 0  # F.linear

@@ -250,13 +250,19 @@ TileOf = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], "SkinnyTi
 """``(x, weight, bias) -> tile or None``: a call's choice (``_call_tile`` in the engine)."""
 
 
+def row_class(rows: int) -> tuple[bool, bool]:
+    """What the kernel's binary depends on in its row count (Triton's integer specialisation):
+    whether it is 1 and whether it is a multiple of 16."""
+    return rows == 1, rows % 16 == 0
+
+
 def skinny_warm_up_plan(linears: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
                         tile_of: TileOf | None = None
                         ) -> list[tuple[torch.Tensor, torch.Tensor | None, int, SkinnyTile]]:
     """One ``(weight, bias, rows, tile)`` per binary the skinny GEMM can run on these weights
     for 1 … ``SKINNY_MAX_TOKENS`` rows: a binary is keyed by the weight's shape and dtype,
-    the bias's presence and the tile (rows only mask, ``skinny_gemm_kernel``); rows the choice
-    sends to ``F.linear`` add none."""
+    the bias's presence, the tile and the rows' ``row_class``; rows the choice sends to
+    ``F.linear`` add none."""
     choose = tile_of or _call_tile
     kinds: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
     for weight, bias in linears:  # the layers of a model share a few kinds: ask once a kind
@@ -269,7 +275,7 @@ def skinny_warm_up_plan(linears: Iterable[tuple[torch.Tensor, torch.Tensor | Non
         for rows in range(1, SKINNY_MAX_TOKENS + 1):
             tile = choose(x[:rows], weight, bias)
             if tile is not None:
-                plan.setdefault((*kind, tile), (weight, bias, rows, tile))
+                plan.setdefault((*kind, tile, row_class(rows)), (weight, bias, rows, tile))
     return list(plan.values())
 
 

@@ -16,16 +16,17 @@ if TYPE_CHECKING:
     from valora.ops.skinny_gemm import SkinnyTile
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit
 def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``y[:, cols] = x @ w[cols, :]ᵀ (+ b[cols])`` for one block of ``BLOCK_N`` output columns
-    and all ``M`` ≤ ``BLOCK_M`` rows; fp32 accumulation over the whole ``K``. ``M`` is not
-    specialised (it only masks rows): one binary serves every batch of a ``BLOCK_M``, so a model
-    compiles one per layer shape and ``BLOCK_M`` (16 or 32) instead of one per row-count class. ``PRECISION`` /
-    ``UPCAST`` as the LoRA kernels' (``triton_lora.dot_flags``: exact fp32, bf16 multiplied in
-    fp32 by the CPU interpreter)."""
+    and all ``M`` ≤ ``BLOCK_M`` rows; fp32 accumulation over the whole ``K``. ``M`` keeps
+    Triton's integer specialisation (``M == 1``, ``M % 16 == 0``): one binary per layer shape,
+    ``BLOCK_M`` and row class (``row_class``); left unspecialised it cost 1.3–1.7 % of the 7B
+    projections' time at 1 and 16 rows (``bench/results/ops/skinny-specialise-h200-e9a1397/``).
+    ``PRECISION`` / ``UPCAST`` as the LoRA kernels' (``triton_lora.dot_flags``: exact fp32, bf16
+    multiplied in fp32 by the CPU interpreter)."""
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
