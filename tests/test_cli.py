@@ -46,3 +46,23 @@ def test_every_engine_flag_is_described_from_its_config_docstring() -> None:
     assert helps["overlap_max_tokens"].startswith("on CUDA, steps of at most this many tokens")
     assert helps["overlap_max_tokens"].endswith("(default: 32)")
     assert helps["dtype"].startswith('"auto" (bfloat16 on CUDA')
+
+
+def test_few_adapter_flags_parse_and_validate() -> None:
+    """``--few-adapter-buckets`` is a comma list of bucket sizes, ``--few-adapter-max`` a count;
+    a malformed list or a negative count is a clear error."""
+    from valora.config import LoRAConfig
+    from valora.errors import InvalidRequestError
+
+    args = build_parser().parse_args(["generate", "hi", "--few-adapter-buckets", "16, 8,16",
+                                      "--few-adapter-max", "4"])
+    kwargs = engine_kwargs(args)
+    config = LoRAConfig(few_adapter_buckets=kwargs["few_adapter_buckets"],
+                        few_adapter_max=kwargs["few_adapter_max"])
+    assert config.few_adapter_bucket_sizes() == (8, 16) and config.few_adapter_max == 4
+    assert LoRAConfig(few_adapter_buckets="").few_adapter_bucket_sizes() == ()
+    for bad in ("8,x", "0", "-8"):
+        with pytest.raises(InvalidRequestError, match="few_adapter_buckets"):
+            LoRAConfig(few_adapter_buckets=bad)
+    with pytest.raises(InvalidRequestError, match="few_adapter_max"):
+        LoRAConfig(few_adapter_max=-1)

@@ -151,6 +151,14 @@ class LoRAConfig:
     ``bench/results/model/h200-fused-correction-b35c4d5``): 0.97–1.63× the GPU speed of the two-op
     form under CUDA graphs (faster at 19 of 20 layer/step points), about half its host time, the
     same error against the fp32 twin.
+    ``few_adapter_max``: decode steps with at most this many distinct adapters replay, at the
+    buckets of ``few_adapter_buckets``, a second capture of their LoRA graph whose base
+    projections run on cuBLAS instead of the skinny GEMM (only where the skinny GEMM is on);
+    ``0`` = never. ``few_adapter_buckets``: those decode-graph buckets, comma-separated. Measured
+    on an H200 at 7B shapes (``bench/results/model/h200-skinny-ab-de0d074/``): with one or 8
+    adapters at 8–16 rows the LoRA op beside a cuBLAS base GEMM costs 2–6 % less of a step than
+    beside the skinny GEMM (whose one wave of programs leaves the side stream no SMs), with 32
+    adapters 2–7 % more — hence 8 adapters at buckets 8 and 16 (the skinny GEMM won elsewhere).
     """
 
     enable_lora: bool = True
@@ -162,13 +170,25 @@ class LoRAConfig:
     warm_up_lora_kernels: bool = True
     warm_up_threads: int = 0
     fuse_correction: bool = True
+    few_adapter_max: int = 8
+    few_adapter_buckets: str = "8,16"
 
     def __post_init__(self) -> None:
         _require(self.max_loras > 0, "max_loras must be positive")
+        _require(self.few_adapter_max >= 0, "few_adapter_max must be >= 0 (0: never)")
+        self.few_adapter_bucket_sizes()  # validates
         _require(self.max_cpu_loras >= self.max_loras, "max_cpu_loras must be >= max_loras")
         _require(self.max_lora_rank > 0, "max_lora_rank must be positive")
         _require(self.overlap_max_tokens >= 0, "overlap_max_tokens must be >= 0")
         _require(self.warm_up_threads >= 0, "warm_up_threads must be >= 0 (0: one per core)")
+
+    def few_adapter_bucket_sizes(self) -> tuple[int, ...]:
+        """``few_adapter_buckets`` as sorted bucket sizes (``ValoraError`` for a malformed one)."""
+        parts = [p.strip() for p in self.few_adapter_buckets.split(",") if p.strip()]
+        _require(all(p.isdigit() and int(p) > 0 for p in parts),
+                 f"few_adapter_buckets must be positive integers, comma-separated: "
+                 f"{self.few_adapter_buckets!r}")
+        return tuple(sorted({int(p) for p in parts}))
 
 
 @dataclass(frozen=True)

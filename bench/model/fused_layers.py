@@ -26,7 +26,7 @@ LABEL_MODES: dict[str, FusedMode] = {"stock": "off", "fused": "on", "serial": "o
                                      "overlap": "on", "fused_kv": "on", "split_kv": "on",
                                      "overlap_o_down": "on", "no_pdl": "on", "pdl_expand": "on",
                                      "pdl_both": "on", "cublas_base": "on",
-                                     "skinny_untuned": "on"}
+                                     "skinny_untuned": "on", "few_off": "on"}
 LABEL_KV_WRITE: dict[str, bool] = {"stock": False, "split_kv": False}
 """Labels whose K/V cache write is two ``index_copy_`` (``VALORA_FUSED_KV_WRITE=0``); every other
 label writes K/V in one launch, the engine's default on CUDA since session 10 (``fused_kv`` is
@@ -37,7 +37,7 @@ LABEL_OVERLAP: dict[str, int] = {"stock": DEFAULT_OVERLAP, "fused": DEFAULT_OVER
                                  "split_kv": DEFAULT_OVERLAP, "overlap_o_down": DEFAULT_OVERLAP,
                                  "no_pdl": DEFAULT_OVERLAP, "pdl_expand": DEFAULT_OVERLAP,
                                  "pdl_both": DEFAULT_OVERLAP, "cublas_base": DEFAULT_OVERLAP,
-                                 "skinny_untuned": DEFAULT_OVERLAP}
+                                 "skinny_untuned": DEFAULT_OVERLAP, "few_off": DEFAULT_OVERLAP}
 """Per label, the largest step (tokens) whose LoRA deltas run beside the base GEMM
 (``Model.set_lora_overlap``): ``stock`` / ``fused`` as the engine runs by default, ``serial``
 never, ``overlap`` at every decode size benched."""
@@ -51,6 +51,10 @@ other label takes the engine's default, the Triton skinny GEMM up to 32 rows
 LABEL_SKINNY_UNTUNED = ("skinny_untuned",)
 """Labels whose skinny GEMM ignores the GPU table's ``skinny:`` entries and takes the heuristic
 tile everywhere (``untuned_skinny_tiles``): the tuned table against what it replaced, one process."""
+LABEL_NO_FEW_ADAPTERS = ("few_off",)
+"""Labels whose decode graphs have no few-adapter captures (``CudaGraphRunner``: the LoRA graphs
+of buckets 8 / 16 captured again with the base GEMM on cuBLAS, replayed for ≤ 8 adapters;
+``LoRAConfig.few_adapter_max``): every LoRA step on the skinny GEMM, as in session 13."""
 LABEL_OVERLAP_ALWAYS: dict[str, tuple[str, ...]] = {"overlap_o_down": ("o_proj", "down_proj")}
 """Labels whose linears of these PEFT names overlap at every size on top of ``LABEL_OVERLAP``:
 ``overlap_o_down`` tries overlapping the latency-bound o / down LoRA ops (small ``B``) at every
@@ -63,7 +67,8 @@ LAYERS_HELP = (
     "one-launch K/V write became the default), no_pdl / pdl_expand / pdl_both (fused, the LoRA "
     "op's programmatic dependent launch off / on the expand / on both launches: VALORA_PDL), "
     "cublas_base (fused, the base projections on cuBLAS at every size: VALORA_SKINNY_GEMM=0), "
-    "skinny_untuned (fused, the skinny GEMM's heuristic tiles, its table entries ignored)")
+    "skinny_untuned (fused, the skinny GEMM's heuristic tiles, its table entries ignored), "
+    "few_off (fused without the few-adapter cuBLAS captures)")
 """``bench_decode.py --layers``'s help: the labels above."""
 
 

@@ -114,7 +114,9 @@ def decode_step(model: CausalLMBase, pool: KVPool, contexts: list[int], slots: l
                          attn=attn, logits_indices=torch.arange(count, device=device))
     if any(s >= 0 for s in slots):
         batch.lora = prepare_lora_batch(torch.tensor(slots, dtype=torch.int32, device=device),
-                                        num_slots, lora_backend)
+                                        num_slots, lora_backend,
+                                        active_slots=sorted({s for s in slots if s >= 0}))
+        # the host knows the step's adapters, as in the engine (tile hints, few-adapter graphs)
     return StepSetup(batch, sum(contexts), slots)
 
 

@@ -99,7 +99,8 @@ class Stepper:
 
     def _lora(self, slots: list[int]) -> LoRABatch:
         return prepare_lora_batch(torch.tensor(slots, dtype=torch.int32, device=self.model.device),
-                                  self.num_lora_slots, self.lora_backend)
+                                  self.num_lora_slots, self.lora_backend,
+                                  active_slots=sorted({s for s in slots if s >= 0}))  # as the engine
 
     @torch.inference_mode()
     def logits(self, batch: ForwardBatch, graphs: CudaGraphRunner | None = None,

@@ -15,8 +15,9 @@ from attn_cases import DEVICE, rel_err
 from gpu_stepper import Sequence, Stepper, fill_slots, make_lora_model
 
 import valora.layers.attention_triton  # noqa: F401  (registers the "triton" backend)
-from valora.engine.cuda_graph import CudaGraphRunner, batch_buckets
+from valora.engine.cuda_graph import FEW_ADAPTERS, CudaGraphRunner, batch_buckets
 from valora.errors import ValoraError
+from valora.forward_batch import ForwardBatch
 from valora.models.base import CausalLMBase
 
 NUM_SLOTS, MAX_RANK, PAGE_SIZE = 4, 8, 4
@@ -93,6 +94,59 @@ def test_can_run_refuses_what_no_graph_serves(tiny_llava: Path) -> None:
         runner.run(prefill)
 
 
+def test_few_adapter_captures_serve_steps_with_few_adapters(tiny_llava: Path) -> None:
+    """A bucket of ``few_adapter_buckets`` holds a second ``"lora"`` entry, replayed for steps of
+    at most ``few_adapter_max`` distinct adapters (host-known) and matching the reference; other
+    buckets, more adapters, unknown adapters and other variants take their variant's entry;
+    without the ``"lora"`` variant or with ``few_adapter_max`` 0 there are none."""
+    ranks = [3, 8, 5]
+    fast = make_model(tiny_llava, "triton", DEVICE, torch.float32, ranks)
+    ref = make_model(tiny_llava, "torch", torch.device("cpu"), torch.float32, ranks)
+    runner = CudaGraphRunner(fast, 4, max_context=64, page_size=PAGE_SIZE,
+                             num_lora_slots=NUM_SLOTS, variants=("base", "lora"),
+                             use_graphs=False, few_adapter_buckets=(2, 3, 64),
+                             few_adapter_max=1)
+    assert runner.few_adapter_buckets == (2,)  # buckets 1, 2, 4: only 2 is both
+    assert set(runner._entries) == {(b, v) for b in (1, 2, 4) for v in ("base", "lora")} | {
+        (2, FEW_ADAPTERS)}
+    runner.capture()
+    stepper = Stepper(fast, 48, PAGE_SIZE, NUM_SLOTS, "triton")
+    seqs = prompts(fast, 4, [(0, -1), (0, -1), (2, -1), (-1, -1)])
+    for seq in seqs:
+        seq.tokens *= 2
+
+    def key(chosen: list[Sequence]) -> tuple[int, str]:
+        step = stepper.build(chosen, [1] * len(chosen))
+        bucket = runner.bucket_for(len(chosen))
+        assert bucket is not None
+        return runner.entry_key(step, bucket)
+
+    assert key(seqs[:2]) == (2, FEW_ADAPTERS)  # one adapter, bucket 2
+    assert key([seqs[0], seqs[3]]) == (2, FEW_ADAPTERS)  # one adapter and a base row
+    assert key(seqs[1:3]) == (2, "lora")  # two adapters
+    assert key(seqs[:1]) == (1, "lora")  # bucket 1 has no second capture
+    assert key(seqs[:3]) == (4, "lora")
+    assert key(seqs[3:]) == (1, "base")
+    unknown = stepper.build(seqs[:2], [1, 1])
+    assert unknown.lora is not None
+    unknown.lora.num_active_slots = -1  # e.g. slots only on the device
+    assert runner.entry_key(unknown, 2) == (2, "lora")
+    slots = [(0, -1), (-1, -1)]
+    got, got_logits = Stepper(fast, 48, PAGE_SIZE, NUM_SLOTS, "triton").greedy(
+        prompts(fast, 2, slots), 3, 4, runner)
+    want, want_logits = Stepper(ref, 48, PAGE_SIZE, NUM_SLOTS, "reference", seed=1).greedy(
+        prompts(ref, 2, slots), 3, 4)
+    assert got == want
+    for a, b in zip(got_logits, want_logits, strict=True):
+        assert rel_err(a, b) < 1e-5
+    for variants, few_max in ((("base",), 1), (("base", "lora"), 0)):
+        none = CudaGraphRunner(fast, 4, max_context=64, page_size=PAGE_SIZE,
+                               num_lora_slots=NUM_SLOTS, variants=variants, use_graphs=False,
+                               few_adapter_buckets=(2,), few_adapter_max=few_max)
+        assert none.few_adapter_buckets == ()
+        assert all(v != FEW_ADAPTERS for _, v in none._entries)
+
+
 def test_refuses_backends_that_cannot_be_captured(tiny_llava: Path) -> None:
     model = make_model(tiny_llava, "torch", torch.device("cpu"), torch.float32, [])
     with pytest.raises(ValoraError, match="cannot be captured"):
@@ -110,23 +164,38 @@ def _engine_mixed_slots(count: int, merged: int) -> list[tuple[int, int]]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("overlap", "fuse"), [(0, False), (64, False), (0, True), (64, True)],
-                         ids=["serial", "lora-overlap", "serial-fused", "lora-overlap-fused"])
+@pytest.mark.parametrize(("overlap", "fuse", "few"),
+                         [(0, False, 0), (64, False, 0), (0, True, 0), (64, True, 0),
+                          (64, False, 4)],
+                         ids=["serial", "lora-overlap", "serial-fused", "lora-overlap-fused",
+                              "lora-overlap-few-adapters"])
 def test_gpu_graphs_match_eager_and_survive_adapter_changes(tiny_llava: Path, overlap: int,
-                                                           fuse: bool) -> None:
+                                                           fuse: bool, few: int) -> None:
     """With ``overlap``, the graphed model's LoRA deltas (prefill and captured decode) run on
     the side stream; the eager reference runs them in series. With ``fuse``, the captured
-    ``mixed`` graph runs the correction inside each LoRA op (engine-planned slots)."""
+    ``mixed`` graph runs the correction inside each LoRA op (engine-planned slots). With
+    ``few``, bucket 16's ``"lora"`` graph is captured a second time with the base GEMM forced
+    to cuBLAS and replayed for the (4-adapter) lora steps."""
     ranks = [8, 2, 5, 7]
     graphed = make_model(tiny_llava, "triton", DEVICE, torch.float32, ranks)
     graphed.set_lora_overlap(overlap, priority=-1 if overlap else 0)
     eager = make_model(tiny_llava, "triton", DEVICE, torch.float32, ranks)
     # 11 sequences (bucket 16, padded), some subtracting a merged adapter: the "mixed" graph.
     slots = (_engine_mixed_slots(11, 3) if fuse
-             else [(i % 5 - 1, 3 if i % 3 == 0 else -1) for i in range(11)])
+             else [(i % 5 - 1, 3 if i % 3 == 0 and not few else -1) for i in range(11)])
     runner = CudaGraphRunner(graphed, 16, max_context=128, page_size=PAGE_SIZE,
                              num_lora_slots=NUM_SLOTS, variants=("base", "lora", "mixed"),
-                             fuse_correction=fuse)
+                             fuse_correction=fuse, few_adapter_buckets=(16,) if few else (),
+                             few_adapter_max=few)
+    assert ((16, FEW_ADAPTERS) in runner._entries) == bool(few)
+    replayed: list[tuple[int, str]] = []
+    entry_key = runner.entry_key
+
+    def recording(batch: ForwardBatch, size: int) -> tuple[int, str]:
+        replayed.append(entry_key(batch, size))
+        return replayed[-1]
+
+    runner.entry_key = recording  # type: ignore[method-assign]
     fast_steps = Stepper(graphed, 600, PAGE_SIZE, NUM_SLOTS, "triton")
     slow_steps = Stepper(eager, 600, PAGE_SIZE, NUM_SLOTS, "triton")
     fast_seqs, slow_seqs = prompts(graphed, 11, slots), prompts(eager, 11, slots)
@@ -144,6 +213,7 @@ def test_gpu_graphs_match_eager_and_survive_adapter_changes(tiny_llava: Path, ov
         fill_slots(graphed, [4, 8, 1, 6], seed=20 + round_)  # new adapters, same storage
         fill_slots(eager, [4, 8, 1, 6], seed=20 + round_)
     assert {key: entry.graph for key, entry in runner._entries.items()} == graphs
+    assert ((16, FEW_ADAPTERS) in replayed) == bool(few)
 
 
 @pytest.mark.gpu

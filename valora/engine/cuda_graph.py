@@ -17,6 +17,14 @@ token slot -1; ``valora.engine.graph_lora``) — never on which adapters run. Wi
 (``valora.ops.lora``; its segments read both static slot buffers), else two; either replays
 batches of either form.
 
+Few adapters: at the buckets of ``few_adapter_buckets`` the ``"lora"`` graph is captured twice,
+the second time with the base projections on cuBLAS instead of the skinny GEMM
+(``valora.ops.skinny_gemm``); a step whose batch has at most ``few_adapter_max`` distinct adapters
+(host-known: ``LoRABatch.num_active_slots``) replays that one. Beside a LoRA op on the side stream
+(``valora.layers.lora_overlap``) cuBLAS leaves SMs free where the skinny GEMM does not, which
+pays with few adapters and costs with many (``LoRAConfig.few_adapter_max``). Both captures compute
+the same sums up to the GEMMs' rounding.
+
 Invariants: the model's KV caches, LoRA slot tensors and weights keep their storage after
 ``capture`` (rebinding caches or calling ``init_lora`` again needs a new runner); the hidden
 states ``run`` returns are a view of the graph's output, valid until the next ``run``.
@@ -47,6 +55,8 @@ from valora.models.base import CausalLMBase
 logger = get_logger(__name__)
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+FEW_ADAPTERS = "lora_few"
+"""The entry key of a bucket's second ``"lora"`` capture (module docstring: few adapters)."""
 
 
 def smallest_bucket(buckets: Sequence[int], size: int) -> int | None:
@@ -108,6 +118,8 @@ class CudaGraphRunner:
         buckets: Iterable[int] = DEFAULT_BUCKETS,
         use_graphs: bool | None = None,
         fuse_correction: bool = False,
+        few_adapter_buckets: Iterable[int] = (),
+        few_adapter_max: int = 0,
     ) -> None:
         backend = model.decoder.backend
         if not getattr(backend, "graph_capturable", False):
@@ -135,6 +147,11 @@ class CudaGraphRunner:
         self._entries = {
             (b, v): self._make_entry(b, v) for b in self.buckets for v in self.variants
         }
+        wanted = set(few_adapter_buckets) if few_adapter_max > 0 and "lora" in self.variants else ()
+        self.few_adapter_buckets = tuple(b for b in self.buckets if b in wanted)
+        self.few_adapter_max = few_adapter_max
+        for b in self.few_adapter_buckets:
+            self._entries[(b, FEW_ADAPTERS)] = self._make_entry(b, "lora")
         self._pool: object | None = None
         self.captured = False
 
@@ -191,11 +208,25 @@ class CudaGraphRunner:
             self.captured = True
             return
         self._pool = torch.cuda.graph_pool_handle()
-        mib = capture_largest_first(self.device, self.buckets, self.variants,
-                                    lambda key: self._capture_entry(self._entries[key]))
+        variants = (*self.variants, FEW_ADAPTERS) if self.few_adapter_buckets else self.variants
+        mib = capture_largest_first(self.device, self.buckets, variants, self._capture_key)
         self.captured = True
-        logger.info("captured %d decode graphs (buckets %s, variants %s): %.1f MiB",
-                    len(self._entries), list(self.buckets), list(self.variants), mib)
+        few = (f"; buckets {list(self.few_adapter_buckets)} again with the base GEMM on cuBLAS "
+               f"for <= {self.few_adapter_max} adapters") if self.few_adapter_buckets else ""
+        logger.info("captured %d decode graphs (buckets %s, variants %s%s): %.1f MiB",
+                    len(self._entries), list(self.buckets), list(self.variants), few, mib)
+
+    def _capture_key(self, key: tuple[int, str]) -> None:
+        entry = self._entries.get(key)
+        if entry is None:  # a bucket without a few-adapter capture
+            return
+        if key[1] != FEW_ADAPTERS:
+            self._capture_entry(entry)
+            return
+        from valora.ops.skinny_gemm import skinny_gemm_forced
+
+        with skinny_gemm_forced(False):
+            self._capture_entry(entry)
 
     def _capture_entry(self, entry: _Entry) -> None:
         stream = torch.cuda.Stream(self.device)
@@ -251,12 +282,22 @@ class CudaGraphRunner:
         """``run(batch)`` when ``can_run(batch)``, else None (the step checked once)."""
         return self._replay(batch) if self.can_run(batch) else None
 
+    def entry_key(self, batch: ForwardBatch, size: int) -> tuple[int, str]:
+        """The capture replaying ``batch`` at bucket ``size``: its variant's, or the few-adapter
+        one (module docstring) when the host knows the batch has few enough adapters."""
+        variant = variant_of(batch)
+        lora = batch.lora
+        if (variant == "lora" and size in self.few_adapter_buckets and lora is not None
+                and 0 <= lora.num_active_slots <= self.few_adapter_max):
+            return size, FEW_ADAPTERS
+        return size, variant
+
     @torch.inference_mode()
     def _replay(self, batch: ForwardBatch) -> torch.Tensor:
         num_seqs = batch.attn.num_seqs
         size = self.bucket_for(num_seqs)
         assert size is not None
-        entry = self._entries[(size, variant_of(batch))]
+        entry = self._entries[self.entry_key(batch, size)]
         self._fill(batch, num_seqs, size)
         if entry.graph is None:
             return self._body(entry, in_graph=True)[:num_seqs]
@@ -290,17 +331,22 @@ def capture_decode_graphs(
     variants: Iterable[str],
     purpose: str = "decode steps run eagerly",
     fuse_correction: bool = False,
+    few_adapter_buckets: Iterable[int] = (),
+    few_adapter_max: int = 0,
 ) -> CudaGraphRunner | None:
     """A captured ``CudaGraphRunner``, or None (with a warning naming ``purpose``) where the
     runner cannot serve the model: an attention backend that is not capturable, length-dependent
-    RoPE. Without LoRA slots only the ``"base"`` variant is captured."""
+    RoPE. Without LoRA slots only the ``"base"`` variant is captured; ``few_adapter_*`` as the
+    runner's (module docstring)."""
     wanted = list(variants)
     if num_lora_slots == 0:
         wanted = [v for v in wanted if v == "base"] or ["base"]
     try:
         runner = CudaGraphRunner(model, max_batch, max_context=max_context, page_size=page_size,
                                  num_lora_slots=num_lora_slots, variants=wanted,
-                                 fuse_correction=fuse_correction)
+                                 fuse_correction=fuse_correction,
+                                 few_adapter_buckets=few_adapter_buckets,
+                                 few_adapter_max=few_adapter_max)
         runner.capture()
     except ValoraError as exc:
         logger.warning("CUDA graphs disabled, %s: %s", purpose, exc)

@@ -121,9 +121,11 @@ class ModelRunner:
         self._trace_limit = 100_000
 
     def enable_cuda_graphs(
-        self, max_batch: int, max_context: int, variants: Sequence[str] = ("base", "lora")
+        self, max_batch: int, max_context: int, variants: Sequence[str] = ("base", "lora"),
+        few_adapter_buckets: Sequence[int] = (), few_adapter_max: int = 0,
     ) -> bool:
-        """Capture decode graphs for up to ``max_batch`` sequences of ``max_context`` tokens.
+        """Capture decode graphs for up to ``max_batch`` sequences of ``max_context`` tokens
+        (``few_adapter_*``: ``CudaGraphRunner``'s few-adapter captures).
 
         Returns whether graphs are in use. A model the graph runner cannot serve (an attention
         backend that is not capturable, length-dependent RoPE) keeps running eagerly, with a
@@ -137,6 +139,8 @@ class ModelRunner:
             num_lora_slots=self.num_lora_slots,
             variants=variants,
             fuse_correction=self.fuse_correction,
+            few_adapter_buckets=few_adapter_buckets,
+            few_adapter_max=few_adapter_max,
         )
         return self.graphs is not None
 

@@ -39,7 +39,7 @@ from valora.lora.peft_format import BaseModelShapes
 from valora.models.loader import load_model
 from valora.multimodal.processor import ImageProcessor
 from valora.ops.lora import resolve_lora_backend
-from valora.ops.skinny_gemm import warm_up_skinny_gemm
+from valora.ops.skinny_gemm import skinny_gemm_enabled, warm_up_skinny_gemm
 from valora.ops.warmup import WarmUpReport, warm_up_lora_kernels
 from valora.orchestrator.modes import plan_lora_batches
 from valora.request import Request
@@ -339,8 +339,11 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     graph_bytes = 0
     if graphs:
         before = torch.cuda.memory_reserved(device)
+        few_adapters = skinny_gemm_enabled(device)  # else both captures would be the same
         runner.enable_cuda_graphs(
-            config.scheduler.max_num_seqs, max_model_len, graph_variants(config, num_slots)
+            config.scheduler.max_num_seqs, max_model_len, graph_variants(config, num_slots),
+            few_adapter_buckets=config.lora.few_adapter_bucket_sizes() if few_adapters else (),
+            few_adapter_max=config.lora.few_adapter_max if few_adapters else 0,
         )
         if config.model.prefill_graphs:
             runner.enable_piecewise_graphs(config.scheduler.max_num_batched_tokens,

@@ -27,9 +27,10 @@ keep cuBLAS unless asked). Every other call is ``F.linear``. A tile's pipeline i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,18 @@ def set_skinny_gemm(on: bool | None) -> None:
     """Use the skinny GEMM (True), never (False), or as by default (None: ``VALORA_SKINNY_GEMM``,
     else per device; benchmarks compare both in one process)."""
     _SWITCH[0] = None if on is None else ("1" if on else "0")
+
+
+@contextlib.contextmanager
+def skinny_gemm_forced(on: bool) -> Iterator[None]:
+    """``set_skinny_gemm(on)`` inside the block, the switch as it was afterwards (a decode graph
+    captured inside keeps the choice: ``CudaGraphRunner``'s few-adapter captures)."""
+    saved = _SWITCH[0]
+    set_skinny_gemm(on)
+    try:
+        yield
+    finally:
+        _SWITCH[0] = saved
 
 
 def skinny_gemm_switch() -> str:
