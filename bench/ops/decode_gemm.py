@@ -70,14 +70,22 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, tile: tuple) 
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
 
 
-def time_point(name: str, batch: int, in_f: int, out_f: int, device: torch.device,
-               dtype: torch.dtype, rate: float, tiles: list) -> dict[str, Any]:
-    w_bytes = 2 * in_f * out_f
-    copies = max(1, min(8, -(-L2_BYTES // w_bytes)))
+def gemm_problem(batch: int, in_f: int, out_f: int, device: torch.device, dtype: torch.dtype
+                 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Copies of a random weight ``[out, in]`` (enough, ≤ 8, to rotate past L2), an input
+    ``[batch, in]`` and an output buffer ``[batch, out]``."""
+    copies = max(1, min(8, -(-L2_BYTES // (2 * in_f * out_f))))
     weights = [torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f ** 0.5
                for _ in range(copies)]
     x = torch.randn(batch, in_f, device=device, dtype=dtype)
-    y = torch.empty(batch, out_f, device=device, dtype=dtype)
+    return weights, x, torch.empty(batch, out_f, device=device, dtype=dtype)
+
+
+def time_point(name: str, batch: int, in_f: int, out_f: int, device: torch.device,
+               dtype: torch.dtype, rate: float, tiles: list) -> dict[str, Any]:
+    w_bytes = 2 * in_f * out_f
+    weights, x, y = gemm_problem(batch, in_f, out_f, device, dtype)
+    copies = len(weights)
     want = F.linear(x, weights[0])
     row: dict[str, Any] = {"layer": name, "batch": batch, "in": in_f, "out": out_f,
                            "copies": copies, "floor_us": w_bytes / rate * 1e6, "us": {},

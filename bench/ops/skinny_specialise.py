@@ -2,11 +2,12 @@
 specialisation to compile one binary per ``BLOCK_M``; its speed was not measured.)
 
 Per projection at LLaVA-1.5-7B widths (o, qkv, gate_up, down) and batch 1 / 8 / 16 / 32, under
-CUDA graphs with the weight rotated past L2, the shipped kernel (``M`` a runtime value) against
-the same kernel body jitted with ``M`` specialised (Triton's default: ``M == 1`` and
-``M % 16 == 0`` become compile-time facts), both at the heuristic tile
-(``skinny_tile``: what the engine takes while its table has no skinny entries), checked against
-``F.linear`` first.
+CUDA graphs with the weight rotated past L2, the kernel body jitted with ``M`` unspecialised
+(``M`` a runtime value, as 9ac74d6 shipped it) against it with ``M`` specialised (Triton's
+default: ``M == 1`` and ``M % 16 == 0`` become compile-time facts; shipped again since b8aaaad
+after this measured it at e9a1397, where the shipped launch was the unspecialised one), both at
+the heuristic tile (``skinny_tile``: what the engine took before the H200 table's skinny
+entries), checked against ``F.linear`` first.
 
     python bench/ops/skinny_specialise.py --out $OUT/skinny_specialise.jsonl [--sha SHA] [--tiny]
 """
@@ -18,26 +19,23 @@ import dataclasses
 import json
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 import triton
 from decode_experiment import setup
+from decode_gemm import SHAPES, TINY_SHAPES, gemm_problem
 
 from valora.ops.skinny_gemm import skinny_tile, smem_limit
-from valora.ops.skinny_gemm_kernel import _skinny_gemm_kernel, launch_skinny_gemm
+from valora.ops.skinny_gemm_kernel import _skinny_gemm_kernel
 from valora.ops.timing import time_calls
 from valora.ops.triton_lora import dot_flags
 
-SHAPES = {"o": (4096, 4096), "qkv": (4096, 12288), "gate_up": (4096, 22016),
-          "down": (11008, 4096)}
-TINY_SHAPES = {"o": (64, 64), "down": (96, 32)}
-L2_BYTES = 150 << 20
-_specialised = triton.jit(_skinny_gemm_kernel.fn)
+_KERNELS = {"specialised": triton.jit(_skinny_gemm_kernel.fn),
+            "unspecialised": triton.jit(_skinny_gemm_kernel.fn, do_not_specialize=["M"])}
 
 
-def launch_specialised(x, weight, y, tile) -> None:
+def launch(kind: str, x, weight, y, tile) -> None:
     grid = (triton.cdiv(weight.shape[0], tile.block_n),)
-    _specialised[grid](
+    _KERNELS[kind][grid](
         x, weight, y, y, x.shape[0], weight.shape[0], weight.shape[1], x.stride(0),
         weight.stride(0), y.stride(0), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k, HAS_BIAS=False, **dot_flags(x.dtype), num_warps=tile.num_warps,
@@ -46,11 +44,8 @@ def launch_specialised(x, weight, y, tile) -> None:
 
 def time_point(layer: str, batch: int, in_f: int, out_f: int, device, dtype, rate) -> dict:
     w_bytes = 2 * in_f * out_f
-    copies = max(1, min(8, -(-L2_BYTES // w_bytes)))
-    weights = [torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f ** 0.5
-               for _ in range(copies)]
-    x = torch.randn(batch, in_f, device=device, dtype=dtype)
-    y = torch.empty(batch, out_f, device=device, dtype=dtype)
+    weights, x, y = gemm_problem(batch, in_f, out_f, device, dtype)
+    copies = len(weights)
     tile = skinny_tile(batch, out_f, in_f, x.element_size(), smem_limit(device))
     row: dict[str, Any] = {"layer": layer, "batch": batch, "in": in_f, "out": out_f,
                            "copies": copies, "tile": dataclasses.astuple(tile) if tile else None,
@@ -58,8 +53,8 @@ def time_point(layer: str, batch: int, in_f: int, out_f: int, device, dtype, rat
     if tile is None:
         return row
     want = F.linear(x, weights[0])
-    variants = {"unspecialised": lambda i: launch_skinny_gemm(x, weights[i], None, y, tile),
-                "specialised": lambda i: launch_specialised(x, weights[i], y, tile)}
+    variants = {kind: lambda i, kind=kind: launch(kind, x, weights[i], y, tile)
+                for kind in ("unspecialised", "specialised")}
     for label, call in variants.items():
         y.zero_()
         call(0)
