@@ -54,12 +54,12 @@ from summary import write_summary
 
 import valora.layers.attention_triton  # noqa: F401  (registers "triton")
 from valora.config import LoRAConfig
-from valora.engine.cuda_graph import CudaGraphRunner
+from valora.engine.cuda_graph import CudaGraphRunner, few_adapter_captures
 from valora.engine.piecewise_graphs import capture_piecewise_graphs
 from valora.layers.fused_select import fused_layers, set_fused_kv_write
 from valora.models.loader import load_model
 from valora.ops.pdl import set_pdl
-from valora.ops.skinny_gemm import set_skinny_gemm, skinny_gemm_enabled
+from valora.ops.skinny_gemm import set_skinny_gemm
 
 CONFIG_DIR = Path(__file__).resolve().parent / "llava-1.5-7b"
 NUM_SLOTS, MAX_RANK, CONTEXT = 32, 64, 600
@@ -142,14 +142,12 @@ def bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[in
 def _bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
                   ceil: dict[str, float], rec: Recorder, label: str, repeats: int) -> None:
     device = model.device
-    few = skinny_gemm_enabled(device) and label not in LABEL_NO_FEW_ADAPTERS  # as the engine
-    lora_config = LoRAConfig()
+    few_buckets, few_max = few_adapter_captures(  # as the engine
+        LoRAConfig(few_adapter_max=0) if label in LABEL_NO_FEW_ADAPTERS else LoRAConfig(), device)
     runner = CudaGraphRunner(model, max(batches), max_context=4096, page_size=wl.PAGE_SIZE,
                              num_lora_slots=NUM_SLOTS, variants=("base", "lora"),
-                             buckets=batches,
-                             few_adapter_buckets=lora_config.few_adapter_bucket_sizes() if few
-                             else (),
-                             few_adapter_max=lora_config.few_adapter_max if few else 0)
+                             buckets=batches, few_adapter_buckets=few_buckets,
+                             few_adapter_max=few_max)
     begin = time.perf_counter()
     runner.capture()
     rec.emit({"section": "capture", "label": label, "seconds": time.perf_counter() - begin})

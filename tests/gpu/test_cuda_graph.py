@@ -15,7 +15,12 @@ from attn_cases import DEVICE, rel_err
 from gpu_stepper import Sequence, Stepper, fill_slots, make_lora_model
 
 import valora.layers.attention_triton  # noqa: F401  (registers the "triton" backend)
-from valora.engine.cuda_graph import FEW_ADAPTERS, CudaGraphRunner, batch_buckets
+from valora.engine.cuda_graph import (
+    FEW_ADAPTERS,
+    CudaGraphRunner,
+    batch_buckets,
+    few_adapter_captures,
+)
 from valora.errors import ValoraError
 from valora.forward_batch import ForwardBatch
 from valora.models.base import CausalLMBase
@@ -145,6 +150,26 @@ def test_few_adapter_captures_serve_steps_with_few_adapters(tiny_llava: Path) ->
                                few_adapter_buckets=(2,), few_adapter_max=few_max)
         assert none.few_adapter_buckets == ()
         assert all(v != FEW_ADAPTERS for _, v in none._entries)
+
+
+def test_few_adapter_captures_follow_the_skinny_gemm_switch() -> None:
+    """The engine asks for few-adapter captures only where the skinny GEMM serves the base
+    projections (else both captures would be the same) and ``few_adapter_max`` > 0;
+    ``skinny_gemm_forced`` restores the switch it found."""
+    from valora.config import LoRAConfig
+    from valora.ops.skinny_gemm import skinny_gemm_forced, skinny_gemm_switch
+
+    cpu = torch.device("cpu")
+    before = skinny_gemm_switch()
+    assert few_adapter_captures(LoRAConfig(), cpu) == ((), 0)  # auto: CPU has no skinny GEMM
+    with skinny_gemm_forced(True):
+        assert few_adapter_captures(LoRAConfig(), cpu) == ((8, 16), 8)
+        assert few_adapter_captures(LoRAConfig(few_adapter_max=0), cpu) == ((), 0)
+        assert few_adapter_captures(LoRAConfig(few_adapter_buckets="4"), cpu) == ((4,), 8)
+        with skinny_gemm_forced(False):
+            assert few_adapter_captures(LoRAConfig(), cpu) == ((), 0)
+        assert skinny_gemm_switch() == "1"
+    assert skinny_gemm_switch() == before
 
 
 def test_refuses_backends_that_cannot_be_captured(tiny_llava: Path) -> None:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from valora.config import LoRAConfig
 from valora.engine.graph_lora import (
     StaticSegments,
     attach_static_lora,
@@ -319,6 +320,17 @@ class CudaGraphRunner:
             for buffer in (self.input_ids, self.positions, self.seq_lens, self.slot_mapping):
                 buffer[num_seqs:size].zero_()
         fill_lora_slots(batch, self.token_slots, self.correction_slots, num_seqs, size)
+
+
+def few_adapter_captures(lora: LoRAConfig, device: torch.device) -> tuple[tuple[int, ...], int]:
+    """``(few_adapter_buckets, few_adapter_max)`` for a runner on ``device`` under ``lora``
+    (module docstring): none where the skinny GEMM does not serve the base projections — both
+    captures would be the same — or where ``few_adapter_max`` is 0."""
+    from valora.ops.skinny_gemm import skinny_gemm_enabled
+
+    if lora.few_adapter_max == 0 or not skinny_gemm_enabled(device):
+        return (), 0
+    return lora.few_adapter_bucket_sizes(), lora.few_adapter_max
 
 
 def capture_decode_graphs(

@@ -20,6 +20,7 @@ from valora.engine.components import (
     size_kv_cache,
     use_cuda_graphs,
 )
+from valora.engine.cuda_graph import few_adapter_captures
 from valora.engine.detokenizer import IncrementalDetokenizer
 from valora.engine.inputs import InputProcessor, ModelLimits
 from valora.engine.memory_plan import MemoryPlan, weight_and_slot_bytes
@@ -39,7 +40,7 @@ from valora.lora.peft_format import BaseModelShapes
 from valora.models.loader import load_model
 from valora.multimodal.processor import ImageProcessor
 from valora.ops.lora import resolve_lora_backend
-from valora.ops.skinny_gemm import skinny_gemm_enabled, warm_up_skinny_gemm
+from valora.ops.skinny_gemm import warm_up_skinny_gemm
 from valora.ops.warmup import WarmUpReport, warm_up_lora_kernels
 from valora.orchestrator.modes import plan_lora_batches
 from valora.request import Request
@@ -339,11 +340,10 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     graph_bytes = 0
     if graphs:
         before = torch.cuda.memory_reserved(device)
-        few_adapters = skinny_gemm_enabled(device)  # else both captures would be the same
+        few_buckets, few_max = few_adapter_captures(config.lora, device)
         runner.enable_cuda_graphs(
             config.scheduler.max_num_seqs, max_model_len, graph_variants(config, num_slots),
-            few_adapter_buckets=config.lora.few_adapter_bucket_sizes() if few_adapters else (),
-            few_adapter_max=config.lora.few_adapter_max if few_adapters else 0,
+            few_adapter_buckets=few_buckets, few_adapter_max=few_max,
         )
         if config.model.prefill_graphs:
             runner.enable_piecewise_graphs(config.scheduler.max_num_batched_tokens,

@@ -34,7 +34,12 @@ from typing import Any
 
 import torch
 
-from valora.engine.cuda_graph import CudaGraphRunner, capture_decode_graphs
+from valora.config import LoRAConfig
+from valora.engine.cuda_graph import (
+    CudaGraphRunner,
+    capture_decode_graphs,
+    few_adapter_captures,
+)
 from valora.engine.piecewise_graphs import PiecewiseGraphRunner, capture_piecewise_graphs
 from valora.errors import ValoraError
 from valora.forward_batch import AttentionMetadata, ForwardBatch
@@ -159,15 +164,19 @@ class StepProfiler:
         self.piecewise: PiecewiseGraphRunner | None = None
         self.num_graph_steps = 0
 
-    def enable_cuda_graphs(self, max_batch: int, max_context: int) -> bool:
-        """Capture decode graphs (base, LoRA, mixed) as the engine does; False (eager
-        forwards, with a warning) where the runner cannot serve this model or device."""
+    def enable_cuda_graphs(self, max_batch: int, max_context: int,
+                           lora: LoRAConfig | None = None) -> bool:
+        """Capture decode graphs (base, LoRA, mixed, and the few-adapter captures of ``lora``,
+        default ``LoRAConfig()``) as the engine does; False (eager forwards, with a warning)
+        where the runner cannot serve this model or device."""
         if self.device.type != "cuda":
             return False
+        few_buckets, few_max = few_adapter_captures(lora or LoRAConfig(), self.device)
         self.graphs = capture_decode_graphs(
             self.model, max_batch, max_context=max_context, page_size=PAGE_SIZE,
             num_lora_slots=len(self.slot_of), variants=("base", "lora", "mixed"),
-            purpose="profiling decode steps eagerly", fuse_correction=self.fuse_correction)
+            purpose="profiling decode steps eagerly", fuse_correction=self.fuse_correction,
+            few_adapter_buckets=few_buckets, few_adapter_max=few_max)
         return self.graphs is not None
 
     def enable_piecewise_graphs(self, max_tokens: int) -> bool:
