@@ -52,6 +52,7 @@ from valora.errors import ValoraError
 from valora.forward_batch import AttentionMetadata, ForwardBatch
 from valora.logger import get_logger
 from valora.models.base import CausalLMBase
+from valora.ops.skinny_gemm import skinny_gemm_enabled, skinny_gemm_forced
 
 logger = get_logger(__name__)
 
@@ -224,8 +225,6 @@ class CudaGraphRunner:
         if key[1] != FEW_ADAPTERS:
             self._capture_entry(entry)
             return
-        from valora.ops.skinny_gemm import skinny_gemm_forced
-
         with skinny_gemm_forced(False):
             self._capture_entry(entry)
 
@@ -326,8 +325,6 @@ def few_adapter_captures(lora: LoRAConfig, device: torch.device) -> tuple[tuple[
     """``(few_adapter_buckets, few_adapter_max)`` for a runner on ``device`` under ``lora``
     (module docstring): none where the skinny GEMM does not serve the base projections — both
     captures would be the same — or where ``few_adapter_max`` is 0."""
-    from valora.ops.skinny_gemm import skinny_gemm_enabled
-
     if lora.few_adapter_max == 0 or not skinny_gemm_enabled(device):
         return (), 0
     return lora.few_adapter_bucket_sizes(), lora.few_adapter_max
