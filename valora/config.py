@@ -175,15 +175,16 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_loras > 0, "max_loras must be positive")
-        _require(self.few_adapter_max >= 0, "few_adapter_max must be >= 0 (0: never)")
-        self.few_adapter_bucket_sizes()  # validates
         _require(self.max_cpu_loras >= self.max_loras, "max_cpu_loras must be >= max_loras")
         _require(self.max_lora_rank > 0, "max_lora_rank must be positive")
         _require(self.overlap_max_tokens >= 0, "overlap_max_tokens must be >= 0")
         _require(self.warm_up_threads >= 0, "warm_up_threads must be >= 0 (0: one per core)")
+        _require(self.few_adapter_max >= 0, "few_adapter_max must be >= 0 (0: never)")
+        self.few_adapter_bucket_sizes()  # validates
 
     def few_adapter_bucket_sizes(self) -> tuple[int, ...]:
-        """``few_adapter_buckets`` as sorted bucket sizes (``ValoraError`` for a malformed one)."""
+        """``few_adapter_buckets`` as sorted bucket sizes (``InvalidRequestError`` for a malformed
+        one)."""
         parts = [p.strip() for p in self.few_adapter_buckets.split(",") if p.strip()]
         _require(all(p.isdigit() and int(p) > 0 for p in parts),
                  f"few_adapter_buckets must be positive integers, comma-separated: "
