@@ -156,8 +156,9 @@ class LoRAConfig:
     projections run on cuBLAS instead of the skinny GEMM (only where the skinny GEMM is on);
     ``0`` = never. ``few_adapter_buckets``: those decode-graph buckets, comma-separated. Measured
     on an H200 at 7B shapes (``bench/results/model/h200-skinny-ab-de0d074/``): with one or 8
-    adapters at 8–16 rows the LoRA op beside a cuBLAS base GEMM costs 2–6 % less of a step than
-    beside the skinny GEMM (whose one wave of programs leaves the side stream no SMs), with 32
+    adapters at 8–16 rows a step with the base GEMM on cuBLAS took up to 6 % less than with the
+    skinny GEMM (one adapter at 16 rows; 8 adapters at 8 rows: even), the LoRA op beside it
+    having SMs left (the skinny GEMM's one wave of programs leaves the side stream none); with 32
     adapters 2–7 % more — hence 8 adapters at buckets 8 and 16 (the skinny GEMM won elsewhere).
     """
 

@@ -38,17 +38,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload as wl
 from fused_layers import (
-    LABEL_KV_WRITE,
-    LABEL_MODES,
-    LABEL_NO_FEW_ADAPTERS,
-    LABEL_PDL,
-    LABEL_SKINNY,
-    LABEL_SKINNY_UNTUNED,
+    LABELS,
     LAYERS_HELP,
     check_against_stock,
     kernels_per_step,
-    set_overlap,
-    untuned_skinny_tiles,
+    label_settings,
 )
 from summary import write_summary
 
@@ -58,8 +52,6 @@ from valora.engine.cuda_graph import CudaGraphRunner, few_adapter_captures
 from valora.engine.piecewise_graphs import capture_piecewise_graphs
 from valora.layers.fused_select import fused_layers, set_fused_kv_write
 from valora.models.loader import load_model
-from valora.ops.pdl import set_pdl
-from valora.ops.skinny_gemm import set_skinny_gemm
 
 CONFIG_DIR = Path(__file__).resolve().parent / "llava-1.5-7b"
 NUM_SLOTS, MAX_RANK, CONTEXT = 32, 64, 600
@@ -124,26 +116,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
                  ceil: dict[str, float], rec: Recorder, label: str, repeats: int) -> None:
     """The decode grid with the per-layer ops of ``label`` (captured and replayed in that mode)."""
-    set_overlap(model, label)
-    set_fused_kv_write(LABEL_KV_WRITE.get(label, True))
-    set_pdl(LABEL_PDL.get(label))
-    set_skinny_gemm(LABEL_SKINNY.get(label))
-    try:
-        with (fused_layers(LABEL_MODES[label]),
-              untuned_skinny_tiles(label in LABEL_SKINNY_UNTUNED)):
-            _bench_decode(model, pool, ranks, batches, ceil, rec, label, repeats)
-    finally:
-        model.set_lora_overlap(0)
-        set_fused_kv_write(None)
-        set_pdl(None)
-        set_skinny_gemm(None)
+    with label_settings(model, label):
+        _bench_decode(model, pool, ranks, batches, ceil, rec, label, repeats)
 
 
 def _bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[int],
                   ceil: dict[str, float], rec: Recorder, label: str, repeats: int) -> None:
     device = model.device
     few_buckets, few_max = few_adapter_captures(  # as the engine
-        LoRAConfig(few_adapter_max=0) if label in LABEL_NO_FEW_ADAPTERS else LoRAConfig(), device)
+        LoRAConfig() if LABELS[label].few_adapters else LoRAConfig(few_adapter_max=0), device)
     runner = CudaGraphRunner(model, max(batches), max_context=4096, page_size=wl.PAGE_SIZE,
                              num_lora_slots=NUM_SLOTS, variants=("base", "lora"),
                              buckets=batches, few_adapter_buckets=few_buckets,
@@ -197,7 +178,7 @@ def bench_eager_decode(model: Any, pool: wl.KVPool, batch: int, ceil: dict[str, 
         with torch.inference_mode():
             model.compute_logits(model.forward(step.batch))
 
-    with fused_layers(LABEL_MODES[layers]):
+    with fused_layers(LABELS[layers].mode):
         samples = time_ms(run, model.device, repeats)
     rec.emit({"section": "decode", "label": "eager_no_graph", "scenario": "base", "batch": batch,
               "layers": layers, "median_ms": statistics.median(samples),
@@ -215,9 +196,9 @@ def count_kernels(model: Any, pool: wl.KVPool, batch: int, labels: list[str],
             model.compute_logits(model.forward(step.batch))
 
     for label in labels:
-        set_fused_kv_write(LABEL_KV_WRITE.get(label, True))
+        set_fused_kv_write(LABELS[label].kv_write)
         try:
-            count = kernels_per_step(run, LABEL_MODES[label])
+            count = kernels_per_step(run, LABELS[label].mode)
         finally:
             set_fused_kv_write(None)
         rec.emit({"section": "kernels", "label": label, "batch": batch,
@@ -247,7 +228,7 @@ def bench_prefill(model: Any, pool: wl.KVPool, prompts: int, ceil: dict[str, flo
 
         return run
 
-    with fused_layers(LABEL_MODES[layers]):
+    with fused_layers(LABELS[layers].mode):
         samples = time_ms(runner(model.forward), model.device, repeats, warmup=2)
     tokens = prompts * CONTEXT
     vision_params = sum(p.numel() for p in model.vision_tower.parameters())
@@ -259,7 +240,7 @@ def bench_prefill(model: Any, pool: wl.KVPool, prompts: int, ceil: dict[str, flo
                                       buckets=(tokens,))
     runs = [(layers, samples)]
     if pieces is not None:  # the engine's path for such steps (valora.engine.piecewise_graphs)
-        with fused_layers(LABEL_MODES[layers]):
+        with fused_layers(LABELS[layers].mode):
             runs.append((f"{layers}+piecewise", time_ms(runner(pieces.run), model.device,
                                                         repeats, warmup=2)))
         del pieces
@@ -328,7 +309,7 @@ def kernel_table(rows: list[dict[str, Any]]) -> str:
     """Kernel counts and the base decode figure at batch 32 per mode (printed before the bars)."""
     lines = ["| layers | kernels/step (eager) | per layer | base @32 ms | × floor |",
              "| --- | --- | --- | --- | --- |"]
-    for label in LABEL_MODES:
+    for label in LABELS:
         count = next((r for r in rows if r.get("section") == "kernels"
                       and r.get("label") == label), None)
         step = next((r for r in rows if r.get("section") == "decode" and r.get("label") == label
@@ -355,9 +336,9 @@ def run_valora(config_dir: Path, device: torch.device, dtype: torch.dtype, batch
     pool = wl.KVPool(model, max(batches) * pages_per_seq + 8 * pages_per_seq + 1, seed=2)
     small = min(32, max(batches))
     labels = ["stock"] if args.skip_fused else [x for x in args.layers.split(",") if x]
-    unknown = set(labels) - set(LABEL_MODES)
+    unknown = set(labels) - set(LABELS)
     if unknown:
-        raise SystemExit(f"--layers: unknown {sorted(unknown)}; known: {sorted(LABEL_MODES)}")
+        raise SystemExit(f"--layers: unknown {sorted(unknown)}; known: {sorted(LABELS)}")
     last = labels[-1]
     sections: list[tuple[str, Callable[[], None]]] = []
     for label in labels:

@@ -43,7 +43,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload as wl
 from bench_decode import CONFIG_DIR, CONTEXT, MAX_RANK, NUM_SLOTS, ceilings, time_ms
-from fused_layers import LABEL_KV_WRITE, LABEL_MODES
+from fused_layers import LABELS
 
 import valora.layers.attention_triton  # noqa: F401  (registers "triton")
 from valora.engine.cuda_graph import CudaGraphRunner
@@ -215,8 +215,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with (args.out / "decode_anatomy.jsonl").open("w") as sink:
         for label in args.layers.split(","):
-            mode = LABEL_MODES[label] if device.type == "cuda" else LABEL_MODES["stock"]
-            set_fused_kv_write(LABEL_KV_WRITE.get(label, True))
+            mode = LABELS[label].mode if device.type == "cuda" else LABELS["stock"].mode
+            set_fused_kv_write(LABELS[label].kv_write)
             try:
                 with fused_layers(mode):
                     rows += anatomy(model, pool, ranks, batches, args.steps, rate,

@@ -6,59 +6,75 @@ runs each section under a forced mode: ``stock`` = ``VALORA_FUSED_LAYERS=0`` (th
 what valora ran before), ``fused`` = the kernels. Before the fused rows it checks the kernels
 against the twins at LLaVA-1.5-7B shapes on the GPU (``check_against_stock``) and counts the
 CUDA kernels one eager decode step launches per decoder layer in each mode (``kernels_per_step``).
+Every ``--layers`` label of ``bench_decode.py`` is one ``Label`` in ``LABELS`` (what it sets
+beside the per-layer kernels: overlap, K/V write, PDL, the skinny GEMM, few-adapter captures);
+``label_settings`` applies one for a block.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from valora.config import LoRAConfig
 from valora.layers import fused_kernels
 from valora.layers.activation import silu_and_mul_torch
-from valora.layers.fused_select import FusedMode, fused_layers
+from valora.layers.fused_select import FusedMode, fused_layers, set_fused_kv_write
 from valora.layers.norm import add_rms_norm_torch, rms_norm_torch
 from valora.layers.rotary import apply_rotary_torch
+from valora.ops.pdl import set_pdl
+from valora.ops.skinny_gemm import set_skinny_gemm
 
-LABEL_MODES: dict[str, FusedMode] = {"stock": "off", "fused": "on", "serial": "on",
-                                     "overlap": "on", "fused_kv": "on", "split_kv": "on",
-                                     "overlap_o_down": "on", "no_pdl": "on", "pdl_expand": "on",
-                                     "pdl_both": "on", "cublas_base": "on",
-                                     "skinny_untuned": "on", "few_off": "on"}
-LABEL_KV_WRITE: dict[str, bool] = {"stock": False, "split_kv": False}
-"""Labels whose K/V cache write is two ``index_copy_`` (``VALORA_FUSED_KV_WRITE=0``); every other
-label writes K/V in one launch, the engine's default on CUDA since session 10 (``fused_kv`` is
-kept as a name for the rows measured before that: the same as ``fused`` now)."""
 DEFAULT_OVERLAP = LoRAConfig().overlap_max_tokens
-LABEL_OVERLAP: dict[str, int] = {"stock": DEFAULT_OVERLAP, "fused": DEFAULT_OVERLAP,
-                                 "serial": 0, "overlap": 256, "fused_kv": DEFAULT_OVERLAP,
-                                 "split_kv": DEFAULT_OVERLAP, "overlap_o_down": DEFAULT_OVERLAP,
-                                 "no_pdl": DEFAULT_OVERLAP, "pdl_expand": DEFAULT_OVERLAP,
-                                 "pdl_both": DEFAULT_OVERLAP, "cublas_base": DEFAULT_OVERLAP,
-                                 "skinny_untuned": DEFAULT_OVERLAP, "few_off": DEFAULT_OVERLAP}
-"""Per label, the largest step (tokens) whose LoRA deltas run beside the base GEMM
-(``Model.set_lora_overlap``): ``stock`` / ``fused`` as the engine runs by default, ``serial``
-never, ``overlap`` at every decode size benched."""
-LABEL_PDL: dict[str, str] = {"no_pdl": "off", "pdl_expand": "expand", "pdl_both": "both"}
-"""Labels with a programmatic-dependent-launch mode of the LoRA op (``valora.ops.pdl.set_pdl``,
-``VALORA_PDL``); every other label runs the engine's default."""
-LABEL_SKINNY: dict[str, bool] = {"cublas_base": False}
-"""Labels whose base projections run on cuBLAS at every size (``VALORA_SKINNY_GEMM=0``); every
-other label takes the engine's default, the Triton skinny GEMM up to 32 rows
-(``valora.ops.skinny_gemm``, session 13)."""
-LABEL_SKINNY_UNTUNED = ("skinny_untuned",)
-"""Labels whose skinny GEMM ignores the GPU table's ``skinny:`` entries and takes the heuristic
-tile everywhere (``untuned_skinny_tiles``): the tuned table against what it replaced, one process."""
-LABEL_NO_FEW_ADAPTERS = ("few_off",)
-"""Labels whose decode graphs have no few-adapter captures (``CudaGraphRunner``: the LoRA graphs
-of buckets 8 / 16 captured again with the base GEMM on cuBLAS, replayed for ≤ 8 adapters;
-``LoRAConfig.few_adapter_max``): every LoRA step on the skinny GEMM, as in session 13."""
-LABEL_OVERLAP_ALWAYS: dict[str, tuple[str, ...]] = {"overlap_o_down": ("o_proj", "down_proj")}
-"""Labels whose linears of these PEFT names overlap at every size on top of ``LABEL_OVERLAP``:
-``overlap_o_down`` tries overlapping the latency-bound o / down LoRA ops (small ``B``) at every
-batch while qkv / gate_up follow the default (``bench/ops/NOTES.md``, session 11's leads)."""
+
+
+@dataclass(frozen=True)
+class Label:
+    """What a ``bench_decode.py --layers`` label sets; a field left at its default runs the
+    engine's default.
+
+    ``mode``: the per-layer op kernels (``fused_layers``: ``"off"`` = the PyTorch twins).
+    ``kv_write``: K/V written in one launch (False: two ``index_copy_``,
+    ``VALORA_FUSED_KV_WRITE=0``). ``overlap``: the largest step (tokens) whose LoRA deltas run
+    beside the base GEMM (``Model.set_lora_overlap``). ``overlap_always``: PEFT names of linears
+    that overlap at every size on top of that. ``pdl``: the LoRA op's programmatic dependent
+    launch (``valora.ops.pdl.set_pdl``; None: default). ``skinny``: the skinny GEMM on / off
+    (``set_skinny_gemm``; None: default). ``skinny_untuned``: the skinny GEMM's table entries
+    ignored (``untuned_skinny_tiles``). ``few_adapters``: the decode graphs' few-adapter
+    captures (``LoRAConfig.few_adapter_max``)."""
+
+    mode: FusedMode = "on"
+    kv_write: bool = True
+    overlap: int = DEFAULT_OVERLAP
+    overlap_always: tuple[str, ...] = ()
+    pdl: str | None = None
+    skinny: bool | None = None
+    skinny_untuned: bool = False
+    few_adapters: bool = True
+
+
+LABELS: dict[str, Label] = {
+    "stock": Label(mode="off", kv_write=False),
+    "fused": Label(),
+    "serial": Label(overlap=0),
+    "overlap": Label(overlap=256),
+    "fused_kv": Label(),
+    "split_kv": Label(kv_write=False),
+    "overlap_o_down": Label(overlap_always=("o_proj", "down_proj")),
+    "no_pdl": Label(pdl="off"),
+    "pdl_expand": Label(pdl="expand"),
+    "pdl_both": Label(pdl="both"),
+    "cublas_base": Label(skinny=False),
+    "skinny_untuned": Label(skinny_untuned=True),
+    "few_off": Label(few_adapters=False),
+}
+"""Every label (``LAYERS_HELP`` says what each compares). ``fused_kv`` is kept as a name for the
+rows measured before the one-launch K/V write became the default (session 10): the same as
+``fused`` now. ``overlap_o_down`` tries overlapping the latency-bound o / down LoRA ops (small
+``B``) at every batch (``bench/ops/NOTES.md``, session 11's leads)."""
 LAYERS_HELP = (
     "comma list of per-layer op modes to bench: stock, fused (engine defaults), serial (fused, "
     "LoRA never overlapped), overlap (fused, LoRA beside the base GEMM up to 256 tokens), "
@@ -96,10 +112,28 @@ def untuned_skinny_tiles(on: bool) -> Iterator[None]:
         skinny_gemm._select = saved
 
 
-def set_overlap(model: object, label: str) -> None:
-    """``label``'s overlap (``LABEL_OVERLAP`` for every linear, then ``LABEL_OVERLAP_ALWAYS``)."""
-    model.set_lora_overlap(LABEL_OVERLAP[label])  # type: ignore[attr-defined]
-    names = set(LABEL_OVERLAP_ALWAYS.get(label, ()))
+@contextlib.contextmanager
+def label_settings(model: object, name: str) -> Iterator[Label]:
+    """Everything label ``name`` sets (``Label``), for the block; the defaults afterwards."""
+    label = LABELS[name]
+    set_overlap(model, label)
+    set_fused_kv_write(label.kv_write)
+    set_pdl(label.pdl)
+    set_skinny_gemm(label.skinny)
+    try:
+        with fused_layers(label.mode), untuned_skinny_tiles(label.skinny_untuned):
+            yield label
+    finally:
+        model.set_lora_overlap(0)  # type: ignore[attr-defined]
+        set_fused_kv_write(None)
+        set_pdl(None)
+        set_skinny_gemm(None)
+
+
+def set_overlap(model: object, label: Label) -> None:
+    """``label``'s overlap (``Label.overlap`` for every linear, then ``Label.overlap_always``)."""
+    model.set_lora_overlap(label.overlap)  # type: ignore[attr-defined]
+    names = set(label.overlap_always)
     if names:
         for linear, _ in model.decoder.lora_targets().values():  # type: ignore[attr-defined]
             if set(linear.slice_names) <= names:

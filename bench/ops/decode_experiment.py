@@ -111,6 +111,52 @@ def base_weights(in_features: int, out_features: int, device: torch.device,
             / in_features ** 0.5 for _ in range(copies)]
 
 
+@dataclass
+class GemmPoint:
+    """A scenario × layer with the base GEMM the LoRA op rides on (the experiments that fold
+    LoRA into the GEMM: ``dense_pool.py``, ``fused_gemm_lora.py``, ``gemm_shrink.py``): the
+    problem, the shipped op as graphs run it, copies of the base weight (``base_weights``) and
+    the rounds that rotate both past L2."""
+
+    problem: DecodeProblem
+    lora: GraphLoRA
+    in_features: int
+    widths: tuple[int, ...]
+    base: list[torch.Tensor]
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.widths)
+
+    @property
+    def rounds(self) -> int:
+        return max(self.problem.copies, len(self.base))
+
+    def row(self, scenario: str, layer: str, tokens: int, rate: float) -> dict[str, Any]:
+        """The fields every such experiment's JSONL row starts with (floors at ``rate``)."""
+        return {"scenario": scenario, "layer": layer, "tokens": tokens,
+                "table_source": self.lora.source, "table": self.lora.tiles.to_json(),
+                "copies": self.problem.copies, "gemm_copies": len(self.base),
+                "lora_floor_us": self.problem.nbytes / rate * 1e6,
+                "gemm_floor_us": 2 * self.in_features * self.out_features / rate * 1e6,
+                "us": {}, "errors": {}}
+
+
+def gemm_point(scenario: str, layer: str, layers: dict, device: torch.device, tokens: int,
+               dtype: torch.dtype) -> GemmPoint:
+    """``GemmPoint`` of ``scenario`` at ``layer`` (adapter bytes: ``A`` and ``B``)."""
+    problem = decode_problem(scenario, layer, layers, device, tokens, dtype, "ab")
+    in_features, widths = layers[layer]
+    return GemmPoint(problem, graph_lora(problem, in_features, widths), in_features,
+                     tuple(widths), base_weights(in_features, sum(widths), device, dtype))
+
+
+def tolerance_of(dtype: torch.dtype) -> float:
+    """The largest difference (relative to max |want|) a variant may show against the shipped
+    path: bf16 rounding, else fp32's."""
+    return 2e-2 if dtype == torch.bfloat16 else 1e-4
+
+
 def output_ok(errors: dict[str, str], key: str, launch: Callable[[torch.Tensor], object],
               start: torch.Tensor, want: torch.Tensor, tolerance: float, what: str) -> bool:
     """Run ``launch`` once on a copy of ``start`` and compare the result with ``want`` (max abs

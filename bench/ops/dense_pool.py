@@ -35,12 +35,11 @@ from typing import Any
 
 import torch
 from decode_experiment import (
-    base_weights,
-    decode_problem,
-    graph_lora,
+    gemm_point,
     output_ok,
     run_main,
     time_variant,
+    tolerance_of,
 )
 
 from valora.ops.lora import LoRASlotWeights
@@ -101,23 +100,18 @@ def dense_expand(h: torch.Tensor, mask: torch.Tensor, pool: Pool, y: torch.Tenso
 
 def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rate: float,
               tokens: int, dtype: torch.dtype) -> dict[str, Any]:
-    problem = decode_problem(scenario, layer, layers, device, tokens, dtype, "ab")
+    point = gemm_point(scenario, layer, layers, device, tokens, dtype)
+    problem, lora, base, rounds = point.problem, point.lora, point.base, point.rounds
     weights, x, y, copies = problem.weights, problem.x, problem.y, problem.copies
-    in_features, widths = layers[layer]
-    out_features = sum(widths)
-    w_bytes = 2 * in_features * out_features
-    base = base_weights(in_features, out_features, device, dtype)
+    in_features, widths, out_features = point.in_features, point.widths, point.out_features
     gemm_copies = len(base)
     pools = [pack(w) for w in weights]
-    rounds = max(copies, gemm_copies)
     folded = [torch.cat([base[i % gemm_copies], pools[i % copies].a]) for i in range(rounds)]
     pool_rows = pools[0].a.shape[0]
     pool_bytes = 2 * pool_rows * in_features + 2 * sum(b.numel() for b in pools[0].b)
     mask = step_mask(pools[0], weights[0], problem.token_slots, dtype)
     h = torch.empty(tokens, pool_rows, device=device, dtype=dtype)
     wide = torch.empty(tokens, out_features + pool_rows, device=device, dtype=dtype)
-    lora = graph_lora(problem, in_features, widths)
-    table, source = lora.tiles, lora.source
 
     def atmm(out: torch.Tensor, i: int) -> None:
         lora.apply(x, weights[i % copies], out)
@@ -140,18 +134,14 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
         ("gemm+dense", lambda out, i: (gemm(out, i), dense(out, i))),
         ("folded+dense", folded_dense),
         ("atmm", atmm), ("dense", dense)]
-    row: dict[str, Any] = {"scenario": scenario, "layer": layer, "tokens": tokens,
-                           "table_source": source, "table": table.to_json(), "copies": copies,
-                           "gemm_copies": gemm_copies, "pool_rows": pool_rows,
-                           "lora_floor_us": problem.nbytes / rate * 1e6,
-                           "pool_floor_us": pool_bytes / rate * 1e6,
-                           "gemm_floor_us": w_bytes / rate * 1e6, "us": {}, "errors": {}}
+    row = point.row(scenario, layer, tokens, rate)
+    row.update(pool_rows=pool_rows, pool_floor_us=pool_bytes / rate * 1e6)
     want_lora = y.clone()
     atmm(want_lora, 0)
     want_gemm = torch.empty_like(y)
     gemm(want_gemm, 0)
     atmm(want_gemm, 0)
-    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    tolerance = tolerance_of(dtype)
     output_ok(row["errors"], "dense", lambda out: dense(out, 0), y, want_lora, tolerance, "ATMM")
 
     def folded_out(out: torch.Tensor) -> None:

@@ -34,12 +34,11 @@ import torch
 import triton
 import triton.language as tl
 from decode_experiment import (
-    base_weights,
     best_columns,
     check_and_time,
-    decode_problem,
-    graph_lora,
+    gemm_point,
     run_main,
+    tolerance_of,
 )
 from decode_gemm import skinny_gemm
 
@@ -123,16 +122,10 @@ def gemm_lora(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, h: torch.Tensor
 
 def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rate: float,
               tokens: int, dtype: torch.dtype) -> dict[str, Any]:
-    problem = decode_problem(scenario, layer, layers, device, tokens, dtype, "ab")
+    point = gemm_point(scenario, layer, layers, device, tokens, dtype)
+    problem, lora, base, rounds = point.problem, point.lora, point.base, point.rounds
     weights, x, y, copies = problem.weights, problem.x, problem.y, problem.copies
-    in_features, widths = layers[layer]
-    out_features = sum(widths)
-    w_bytes = 2 * in_features * out_features
-    base = base_weights(in_features, out_features, device, dtype)
-    gemm_copies = len(base)
-    rounds = max(copies, gemm_copies)
-    lora = graph_lora(problem, in_features, widths)
-    segments, table, source = lora.segments, lora.tiles, lora.source
+    segments, table, gemm_copies = lora.segments, lora.tiles, len(base)
     tiny = device.type != "cuda"
     skinny_tiles = SKINNY[:1] if tiny else SKINNY
     fused_tiles = [(16, 32, 4, 2, 16)] if tiny else FUSED
@@ -160,16 +153,11 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     for tile in fused_tiles:
         variants.append(("fused n{} k{} w{} s{} r{}".format(*tile),
                          lambda out, i, t=tile: fused(out, i, t)))
-    row: dict[str, Any] = {"scenario": scenario, "layer": layer, "tokens": tokens,
-                           "table_source": source, "table": table.to_json(), "copies": copies,
-                           "gemm_copies": gemm_copies,
-                           "lora_floor_us": problem.nbytes / rate * 1e6,
-                           "gemm_floor_us": w_bytes / rate * 1e6, "us": {}, "errors": {}}
+    row = point.row(scenario, layer, tokens, rate)
     want = torch.empty_like(y)
     cublas(want, 0)
     atmm(want, 0)
-    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    check_and_time(row, variants, y, want, tolerance, "cuBLAS + ATMM", rounds, device,
+    check_and_time(row, variants, y, want, tolerance_of(dtype), "cuBLAS + ATMM", rounds, device,
                    lambda label: "atmm" in label or "fused" in label)  # GEMMs alone: no LoRA
     return row
 

@@ -29,12 +29,11 @@ import torch
 import triton
 import triton.language as tl
 from decode_experiment import (
-    base_weights,
     best_columns,
     check_and_time,
-    decode_problem,
-    graph_lora,
+    gemm_point,
     run_main,
+    tolerance_of,
 )
 
 from valora.ops.lora import LoRASlotWeights
@@ -153,16 +152,11 @@ def gemm_shrink(x: torch.Tensor, w: torch.Tensor, weights: LoRASlotWeights,
 
 def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rate: float,
               tokens: int, dtype: torch.dtype) -> dict[str, Any]:
-    problem = decode_problem(scenario, layer, layers, device, tokens, dtype, "ab")
+    point = gemm_point(scenario, layer, layers, device, tokens, dtype)
+    problem, lora, base, rounds = point.problem, point.lora, point.base, point.rounds
     weights, x, y, copies = problem.weights, problem.x, problem.y, problem.copies
-    in_features, widths = layers[layer]
-    out_features = sum(widths)
-    base = base_weights(in_features, out_features, device, dtype)
-    gemm_copies = len(base)
-    rounds = max(copies, gemm_copies)
-    lora = graph_lora(problem, in_features, widths)
-    segments, table, source = lora.segments, lora.tiles, lora.source
-    tile = skinny_tile(tokens, out_features, in_features, x.element_size())
+    segments, table, gemm_copies = lora.segments, lora.tiles, len(base)
+    tile = skinny_tile(tokens, point.out_features, point.in_features, x.element_size())
     assert tile is not None
     choices = SHRINK_CHOICES[:1] if device.type != "cuda" else SHRINK_CHOICES
 
@@ -192,18 +186,12 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
             out, i, r, s, True)))
         variants.append((f"fused {label}", lambda out, i, r=block_r, s=stages: fused(
             out, i, r, s, False)))
-    row: dict[str, Any] = {"scenario": scenario, "layer": layer, "tokens": tokens,
-                           "table_source": source, "table": table.to_json(),
-                           "skinny_tile": [tile.block_m, tile.block_n, tile.block_k,
-                                           tile.num_warps, tile.num_stages],
-                           "copies": copies, "gemm_copies": gemm_copies,
-                           "lora_floor_us": problem.nbytes / rate * 1e6,
-                           "gemm_floor_us": 2 * in_features * out_features / rate * 1e6,
-                           "us": {}, "errors": {}}
+    row = point.row(scenario, layer, tokens, rate)
+    row["skinny_tile"] = [tile.block_m, tile.block_n, tile.block_k, tile.num_warps,
+                          tile.num_stages]
     want = torch.empty_like(y)
     skinny_atmm(want, 0)
-    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    check_and_time(row, variants, y, want, tolerance, "skinny + ATMM", rounds, device,
+    check_and_time(row, variants, y, want, tolerance_of(dtype), "skinny + ATMM", rounds, device,
                    lambda label: label.startswith("fused+expand"))
     return row
 

@@ -1,4 +1,4 @@
-"""The engine-start hook of the LoRA kernel warm-up (``valora.engine.setup.warm_up_lora``), on
+"""The engine-start hook of the LoRA kernel warm-up (``valora.engine.warm_up.warm_up_lora``), on
 the CPU: when it runs, what it is given, the config switch and its command-line flag. The warm-up
 itself is tested in ``tests/ops/test_warmup.py``."""
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-import valora.engine.setup as setup
+import valora.engine.warm_up as warm_up
 from valora.cli_config import add_engine_flags, engine_kwargs
 from valora.config import EngineConfig
 from valora.ops.lora import LoRASlotWeights
@@ -48,7 +48,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
         THREADS.append(threads)
         return WarmUpReport(2, 5, 4, 3, 4, 1.5, max(threads, 1))
 
-    monkeypatch.setattr(setup, "warm_up_lora_kernels", fake)
+    monkeypatch.setattr(warm_up, "warm_up_lora_kernels", fake)
     return seen
 
 
@@ -57,7 +57,7 @@ def test_warms_up_with_the_step_budget_and_the_slots(calls: list[tuple[Any, ...]
     config = EngineConfig.create(max_num_batched_tokens=512)
     model = _Model()
     with caplog.at_level(logging.INFO, logger="valora"):
-        report = setup.warm_up_lora(config, model, CUDA, "triton", 4)
+        report = warm_up.warm_up_lora(config, model, CUDA, "triton", 4)
     assert report is not None and report.kernels == 7
     ((layers, max_tokens, max_adapters, device, backend, fused),) = calls
     assert max_tokens == 512 and max_adapters == 4 and device == CUDA and backend == "triton"
@@ -69,7 +69,7 @@ def test_warms_up_with_the_step_budget_and_the_slots(calls: list[tuple[Any, ...]
 
 def test_the_configured_thread_count_reaches_the_warm_up(calls: list[tuple[Any, ...]]) -> None:
     config = EngineConfig.create(warm_up_threads=3)
-    report = setup.warm_up_lora(config, _Model(), CUDA, "triton", 4)
+    report = warm_up.warm_up_lora(config, _Model(), CUDA, "triton", 4)
     assert report is not None and report.threads == 3 and THREADS == [3]
     with pytest.raises(ValueError, match="warm_up_threads"):
         EngineConfig.create(warm_up_threads=-1)
@@ -84,7 +84,7 @@ def test_the_configured_thread_count_reaches_the_warm_up(calls: list[tuple[Any, 
 def test_skipped(calls: list[tuple[Any, ...]], device: torch.device, backend: str, slots: int,
                  options: dict[str, Any]) -> None:
     config = EngineConfig.create(**options)
-    assert setup.warm_up_lora(config, _Model(), device, backend, slots) is None
+    assert warm_up.warm_up_lora(config, _Model(), device, backend, slots) is None
     assert calls == []
 
 
@@ -106,5 +106,5 @@ def test_fused_correction_forms_are_warmed_up_only_where_they_can_run(
     ``fuse_correction`` (the default) runs them; without it, the two-op form (plain binaries)."""
     config = EngineConfig.create(max_num_batched_tokens=64, fuse_correction=fuse,
                                  mode_policy=policy)
-    assert setup.warm_up_lora(config, _Model(), CUDA, "triton", 4) is not None
+    assert warm_up.warm_up_lora(config, _Model(), CUDA, "triton", 4) is not None
     assert calls[0][-1] is fused_forms

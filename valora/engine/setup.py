@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,18 +29,16 @@ from valora.engine.policy import get_policy
 from valora.engine.scheduler import Scheduler
 from valora.engine.scheduler_output import SchedulerOutput
 from valora.engine.vision_graphs import images_per_step
+from valora.engine.warm_up import warm_up_base_gemm, warm_up_lora
 from valora.errors import InvalidAdapterError, InvalidRequestError, ValoraError
 from valora.kv_cache.kv_cache_manager import KVCacheManager
 from valora.kv_cache.page_pool import PagePool
-from valora.layers.linear import FusedLinear
 from valora.logger import get_logger
 from valora.lora.adapter_manager import AdapterManager
 from valora.lora.peft_format import BaseModelShapes
 from valora.models.loader import load_model
 from valora.multimodal.processor import ImageProcessor
 from valora.ops.lora import resolve_lora_backend
-from valora.ops.skinny_gemm import warm_up_skinny_gemm
-from valora.ops.warmup import WarmUpReport, warm_up_lora_kernels
 from valora.orchestrator.modes import plan_lora_batches
 from valora.request import Request
 
@@ -191,62 +188,6 @@ class EngineParts:
                                      if self.runner.vision_graphs is not None else 0),
             "modes": self.modes.summary() if self.modes is not None else None,
         }
-
-
-def warm_up_lora(
-    config: EngineConfig, model: Any, device: torch.device, lora_backend: str, num_slots: int
-) -> WarmUpReport | None:
-    """Compile every LoRA kernel variant that steps of up to ``max_num_batched_tokens`` tokens
-    over up to ``num_slots`` adapters can select (``valora.ops.warmup``), so none compiles in
-    the middle of serving — the fused-correction forms too when ``fuse_correction`` is set and the
-    mode policy can merge. Runs only with adapter slots, on CUDA, with the ``"triton"`` backend
-    and ``warm_up_lora_kernels`` set; ``None`` when skipped. Call after ``model.init_lora``."""
-    if not (
-        num_slots
-        and config.lora.warm_up_lora_kernels
-        and device.type == "cuda"
-        and lora_backend == "triton"
-    ):
-        return None
-    report = warm_up_lora_kernels(
-        [weights for weights, _ in model.lora_slot_map().values()],
-        config.scheduler.max_num_batched_tokens,
-        num_slots,
-        device,
-        lora_backend,
-        # The fused forms serve only steps with a merged adapter: a policy that never merges
-        # never runs them (on an H200 with a cold Triton cache they doubled the warm-up, 142 s).
-        fused_correction=config.lora.fuse_correction and merging_policy(config),
-        threads=config.lora.warm_up_threads,
-    )
-    logger.info(
-        "compiled %d LoRA kernel variants in %.1f s (%d shrink + %d expand kernels, "
-        "%d launches over %d layer shapes, %d threads)",
-        report.kernels,
-        report.seconds,
-        report.shrink_kernels,
-        report.expand_kernels,
-        report.launches,
-        report.layer_shapes,
-        report.threads,
-    )
-    return report
-
-
-def warm_up_base_gemm(config: EngineConfig, model: Any, device: torch.device) -> int:
-    """Compile the skinny GEMM's binaries for the model's projections (``valora.ops.
-    skinny_gemm``: decode-size base GEMMs on Hopper) on the warm-up threads, before graph capture
-    would compile them one by one; with ``warm_up_lora_kernels`` set, on CUDA. Returns the
-    launches (0 where no call takes the skinny GEMM)."""
-    if device.type != "cuda" or not config.lora.warm_up_lora_kernels:
-        return 0
-    start = time.perf_counter()
-    linears = [(m.weight, m.bias) for m in model.modules() if isinstance(m, FusedLinear)]
-    launches = warm_up_skinny_gemm(linears, device, config.lora.warm_up_threads)
-    if launches:
-        logger.info("compiled %d skinny GEMM binaries in %.1f s", launches,
-                    time.perf_counter() - start)
-    return launches
 
 
 def build_engine_parts(config: EngineConfig) -> EngineParts:

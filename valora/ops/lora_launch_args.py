@@ -16,14 +16,15 @@ SLICES_PER_EXPAND = 4
 """Output slices one expand launch covers (the kernel's ``blocks_*`` / ``col_*`` arguments)."""
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ``b``."""
     return -(-a // b)
 
 
 def shrink_split(in_features: int, cfg: ShrinkConfig) -> tuple[int, bool]:
     """The split-K a shrink of ``in_features`` runs with ``cfg`` (at most one ``block_k`` per
     split) and whether the splits tile ``in_features`` exactly (the ``EVEN_K`` constexpr)."""
-    split_k = max(1, min(cfg.split_k, _cdiv(in_features, cfg.block_k)))
+    split_k = max(1, min(cfg.split_k, cdiv(in_features, cfg.block_k)))
     return split_k, in_features % (cfg.block_k * split_k) == 0
 
 
@@ -86,7 +87,7 @@ def _slice_groups(widths: tuple[int, ...], span: int
     groups = []
     for first in range(0, len(widths), SLICES_PER_EXPAND):
         group = widths[first:first + SLICES_PER_EXPAND]
-        ends = [sum(_cdiv(w, span) for w in group[:g + 1]) for g in range(len(group))]
+        ends = [sum(cdiv(w, span) for w in group[:g + 1]) for g in range(len(group))]
         num_blocks = ends[-1]
         starts = (ends[:-1] + [num_blocks] * SLICES_PER_EXPAND)[:SLICES_PER_EXPAND - 1]
         cols = list(offsets[first:first + len(group) + 1])

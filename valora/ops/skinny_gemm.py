@@ -230,7 +230,7 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor,
     """``F.linear(x, weight, bias)``, through the skinny GEMM where it serves."""
     tile = _call_tile(x, weight, bias)
     if tile is not None:
-        return skinny_linear(x, weight, bias, tile)
+        return _run(x, weight, bias, tile)  # _call_tile checked what skinny_linear checks
     return F.linear(x, weight, bias)
 
 
@@ -244,18 +244,23 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValoraError("skinny GEMM: x needs unit column stride and weight contiguity")
     if bias is not None and (bias.shape != (weight.shape[0],) or not bias.is_contiguous()):
         raise ValoraError(f"skinny GEMM: bias of shape {tuple(bias.shape)}")
-    from valora.ops.skinny_gemm_kernel import launch_skinny_gemm
-
     num_tokens, in_features = x.shape
-    out_features = weight.shape[0]
-    y = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
-        return y
-    cfg = tile or skinny_tile(num_tokens, out_features, in_features, x.element_size(),
+        return torch.empty(0, weight.shape[0], dtype=x.dtype, device=x.device)
+    cfg = tile or skinny_tile(num_tokens, weight.shape[0], in_features, x.element_size(),
                               smem_limit(x.device))
     if cfg is None:
         raise ValoraError(f"skinny GEMM: no tile for {num_tokens} rows fits the shared memory")
-    launch_skinny_gemm(x, weight, bias, y, cfg)
+    return _run(x, weight, bias, cfg)
+
+
+def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         tile: SkinnyTile) -> torch.Tensor:
+    """The launch on checked arguments (``skinny_linear``'s checks, ≥ 1 row)."""
+    from valora.ops.skinny_gemm_kernel import launch_skinny_gemm  # Triton only when it runs
+
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    launch_skinny_gemm(x, weight, bias, y, tile)
     return y
 
 

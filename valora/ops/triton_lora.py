@@ -61,6 +61,7 @@ from valora.ops.launch import launcher
 from valora.ops.lora import LoRABatch, LoRASlotWeights
 from valora.ops.lora_kernels import lora_expand_kernel, lora_shrink_kernel
 from valora.ops.lora_launch_args import (
+    cdiv,
     expand_b_layout,
     expand_split_constexpr,
     shrink_split,
@@ -73,10 +74,6 @@ from valora.ops.tile_table import select_tile_config, tile_rank
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2**31 - 1
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def kernels_interpreted() -> bool:
@@ -283,12 +280,12 @@ def launch_shrink(x: torch.Tensor, weights: LoRASlotWeights, segments: LoRASegme
     width = flat_rank * (2 if segments.correction is not None else 1)
     live = width if live_rank is None else min(live_rank, width)
     split_k, even_k = shrink_split(in_features, cfg)
-    k_split = _cdiv(_cdiv(in_features, split_k), cfg.block_k) * cfg.block_k
+    k_split = cdiv(cdiv(in_features, split_k), cfg.block_k) * cfg.block_k
     if split_k * num_tokens * width > _INT32_MAX:
         raise ValoraError(
             f"triton LoRA: split-K buffer too large ({split_k}×{num_tokens}×{width})")
     h = torch.empty(split_k, num_tokens, width, dtype=torch.float32, device=x.device)
-    num_rank_blocks = _cdiv(live, cfg.block_n)
+    num_rank_blocks = cdiv(live, cfg.block_n)
     grid = (segments.tile_bound(cfg.block_m) * split_k * num_rank_blocks,)
     if grid[0] == 0:
         return h
