@@ -1,0 +1,214 @@
+"""Can the LoRA expand ride in the base GEMM's reduction loop? (Session 15.)
+
+At one token per adapter the expand is a chain of small dependent loads (tile → slot → rank →
+``h`` / ``B``) in thousands of short programs: with 32 adapters at batch 32 it runs at ≈ 2–3× its
+``B`` bytes, and beside the skinny GEMM on a side stream it barely overlaps (the GEMM holds every
+SM). Written as a GEMM, the expand of a decode batch is one more stretch of the base GEMM's
+reduction::
+
+    y = x Wᵀ + Σ_tiles (H_tile · scale) B_slot        H_tile = h's rows of the tile's tokens,
+                                                      zero elsewhere (a row mask)
+
+so ``_gemm_expand`` is the skinny GEMM (one program per ``BLOCK_N`` output columns holding every
+row, rows in the slot-sorted order) whose accumulator, after the ``K`` loop over ``W``, keeps
+accumulating over the batch's slot tiles: per tile ``RANK_CHUNKS`` chunks of ``BLOCK_R`` rank rows
+of ``B`` (rank-major: contiguous along the columns) against the tile's ``h`` rows — a flat,
+pipelinable loop instead of a dependent chain per program. ``y`` is written once (no
+read-modify-write, no ``δ`` buffer, no add); the shrink runs before it. With ``PDL`` the GEMM
+launches as a programmatic dependent of the shrink and waits for ``h`` only after its ``W`` loop,
+so the shrink runs under the GEMM's weight stream.
+
+Per scenario × layer of the model benchmark's decode step (``decode_tiles.py``'s problem), under
+CUDA graphs: ``skinny`` (the base GEMM alone, the table's tile), ``skinny+atmm`` (serial:
+skinny GEMM, ATMM shrink, ATMM expand with the mix tiles), ``overlap`` (the engine's path at
+decode: ``FusedLinear._forward_overlapped``'s side stream, ``δ`` and add), ``shrink+ge`` (the ATMM
+shrink, then this kernel; ``BLOCK_R`` / stage choices) and ``pdl`` (the same with the dependent
+launch). Outputs are checked against ``skinny+atmm`` first.
+
+    PYTHONPATH=$PWD:$PWD/bench/ops python bench/ops/gemm_expand.py --out $OUT/gemm_expand.jsonl [--tiny]
+"""
+
+# mypy: disable-error-code="no-untyped-def"
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from decode_experiment import best_columns, check_and_time, gemm_point, run_main, tolerance_of
+
+from valora.layers.lora_overlap import lora_side_stream
+from valora.ops.lora import LoRASlotWeights
+from valora.ops.lora_kernels import gdc_wait
+from valora.ops.lora_segments import LoRASegments
+from valora.ops.pdl import pdl_supported
+from valora.ops.skinny_gemm import SkinnyTile, select_skinny_tile, skinny_linear, skinny_tile
+from valora.ops.tile_config import BLOCK_M_CHOICES, ShrinkConfig
+from valora.ops.triton_lora import dot_flags, launch_shrink
+
+CHOICES = ((16, 1), (16, 2), (16, 3), (32, 2))
+"""(``BLOCK_R``, stages of the tile loop) tried per point."""
+
+
+@triton.jit
+def _gemm_expand(x_ptr, w_ptr, y_ptr, h_ptr, b_ptr, ranks_ptr, scales_ptr, sorted_ptr, tiles_ptr,
+                 used_ptr, M, N, K, stride_xm, stride_wn, stride_ym, tile_stride, split_stride,
+                 h_width, num_slices, max_rank, col_1, col_2, col_3,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_R: tl.constexpr, RANK_CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr,
+                 LORA_STAGES: tl.constexpr, PDL: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """``y[t, cols] = x[t] Wᵀ[:, cols] + LoRA`` for one block of columns (all in one slice:
+    ``BLOCK_N`` divides every slice width) and every row, rows taken in the sorted order."""
+    pid = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    tokens = tl.load(sorted_ptr + tl.minimum(rm, M - 1)).to(tl.int64)
+    x_rows = x_ptr + tokens[:, None] * stride_xm
+    w_cols = w_ptr + rn[None, :].to(tl.int64) * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    col0 = pid * BLOCK_N
+    slice_id = ((col0 >= col_1).to(tl.int32) + (col0 >= col_2).to(tl.int32)
+                + (col0 >= col_3).to(tl.int32))
+    if PDL > 0:
+        gdc_wait()
+    used = tl.load(used_ptr)
+    rr = tl.arange(0, BLOCK_R)
+    h_rows = h_ptr + rm[:, None].to(tl.int64) * h_width + slice_id * max_rank
+    for tile in tl.range(0, used, num_stages=LORA_STAGES):
+        slot = tl.load(tiles_ptr + tile)
+        start = tl.load(tiles_ptr + tile_stride + tile)
+        rows = tl.load(tiles_ptr + 2 * tile_stride + tile)
+        own = tl.maximum(slot, 0)
+        rank = tl.minimum(tl.load(ranks_ptr + own * num_slices + slice_id), max_rank)
+        rank = tl.where(slot >= 0, rank, 0)
+        scale = tl.load(scales_ptr + own * num_slices + slice_id)
+        row_in = (rm >= start) & (rm < start + rows)
+        b_slot = b_ptr + own.to(tl.int64) * N * max_rank + rn[None, :]
+        for c in tl.static_range(RANK_CHUNKS):
+            kr = c * BLOCK_R + rr
+            r_ok = kr < rank
+            h_mask = row_in[:, None] & r_ok[None, :]
+            hv = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for sp in tl.static_range(SPLIT_K):
+                hv += tl.load(h_rows + sp * split_stride + kr[None, :], mask=h_mask, other=0.0)
+            b = tl.load(b_slot + kr[:, None].to(tl.int64) * N, mask=r_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            hv = (hv * scale).to(b.dtype)
+            if UPCAST:
+                hv = hv.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(hv, b, acc, input_precision=PRECISION)
+    tl.store(y_ptr + tokens[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def gemm_expand(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, weights: LoRASlotWeights,
+                segments: LoRASegments, tiles: torch.Tensor, used: torch.Tensor,
+                tile: SkinnyTile, block_r: int, stages: int, pdl: bool) -> torch.Tensor:
+    """``x Wᵀ + LoRA`` from the shrink's ``h`` (rank-major ``B``, no correction)."""
+    assert weights.b_rank_major and segments.correction is None
+    num_tokens, in_features = x.shape
+    widths = weights.slice_widths
+    assert len(widths) <= 4 and all(width % tile.block_n == 0 for width in widths)
+    split_k, _, h_width = h.shape
+    ends = [sum(widths[:i + 1]) for i in range(len(widths))]
+    cols = (ends + [1 << 30] * 3)[:3]
+    y = torch.empty(num_tokens, w.shape[0], dtype=x.dtype, device=x.device)
+    launch = {"launch_pdl": True} if pdl else {}
+    _gemm_expand[(triton.cdiv(w.shape[0], tile.block_n),)](
+        x, w, y, h, weights.lora_b, weights.ranks, weights.scales, segments.sorted_tokens, tiles,
+        used, num_tokens, w.shape[0], in_features, x.stride(0), w.stride(0), y.stride(0),
+        segments.tile_capacity, num_tokens * h_width, h_width, len(widths), weights.max_rank,
+        *cols, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, BLOCK_R=block_r,
+        RANK_CHUNKS=math.ceil(weights.max_rank / block_r), SPLIT_K=split_k, LORA_STAGES=stages,
+        PDL=int(pdl), **dot_flags(x.dtype), num_warps=tile.num_warps,
+        num_stages=tile.num_stages, **launch)
+    return y
+
+
+def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rate: float,
+              tokens: int, dtype: torch.dtype) -> dict[str, Any]:
+    point = gemm_point(scenario, layer, layers, device, tokens, dtype)
+    problem, lora, base, rounds = point.problem, point.lora, point.base, point.rounds
+    weights, x, y, copies = problem.weights, problem.x, problem.y, problem.copies
+    segments, shrink_cfg = lora.segments, lora.tiles.shrink
+    gemm_copies = len(base)
+    tile = (select_skinny_tile(device, tokens, point.out_features, point.in_features,
+                               x.element_size()) if device.type == "cuda" else None)
+    tile = tile or skinny_tile(tokens, point.out_features, point.in_features, x.element_size())
+    assert tile is not None
+    block_n = math.gcd(tile.block_n, *point.widths)
+    ge_tile = SkinnyTile(tile.block_m, block_n, tile.block_k, tile.num_warps, tile.num_stages)
+    block_m = next(m for m in BLOCK_M_CHOICES if m >= tokens)   # one tile per slot
+    tiles = segments.tile_list(block_m)
+    used = (tiles[0] >= 0).sum().to(torch.int32).view(1)
+    pdl_ok = pdl_supported(device)
+
+    def skinny(out: torch.Tensor, i: int) -> None:
+        out.copy_(skinny_linear(x, base[i % gemm_copies], None, tile))
+
+    def atmm(out: torch.Tensor, i: int) -> None:
+        lora.apply(x, weights[i % copies], out)
+
+    def serial(out: torch.Tensor, i: int) -> None:
+        skinny(out, i)
+        atmm(out, i)
+
+    def overlap(out: torch.Tensor, i: int) -> None:
+        main = torch.cuda.current_stream(device)
+        side = lora_side_stream(device)
+        delta = torch.empty_like(out)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            delta.zero_()
+            atmm(delta, i)
+        yy = skinny_linear(x, base[i % gemm_copies], None, tile)
+        main.wait_stream(side)
+        out.copy_(yy.add_(delta))
+
+    def fused(out: torch.Tensor, i: int, block_r: int, stages: int, pdl: bool) -> None:
+        cfg: ShrinkConfig = shrink_cfg
+        h = launch_shrink(x, weights[i % copies], segments, cfg, pdl=int(pdl), pdl_launch=False)
+        out.copy_(gemm_expand(x, base[i % gemm_copies], h, weights[i % copies], segments, tiles,
+                              used, ge_tile, block_r, stages, pdl))
+
+    variants: list[tuple[str, Any]] = [("skinny", skinny), ("skinny+atmm", serial)]
+    if device.type == "cuda":
+        variants.append(("overlap", overlap))
+    for block_r, stages in CHOICES:
+        for pdl in (False, True) if pdl_ok else (False,):
+            name = "pdl" if pdl else "shrink+ge"
+            variants.append((f"{name} r{block_r} s{stages}",
+                             lambda out, i, r=block_r, s=stages, p=pdl: fused(out, i, r, s, p)))
+    row = point.row(scenario, layer, tokens, rate)
+    row["skinny_tile"] = [tile.block_m, tile.block_n, tile.block_k, tile.num_warps,
+                          tile.num_stages]
+    row["ge_block_n"] = block_n
+    want = torch.empty_like(y)
+    serial(want, 0)
+    check_and_time(row, variants, y, want, tolerance_of(dtype), "skinny + ATMM", rounds, device,
+                   lambda label: label != "skinny")
+    return row
+
+
+def columns(row: dict[str, Any]) -> dict[str, tuple[str, float]]:
+    return best_columns(row, ("skinny", "skinny+atmm", "overlap", "shrink+ge", "pdl"))
+
+
+if __name__ == "__main__":
+    run_main(__doc__ or "", run_point, columns, "lora_floor_us")
