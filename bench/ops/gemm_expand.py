@@ -48,8 +48,10 @@ from valora.ops.skinny_gemm import SkinnyTile, select_skinny_tile, skinny_linear
 from valora.ops.tile_config import BLOCK_M_CHOICES, ShrinkConfig
 from valora.ops.triton_lora import dot_flags, launch_shrink
 
-CHOICES = ((16, 1), (16, 2), (16, 3), (32, 2))
-"""(``BLOCK_R``, stages of the tile loop) tried per point."""
+CHOICES = ((0, 1), (2, 1), (4, 1), (8, 1), (4, 2))
+"""(``GROUP``, stages of the tile loop) tried per point: ``GROUP`` 0 is the first version (one
+tile a step of the loop, ``BLOCK_R`` 16: a dependent load chain per tile — 3 µs a tile on an
+H200); the others ``_gemm_expand_grouped`` (``BLOCK_R``: the storage rank's power of two)."""
 
 
 @triton.jit
@@ -117,10 +119,85 @@ def _gemm_expand(x_ptr, w_ptr, y_ptr, h_ptr, b_ptr, ranks_ptr, scales_ptr, sorte
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _gemm_expand_grouped(x_ptr, w_ptr, y_ptr, h_ptr, b_ptr, ranks_ptr, scales_ptr, sorted_ptr,
+                         tiles_ptr, used_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                         tile_stride, split_stride, h_width, num_slices, max_rank,
+                         col_1, col_2, col_3,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_R: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
+                         LORA_STAGES: tl.constexpr, PDL: tl.constexpr, PRECISION: tl.constexpr,
+                         UPCAST: tl.constexpr):
+    """``_gemm_expand`` with the tile loop taken ``GROUP`` tiles at a time and no dependent
+    chain per tile: the group's metadata in vector loads (slot / start / rows, then ranks and
+    scales), its ``B`` rows in one ``[GROUP, BLOCK_R, BLOCK_N]`` load (``BLOCK_R`` ≥ the storage
+    rank: one chunk a slot, masked at its rank) and ``h`` in one ``[GROUP, BLOCK_M, BLOCK_R]``
+    load, then one dot of reduction length ``GROUP · BLOCK_R``."""
+    pid = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    tokens = tl.load(sorted_ptr + tl.minimum(rm, M - 1)).to(tl.int64)
+    x_rows = x_ptr + tokens[:, None] * stride_xm
+    w_cols = w_ptr + rn[None, :].to(tl.int64) * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    col0 = pid * BLOCK_N
+    slice_id = ((col0 >= col_1).to(tl.int32) + (col0 >= col_2).to(tl.int32)
+                + (col0 >= col_3).to(tl.int32))
+    if PDL > 0:
+        gdc_wait()
+    used = tl.load(used_ptr)
+    rg = tl.arange(0, GROUP)
+    rr = tl.arange(0, BLOCK_R)
+    h_rows = h_ptr + rm[None, :, None].to(tl.int64) * h_width + slice_id * max_rank
+    b_cols = b_ptr + rn[None, None, :]
+    for g in tl.range(0, used, GROUP, num_stages=LORA_STAGES):
+        t = g + rg
+        t_ok = t < used
+        slot = tl.load(tiles_ptr + t, mask=t_ok, other=-1)
+        start = tl.load(tiles_ptr + tile_stride + t, mask=t_ok, other=0)
+        rows = tl.load(tiles_ptr + 2 * tile_stride + t, mask=t_ok, other=0)
+        own = tl.maximum(slot, 0)
+        rank = tl.load(ranks_ptr + own * num_slices + slice_id, mask=slot >= 0, other=0)
+        rank = tl.minimum(rank, max_rank)
+        scale = tl.load(scales_ptr + own * num_slices + slice_id, mask=slot >= 0, other=0.0)
+        r_ok = rr[None, :] < rank[:, None]                                   # [G, R]
+        b = tl.load(b_cols + (own.to(tl.int64) * max_rank)[:, None, None] * N
+                    + rr[None, :, None].to(tl.int64) * N,
+                    mask=r_ok[:, :, None] & n_ok[None, None, :], other=0.0)   # [G, R, N]
+        row_in = (rm[None, :] >= start[:, None]) & (rm[None, :] < (start + rows)[:, None])
+        h_mask = row_in[:, :, None] & r_ok[:, None, :]                       # [G, M, R]
+        hv = tl.zeros((GROUP, BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for sp in tl.static_range(SPLIT_K):
+            hv += tl.load(h_rows + sp * split_stride + rr[None, None, :], mask=h_mask, other=0.0)
+        hv = (hv * scale[:, None, None]).to(b.dtype)
+        hv = tl.reshape(tl.permute(hv, (1, 0, 2)), (BLOCK_M, GROUP * BLOCK_R))
+        b = tl.reshape(b, (GROUP * BLOCK_R, BLOCK_N))
+        if UPCAST:
+            hv = hv.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(hv, b, acc, input_precision=PRECISION)
+    tl.store(y_ptr + tokens[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
 def gemm_expand(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, weights: LoRASlotWeights,
                 segments: LoRASegments, tiles: torch.Tensor, used: torch.Tensor,
-                tile: SkinnyTile, block_r: int, stages: int, pdl: bool) -> torch.Tensor:
-    """``x Wᵀ + LoRA`` from the shrink's ``h`` (rank-major ``B``, no correction)."""
+                tile: SkinnyTile, block_r: int, stages: int, pdl: bool,
+                group: int = 0) -> torch.Tensor:
+    """``x Wᵀ + LoRA`` from the shrink's ``h`` (rank-major ``B``, no correction); ``group`` > 0:
+    ``_gemm_expand_grouped`` (``block_r`` then covers the storage rank)."""
     assert weights.b_rank_major and segments.correction is None
     num_tokens, in_features = x.shape
     widths = weights.slice_widths
@@ -130,14 +207,20 @@ def gemm_expand(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, weights: LoRA
     cols = (ends + [1 << 30] * 3)[:3]
     y = torch.empty(num_tokens, w.shape[0], dtype=x.dtype, device=x.device)
     launch = {"launch_pdl": True} if pdl else {}
-    _gemm_expand[(triton.cdiv(w.shape[0], tile.block_n),)](
-        x, w, y, h, weights.lora_b, weights.ranks, weights.scales, segments.sorted_tokens, tiles,
-        used, num_tokens, w.shape[0], in_features, x.stride(0), w.stride(0), y.stride(0),
-        segments.tile_capacity, num_tokens * h_width, h_width, len(widths), weights.max_rank,
-        *cols, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, BLOCK_R=block_r,
-        RANK_CHUNKS=math.ceil(weights.max_rank / block_r), SPLIT_K=split_k, LORA_STAGES=stages,
-        PDL=int(pdl), **dot_flags(x.dtype), num_warps=tile.num_warps,
-        num_stages=tile.num_stages, **launch)
+    args = (x, w, y, h, weights.lora_b, weights.ranks, weights.scales, segments.sorted_tokens,
+            tiles, used, num_tokens, w.shape[0], in_features, x.stride(0), w.stride(0),
+            y.stride(0), segments.tile_capacity, num_tokens * h_width, h_width, len(widths),
+            weights.max_rank, *cols)
+    common = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+                  SPLIT_K=split_k, LORA_STAGES=stages, PDL=int(pdl), **dot_flags(x.dtype),
+                  num_warps=tile.num_warps, num_stages=tile.num_stages, **launch)
+    grid = (triton.cdiv(w.shape[0], tile.block_n),)
+    if group > 0:
+        assert block_r >= weights.max_rank
+        _gemm_expand_grouped[grid](*args, BLOCK_R=block_r, GROUP=group, **common)
+    else:
+        _gemm_expand[grid](*args, BLOCK_R=block_r,
+                           RANK_CHUNKS=math.ceil(weights.max_rank / block_r), **common)
     return y
 
 
@@ -181,20 +264,23 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
         main.wait_stream(side)
         out.copy_(yy.add_(delta))
 
-    def fused(out: torch.Tensor, i: int, block_r: int, stages: int, pdl: bool) -> None:
+    def fused(out: torch.Tensor, i: int, group: int, stages: int, block_r: int,
+              pdl: bool) -> None:
         cfg: ShrinkConfig = shrink_cfg
         h = launch_shrink(x, weights[i % copies], segments, cfg, pdl=int(pdl), pdl_launch=False)
         out.copy_(gemm_expand(x, base[i % gemm_copies], h, weights[i % copies], segments, tiles,
-                              used, ge_tile, block_r, stages, pdl))
+                              used, ge_tile, block_r, stages, pdl, group))
 
     variants: list[tuple[str, Any]] = [("skinny", skinny), ("skinny+atmm", serial)]
     if device.type == "cuda":
         variants.append(("overlap", overlap))
-    for block_r, stages in CHOICES:
+    rank_block = max(16, 1 << (weights[0].max_rank - 1).bit_length())
+    for group, stages in CHOICES:
+        block_r = rank_block if group else 16
         for pdl in (False, True) if pdl_ok else (False,):
             name = "pdl" if pdl else "shrink+ge"
-            variants.append((f"{name} r{block_r} s{stages}",
-                             lambda out, i, r=block_r, s=stages, p=pdl: fused(out, i, r, s, p)))
+            variants.append((f"{name} g{group} s{stages}", lambda out, i, g=group, s=stages,
+                             r=block_r, p=pdl: fused(out, i, g, s, r, p)))
     row = point.row(scenario, layer, tokens, rate)
     row["skinny_tile"] = [tile.block_m, tile.block_n, tile.block_k, tile.num_warps,
                           tile.num_stages]
