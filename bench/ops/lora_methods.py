@@ -107,11 +107,14 @@ def build_gathered_bmm(s: InputSet) -> Call:
 
 
 def vllm_ops() -> tuple[Callable[..., object], Callable[..., object], type] | None:
-    """vLLM's kernels from ``.peers/vllm`` (``extract.sh``), or None when absent."""
-    peers = REPO / ".peers" / "vllm"
-    if not peers.exists():
+    """vLLM's kernels from ``.peers`` (``shared/peers/vllm_lora/extract.sh``), or None when
+    absent. Either layout: ``extract.sh .peers/vllm`` (the package at ``.peers/vllm/vllm``) or
+    the script's default destination ``.peers`` (the package at ``.peers/vllm``)."""
+    roots = [REPO / ".peers" / "vllm", REPO / ".peers"]
+    found = next((root for root in roots if (root / "vllm" / "lora").is_dir()), None)
+    if found is None:
         return None
-    sys.path.insert(0, str(peers))
+    sys.path.insert(0, str(found))
     from vllm.lora.ops.triton_ops.lora_expand_op import lora_expand
     from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
     from vllm.lora.ops.triton_ops.lora_shrink_op import lora_shrink
