@@ -176,6 +176,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cpu: smoke test under the interpreter")
     parser.add_argument("--time-budget", type=float, default=0.0)
     parser.add_argument("--sha", default=os.environ.get("VALORA_GIT_SHA", ""))
+    parser.add_argument("--tokens", default="",
+                        help="comma list: only the grid's points of these token counts")
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -195,6 +197,9 @@ def main() -> int:
     began, base_cache, rows = time.monotonic(), {}, []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     points = grid(args.grid)
+    if args.tokens:
+        wanted = {int(t) for t in args.tokens.split(",")}
+        points = [p for p in points if p["tokens"] in wanted]
     with args.out.open("w") as sink:
         for index, point in enumerate(points):
             if args.time_budget and time.monotonic() - began > args.time_budget:
