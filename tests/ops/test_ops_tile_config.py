@@ -101,6 +101,17 @@ def test_tuner_writes_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     stamp = out.stat().st_mtime_ns
     assert tuning.main(argv) == 0  # resume: every bucket present, nothing re-tuned or rewritten
     assert out.stat().st_mtime_ns == stamp
+    data = json.loads(out.read_text())
+    entries = data["entries"]
+    entries["t16-r16-i32-o32-a8-s2"].pop("b_layout")  # an entry from before layouts were kept
+    out.write_text(json.dumps(data))
+    monkeypatch.setenv("VALORA_LORA_B_LAYOUT", "rank")
+    assert tuning.main([*argv, "--tokens", "16"]) == 0  # the last --tokens counts
+    after = json.loads(out.read_text())["entries"]
+    assert after["t16-r16-i32-o32-a8-s2"]["b_layout"] == "rank"  # tuned again, on the new layout
+    assert after["t4-r16-i32-o32-a8-s2"] == entries["t4-r16-i32-o32-a8-s2"]  # not selected
+    assert TileTable.load(out).entry_layout("t4-r16-i32-o32-a8-s2") == "column"
+    assert TileTable.load(out).entry_layout("t1-r16-i32-o32-a8-s2") is None
 
 
 def _config(split: int) -> TileConfig:

@@ -136,6 +136,15 @@ class TileTable:
         """The mix entry of exactly ``bucket`` (module docstring), None when not tuned."""
         return self.get(MIX_PREFIX + bucket.key)
 
+    def entry_layout(self, key: str) -> str | None:
+        """The ``lora_b`` layout ``key``'s entry was tuned with (``"column"`` for an entry from
+        before layouts were recorded: module docstring), None when there is no entry."""
+        record = self.entries.get(key)
+        if record is None:
+            return None
+        layout = record.get("b_layout", "column")
+        return layout if isinstance(layout, str) else "column"
+
     def put(self, key: str, config: TileConfig, time_us: dict[str, float],
             b_layout: str | None = None) -> None:
         """Store ``key``'s winner and its times; ``b_layout``: the ``lora_b`` layout it was

@@ -7,8 +7,11 @@ the best expand is then timed after the next-best shrinks too (fewer split-K pla
 expand cheaper), and the pair with the smallest sum wins. Winners are stored under the bucket key in
 ``valora/ops/tables/<GPU>.json`` (or ``--out``), each with the ``lora_b`` layout its problems were
 stored in (``VALORA_LORA_B_LAYOUT``, ``valora.ops.lora.lora_b_layout``: tune with the layout the
-engine will run). The table is written after each bucket; a rerun skips buckets already present
-(resume) unless ``--no-resume``. ``--time-budget`` stops cleanly between buckets. A progress bar shows the way.
+engine will run). The table is written after each bucket; a rerun skips the buckets already
+tuned on the current layout (resume: an entry tuned on the other layout, or before layouts were
+recorded, is tuned again) unless ``--no-resume`` (every bucket of the selection). ``--time-budget``
+stops cleanly between buckets, so a long re-tune runs as several calls. A progress bar shows the
+way.
 
 ``--mix`` tunes the *mix* entries instead (``valora.ops.tile_table``, "Mix entries": the tiles of
 calls whose slots the host does not know, as in CUDA-graph replays): per bucket (``--ranks``
@@ -94,7 +97,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=None, help="table file (default: shipped)")
-    parser.add_argument("--no-resume", action="store_true", help="re-tune buckets in the table")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="re-tune buckets already in the table (by default only those tuned "
+                             "on another lora_b layout are)")
     parser.add_argument("--time-budget", type=float, default=0.0, help="seconds; 0 = no limit")
     parser.add_argument("--max-candidates", type=int, default=0, help="per kernel; 0 = all")
     parser.add_argument("--repeats", type=int, default=10)
@@ -277,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                               sum(shape.slice_widths), shape.num_adapters, len(shape.slice_widths))
         assert bucket is not None
         key = MIX_PREFIX + bucket.key if args.mix else bucket.key
-        if args.no_resume or key not in table.entries:
+        if args.no_resume or table.entry_layout(key) != lora_b_layout():
             pending.append((key, shape))
     logger.info("tuning %d buckets for %s into %s", len(pending), name, out)
     began = time.monotonic()
