@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# Next device session (written in session 14, not run): re-tune the regular LoRA buckets for the
-# rank-major `B` layout (the default since session 13; every regular entry of the H200 table was
-# tuned on the column layout) where the operator grid's floor bar fails most (T = 64 / 256 /
-# 1024, ranks 16 / 64, `bench/results/ops/grid-rank-major-h200-e9a1397/`), into a copy of the
-# shipped table, then the 300-point grid with that table. Carry .peers. ≈ 9 minutes. Afterwards,
-# if the grid improves: cp $files_at/r/NVIDIA_H200.json valora/ops/tables/
-#   SHA=<tree> OUT=... bash bench/ops/retune_rank_major_gpu.sh
+# Re-tune the H200 table's regular buckets for the rank-major `B` layout (the default since
+# session 13), resumably: `valora tune-kernels` without --no-resume re-tunes only the entries
+# tuned on another layout (session 15), so each call continues where the last stopped. Session
+# 15 re-tuned 61 of 608 (bench/ops/NOTES.md); at 5-20 s a bucket the rest is ≈ 40 device
+# minutes. One call: TUNE_S seconds of tuning (default 420) on TOKENS / RANKS (default: the
+# prefill sizes 128-16384 and ranks 16 / 64, where calls are frequent and the re-tune paid
+# 1-3 %), then, with GRID=1, the 300-point grid (≈ 4 min; carry .peers, extracted with
+# `extract.sh .peers/vllm`). Afterwards: cp $files_at/r/NVIDIA_H200.json valora/ops/tables/
+#   SHA=<tree> OUT=... [TUNE_S=...] [GRID=1] bash bench/ops/retune_rank_major_gpu.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 SHA=${SHA:-unknown}
 R=$OUT/r && mkdir -p "$R"
 TABLE=valora/ops/tables/NVIDIA_H200.json
-cp "$TABLE" "$R/shipped.json"
+TUNE_S=${TUNE_S:-420}
+VALORA_LORA_B_LAYOUT=rank timeout $((TUNE_S + 60)) python3 -m valora.ops.tuning \
+  --tokens "${TOKENS:-128,256,512,1024,2048,4096,16384}" --ranks "${RANKS:-16,64}" \
+  --time-budget "$TUNE_S" 2>&1 | tr '\r' '\n' | tail -n 5 > "$R/tune_log.txt"
 cp "$TABLE" "$R/NVIDIA_H200.json"
-VALORA_LORA_B_LAYOUT=rank timeout 280 python3 -m valora.ops.tuning --tokens 64,256,1024 \
-  --ranks 16,64 --no-resume --out "$R/NVIDIA_H200.json" --time-budget 250 2>&1 \
-  | tr '\r' '\n' | tail -n 5 > "$R/tune_log.txt"
-cp "$R/NVIDIA_H200.json" "$TABLE"
-timeout 260 python3 bench/ops/bench_lora_ops.py --out "$R/lora_ops.jsonl" --time-budget 230 \
-  --sha "$SHA-retuned" > "$R/bench.log" 2>&1
-cp "$R/shipped.json" "$TABLE"
-cat "$R/tune_log.txt"; tail -n 3 "$R/bench.log"; wc -l "$R/lora_ops.jsonl"
+if [ "${GRID:-0}" = 1 ]; then
+  timeout 270 python3 bench/ops/bench_lora_ops.py --out "$R/lora_ops.jsonl" --time-budget 240 \
+    --sha "$SHA-retuned" > "$R/bench.log" 2>&1
+  tail -n 3 "$R/bench.log"; wc -l "$R/lora_ops.jsonl"
+fi
+cat "$R/tune_log.txt"
