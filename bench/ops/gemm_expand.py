@@ -55,6 +55,25 @@ H200); the others ``_gemm_expand_grouped`` (``BLOCK_R``: the storage rank's powe
 
 
 @triton.jit
+def _base_part(x_rows, w_cols, m_ok, n_ok, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The skinny GEMM's accumulator (``valora.ops.skinny_gemm_kernel``): ``x_rows`` ·
+    ``w_cols``ᵀ over the whole ``K`` (rows given as pointers: the sorted order's)."""
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _gemm_expand(x_ptr, w_ptr, y_ptr, h_ptr, b_ptr, ranks_ptr, scales_ptr, sorted_ptr, tiles_ptr,
                  used_ptr, M, N, K, stride_xm, stride_wn, stride_ym, tile_stride, split_stride,
                  h_width, num_slices, max_rank, col_1, col_2, col_3,
@@ -67,22 +86,12 @@ def _gemm_expand(x_ptr, w_ptr, y_ptr, h_ptr, b_ptr, ranks_ptr, scales_ptr, sorte
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
     tokens = tl.load(sorted_ptr + tl.minimum(rm, M - 1)).to(tl.int64)
-    x_rows = x_ptr + tokens[:, None] * stride_xm
-    w_cols = w_ptr + rn[None, :].to(tl.int64) * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_cols + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    acc = _base_part(x_ptr + tokens[:, None] * stride_xm,
+                     w_ptr + rn[None, :].to(tl.int64) * stride_wn, m_ok, n_ok, K,
+                     BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
     col0 = pid * BLOCK_N
     slice_id = ((col0 >= col_1).to(tl.int32) + (col0 >= col_2).to(tl.int32)
                 + (col0 >= col_3).to(tl.int32))
@@ -136,22 +145,12 @@ def _gemm_expand_grouped(x_ptr, w_ptr, y_ptr, h_ptr, b_ptr, ranks_ptr, scales_pt
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
     tokens = tl.load(sorted_ptr + tl.minimum(rm, M - 1)).to(tl.int64)
-    x_rows = x_ptr + tokens[:, None] * stride_xm
-    w_cols = w_ptr + rn[None, :].to(tl.int64) * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_cols + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    acc = _base_part(x_ptr + tokens[:, None] * stride_xm,
+                     w_ptr + rn[None, :].to(tl.int64) * stride_wn, m_ok, n_ok, K,
+                     BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
     col0 = pid * BLOCK_N
     slice_id = ((col0 >= col_1).to(tl.int32) + (col0 >= col_2).to(tl.int32)
                 + (col0 >= col_3).to(tl.int32))
