@@ -1,8 +1,11 @@
 """``FusedLinear`` with its LoRA delta overlapped on a side CUDA stream equals the serial path.
 
-CPU: the overlap setting is inert (CPU tensors run in series) and validated. ``gpu``: eager calls
-at and beyond the token limit, in bf16 and fp32, with a mixed-mode correction, and a captured
-CUDA graph replayed after the adapter weights change in place.
+CPU: the overlap setting is inert (CPU tensors run in series) and validated; the delta added into
+another tensor (``lora_into``) instead of the output, and a model whose ``o_proj`` / ``down_proj``
+deltas go into the residual (``set_lora_into_residual``) against the default. ``gpu``: eager
+calls at and beyond the token limit, in bf16 and fp32, with a mixed-mode correction, with and
+without ``lora_into``, and a captured CUDA graph replayed after the adapter weights change in
+place.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 
 from valora.errors import ValoraError
 from valora.layers.linear import FusedLinear
+from valora.layers.lora_overlap import lora_into_residual, set_lora_into_residual
 from valora.models.base import CausalLMBase
 from valora.models.loader import load_model
 from valora.ops.lora import prepare_lora_batch
@@ -54,6 +58,41 @@ def test_overlap_is_inert_on_the_cpu() -> None:
     torch.testing.assert_close(layer(x, lora), serial, rtol=0, atol=0)
 
 
+def test_lora_into_adds_the_delta_there_instead() -> None:
+    """``lora_into=t``: the output is the base alone and ``t`` gains exactly the delta the
+    default call adds to its output (with a correction too); a misfit ``t`` is refused."""
+    layer = make_linear("cpu", torch.float32)
+    x = torch.randn(7, 32)
+    lora = prepare_lora_batch(torch.tensor(slots_for(7)), 4, "reference")
+    correction = prepare_lora_batch(torch.full((7,), 2), 4, "reference")
+    base = layer(x)
+    for corr in (None, correction):
+        full = layer(x, lora, corr)
+        target = torch.randn(7, layer.out_features)
+        before = target.clone()
+        out = layer(x, lora, corr, lora_into=target)
+        torch.testing.assert_close(out, base, rtol=0, atol=0)
+        torch.testing.assert_close(target - before, full - base, rtol=1e-5, atol=1e-5)
+    untouched = torch.zeros(7, layer.out_features)
+    layer(x, None, None, lora_into=untouched)  # no LoRA this call: nothing to add
+    assert not untouched.any()
+    for bad in (torch.zeros(6, layer.out_features), torch.zeros(7, 8),
+                torch.zeros(7, layer.out_features, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="lora_into"):
+            layer(x, lora, lora_into=bad)
+
+
+def test_lora_into_residual_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_lora_into_residual(None)
+    monkeypatch.delenv("VALORA_LORA_INTO_RESIDUAL", raising=False)
+    assert not lora_into_residual()  # off until measured on a GPU
+    monkeypatch.setenv("VALORA_LORA_INTO_RESIDUAL", "1")
+    assert lora_into_residual()
+    set_lora_into_residual(False)
+    assert not lora_into_residual()
+    set_lora_into_residual(None)
+
+
 @pytest.fixture
 def tiny_llava_model(tmp_path: Path) -> CausalLMBase:
     model = load_model(str(build_tiny_llava(tmp_path / "ckpt", TinySpec())),
@@ -78,7 +117,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 37, 300])
-def test_gpu_overlap_matches_serial(dtype: torch.dtype, tokens: int) -> None:
+@pytest.mark.parametrize("into", [False, True])
+def test_gpu_overlap_matches_serial(dtype: torch.dtype, tokens: int, into: bool) -> None:
     layer = make_linear("cuda", dtype)
     x = torch.randn(tokens, 32, device="cuda").to(dtype)
     slots = torch.tensor(slots_for(tokens), device="cuda")
@@ -86,7 +126,13 @@ def test_gpu_overlap_matches_serial(dtype: torch.dtype, tokens: int) -> None:
     correction = prepare_lora_batch(torch.full_like(slots, 2), 4, "triton", num_active_slots=1)
     serial = layer(x, lora, correction)
     layer.lora_overlap_tokens = 64  # 300 tokens: beyond the limit, the serial path again
-    overlapped = layer(x, lora, correction)
+    if into:  # the delta lands in a residual-like tensor; output + tensor = serial + tensor
+        residual = torch.randn(tokens, layer.out_features, device="cuda").to(dtype)
+        target = residual.clone()
+        overlapped = layer(x, lora, correction, lora_into=target).float() + target.float()
+        serial = serial.float() + residual.float()
+    else:
+        overlapped = layer(x, lora, correction)
     torch.cuda.synchronize()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(overlapped.float(), serial.float(), rtol=tol, atol=tol)

@@ -20,6 +20,12 @@ separate buffer on a side stream while the base GEMM runs, then adds it (``lora_
 same value up to one rounding of the delta to the activation dtype). ``0`` (the default) runs
 them in series after the GEMM.
 
+``forward(x, lora, lora_correction, lora_into=t)`` adds the LoRA terms into ``t`` (in place,
+``[T, out_features]``) instead of the output, which is then ``x Wᵀ + b`` alone: for a caller
+that adds the output to ``t`` next anyway (``o_proj`` / ``down_proj`` and the residual,
+``lora_overlap``, "The delta into the residual"). Overlapped, the side stream writes ``t``
+directly: no delta buffer, no add.
+
 The base GEMM is ``valora.ops.skinny_gemm.base_linear``: ``F.linear``, except for CUDA calls of at
 most 32 rows in fp16 / bf16 (decode steps) on Hopper, which take a Triton skinny GEMM (measured
 faster than cuBLAS there; ``VALORA_SKINNY_GEMM`` switches it).
@@ -82,30 +88,40 @@ class FusedLinear(nn.Module):
         x: torch.Tensor,
         lora: LoRABatch | None = None,
         lora_correction: LoRABatch | None = None,
+        lora_into: torch.Tensor | None = None,
     ) -> torch.Tensor:
         weights = self.lora_weights
         if weights is None or (lora is None and lora_correction is None):
             return base_linear(x, self.weight, self.bias)
+        if lora_into is not None and (lora_into.shape != (x.shape[0], self.out_features)
+                                      or lora_into.dtype != x.dtype
+                                      or lora_into.device != x.device):
+            raise ValueError(f"lora_into {tuple(lora_into.shape)} {lora_into.dtype} on "
+                             f"{lora_into.device} must be [{x.shape[0]}, {self.out_features}] "
+                             f"{x.dtype} on {x.device}")
         if x.is_cuda and 0 < x.shape[0] <= self.lora_overlap_tokens:
-            return self._forward_overlapped(x, weights, lora, lora_correction)
+            return self._forward_overlapped(x, weights, lora, lora_correction, lora_into)
         y = base_linear(x, self.weight, self.bias)
-        _add_lora(y, x, weights, lora, lora_correction)
+        _add_lora(y if lora_into is None else lora_into, x, weights, lora, lora_correction)
         return y
 
     def _forward_overlapped(self, x: torch.Tensor, weights: LoRASlotWeights,
-                            lora: LoRABatch | None, lora_correction: LoRABatch | None
-                            ) -> torch.Tensor:
-        """The LoRA delta on the side stream while the base GEMM runs (see ``lora_overlap``)."""
+                            lora: LoRABatch | None, lora_correction: LoRABatch | None,
+                            lora_into: torch.Tensor | None) -> torch.Tensor:
+        """The LoRA delta on the side stream while the base GEMM runs (see ``lora_overlap``),
+        into a delta buffer added afterwards, or straight into ``lora_into``."""
         main = torch.cuda.current_stream(x.device)
         side = lora_side_stream(x.device, self.lora_stream_priority)
-        delta = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        delta = lora_into if lora_into is not None else torch.empty(
+            x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            delta.zero_()
+            if lora_into is None:
+                delta.zero_()
             _add_lora(delta, x, weights, lora, lora_correction)
         y = base_linear(x, self.weight, self.bias)
         main.wait_stream(side)
-        return y.add_(delta)
+        return y if lora_into is not None else y.add_(delta)
 
     def extra_repr(self) -> str:
         pairs = zip(self.slice_names, self.slice_widths, strict=True)

@@ -24,9 +24,21 @@ Memory: one ``[T, out_features]`` activation-dtype buffer per call, which is why
 overlap up to a token count (``FusedLinear.lora_overlap_tokens``; the engine sets it from
 ``LoRAConfig.overlap_max_tokens``) — decode steps and small prefills, where the fixed cost
 dominates.
+
+**The delta into the residual** (``VALORA_LORA_INTO_RESIDUAL=1``, ``set_lora_into_residual``;
+off by default until measured on a GPU). ``o_proj`` and ``down_proj`` feed the residual add of the
+next RMSNorm, ``norm(y + residual)``, so their delta can be added to ``residual`` instead of
+``y``: ``FusedLinear.forward(..., lora_into=residual)``. Overlapped, the side stream then
+accumulates straight into ``residual`` (which nothing else reads before the norm), and the two
+layers' ``δ`` buffer, its zeroing and the ``y += δ`` on the main stream's critical path go away —
+128 of the 256 small elementwise kernels (a zero and an add per op) a 32-layer decode step spends
+on the overlap. Same sum, another rounding order: ``(residual + δ) + y`` instead of
+``(y + δ) + residual``.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -46,3 +58,21 @@ def lora_side_stream(device: torch.device, priority: int = 0) -> torch.cuda.Stre
         stream = torch.cuda.Stream(device=torch.device("cuda", index), priority=priority)
         _SIDE_STREAMS[key] = stream
     return stream
+
+
+_INTO_RESIDUAL: list[bool | None] = [None]
+
+
+def set_lora_into_residual(on: bool | None) -> None:
+    """Add ``o_proj`` / ``down_proj``'s LoRA deltas into the residual from now on (module
+    docstring); None: ``VALORA_LORA_INTO_RESIDUAL``'s choice (``"1"`` on, else off). Read when a
+    model runs, so graphs captured afterwards keep it; benchmarks compare both in one process."""
+    _INTO_RESIDUAL[0] = on
+
+
+def lora_into_residual() -> bool:
+    """Whether the model adds ``o_proj`` / ``down_proj``'s LoRA deltas into the residual."""
+    on = _INTO_RESIDUAL[0]
+    if on is None:
+        return os.environ.get("VALORA_LORA_INTO_RESIDUAL", "0") in ("1", "true", "on")
+    return on

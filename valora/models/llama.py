@@ -25,10 +25,18 @@ from valora.layers.activation import silu_and_mul
 from valora.layers.attention import AttentionBackend, KVCache
 from valora.layers.embedding import VocabEmbedding
 from valora.layers.linear import FusedLinear
+from valora.layers.lora_overlap import lora_into_residual
 from valora.layers.norm import RMSNorm
 from valora.layers.rotary import RotaryEmbedding, apply_rotary
 from valora.models.base import CausalLMBase, LoRATarget
 from valora.models.config import CheckpointConfig, TextConfig
+
+
+def _lora_into_residual(batch: ForwardBatch) -> bool:
+    """Whether this forward adds ``o_proj`` / ``down_proj``'s LoRA deltas into the residual
+    (``valora.layers.lora_overlap``, "The delta into the residual")."""
+    return ((batch.lora is not None or batch.lora_correction is not None)
+            and lora_into_residual())
 
 
 class LlamaAttention(nn.Module):
@@ -68,9 +76,11 @@ class LlamaAttention(nn.Module):
         result = self.backend.forward(q, k, v, kv_cache, batch.attn, plan, self.scale, target)
         return result.reshape(num_tokens, -1)
 
-    def output(self, attn_out: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """Row-wise half after attention: ``o_proj`` (+ LoRA)."""
-        return self.o_proj(attn_out, batch.lora, batch.lora_correction)
+    def output(self, attn_out: torch.Tensor, batch: ForwardBatch,
+               lora_into: torch.Tensor | None = None) -> torch.Tensor:
+        """Row-wise half after attention: ``o_proj`` (+ LoRA, added into ``lora_into`` instead
+        when given: ``FusedLinear``)."""
+        return self.o_proj(attn_out, batch.lora, batch.lora_correction, lora_into)
 
 
 class LlamaMLP(nn.Module):
@@ -83,9 +93,13 @@ class LlamaMLP(nn.Module):
                                         ("gate_proj", "up_proj"))
         self.down_proj = FusedLinear(width, (cfg.hidden_size,), cfg.mlp_bias, ("down_proj",))
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch,
+                lora_into: torch.Tensor | None = None) -> torch.Tensor:
+        """``down(silu(gate) · up)`` (+ LoRA; ``down_proj``'s added into ``lora_into`` instead
+        when given)."""
         gate_up = self.gate_up_proj(x, batch.lora, batch.lora_correction)
-        return self.down_proj(silu_and_mul(gate_up), batch.lora, batch.lora_correction)
+        return self.down_proj(silu_and_mul(gate_up), batch.lora, batch.lora_correction,
+                              lora_into)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -115,7 +129,10 @@ class LlamaDecoderLayer(nn.Module):
         (``valora.engine.piecewise_graphs`` captures it)."""
         if residual is None:
             x = self.input_layernorm(delta)
-            residual = delta if residual_out is None else residual_out.copy_(delta)
+            if residual_out is not None:
+                residual = residual_out.copy_(delta)
+            else:  # the input itself, unless the layer will add LoRA deltas into it
+                residual = delta.clone() if _lora_into_residual(batch) else delta
         else:
             x, residual = self.input_layernorm.forward_add(delta, residual, residual_out)
         q, k, v = self.self_attn.project(x, cos, sin, batch, q_out, k_out)
@@ -124,10 +141,13 @@ class LlamaDecoderLayer(nn.Module):
     def after_attention(self, attn: torch.Tensor, residual: torch.Tensor, batch: ForwardBatch
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """``o_proj``, post-attention norm (+ residual add) and the MLP: the layer's output as
-        ``(delta', residual')``. Row-wise."""
+        ``(delta', residual')``. Row-wise. With ``lora_overlap.lora_into_residual``, ``o_proj``'s
+        LoRA delta is added into ``residual`` (in place) and ``down_proj``'s into
+        ``residual'``."""
+        into = _lora_into_residual(batch)
         x, residual = self.post_attention_layernorm.forward_add(
-            self.self_attn.output(attn, batch), residual)
-        return self.mlp(x, batch), residual
+            self.self_attn.output(attn, batch, residual if into else None), residual)
+        return self.mlp(x, batch, residual if into else None), residual
 
     def fused_linears(self) -> tuple[FusedLinear, ...]:
         return (self.self_attn.qkv_proj, self.self_attn.o_proj,
