@@ -23,7 +23,7 @@ from valora.config import LoRAConfig
 from valora.layers import fused_kernels
 from valora.layers.activation import silu_and_mul_torch
 from valora.layers.fused_select import FusedMode, fused_layers, set_fused_kv_write
-from valora.layers.lora_overlap import set_lora_into_residual
+from valora.layers.lora_overlap import set_lora_delta_fold
 from valora.layers.norm import add_rms_norm_torch, rms_norm_torch
 from valora.layers.rotary import apply_rotary_torch
 from valora.ops.pdl import set_pdl
@@ -45,8 +45,9 @@ class Label:
     launch (``valora.ops.pdl.set_pdl``; None: default). ``skinny``: the skinny GEMM on / off
     (``set_skinny_gemm``; None: default). ``skinny_untuned``: the skinny GEMM's table entries
     ignored (``untuned_skinny_tiles``). ``few_adapters``: the decode graphs' few-adapter
-    captures (``LoRAConfig.few_adapter_max``). ``into_residual``: ``o_proj`` / ``down_proj``'s
-    LoRA deltas added into the residual (``set_lora_into_residual``; None: default)."""
+    captures (``LoRAConfig.few_adapter_max``). ``delta_fold``: the LoRA deltas of ``o_proj`` /
+    ``gate_up_proj`` / ``down_proj`` folded into the next op (``set_lora_delta_fold``; None:
+    default)."""
 
     mode: FusedMode = "on"
     kv_write: bool = True
@@ -56,7 +57,7 @@ class Label:
     skinny: bool | None = None
     skinny_untuned: bool = False
     few_adapters: bool = True
-    into_residual: bool | None = None
+    delta_fold: bool | None = None
 
 
 LABELS: dict[str, Label] = {
@@ -73,8 +74,8 @@ LABELS: dict[str, Label] = {
     "cublas_base": Label(skinny=False),
     "skinny_untuned": Label(skinny_untuned=True),
     "few_off": Label(few_adapters=False),
-    "into_residual": Label(into_residual=True),
-    "into_residual_off": Label(into_residual=False),
+    "delta_fold": Label(delta_fold=True),
+    "delta_fold_off": Label(delta_fold=False),
 }
 """Every label (``LAYERS_HELP`` says what each compares). ``fused_kv`` is kept as a name for the
 rows measured before the one-launch K/V write became the default (session 10): the same as
@@ -89,9 +90,9 @@ LAYERS_HELP = (
     "op's programmatic dependent launch off / on the expand / on both launches: VALORA_PDL), "
     "cublas_base (fused, the base projections on cuBLAS at every size: VALORA_SKINNY_GEMM=0), "
     "skinny_untuned (fused, the skinny GEMM's heuristic tiles, its table entries ignored), "
-    "few_off (fused without the few-adapter cuBLAS captures), into_residual / "
-    "into_residual_off (fused, o / down LoRA deltas added into the residual or not: "
-    "VALORA_LORA_INTO_RESIDUAL)")
+    "few_off (fused without the few-adapter cuBLAS captures), delta_fold / "
+    "delta_fold_off (fused, the o / gate_up / down LoRA deltas folded into the next op or not: "
+    "VALORA_LORA_DELTA_FOLD)")
 """``bench_decode.py --layers``'s help: the labels above."""
 
 
@@ -127,7 +128,7 @@ def label_settings(model: object, name: str) -> Iterator[Label]:
     set_fused_kv_write(label.kv_write)
     set_pdl(label.pdl)
     set_skinny_gemm(label.skinny)
-    set_lora_into_residual(label.into_residual)
+    set_lora_delta_fold(label.delta_fold)
     try:
         with fused_layers(label.mode), untuned_skinny_tiles(label.skinny_untuned):
             yield label
@@ -136,7 +137,7 @@ def label_settings(model: object, name: str) -> Iterator[Label]:
         set_fused_kv_write(None)
         set_pdl(None)
         set_skinny_gemm(None)
-        set_lora_into_residual(None)
+        set_lora_delta_fold(None)
 
 
 def set_overlap(model: object, label: Label) -> None:

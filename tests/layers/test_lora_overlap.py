@@ -2,7 +2,7 @@
 
 CPU: the overlap setting is inert (CPU tensors run in series) and validated; the delta added into
 another tensor (``lora_into``) instead of the output, and a model whose ``o_proj`` / ``down_proj``
-deltas go into the residual (``set_lora_into_residual``) against the default. ``gpu``: eager
+deltas go into the residual (``set_lora_delta_fold``) against the default. ``gpu``: eager
 calls at and beyond the token limit, in bf16 and fp32, with a mixed-mode correction, with and
 without ``lora_into``, and a captured CUDA graph replayed after the adapter weights change in
 place.
@@ -17,7 +17,7 @@ import torch
 
 from valora.errors import ValoraError
 from valora.layers.linear import FusedLinear
-from valora.layers.lora_overlap import lora_into_residual, set_lora_into_residual
+from valora.layers.lora_overlap import lora_delta_fold, set_lora_delta_fold
 from valora.models.base import CausalLMBase
 from valora.models.loader import load_model
 from valora.ops.lora import prepare_lora_batch
@@ -82,15 +82,26 @@ def test_lora_into_adds_the_delta_there_instead() -> None:
             layer(x, lora, lora_into=bad)
 
 
-def test_lora_into_residual_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    set_lora_into_residual(None)
-    monkeypatch.delenv("VALORA_LORA_INTO_RESIDUAL", raising=False)
-    assert not lora_into_residual()  # off until measured on a GPU
-    monkeypatch.setenv("VALORA_LORA_INTO_RESIDUAL", "1")
-    assert lora_into_residual()
-    set_lora_into_residual(False)
-    assert not lora_into_residual()
-    set_lora_into_residual(None)
+def test_forward_with_delta_leaves_nothing_to_add_off_the_overlap() -> None:
+    """On the CPU (no overlap) the delta is in ``y``: ``forward_with_delta`` = ``(forward, None)``."""
+    layer = make_linear("cpu", torch.float32)
+    layer.lora_overlap_tokens = 64
+    x = torch.randn(7, 32)
+    lora = prepare_lora_batch(torch.tensor(slots_for(7)), 4, "reference")
+    y, delta = layer.forward_with_delta(x, lora)
+    assert delta is None
+    torch.testing.assert_close(y, layer(x, lora), rtol=0, atol=0)
+
+
+def test_lora_delta_fold_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_lora_delta_fold(None)
+    monkeypatch.delenv("VALORA_LORA_DELTA_FOLD", raising=False)
+    assert not lora_delta_fold()  # off until measured on a GPU
+    monkeypatch.setenv("VALORA_LORA_DELTA_FOLD", "1")
+    assert lora_delta_fold()
+    set_lora_delta_fold(False)
+    assert not lora_delta_fold()
+    set_lora_delta_fold(None)
 
 
 @pytest.fixture
@@ -136,6 +147,12 @@ def test_gpu_overlap_matches_serial(dtype: torch.dtype, tokens: int, into: bool)
     torch.cuda.synchronize()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(overlapped.float(), serial.float(), rtol=tol, atol=tol)
+    if not into:  # forward_with_delta: the overlapped delta left to the caller
+        y, delta = layer.forward_with_delta(x, lora, correction)
+        assert (delta is None) == (tokens > 64)
+        total = y if delta is None else y + delta
+        torch.cuda.synchronize()
+        torch.testing.assert_close(total.float(), serial.float(), rtol=tol, atol=tol)
 
 
 @pytest.mark.gpu

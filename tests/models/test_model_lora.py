@@ -71,16 +71,16 @@ def _run(model: CausalLMBase, prompts: list[list[int]], slots: list[int],
     return [torch.cat(o) for o in outputs]
 
 
-@pytest.mark.parametrize(("b_layout", "into_residual"),
+@pytest.mark.parametrize(("b_layout", "delta_fold"),
                          [("column", "0"), ("rank", "0"), ("rank", "1")])
 def test_lora_slots_match_hand_merged_weights(checkpoint: CheckpointFactory, b_layout: str,
-                                              into_residual: str,
+                                              delta_fold: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Also with ``lora_b`` stored rank-major (``VALORA_LORA_B_LAYOUT=rank``), and with
     ``o_proj`` / ``down_proj``'s deltas added into the residual
-    (``VALORA_LORA_INTO_RESIDUAL=1``)."""
+    (``VALORA_LORA_DELTA_FOLD=1``)."""
     monkeypatch.setenv("VALORA_LORA_B_LAYOUT", b_layout)
-    monkeypatch.setenv("VALORA_LORA_INTO_RESIDUAL", into_residual)
+    monkeypatch.setenv("VALORA_LORA_DELTA_FOLD", delta_fold)
     path = checkpoint("default")
     model = load_model(str(path), dtype=torch.float32, device="cpu")
     model.init_lora(NUM_SLOTS, MAX_RANK)
@@ -103,11 +103,11 @@ def test_lora_slots_match_hand_merged_weights(checkpoint: CheckpointFactory, b_l
         assert rel_err(batched[seq], reference) < TOL, f"sequence {seq}"
 
 
-@pytest.mark.parametrize("into_residual", ["0", "1"])
+@pytest.mark.parametrize("delta_fold", ["0", "1"])
 def test_mixed_mode_subtracts_the_merged_adapter(checkpoint: CheckpointFactory,
-                                                 into_residual: str,
+                                                 delta_fold: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VALORA_LORA_INTO_RESIDUAL", into_residual)
+    monkeypatch.setenv("VALORA_LORA_DELTA_FOLD", delta_fold)
     path = checkpoint("default")
     model = load_model(str(path), dtype=torch.float32, device="cpu")
     model.init_lora(NUM_SLOTS, MAX_RANK)

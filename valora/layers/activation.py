@@ -59,14 +59,21 @@ def act_and_mul(x: torch.Tensor, act: Activation = F.silu) -> torch.Tensor:
     return act(x[..., :d]) * x[..., d:]
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for a fused ``[..., 2 * d]`` (gate, up) tensor."""
-    if x.dim() >= 1 and x.shape[-1] % 2 == 0 and fused_select.usable(x):
+def silu_and_mul(x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` for a fused ``[..., 2 * d]`` (gate, up) tensor; with ``extra`` (same
+    shape and dtype: a LoRA delta not yet added) of ``x + extra``, in one kernel where the
+    kernels serve (``x + extra`` rounded to the dtype first, as ``x.add_(extra)`` leaves it)."""
+    if extra is not None and (extra.shape != x.shape or extra.dtype != x.dtype):
+        raise ValueError(f"extra {tuple(extra.shape)} {extra.dtype} must match x "
+                         f"{tuple(x.shape)} {x.dtype}")
+    tensors = (x,) if extra is None else (x, extra)
+    if x.dim() >= 1 and x.shape[-1] % 2 == 0 and fused_select.usable(*tensors):
         from valora.layers import fused_kernels
 
-        y = fused_kernels.silu_and_mul(x.reshape(-1, x.shape[-1]))
+        y = fused_kernels.silu_and_mul(
+            x.reshape(-1, x.shape[-1]), None if extra is None else extra.reshape(-1, x.shape[-1]))
         return y.view(*x.shape[:-1], x.shape[-1] // 2)
-    return silu_and_mul_torch(x)
+    return silu_and_mul_torch(x if extra is None else x + extra)
 
 
 def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:

@@ -92,13 +92,22 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, num_q_heads, 
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, y_ptr, width, stride_x, stride_y, BLOCK: tl.constexpr):
-    """Program ``(row, b)``: columns ``b·BLOCK ..`` of one output row."""
+def _silu_and_mul_kernel(x_ptr, y_ptr, e_ptr, width, stride_x, stride_y, stride_e,
+                         BLOCK: tl.constexpr, HAS_EXTRA: tl.constexpr):
+    """Program ``(row, b)``: columns ``b·BLOCK ..`` of one output row. ``HAS_EXTRA``: the input
+    is ``x + e``, rounded to the dtype first (as ``x.add_(e)`` would leave it)."""
     row = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = col < width
-    gate = tl.load(x_ptr + row * stride_x + col, mask=ok, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + width + col, mask=ok, other=0.0).to(tl.float32)
+    gate = tl.load(x_ptr + row * stride_x + col, mask=ok, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + width + col, mask=ok, other=0.0)
+    if HAS_EXTRA:
+        gate = (gate.to(tl.float32) + tl.load(e_ptr + row * stride_e + col, mask=ok,
+                                              other=0.0).to(tl.float32)).to(gate.dtype)
+        up = (up.to(tl.float32) + tl.load(e_ptr + row * stride_e + width + col, mask=ok,
+                                          other=0.0).to(tl.float32)).to(up.dtype)
+    gate = gate.to(tl.float32)
+    up = up.to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(y_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + row * stride_y + col, (act * up).to(y_ptr.dtype.element_ty), mask=ok)
 
@@ -191,13 +200,15 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_flat: torch.Tensor, v_fla
             BLOCK=_next_power_of_2(width), num_warps=4 if width >= 1024 else 1)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """``silu(x[:, :d]) * x[:, d:]`` for 2-D ``x [rows, 2d]``."""
+def silu_and_mul(x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(x[:, :d]) * x[:, d:]`` for 2-D ``x [rows, 2d]``; with ``extra`` (``x``'s shape
+    and dtype, rows of stride ``extra.stride(0)``, contiguous columns) of ``x + extra``."""
     rows, width = x.shape[0], x.shape[1] // 2
     y = torch.empty(rows, width, dtype=x.dtype, device=x.device)
     if rows and width:
         block = min(1024, _next_power_of_2(width))
         launcher(_silu_and_mul_kernel)[(rows, _cdiv(width, block))](
-            x, y, width, x.stride(0), y.stride(0), BLOCK=block,
-            num_warps=4 if block >= 512 else 1)
+            x, y, x if extra is None else extra, width, x.stride(0), y.stride(0),
+            x.stride(0) if extra is None else extra.stride(0), BLOCK=block,
+            HAS_EXTRA=extra is not None, num_warps=4 if block >= 512 else 1)
     return y

@@ -23,8 +23,9 @@ them in series after the GEMM.
 ``forward(x, lora, lora_correction, lora_into=t)`` adds the LoRA terms into ``t`` (in place,
 ``[T, out_features]``) instead of the output, which is then ``x Wᵀ + b`` alone: for a caller
 that adds the output to ``t`` next anyway (``o_proj`` / ``down_proj`` and the residual,
-``lora_overlap``, "The delta into the residual"). Overlapped, the side stream writes ``t``
-directly: no delta buffer, no add.
+``lora_overlap``, "Deltas folded into the next op"). Overlapped, the side stream writes ``t``
+directly: no delta buffer, no add. ``forward_with_delta`` returns ``(y, δ)`` with the overlapped
+delta not yet added (``δ`` None where it is already in ``y``), for a caller whose next op adds it.
 
 The base GEMM is ``valora.ops.skinny_gemm.base_linear``: ``F.linear``, except for CUDA calls of at
 most 32 rows in fp16 / bf16 (decode steps) on Hopper, which take a Triton skinny GEMM (measured
@@ -105,11 +106,32 @@ class FusedLinear(nn.Module):
         _add_lora(y if lora_into is None else lora_into, x, weights, lora, lora_correction)
         return y
 
+    def forward_with_delta(self, x: torch.Tensor, lora: LoRABatch | None = None,
+                           lora_correction: LoRABatch | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(y, δ)`` with ``y + δ`` = ``forward(x, lora, lora_correction)``: on the overlapped
+        path ``δ`` is the side stream's delta, not added (the side stream has been joined); on
+        every other path the delta is in ``y`` and ``δ`` is None."""
+        weights = self.lora_weights
+        if (weights is not None and (lora is not None or lora_correction is not None)
+                and x.is_cuda and 0 < x.shape[0] <= self.lora_overlap_tokens):
+            y, delta = self._overlapped(x, weights, lora, lora_correction, None)
+            return y, delta
+        return self.forward(x, lora, lora_correction), None
+
     def _forward_overlapped(self, x: torch.Tensor, weights: LoRASlotWeights,
                             lora: LoRABatch | None, lora_correction: LoRABatch | None,
                             lora_into: torch.Tensor | None) -> torch.Tensor:
         """The LoRA delta on the side stream while the base GEMM runs (see ``lora_overlap``),
         into a delta buffer added afterwards, or straight into ``lora_into``."""
+        y, delta = self._overlapped(x, weights, lora, lora_correction, lora_into)
+        return y if lora_into is not None else y.add_(delta)
+
+    def _overlapped(self, x: torch.Tensor, weights: LoRASlotWeights, lora: LoRABatch | None,
+                    lora_correction: LoRABatch | None, lora_into: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x Wᵀ + b, δ)``, ``δ`` computed on the side stream (into ``lora_into`` when given,
+        else a zeroed buffer) while the GEMM runs; the main stream has joined the side stream."""
         main = torch.cuda.current_stream(x.device)
         side = lora_side_stream(x.device, self.lora_stream_priority)
         delta = lora_into if lora_into is not None else torch.empty(
@@ -121,7 +143,7 @@ class FusedLinear(nn.Module):
             _add_lora(delta, x, weights, lora, lora_correction)
         y = base_linear(x, self.weight, self.bias)
         main.wait_stream(side)
-        return y if lora_into is not None else y.add_(delta)
+        return y, delta
 
     def extra_repr(self) -> str:
         pairs = zip(self.slice_names, self.slice_widths, strict=True)

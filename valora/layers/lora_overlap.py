@@ -25,15 +25,20 @@ overlap up to a token count (``FusedLinear.lora_overlap_tokens``; the engine set
 ``LoRAConfig.overlap_max_tokens``) — decode steps and small prefills, where the fixed cost
 dominates.
 
-**The delta into the residual** (``VALORA_LORA_INTO_RESIDUAL=1``, ``set_lora_into_residual``;
-off by default until measured on a GPU). ``o_proj`` and ``down_proj`` feed the residual add of the
-next RMSNorm, ``norm(y + residual)``, so their delta can be added to ``residual`` instead of
-``y``: ``FusedLinear.forward(..., lora_into=residual)``. Overlapped, the side stream then
-accumulates straight into ``residual`` (which nothing else reads before the norm), and the two
-layers' ``δ`` buffer, its zeroing and the ``y += δ`` on the main stream's critical path go away —
-128 of the 256 small elementwise kernels (a zero and an add per op) a 32-layer decode step spends
-on the overlap. Same sum, another rounding order: ``(residual + δ) + y`` instead of
-``(y + δ) + residual``.
+**Deltas folded into the next op** (``VALORA_LORA_DELTA_FOLD=1``, ``set_lora_delta_fold``; off
+by default until measured on a GPU). The overlap spends a zero (side stream) and an add (main
+stream, after the join: on the critical path) per call — 256 small kernels a 32-layer decode
+step. Three of a Llama layer's four fused linears feed an op that can take the delta itself:
+
+- ``o_proj`` and ``down_proj`` feed the residual add of the next RMSNorm, ``norm(y + residual)``:
+  ``FusedLinear.forward(..., lora_into=residual)`` lets the side stream accumulate straight into
+  ``residual`` (which nothing else reads before the norm) — no delta buffer, zero or add;
+- ``gate_up_proj`` feeds SiLU-and-mul: ``FusedLinear.forward_with_delta`` returns ``(y, δ)``
+  after the join and ``silu_and_mul(y, extra=δ)`` adds it on the way in — no add.
+
+That removes 160 of the 256 kernels (qkv's delta, read by the rotary, the K/V write and the
+attention, is still added). Same sums, other rounding orders: ``(residual + δ) + y`` instead of
+``(y + δ) + residual``; ``y + δ`` is rounded to the dtype before the activation either way.
 """
 
 from __future__ import annotations
@@ -60,19 +65,19 @@ def lora_side_stream(device: torch.device, priority: int = 0) -> torch.cuda.Stre
     return stream
 
 
-_INTO_RESIDUAL: list[bool | None] = [None]
+_DELTA_FOLD: list[bool | None] = [None]
 
 
-def set_lora_into_residual(on: bool | None) -> None:
-    """Add ``o_proj`` / ``down_proj``'s LoRA deltas into the residual from now on (module
-    docstring); None: ``VALORA_LORA_INTO_RESIDUAL``'s choice (``"1"`` on, else off). Read when a
+def set_lora_delta_fold(on: bool | None) -> None:
+    """Fold LoRA deltas into the next op from now on (module docstring, "Deltas folded into the
+    next op"); None: ``VALORA_LORA_DELTA_FOLD``'s choice (``"1"`` on, else off). Read when a
     model runs, so graphs captured afterwards keep it; benchmarks compare both in one process."""
-    _INTO_RESIDUAL[0] = on
+    _DELTA_FOLD[0] = on
 
 
-def lora_into_residual() -> bool:
-    """Whether the model adds ``o_proj`` / ``down_proj``'s LoRA deltas into the residual."""
-    on = _INTO_RESIDUAL[0]
+def lora_delta_fold() -> bool:
+    """Whether the model folds its LoRA deltas into the next op (``set_lora_delta_fold``)."""
+    on = _DELTA_FOLD[0]
     if on is None:
-        return os.environ.get("VALORA_LORA_INTO_RESIDUAL", "0") in ("1", "true", "on")
+        return os.environ.get("VALORA_LORA_DELTA_FOLD", "0") in ("1", "true", "on")
     return on

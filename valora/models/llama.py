@@ -25,18 +25,17 @@ from valora.layers.activation import silu_and_mul
 from valora.layers.attention import AttentionBackend, KVCache
 from valora.layers.embedding import VocabEmbedding
 from valora.layers.linear import FusedLinear
-from valora.layers.lora_overlap import lora_into_residual
+from valora.layers.lora_overlap import lora_delta_fold
 from valora.layers.norm import RMSNorm
 from valora.layers.rotary import RotaryEmbedding, apply_rotary
 from valora.models.base import CausalLMBase, LoRATarget
 from valora.models.config import CheckpointConfig, TextConfig
 
 
-def _lora_into_residual(batch: ForwardBatch) -> bool:
-    """Whether this forward adds ``o_proj`` / ``down_proj``'s LoRA deltas into the residual
-    (``valora.layers.lora_overlap``, "The delta into the residual")."""
-    return ((batch.lora is not None or batch.lora_correction is not None)
-            and lora_into_residual())
+def _fold_deltas(batch: ForwardBatch) -> bool:
+    """Whether this forward folds its LoRA deltas into the next ops (``valora.layers.
+    lora_overlap``, "Deltas folded into the next op")."""
+    return (batch.lora is not None or batch.lora_correction is not None) and lora_delta_fold()
 
 
 class LlamaAttention(nn.Module):
@@ -95,10 +94,15 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch,
                 lora_into: torch.Tensor | None = None) -> torch.Tensor:
-        """``down(silu(gate) · up)`` (+ LoRA; ``down_proj``'s added into ``lora_into`` instead
-        when given)."""
-        gate_up = self.gate_up_proj(x, batch.lora, batch.lora_correction)
-        return self.down_proj(silu_and_mul(gate_up), batch.lora, batch.lora_correction,
+        """``down(silu(gate) · up)`` (+ LoRA). ``lora_into`` given (the deltas folded into the
+        next ops): ``gate_up_proj``'s delta enters SiLU-and-mul with its input and
+        ``down_proj``'s is added into ``lora_into``."""
+        if lora_into is None:
+            gate_up = self.gate_up_proj(x, batch.lora, batch.lora_correction)
+            return self.down_proj(silu_and_mul(gate_up), batch.lora, batch.lora_correction)
+        gate_up, delta = self.gate_up_proj.forward_with_delta(x, batch.lora,
+                                                              batch.lora_correction)
+        return self.down_proj(silu_and_mul(gate_up, delta), batch.lora, batch.lora_correction,
                               lora_into)
 
 
@@ -131,8 +135,8 @@ class LlamaDecoderLayer(nn.Module):
             x = self.input_layernorm(delta)
             if residual_out is not None:
                 residual = residual_out.copy_(delta)
-            else:  # the input itself, unless the layer will add LoRA deltas into it
-                residual = delta.clone() if _lora_into_residual(batch) else delta
+            else:  # the input itself, unless the layer will fold LoRA deltas into it
+                residual = delta.clone() if _fold_deltas(batch) else delta
         else:
             x, residual = self.input_layernorm.forward_add(delta, residual, residual_out)
         q, k, v = self.self_attn.project(x, cos, sin, batch, q_out, k_out)
@@ -141,10 +145,10 @@ class LlamaDecoderLayer(nn.Module):
     def after_attention(self, attn: torch.Tensor, residual: torch.Tensor, batch: ForwardBatch
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """``o_proj``, post-attention norm (+ residual add) and the MLP: the layer's output as
-        ``(delta', residual')``. Row-wise. With ``lora_overlap.lora_into_residual``, ``o_proj``'s
-        LoRA delta is added into ``residual`` (in place) and ``down_proj``'s into
-        ``residual'``."""
-        into = _lora_into_residual(batch)
+        ``(delta', residual')``. Row-wise. With ``lora_overlap.lora_delta_fold``, ``o_proj``'s
+        LoRA delta is added into ``residual`` (in place), ``gate_up_proj``'s enters the
+        activation and ``down_proj``'s is added into ``residual'``."""
+        into = _fold_deltas(batch)
         x, residual = self.post_attention_layernorm.forward_add(
             self.self_attn.output(attn, batch, residual if into else None), residual)
         return self.mlp(x, batch, residual if into else None), residual
