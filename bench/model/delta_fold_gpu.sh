@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv > "$R/gpu.txt"
 timeout 220 python3 bench/model/bench_decode.py --out "$R/decode" --skip-hf \
   --layers delta_fold_off,delta_fold --batches 1,8,32 --sha "$SHA" > "$R/decode/log.txt" 2>&1
 timeout 90 python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
-  tests/layers/test_lora_overlap.py tests/layers/test_fused_layers.py > "$R/tests/overlap.log" 2>&1
+  tests/layers/test_lora_overlap.py tests/layers/test_fused_silu_and_mul.py > "$R/tests/overlap.log" 2>&1
 VALORA_LORA_DELTA_FOLD=1 timeout 150 python3 -m pytest -q -p no:cacheprovider \
   -m "gpu or not gpu" tests/gpu/test_cuda_graph.py tests/gpu/test_engine_cuda.py \
   > "$R/tests/graph_engine_delta_fold.log" 2>&1

@@ -45,6 +45,7 @@ from valora.ops.lora_kernels import gdc_wait
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.pdl import pdl_supported
 from valora.ops.skinny_gemm import SkinnyTile, select_skinny_tile, skinny_linear, skinny_tile
+from valora.ops.skinny_gemm_kernel import skinny_accumulate
 from valora.ops.tile_config import BLOCK_M_CHOICES, ShrinkConfig
 from valora.ops.triton_lora import dot_flags, launch_shrink
 
@@ -55,22 +56,27 @@ H200); the others ``_gemm_expand_grouped`` (``BLOCK_R``: the storage rank's powe
 
 
 @triton.jit
-def _base_part(x_rows, w_cols, m_ok, n_ok, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """The skinny GEMM's accumulator (``valora.ops.skinny_gemm_kernel``): ``x_rows`` ·
-    ``w_cols``ᵀ over the whole ``K`` (rows given as pointers: the sorted order's)."""
-    rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_cols + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-    return acc
+def _base_part(x_ptr, w_ptr, sorted_ptr, M, N, K, stride_xm, stride_wn, col_1, col_2, col_3,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               PDL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """What both kernels do before their LoRA loop: the program's rows (the sorted order) and
+    columns, the skinny GEMM's accumulator over ``W``, the slice of the column block, and (with
+    ``PDL``) the wait for the shrink's ``h``."""
+    pid = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    tokens = tl.load(sorted_ptr + tl.minimum(rm, M - 1)).to(tl.int64)
+    acc = skinny_accumulate(x_ptr + tokens[:, None] * stride_xm,
+                            w_ptr + rn[None, :].to(tl.int64) * stride_wn, m_ok, n_ok, K,
+                            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+    col0 = pid * BLOCK_N
+    slice_id = ((col0 >= col_1).to(tl.int32) + (col0 >= col_2).to(tl.int32)
+                + (col0 >= col_3).to(tl.int32))
+    if PDL > 0:
+        gdc_wait()
+    return rm, rn, m_ok, n_ok, tokens, acc, slice_id
 
 
 @triton.jit
@@ -83,20 +89,9 @@ def _gemm_expand(x_ptr, w_ptr, y_ptr, h_ptr, b_ptr, ranks_ptr, scales_ptr, sorte
                  UPCAST: tl.constexpr):
     """``y[t, cols] = x[t] Wᵀ[:, cols] + LoRA`` for one block of columns (all in one slice:
     ``BLOCK_N`` divides every slice width) and every row, rows taken in the sorted order."""
-    pid = tl.program_id(0)
-    rm = tl.arange(0, BLOCK_M)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < N
-    tokens = tl.load(sorted_ptr + tl.minimum(rm, M - 1)).to(tl.int64)
-    acc = _base_part(x_ptr + tokens[:, None] * stride_xm,
-                     w_ptr + rn[None, :].to(tl.int64) * stride_wn, m_ok, n_ok, K,
-                     BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
-    col0 = pid * BLOCK_N
-    slice_id = ((col0 >= col_1).to(tl.int32) + (col0 >= col_2).to(tl.int32)
-                + (col0 >= col_3).to(tl.int32))
-    if PDL > 0:
-        gdc_wait()
+    rm, rn, m_ok, n_ok, tokens, acc, slice_id = _base_part(
+        x_ptr, w_ptr, sorted_ptr, M, N, K, stride_xm, stride_wn, col_1, col_2, col_3,
+        BLOCK_M, BLOCK_N, BLOCK_K, PDL, PRECISION, UPCAST)
     used = tl.load(used_ptr)
     rr = tl.arange(0, BLOCK_R)
     h_rows = h_ptr + rm[:, None].to(tl.int64) * h_width + slice_id * max_rank
@@ -142,20 +137,9 @@ def _gemm_expand_grouped(x_ptr, w_ptr, y_ptr, h_ptr, b_ptr, ranks_ptr, scales_pt
     scales), its ``B`` rows in one ``[GROUP, BLOCK_R, BLOCK_N]`` load (``BLOCK_R`` ≥ the storage
     rank: one chunk a slot, masked at its rank) and ``h`` in one ``[GROUP, BLOCK_M, BLOCK_R]``
     load, then one dot of reduction length ``GROUP · BLOCK_R``."""
-    pid = tl.program_id(0)
-    rm = tl.arange(0, BLOCK_M)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < N
-    tokens = tl.load(sorted_ptr + tl.minimum(rm, M - 1)).to(tl.int64)
-    acc = _base_part(x_ptr + tokens[:, None] * stride_xm,
-                     w_ptr + rn[None, :].to(tl.int64) * stride_wn, m_ok, n_ok, K,
-                     BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
-    col0 = pid * BLOCK_N
-    slice_id = ((col0 >= col_1).to(tl.int32) + (col0 >= col_2).to(tl.int32)
-                + (col0 >= col_3).to(tl.int32))
-    if PDL > 0:
-        gdc_wait()
+    rm, rn, m_ok, n_ok, tokens, acc, slice_id = _base_part(
+        x_ptr, w_ptr, sorted_ptr, M, N, K, stride_xm, stride_wn, col_1, col_2, col_3,
+        BLOCK_M, BLOCK_N, BLOCK_K, PDL, PRECISION, UPCAST)
     used = tl.load(used_ptr)
     rg = tl.arange(0, GROUP)
     rr = tl.arange(0, BLOCK_R)

@@ -39,6 +39,7 @@ from decode_experiment import (
 from valora.ops.lora import LoRASlotWeights
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.skinny_gemm import SkinnyTile, skinny_linear, skinny_tile
+from valora.ops.skinny_gemm_kernel import skinny_accumulate
 from valora.ops.triton_lora import dot_flags, launch_expand
 
 SHRINK_CHOICES = ((16, 0), (32, 0), (16, -1), (32, -1))
@@ -53,21 +54,11 @@ def _gemm_part(x_ptr, w_ptr, y_ptr, pid, M, N, K, stride_xm, stride_wn, stride_y
                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     rm = tl.arange(0, BLOCK_M)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :],
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + kk[:, None],
-                    mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    acc = skinny_accumulate(x_ptr + rm[:, None].to(tl.int64) * stride_xm,
+                            w_ptr + rn[None, :].to(tl.int64) * stride_wn, m_ok, n_ok, K,
+                            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
     tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :],
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from valora import LLM, SamplingParams
+from valora.layers import lora_overlap
 from valora.orchestrator import policies
 from valora.orchestrator.modes import Mode, ModeState
 from valora.orchestrator.queue_view import ModeDecision, QueueView
@@ -160,13 +161,13 @@ def test_set_mode_policy_refuses_what_the_engine_cannot_do(
 
 @pytest.mark.parametrize("policy", ["unmerged-fcfs", "test-always-mixed"])
 def test_lora_delta_fold_matches_unmerged(policy: str, tiny_llava: Path,
-                                             tiny_adapters: dict[str, Path],
-                                             images: list[Image.Image], unmerged: list[Any],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """``VALORA_LORA_DELTA_FOLD=1`` (``o_proj`` / ``down_proj``'s deltas added into the
-    residual): the same tokens and logprobs, in unmerged and mixed mode; the requests that share
+                                          tiny_adapters: dict[str, Path],
+                                          images: list[Image.Image], unmerged: list[Any],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LoRA deltas folded into the next ops (``set_lora_delta_fold``; on the CPU the o /
+    down deltas go into the residual): the same tokens and logprobs, in unmerged and mixed mode; the requests that share
     an image read its cached embeddings after the first one ran (never written into)."""
-    monkeypatch.setenv("VALORA_LORA_DELTA_FOLD", "1")
+    monkeypatch.setattr(lora_overlap, "_DELTA_FOLD", [True])
     outputs, _ = _run(tiny_llava, tiny_adapters, policy, images)
     for got, ref in zip(outputs, unmerged, strict=True):
         assert got.outputs[0].token_ids == ref.outputs[0].token_ids

@@ -1,5 +1,6 @@
-"""Fused Triton per-layer ops (RMSNorm, residual-add + RMSNorm, rotary, SiLU-and-mul) against
-their PyTorch twins, the selection rules, and a tiny model run both ways.
+"""Fused Triton per-layer ops (RMSNorm, residual-add + RMSNorm, rotary) against their PyTorch
+twins, the selection rules, and a tiny model run both ways (SiLU-and-mul:
+``test_fused_silu_and_mul.py``).
 
 Kernel tests run on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, set by
 tests/conftest.py when there is no GPU) and again on CUDA in the ``gpu``-marked variants. The
@@ -10,48 +11,20 @@ steps of the output dtype; fp32 comparisons are tight.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from fused_testing import DTYPES, close, fresh_mode_one_thread, rand  # noqa: F401
 from kernel_devices import DEVICES
 
 from valora.forward_batch import AttentionMetadata, ForwardBatch
 from valora.layers import fused_select
-from valora.layers.activation import silu_and_mul, silu_and_mul_torch
 from valora.layers.norm import RMSNorm, add_rms_norm_torch, rms_norm_torch
 from valora.layers.rope_scaling import RopeConfig
 from valora.layers.rotary import RotaryEmbedding, apply_rotary, apply_rotary_torch
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_mode_one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    fused_select.set_fused_layers_mode(None)
-    yield
-    fused_select.set_fused_layers_mode(None)
-    torch.set_num_threads(previous)
-
-
-def close(actual: torch.Tensor, expected: torch.Tensor, atol16: float = 2e-3) -> None:
-    """fp32: tight; fp16/bf16: two rounding steps (``atol16`` where the twin cancels terms)."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    if expected.dtype == torch.float32:
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
-    else:  # the twins round twice (e.g. normed, then weight * normed): two steps of the dtype
-        torch.testing.assert_close(actual.float(), expected.float(), rtol=2 ** -6, atol=atol16)
-
-
-def rand(*shape: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * 2).to(device=device, dtype=dtype)
-
 
 # --- RMSNorm ---------------------------------------------------------------------------------
 
@@ -209,57 +182,6 @@ def test_rotary_writes_into_given_buffers(device: str, mode: str) -> None:
     want_q, want_k = apply_rotary_torch(q, k, cos, sin)
     close(q_out, want_q)
     close(k_out, want_k)
-
-
-# --- SiLU-and-mul ----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(0, 8), (1, 2), (3, 38), (2, 3000), (2, 3, 14)])
-def test_silu_and_mul_kernel_matches_twin(device: str, dtype: torch.dtype,
-                                          shape: tuple[int, ...]) -> None:
-    x = rand(*shape, dtype=dtype, device=device, seed=10)
-    with fused_select.fused_layers("on"):
-        got = silu_and_mul(x)
-    close(got, silu_and_mul_torch(x))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["on", "off"], ids=["kernel", "twin"])
-def test_silu_and_mul_with_extra_is_that_of_the_sum(device: str, dtype: torch.dtype,
-                                                    mode: str) -> None:
-    """``silu_and_mul(x, extra)`` = ``silu_and_mul(x + extra)`` (the sum rounded to the dtype
-    first, as an ``add_`` before it); a misfit ``extra`` is refused."""
-    x = rand(5, 38, dtype=dtype, device=device, seed=12)
-    extra = rand(5, 38, dtype=dtype, device=device, seed=13)
-    with fused_select.fused_layers(mode):
-        got = silu_and_mul(x, extra)
-        with pytest.raises(ValueError, match="extra"):
-            silu_and_mul(x, extra[:, :36])
-        with pytest.raises(ValueError, match="extra"):
-            silu_and_mul(x, extra.double())
-    want = silu_and_mul_torch(x + extra)
-    if dtype == torch.float32:
-        close(got, want)
-    else:  # three roundings (the sum, silu, the product); the CPU interpreter's bf16 casts
-        # need not round as the GPU's do, so one more step of the dtype there
-        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -5, atol=2e-2)
-    if mode == "off" or device == "cuda":  # bit-equal to the add it replaces
-        with fused_select.fused_layers(mode):
-            assert torch.equal(got, silu_and_mul(x.clone().add_(extra)))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_silu_and_mul_row_strided_and_column_strided_inputs(device: str) -> None:
-    wide = rand(4, 40, dtype=torch.float32, device=device, seed=11)
-    rows = wide[:, 4:24]  # row-strided: the kernel takes it
-    columns = wide[:, ::2]  # last-dim stride 2: the PyTorch twin runs
-    with fused_select.fused_layers("on"):
-        close(silu_and_mul(rows), silu_and_mul_torch(rows))
-        assert not fused_select.usable(columns)
-        got = silu_and_mul(columns)
-    assert torch.equal(got, silu_and_mul_torch(columns))
 
 
 # --- selection -------------------------------------------------------------------------------

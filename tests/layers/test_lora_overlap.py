@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from valora.errors import ValoraError
+from valora.layers import lora_overlap
 from valora.layers.linear import FusedLinear
 from valora.layers.lora_overlap import lora_delta_fold, set_lora_delta_fold
 from valora.models.base import CausalLMBase
@@ -94,14 +95,18 @@ def test_forward_with_delta_leaves_nothing_to_add_off_the_overlap() -> None:
 
 
 def test_lora_delta_fold_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    set_lora_delta_fold(None)
+    monkeypatch.setattr(lora_overlap, "_DELTA_FOLD", [None])  # restored afterwards
     monkeypatch.delenv("VALORA_LORA_DELTA_FOLD", raising=False)
     assert not lora_delta_fold()  # off until measured on a GPU
     monkeypatch.setenv("VALORA_LORA_DELTA_FOLD", "1")
+    set_lora_delta_fold(None)  # the environment is read once; None reads it again
     assert lora_delta_fold()
     set_lora_delta_fold(False)
     assert not lora_delta_fold()
+    monkeypatch.setenv("VALORA_LORA_DELTA_FOLD", "maybe")
     set_lora_delta_fold(None)
+    with pytest.raises(ValoraError, match="VALORA_LORA_DELTA_FOLD"):
+        lora_delta_fold()
 
 
 @pytest.fixture

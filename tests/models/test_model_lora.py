@@ -9,6 +9,7 @@ from hf_reference import hf_prompt
 from paged_batch import Chunk, PagedRunner, rel_err
 from safetensors.torch import load_file
 
+from valora.layers import lora_overlap
 from valora.models import LORA_MODULE_NAMES, load_model
 from valora.models.base import CausalLMBase
 
@@ -77,10 +78,10 @@ def test_lora_slots_match_hand_merged_weights(checkpoint: CheckpointFactory, b_l
                                               delta_fold: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Also with ``lora_b`` stored rank-major (``VALORA_LORA_B_LAYOUT=rank``), and with
-    ``o_proj`` / ``down_proj``'s deltas added into the residual
-    (``VALORA_LORA_DELTA_FOLD=1``)."""
+    ``o_proj`` / ``down_proj``'s deltas added into the residual (the delta fold,
+    ``set_lora_delta_fold``)."""
     monkeypatch.setenv("VALORA_LORA_B_LAYOUT", b_layout)
-    monkeypatch.setenv("VALORA_LORA_DELTA_FOLD", delta_fold)
+    monkeypatch.setattr(lora_overlap, "_DELTA_FOLD", [delta_fold == "1"])
     path = checkpoint("default")
     model = load_model(str(path), dtype=torch.float32, device="cpu")
     model.init_lora(NUM_SLOTS, MAX_RANK)
@@ -107,7 +108,7 @@ def test_lora_slots_match_hand_merged_weights(checkpoint: CheckpointFactory, b_l
 def test_mixed_mode_subtracts_the_merged_adapter(checkpoint: CheckpointFactory,
                                                  delta_fold: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VALORA_LORA_DELTA_FOLD", delta_fold)
+    monkeypatch.setattr(lora_overlap, "_DELTA_FOLD", [delta_fold == "1"])
     path = checkpoint("default")
     model = load_model(str(path), dtype=torch.float32, device="cpu")
     model.init_lora(NUM_SLOTS, MAX_RANK)

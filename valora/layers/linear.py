@@ -100,8 +100,9 @@ class FusedLinear(nn.Module):
             raise ValueError(f"lora_into {tuple(lora_into.shape)} {lora_into.dtype} on "
                              f"{lora_into.device} must be [{x.shape[0]}, {self.out_features}] "
                              f"{x.dtype} on {x.device}")
-        if x.is_cuda and 0 < x.shape[0] <= self.lora_overlap_tokens:
-            return self._forward_overlapped(x, weights, lora, lora_correction, lora_into)
+        if self._overlaps(x):
+            y, delta = self._overlapped(x, weights, lora, lora_correction, lora_into)
+            return y if lora_into is not None else y.add_(delta)
         y = base_linear(x, self.weight, self.bias)
         _add_lora(y if lora_into is None else lora_into, x, weights, lora, lora_correction)
         return y
@@ -114,18 +115,13 @@ class FusedLinear(nn.Module):
         every other path the delta is in ``y`` and ``δ`` is None."""
         weights = self.lora_weights
         if (weights is not None and (lora is not None or lora_correction is not None)
-                and x.is_cuda and 0 < x.shape[0] <= self.lora_overlap_tokens):
-            y, delta = self._overlapped(x, weights, lora, lora_correction, None)
-            return y, delta
+                and self._overlaps(x)):
+            return self._overlapped(x, weights, lora, lora_correction, None)
         return self.forward(x, lora, lora_correction), None
 
-    def _forward_overlapped(self, x: torch.Tensor, weights: LoRASlotWeights,
-                            lora: LoRABatch | None, lora_correction: LoRABatch | None,
-                            lora_into: torch.Tensor | None) -> torch.Tensor:
-        """The LoRA delta on the side stream while the base GEMM runs (see ``lora_overlap``),
-        into a delta buffer added afterwards, or straight into ``lora_into``."""
-        y, delta = self._overlapped(x, weights, lora, lora_correction, lora_into)
-        return y if lora_into is not None else y.add_(delta)
+    def _overlaps(self, x: torch.Tensor) -> bool:
+        """Whether a LoRA call on ``x`` runs its delta on the side stream (module docstring)."""
+        return x.is_cuda and 0 < x.shape[0] <= self.lora_overlap_tokens
 
     def _overlapped(self, x: torch.Tensor, weights: LoRASlotWeights, lora: LoRABatch | None,
                     lora_correction: LoRABatch | None, lora_into: torch.Tensor | None

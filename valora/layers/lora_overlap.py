@@ -47,6 +47,8 @@ import os
 
 import torch
 
+from valora.errors import ValoraError
+
 _SIDE_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
 
 
@@ -68,16 +70,27 @@ def lora_side_stream(device: torch.device, priority: int = 0) -> torch.cuda.Stre
 _DELTA_FOLD: list[bool | None] = [None]
 
 
+DELTA_FOLD_ENV = "VALORA_LORA_DELTA_FOLD"
+_DELTA_FOLD_VALUES = {"": False, "0": False, "off": False, "false": False,
+                      "1": True, "on": True, "true": True}
+
+
 def set_lora_delta_fold(on: bool | None) -> None:
     """Fold LoRA deltas into the next op from now on (module docstring, "Deltas folded into the
-    next op"); None: ``VALORA_LORA_DELTA_FOLD``'s choice (``"1"`` on, else off). Read when a
+    next op"); None: ``VALORA_LORA_DELTA_FOLD``'s choice, re-read at the next call. Read when a
     model runs, so graphs captured afterwards keep it; benchmarks compare both in one process."""
     _DELTA_FOLD[0] = on
 
 
 def lora_delta_fold() -> bool:
-    """Whether the model folds its LoRA deltas into the next op (``set_lora_delta_fold``)."""
+    """Whether the model folds its LoRA deltas into the next op (``set_lora_delta_fold``, else
+    ``VALORA_LORA_DELTA_FOLD`` — ``1`` / ``on`` / ``true`` or ``0`` / ``off`` / ``false``, off
+    when unset — read once and kept); another value is an error naming the choices."""
     on = _DELTA_FOLD[0]
     if on is None:
-        return os.environ.get("VALORA_LORA_DELTA_FOLD", "0") in ("1", "true", "on")
+        env = os.environ.get(DELTA_FOLD_ENV, "").strip().lower()
+        if env not in _DELTA_FOLD_VALUES:
+            raise ValoraError(f"{DELTA_FOLD_ENV}={env!r}: choose one of 0, 1, on, off, true, "
+                              "false")
+        on = _DELTA_FOLD[0] = _DELTA_FOLD_VALUES[env]
     return on
