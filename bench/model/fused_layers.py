@@ -27,7 +27,7 @@ from valora.layers.lora_overlap import set_lora_delta_fold
 from valora.layers.norm import add_rms_norm_torch, rms_norm_torch
 from valora.layers.rotary import apply_rotary_torch
 from valora.ops.pdl import set_pdl
-from valora.ops.skinny_gemm import set_skinny_gemm, set_skinny_overlap_programs
+from valora.ops.skinny_gemm import set_skinny_gemm
 
 DEFAULT_OVERLAP = LoRAConfig().overlap_max_tokens
 
@@ -47,8 +47,7 @@ class Label:
     ignored (``untuned_skinny_tiles``). ``few_adapters``: the decode graphs' few-adapter
     captures (``LoRAConfig.few_adapter_max``). ``delta_fold``: the LoRA deltas of ``o_proj`` /
     ``gate_up_proj`` / ``down_proj`` folded into the next op (``set_lora_delta_fold``; None:
-    default). ``skinny_programs``: the skinny GEMM's grid cap beside an overlapped LoRA op
-    (``set_skinny_overlap_programs``; None: default)."""
+    default)."""
 
     mode: FusedMode = "on"
     kv_write: bool = True
@@ -59,11 +58,8 @@ class Label:
     skinny_untuned: bool = False
     few_adapters: bool = True
     delta_fold: bool | None = None
-    skinny_programs: int | None = None
 
 
-SKINNY_CAPS = (66, 132, 198, 264)
-"""The grid caps the ``skinny_cap<N>`` labels try (multiples of the H200's 132 SMs, and half)."""
 LABELS: dict[str, Label] = {
     "stock": Label(mode="off", kv_write=False),
     "fused": Label(),
@@ -80,7 +76,6 @@ LABELS: dict[str, Label] = {
     "few_off": Label(few_adapters=False),
     "delta_fold": Label(delta_fold=True),
     "delta_fold_off": Label(delta_fold=False),
-    **{f"skinny_cap{n}": Label(skinny_programs=n) for n in SKINNY_CAPS},
 }
 """Every label (``LAYERS_HELP`` says what each compares). ``fused_kv`` is kept as a name for the
 rows measured before the one-launch K/V write became the default (session 10): the same as
@@ -97,8 +92,7 @@ LAYERS_HELP = (
     "skinny_untuned (fused, the skinny GEMM's heuristic tiles, its table entries ignored), "
     "few_off (fused without the few-adapter cuBLAS captures), delta_fold / "
     "delta_fold_off (fused, the o / gate_up / down LoRA deltas folded into the next op or not: "
-    "VALORA_LORA_DELTA_FOLD), skinny_cap66 / 132 / 198 / 264 (fused, the skinny GEMM beside "
-    "an overlapped LoRA op capped at that many programs: VALORA_SKINNY_OVERLAP_PROGRAMS)")
+    "VALORA_LORA_DELTA_FOLD)")
 """``bench_decode.py --layers``'s help: the labels above."""
 
 
@@ -135,7 +129,6 @@ def label_settings(model: object, name: str) -> Iterator[Label]:
     set_pdl(label.pdl)
     set_skinny_gemm(label.skinny)
     set_lora_delta_fold(label.delta_fold)
-    set_skinny_overlap_programs(label.skinny_programs)
     try:
         with fused_layers(label.mode), untuned_skinny_tiles(label.skinny_untuned):
             yield label
@@ -145,7 +138,6 @@ def label_settings(model: object, name: str) -> Iterator[Label]:
         set_pdl(None)
         set_skinny_gemm(None)
         set_lora_delta_fold(None)
-        set_skinny_overlap_programs(None)
 
 
 def set_overlap(model: object, label: Label) -> None:

@@ -37,7 +37,7 @@ def launch(kind: str, x, weight, y, tile) -> None:
     grid = (triton.cdiv(weight.shape[0], tile.block_n),)
     _KERNELS[kind][grid](
         x, weight, y, y, x.shape[0], weight.shape[0], weight.shape[1], x.stride(0),
-        weight.stride(0), y.stride(0), grid[0], BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        weight.stride(0), y.stride(0), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k, HAS_BIAS=False, **dot_flags(x.dtype), num_warps=tile.num_warps,
         num_stages=tile.num_stages)
 

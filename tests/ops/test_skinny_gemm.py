@@ -83,41 +83,6 @@ def test_heuristic_tile_bf16_and_row_views(shape: tuple[int, int, int]) -> None:
     _close(skinny_linear(x, w), F.linear(x.float(), w.float()), torch.bfloat16)
 
 
-@pytest.mark.parametrize("max_programs", [1, 3, 7, 100])
-def test_capped_grid_matches_f_linear(max_programs: int) -> None:
-    """A grid of ``max_programs`` programs walking the 7 column blocks (fewer: each program
-    takes several, one of them a ragged last block; more: a program a block, uncapped)."""
-    generator = torch.Generator().manual_seed(max_programs)
-    x = torch.randn(5, 72, generator=generator).to(DEVICE)
-    w = torch.randn(100, 72, generator=generator).to(DEVICE)
-    b = torch.randn(100, generator=generator).to(DEVICE)
-    tile = SkinnyTile(16, 16, 32, 4, 2)
-    _close(skinny_linear(x, w, b, tile, max_programs=max_programs), F.linear(x, w, b),
-           torch.float32)
-
-
-def test_overlap_programs_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VALORA_SKINNY_OVERLAP_PROGRAMS", "132")
-    skinny_gemm.set_skinny_overlap_programs(None)
-    assert skinny_gemm.skinny_overlap_programs() == 132  # read once, then kept
-    monkeypatch.setenv("VALORA_SKINNY_OVERLAP_PROGRAMS", "0")
-    assert skinny_gemm.skinny_overlap_programs() == 132
-    skinny_gemm.set_skinny_overlap_programs(66)
-    assert skinny_gemm.skinny_overlap_programs() == 66
-    monkeypatch.setenv("VALORA_SKINNY_OVERLAP_PROGRAMS", "many")
-    skinny_gemm.set_skinny_overlap_programs(None)
-    with pytest.raises(ValoraError, match="non-negative integer"):
-        skinny_gemm.skinny_overlap_programs()
-    with pytest.raises(ValoraError, match=">= 0"):
-        skinny_gemm.set_skinny_overlap_programs(-1)
-    with pytest.raises(ValoraError, match="max_programs"):
-        skinny_linear(torch.randn(2, 16, device=DEVICE), torch.randn(8, 16, device=DEVICE),
-                      max_programs=-2)
-    monkeypatch.delenv("VALORA_SKINNY_OVERLAP_PROGRAMS")
-    skinny_gemm.set_skinny_overlap_programs(None)
-    assert skinny_gemm.skinny_overlap_programs() == 0
-
-
 def test_empty_batch_and_bad_input() -> None:
     w = torch.randn(8, 16, device=DEVICE)
     assert skinny_linear(torch.empty(0, 16, device=DEVICE), w).shape == (0, 8)
@@ -193,9 +158,6 @@ def test_skinny_gemm_7b_shapes_and_graph() -> None:
             x.copy_(torch.randn_like(x))
             graph.replay()
             _close(out, F.linear(x.float(), layer.weight.float()), torch.bfloat16)
-            for cap in (66, 132):  # the grid capped as beside an overlapped LoRA op
-                _close(base_linear(x, layer.weight, None, cap),
-                       F.linear(x.float(), layer.weight.float()), torch.bfloat16)
         big = torch.randn(SKINNY_MAX_TOKENS + 1, in_f, device="cuda", dtype=torch.bfloat16)
         assert not use_skinny_gemm(big, layer.weight)
         assert not use_skinny_gemm(big[:4].float(), layer.weight.float())

@@ -39,7 +39,7 @@ from torch import nn
 
 from valora.layers.lora_overlap import lora_side_stream
 from valora.ops.lora import LoRABatch, LoRASlotWeights, lora_apply
-from valora.ops.skinny_gemm import base_linear, skinny_overlap_programs
+from valora.ops.skinny_gemm import base_linear
 
 
 class FusedLinear(nn.Module):
@@ -137,7 +137,7 @@ class FusedLinear(nn.Module):
             if lora_into is None:
                 delta.zero_()
             _add_lora(delta, x, weights, lora, lora_correction)
-        y = base_linear(x, self.weight, self.bias, skinny_overlap_programs())
+        y = base_linear(x, self.weight, self.bias)
         main.wait_stream(side)
         return y, delta
 

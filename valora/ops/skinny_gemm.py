@@ -47,8 +47,6 @@ ENV_VAR = "VALORA_SKINNY_GEMM"
 SWITCH_VALUES = ("auto", "0", "1")
 
 _SWITCH: list[str | None] = [None]
-OVERLAP_ENV_VAR = "VALORA_SKINNY_OVERLAP_PROGRAMS"
-_OVERLAP_PROGRAMS: list[int | None] = [None]
 
 
 @dataclass(frozen=True)
@@ -106,30 +104,6 @@ def skinny_gemm_enabled(device: torch.device) -> bool:
     if value != "auto":
         return value == "1"
     return device.type == "cuda" and _capability(device)[0] >= 9
-
-
-def set_skinny_overlap_programs(programs: int | None) -> None:
-    """Cap the skinny GEMM's grid at ``programs`` programs in calls with a LoRA op beside them
-    (0: no cap; None: ``VALORA_SKINNY_OVERLAP_PROGRAMS``, else 0). Read when a call is made, so
-    a decode graph keeps the cap it was captured with."""
-    if programs is not None and programs < 0:
-        raise ValoraError(f"skinny GEMM overlap programs {programs}: must be >= 0")
-    _OVERLAP_PROGRAMS[0] = programs
-
-
-def skinny_overlap_programs() -> int:
-    """The grid cap of skinny GEMM calls that a LoRA op runs beside (``FusedLinear``'s
-    overlapped path): at most this many programs, each walking several column blocks, so the
-    side stream's kernels find SMs the GEMM leaves free (0 = one program a column block, all
-    resident at once on a 7B projection). ``set_skinny_overlap_programs``, else
-    ``VALORA_SKINNY_OVERLAP_PROGRAMS`` (a non-negative integer), else 0."""
-    value = _OVERLAP_PROGRAMS[0]
-    if value is None:
-        env = os.environ.get(OVERLAP_ENV_VAR, "0")
-        if not env.isdigit():
-            raise ValoraError(f"{OVERLAP_ENV_VAR}={env!r}: a non-negative integer")
-        value = _OVERLAP_PROGRAMS[0] = int(env)
-    return value
 
 
 @functools.lru_cache(maxsize=16)
@@ -251,23 +225,19 @@ def use_skinny_gemm(x: torch.Tensor, weight: torch.Tensor,
     return _call_tile(x, weight, bias) is not None
 
 
-def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                max_programs: int = 0) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through the skinny GEMM where it serves (with at most
-    ``max_programs`` programs when > 0: ``skinny_overlap_programs``)."""
+def base_linear(x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through the skinny GEMM where it serves."""
     tile = _call_tile(x, weight, bias)
-    if tile is not None:  # _call_tile checked what skinny_linear checks
-        return _run(x, weight, bias, tile, max_programs)
+    if tile is not None:
+        return _run(x, weight, bias, tile)  # _call_tile checked what skinny_linear checks
     return F.linear(x, weight, bias)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  tile: SkinnyTile | None = None, max_programs: int = 0) -> torch.Tensor:
+                  tile: SkinnyTile | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` by the skinny GEMM (module docstring), any rows / device the
-    Triton build runs on (the CPU interpreter included); ``tile`` overrides ``skinny_tile``;
-    ``max_programs`` > 0 caps the grid (each program then walks several column blocks)."""
-    if max_programs < 0:
-        raise ValoraError(f"skinny GEMM: max_programs {max_programs} must be >= 0")
+    Triton build runs on (the CPU interpreter included); ``tile`` overrides ``skinny_tile``."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValoraError(f"skinny GEMM: shapes {tuple(x.shape)} × {tuple(weight.shape)}ᵀ")
     if x.stride(1) != 1 or not weight.is_contiguous():
@@ -281,16 +251,16 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                               smem_limit(x.device))
     if cfg is None:
         raise ValoraError(f"skinny GEMM: no tile for {num_tokens} rows fits the shared memory")
-    return _run(x, weight, bias, cfg, max_programs)
+    return _run(x, weight, bias, cfg)
 
 
 def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-         tile: SkinnyTile, max_programs: int = 0) -> torch.Tensor:
+         tile: SkinnyTile) -> torch.Tensor:
     """The launch on checked arguments (``skinny_linear``'s checks, ≥ 1 row)."""
     from valora.ops.skinny_gemm_kernel import launch_skinny_gemm  # Triton only when it runs
 
     y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    launch_skinny_gemm(x, weight, bias, y, tile, max_programs)
+    launch_skinny_gemm(x, weight, bias, y, tile)
     return y
 
 

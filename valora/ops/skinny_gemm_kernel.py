@@ -39,12 +39,19 @@ def skinny_accumulate(x_rows, w_cols, m_ok, n_ok, K, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
-def _skinny_block(block, x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Column block ``block`` of ``y``: all ``M`` rows, ``BLOCK_N`` columns, the whole ``K``."""
+def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``y[:, cols] = x @ w[cols, :]ᵀ (+ b[cols])`` for one block of ``BLOCK_N`` output columns
+    and all ``M`` ≤ ``BLOCK_M`` rows; fp32 accumulation over the whole ``K``. ``M`` keeps
+    Triton's integer specialisation (``M == 1``, ``M % 16 == 0``): one binary per layer shape,
+    ``BLOCK_M`` and row class (``row_class``); left unspecialised it cost 1.3–1.7 % of the 7B
+    projections' time at 1 and 16 rows (``bench/results/ops/skinny-specialise-h200-e9a1397/``).
+    ``PRECISION`` / ``UPCAST`` as the LoRA kernels' (``triton_lora.dot_flags``: exact fp32, bf16
+    multiplied in fp32 by the CPU interpreter)."""
+    pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
-    rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
     acc = skinny_accumulate(x_ptr + rm[:, None].to(tl.int64) * stride_xm,
@@ -56,41 +63,15 @@ def _skinny_block(block, x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
-def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                        num_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                        UPCAST: tl.constexpr, PERSISTENT: tl.constexpr = False):
-    """``y[:, cols] = x @ w[cols, :]ᵀ (+ b[cols])`` for one block of ``BLOCK_N`` output columns
-    and all ``M`` ≤ ``BLOCK_M`` rows; fp32 accumulation over the whole ``K``. ``M`` keeps
-    Triton's integer specialisation (``M == 1``, ``M % 16 == 0``): one binary per layer shape,
-    ``BLOCK_M`` and row class (``row_class``); left unspecialised it cost 1.3–1.7 % of the 7B
-    projections' time at 1 and 16 rows (``bench/results/ops/skinny-specialise-h200-e9a1397/``).
-    ``PRECISION`` / ``UPCAST`` as the LoRA kernels' (``triton_lora.dot_flags``: exact fp32, bf16
-    multiplied in fp32 by the CPU interpreter). ``PERSISTENT``: the grid is smaller than
-    ``num_blocks`` and each program walks blocks ``pid, pid + grid, …`` (a capped grid leaves
-    SMs to kernels running beside it: ``skinny_gemm.skinny_overlap_programs``)."""
-    if PERSISTENT:
-        for block in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
-            _skinny_block(block, x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn,
-                          stride_ym, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, PRECISION, UPCAST)
-    else:
-        _skinny_block(tl.program_id(0), x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
-                      stride_wn, stride_ym, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, PRECISION,
-                      UPCAST)
-
-
 def launch_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       y: torch.Tensor, tile: SkinnyTile, max_programs: int = 0) -> None:
-    """One launch writing ``y`` (checked by ``skinny_linear``): a program a column block, or at
-    most ``max_programs`` programs walking the blocks (> 0 and fewer than the blocks)."""
+                       y: torch.Tensor, tile: SkinnyTile) -> None:
+    """One launch writing ``y`` (checked by ``skinny_linear``)."""
     num_tokens, in_features = x.shape
     out_features = weight.shape[0]
-    num_blocks = triton.cdiv(out_features, tile.block_n)
-    persistent = 0 < max_programs < num_blocks
-    _skinny_gemm_kernel[(max_programs if persistent else num_blocks,)](
+    grid = (triton.cdiv(out_features, tile.block_n),)
+    _skinny_gemm_kernel[grid](
         x, weight, bias if bias is not None else y, y, num_tokens, out_features, in_features,
-        x.stride(0), weight.stride(0), y.stride(0), num_blocks, BLOCK_M=tile.block_m,
-        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, HAS_BIAS=bias is not None,
-        **dot_flags(x.dtype), PERSISTENT=persistent, num_warps=tile.num_warps,
+        x.stride(0), weight.stride(0), y.stride(0), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        BLOCK_K=tile.block_k, HAS_BIAS=bias is not None, **dot_flags(x.dtype),
+        num_warps=tile.num_warps,
         num_stages=tile.num_stages)
