@@ -108,6 +108,14 @@ class SchedulerConfig:
     orders on the same code (session 12), the engine that ran first lost at every point either
     way (``docs/gpu.md``), so the order biased them all. The script now warms an engine first; the
     default stays the simpler synchronous order until such an A/B decides.
+    ``async_scheduling``: schedule and launch step N+1 before reading step N's tokens (what vLLM
+    calls asynchronous scheduling; ``LLMEngine``: "Asynchronous scheduling"): the host's
+    scheduling, batch building and launch overlap the device's step N, a decode row's input id
+    is taken on the device from step N's sampled tokens, and step N's outputs come with the call
+    that launched N+1. Tokens, texts and finish reasons equal the synchronous order's; a request
+    that ends at step N by EOS, a stop id or a stop string has computed one row more in N+1
+    (dropped). Off by default: not measured on a GPU yet. Not with ``async_output_processing``
+    (it overlaps the same host work).
     """
 
     max_num_batched_tokens: int = 2048
@@ -116,8 +124,12 @@ class SchedulerConfig:
     chunked_prefill: bool = True
     policy: str = "fcfs"
     async_output_processing: bool = False
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
+        _require(not (self.async_scheduling and self.async_output_processing),
+                 "async_scheduling and async_output_processing overlap the same host work: "
+                 "turn on one of them")
         _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive")
         _require(self.max_num_seqs > 0, "max_num_seqs must be positive")
         _require(self.max_waiting > 0, "max_waiting must be positive")

@@ -20,6 +20,12 @@ from typing import Any
 
 from valora.sampling_params import SamplingParams
 
+PENDING_TOKEN = -1
+"""Stands in ``Request.output_token_ids`` for a token the step in flight is still sampling
+(``SchedulerConfig.async_scheduling``): it counts as a token — the next step is scheduled and laid
+out with it — and is replaced by the sampled id before anything reads its value on the host. At
+most one, always the last."""
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"

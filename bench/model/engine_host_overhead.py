@@ -42,9 +42,9 @@ def measure(llm: LLM, rows: int, tokens: int, words: int = 0) -> tuple[float, in
 
     engine._run_deferred = timed_deferred  # type: ignore[method-assign]
 
-    def timed(batch: Any) -> Any:
+    def timed(*args: Any, **kwargs: Any) -> Any:  # the runner's _forward, whatever it takes
         start = time.perf_counter()
-        result = original(batch)
+        result = original(*args, **kwargs)
         spent["forward"] += time.perf_counter() - start
         spent["steps"] += 1
         return result
@@ -62,6 +62,8 @@ def measure(llm: LLM, rows: int, tokens: int, words: int = 0) -> tuple[float, in
         runner._forward = original
         del engine._run_deferred
     steps = int(spent["steps"])
+    if steps == 0:  # a step that raised is failed by the engine, not raised: say so here
+        raise RuntimeError("no forward ran: the engine failed every step (see its log)")
     return 1e3 * (wall - spent["forward"]) / steps, steps, 1e3 * spent["deferred"] / steps
 
 

@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mixed_requests import PROMPTS, logprob_values, mixed_requests, summary
 from PIL import Image
 
 from valora import LLM, SamplingParams
 from valora.engine.inputs import GenerateRequest
 from valora.outputs import RequestOutput
-
-PROMPTS = ["USER: tell me a story ASSISTANT:", "USER: stop ASSISTANT:", "USER: list ASSISTANT:"]
 
 
 def _llm(tiny_llava: Path, tiny_adapters: dict[str, Path], async_outputs: bool) -> LLM:
@@ -32,77 +31,18 @@ def pair(tiny_llava: Path, tiny_adapters: dict[str, Path]) -> tuple[LLM, LLM]:
     return (_llm(tiny_llava, tiny_adapters, False), _llm(tiny_llava, tiny_adapters, True))
 
 
-def _summary(out: RequestOutput) -> tuple[Any, ...]:
-    """Everything but the logprob values, which move in the last float digits with the batch
-    around a row (a stop-string request runs one step longer here): ``_logprob_values``."""
-    c = out.outputs[0]
-    logprobs = None if c.logprobs is None else [(lp.token_id, sorted(lp.top))
-                                                for lp in c.logprobs]
-    return c.token_ids, c.text, c.finish_reason, c.stop_reason, logprobs, out.finished
-
-
-def _logprob_values(out: RequestOutput) -> list[float]:
-    return [lp.logprob for lp in out.outputs[0].logprobs or []]
-
-
-def _needle(text: str) -> str | None:
-    """A short piece from the middle of ``text`` that starts at its first occurrence."""
-    for start in range(len(text) // 3, len(text) - 2):
-        piece = text[start:start + 2]
-        if piece.strip() and text.index(piece) == start:
-            return piece
-    return None
-
-
-def _tail_needle(text: str) -> str | None:
-    """The shortest non-blank ending of ``text`` found nowhere earlier in it."""
-    for size in range(1, min(len(text), 8) + 1):
-        piece = text[-size:]
-        if piece.strip() and text.index(piece) == len(text) - size:
-            return piece
-    return None
-
-
-def _requests(sync: LLM, images: list[Image.Image]) -> list[dict[str, Any]]:
-    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    full = sync.generate([{"prompt": p, "sampling_params": greedy} for p in PROMPTS])
-    texts = [o.outputs[0].text for o in full]
-    reqs: list[dict[str, Any]] = [
-        {"prompt": PROMPTS[0], "sampling_params": greedy},
-        {"prompt": PROMPTS[1], "sampling_params": SamplingParams(
-            max_tokens=12, temperature=0.9, seed=7, ignore_eos=True, logprobs=2)},
-        {"prompt": PROMPTS[2], "adapter": "r4", "sampling_params": SamplingParams(
-            max_tokens=9, temperature=0.0, min_tokens=3)},
-        {"prompt": PROMPTS[1], "sampling_params": SamplingParams(
-            max_tokens=10, temperature=0.0, ignore_eos=True,
-            stop_token_ids=(full[1].outputs[0].token_ids[4],))},
-        {"prompt": "USER: <image>\nwhat is it? ASSISTANT:", "images": [images[0]],
-         "adapter": "r16", "sampling_params": SamplingParams(max_tokens=7, temperature=0.0,
-                                                             ignore_eos=True)},
-    ]
-    for prompt, text in zip(PROMPTS, texts, strict=True):
-        middle, tail = _needle(text), _tail_needle(text)
-        if middle is not None:  # a stop string hit mid-output: one more step runs, discarded
-            reqs.append({"prompt": prompt, "sampling_params": SamplingParams(
-                max_tokens=10, temperature=0.0, ignore_eos=True, stop=(middle,))})
-        if tail is not None:  # hit on the 10th token, which also ends the request by length
-            reqs.append({"prompt": prompt, "sampling_params": SamplingParams(
-                max_tokens=10, temperature=0.0, ignore_eos=True, stop=(tail,))})
-    return reqs
-
-
 def test_outputs_equal_the_synchronous_order(pair: tuple[LLM, LLM],
                                              images: list[Image.Image]) -> None:
     sync, overlapped = pair
-    requests = _requests(sync, images)
+    requests = mixed_requests(sync, images)
     assert len(requests) > 6  # at least one stop-string request of each kind
     sync_out, async_out = sync.generate(requests), overlapped.generate(requests)
-    expected = [_summary(o) for o in sync_out]
-    got = [_summary(o) for o in async_out]
+    expected = [summary(o) for o in sync_out]
+    got = [summary(o) for o in async_out]
     assert got == expected
     for a, b in zip(sync_out, async_out, strict=True):
-        assert _logprob_values(a) == pytest.approx(_logprob_values(b), abs=1e-4)
-    assert any(_logprob_values(o) for o in sync_out)
+        assert logprob_values(a) == pytest.approx(logprob_values(b), abs=1e-4)
+    assert any(logprob_values(o) for o in sync_out)
     for llm in pair:  # no per-request state left behind (stop strings retire mid-step here)
         modes = llm.engine.parts.modes
         assert modes is not None and not modes._last_progress

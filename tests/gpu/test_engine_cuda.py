@@ -27,7 +27,7 @@ STEPS = 32
 PROMPT_IMAGE = "USER: <image>\nDescribe the image. ASSISTANT:"
 PROMPT_TEXT = "USER: What is the answer? ASSISTANT:"
 ADAPTER_RANKS = {"r4": 4, "r8": 8, "r16": 16}
-_SAMPLE = model_runner.sample  # the real sampler (recorders replace the module's name)
+_LAUNCH_SAMPLE = model_runner.launch_sample  # the real sampler (recorders replace the name)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,22 @@ def test_fp32_engine_greedy_tokens_match_cpu(
     eager = make_llm(tiny_llava, adapters, "cuda", "float32", enforce_eager=True)
     assert eager.engine.parts.runner.graphs is None
     assert [o.outputs[0].token_ids for o in generate(eager, params)] == want
+    del eager
+
+
+def test_async_scheduling_on_cuda_gives_the_cpu_tokens(
+    tiny_llava: Path, adapters: dict[str, Path]
+) -> None:
+    """Asynchronous scheduling with decode graphs: the next step's input ids come from the
+    step in flight's sampled tokens on the device (pinned, event-guarded reads)."""
+    params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in
+            generate(make_llm(tiny_llava, adapters, "cpu", "float32"), params)]
+    torch.cuda.empty_cache()
+    llm = make_llm(tiny_llava, adapters, "cuda", "float32", async_scheduling=True)
+    assert [o.outputs[0].token_ids for o in generate(llm, params)] == want
+    assert llm.engine.parts.runner.num_graph_steps >= STEPS - 2
+    assert not llm.engine.has_unfinished_requests()
 
 
 class LogitsRecorder:
@@ -134,14 +150,14 @@ class LogitsRecorder:
             pending.append(request.request_id)
             return original_row(request)
 
-        def sample(logits: torch.Tensor, rows: Any, before_read: Any = None) -> Any:
+        def launch_sample(logits: torch.Tensor, rows: Any) -> Any:
             for rid, row in zip(pending, logits, strict=True):
                 self.rows.setdefault(rid, []).append(row.float().cpu())
             pending.clear()
-            return _SAMPLE(logits, rows, before_read)
+            return _LAUNCH_SAMPLE(logits, rows)
 
         monkeypatch.setattr(runner, "_sampling_row", sampling_row)
-        monkeypatch.setattr(model_runner, "sample", sample)
+        monkeypatch.setattr(model_runner, "launch_sample", launch_sample)
 
 
 def test_bf16_engine_logits_within_tolerance(

@@ -60,6 +60,30 @@ def test_concurrent_generations_stream_and_match_the_sync_engine(engine: AsyncEn
     assert idle_pages_used(engine) == 0
 
 
+def test_async_scheduling_streams_the_sync_engines_text(tiny_model: Path,
+                                                         reference_llm: LLM) -> None:
+    """The engine thread with ``async_scheduling``: every stream ends with the synchronous
+    engine's text and the engine goes idle (no step left in flight) with its pages back."""
+    async_engine = AsyncEngine.from_config(EngineConfig.create(
+        model=str(tiny_model), **ENGINE_OPTIONS, async_scheduling=True))
+    prompts = [f"USER: item {i} ASSISTANT:" for i in range(5)]
+
+    async def run(prompt: str) -> str:
+        deltas = [o.outputs[0].delta_text async for o in async_engine.generate(greedy(prompt))]
+        return "".join(deltas)
+
+    async def main() -> list[str]:
+        return list(await asyncio.gather(*(run(p) for p in prompts)))
+    try:
+        texts = asyncio.run(main())
+        expected = reference_llm.generate([greedy(p) for p in prompts])
+        assert texts == [o.text for o in expected]
+        assert idle_pages_used(async_engine) == 0
+        assert not async_engine.submit(lambda e: e.has_unfinished_requests()).result()
+    finally:
+        async_engine.shutdown()
+
+
 def test_async_output_processing_streams_every_token_through_the_sink(
         tiny_model: Path, reference_llm: LLM) -> None:
     """With asynchronous output processing the deferred half's outputs reach the streams through

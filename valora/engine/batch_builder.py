@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from valora.engine.scheduler_output import ScheduledRequest
 from valora.forward_batch import AttentionMetadata, ForwardBatch
-from valora.request import ImageSpan, Request
+from valora.request import PENDING_TOKEN, ImageSpan, Request
 
 
 @dataclass
@@ -18,10 +18,14 @@ class StepLayout:
 
     ``token_ranges[i]`` is ``(start, end)`` into the flat ``T`` tokens for ``scheduled[i]``;
     ``sampling_rows`` lists, in logits order, the indices ``i`` of requests that sample this step.
+    ``pending`` lists ``(flat index, request id)`` of input tokens still being sampled by the step
+    in flight (``PENDING_TOKEN`` in the request: asynchronous scheduling); their ids are filled
+    in on the device before the forward.
     """
 
     token_ranges: list[tuple[int, int]]
     sampling_rows: list[int]
+    pending: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -88,12 +92,15 @@ def build_forward_batch(
     logits_indices: list[int] = []
     image_rows: list[ImageRows] = []
     token_slots: list[int] = []
+    pending: list[tuple[int, str]] = []
     for i, item in enumerate(scheduled):
         request = item.request
         start = request.num_computed_tokens
         end = start + item.num_new_tokens
         flat_start = len(input_ids)
         tokens = request.token_ids_between(start, end)
+        if tokens and tokens[-1] == PENDING_TOKEN:  # only ever the last: one step in flight
+            pending.append((flat_start + len(tokens) - 1, request.request_id))
         pages = page_table_of(request.request_id)
         input_ids.extend(tokens)
         positions.extend(range(start, end))
@@ -130,4 +137,4 @@ def build_forward_batch(
     )
     batch = ForwardBatch(input_ids=large[1], positions=large[2], attn=attn,
                          logits_indices=large[3])
-    return batch, StepLayout(ranges, sampling_rows), image_rows, token_slots
+    return batch, StepLayout(ranges, sampling_rows, pending), image_rows, token_slots

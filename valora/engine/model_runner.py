@@ -29,7 +29,7 @@ from valora.engine.cuda_graph import CudaGraphRunner, capture_decode_graphs
 from valora.engine.image_cache import ImageEmbeddingCache, step_image_embeddings
 from valora.engine.memory_plan import profiling_batch
 from valora.engine.piecewise_graphs import PiecewiseGraphRunner, capture_piecewise_graphs
-from valora.engine.sampler import SamplingRow, make_generator, sample
+from valora.engine.sampler import SampledTokens, SamplingRow, launch_sample, make_generator
 from valora.engine.scheduler_output import ScheduledRequest
 from valora.engine.step_trace import StepRecord, lora_ops
 from valora.engine.vision_graphs import VisionGraphRunner
@@ -54,6 +54,27 @@ class StepResult:
     """Host wall time of the step (as ``StepRecord.seconds``: GPU time included when it sampled)."""
     graphed: bool = False
     """Whether a CUDA graph replay ran the forward."""
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward and sampling are launched and whose tokens are not read yet
+    (``ModelRunner.launch``; ``ModelRunner.finish`` reads them)."""
+
+    started: float
+    graphed: bool
+    num_rows: int
+    num_tokens: int
+    lora_ops: int
+    mode: str
+    result: StepResult = field(default_factory=StepResult)
+    sampling: list[Request] = field(default_factory=list)
+    """The requests that sample, in the sampled tokens' row order."""
+    sampled: SampledTokens | None = None
+
+    def token_rows(self) -> dict[str, int]:
+        """Request id → its row in ``sampled.chosen``."""
+        return {request.request_id: i for i, request in enumerate(self.sampling)}
 
 
 @dataclass
@@ -228,52 +249,98 @@ class ModelRunner:
         ``wait_slots`` is called with the LoRA slots the step reads before anything is launched
         (the adapter manager orders the stream after their pending prefetches).
         ``while_device_runs`` is called once: in a decode-graph replay, after the step's sampling
-        is launched and before the host waits for its tokens (``sampler.sample``'s
-        ``before_read``), so it overlaps the replay; in any other step (eager or piecewise),
-        before the forward is launched — those steps are host-bound (launching their kernels
-        takes about as long as running them), so calling it after the launch would delay its
-        outputs by the whole step and overlap little (H200 serving A/B, session 11). Its host time
-        is part of the step's measured seconds."""
+        is launched and before the host waits for its tokens, so it overlaps the replay; in any
+        other step (eager or piecewise), before the forward is launched — those steps are
+        host-bound (launching their kernels takes about as long as running them), so calling it
+        after the launch would delay its outputs by the whole step and overlap little (H200
+        serving A/B, session 11). Its host time is part of the step's measured seconds.
+        ``launch`` + ``finish``."""
+        step = self.launch(scheduled, page_table_of, slot_of, head_tokens_of, plan_lora,
+                           wait_slots, mode, while_device_runs)
+        if step.graphed and while_device_runs is not None:
+            while_device_runs()
+        return self.finish(step)
+
+    def launch(
+        self,
+        scheduled: Sequence[ScheduledRequest],
+        page_table_of: Callable[[str], list[int]],
+        slot_of: Callable[[Request], int],
+        head_tokens_of: Callable[[Request], int],
+        plan_lora: Callable[[list[int]], LoRAStepPlan] | None = None,
+        wait_slots: Callable[[list[int]], None] | None = None,
+        mode: str = "",
+        before_eager: Callable[[], None] | None = None,
+        pending: LaunchedStep | None = None,
+    ) -> LaunchedStep:
+        """Launch the step's forward and sampling without waiting for them (``finish`` reads the
+        tokens). Input tokens still pending in the requests (``PENDING_TOKEN``) are taken on the
+        device from ``pending``'s sampled tokens — the step launched before this one and not yet
+        finished; without it such a token is an error. ``before_eager`` as ``execute``'s
+        ``while_device_runs`` for steps no decode graph serves."""
         started = time.perf_counter()
         batch, layout, image_rows, token_slots = build_forward_batch(
             scheduled, page_table_of, self.page_size, slot_of, self.device
         )
+        if layout.pending:
+            self._fill_pending(batch, layout.pending, pending)
         self._attach_lora(batch, token_slots, plan_lora, wait_slots)
         self._attach_images(batch, image_rows)
-        hidden, graphed = self._forward(batch, while_device_runs)
+        hidden, graphed = self._forward(batch, before_eager)
         if graphed:
             self.num_graph_steps += 1
         else:
             self.num_eager_steps += 1
-        after_launch = while_device_runs if graphed else None  # else it ran before the forward
-        result = StepResult()
-        self._collect_head_hidden(scheduled, layout.token_ranges, hidden, head_tokens_of, result)
+        step = LaunchedStep(started, graphed, len(scheduled), int(batch.input_ids.shape[0]),
+                            lora_ops(batch), mode)
+        self._collect_head_hidden(scheduled, layout.token_ranges, hidden, head_tokens_of,
+                                  step.result)
         if layout.sampling_rows:
             logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
-            requests = [scheduled[i].request for i in layout.sampling_rows]
-            rows = [self._sampling_row(r) for r in requests]
-            tokens, logprobs = sample(logits, rows, after_launch)
-            for request, token, logprob in zip(requests, tokens, logprobs, strict=True):
+            step.sampling = [scheduled[i].request for i in layout.sampling_rows]
+            rows = [self._sampling_row(r) for r in step.sampling]
+            step.sampled = launch_sample(logits, rows)
+        return step
+
+    def finish(self, step: LaunchedStep) -> StepResult:
+        """Wait for a launched step's tokens and return its result (once per step)."""
+        result = step.result
+        if step.sampled is not None:
+            tokens, logprobs = step.sampled.read()
+            for request, token, logprob in zip(step.sampling, tokens, logprobs, strict=True):
                 result.sampled[request.request_id] = token
                 if logprob is not None:
                     result.logprobs[request.request_id] = logprob
         # Host wall time of the step; sampling reads the tokens back, so it includes the GPU's
         # time too (a step that samples nothing is charged to the next one that does).
-        elapsed = time.perf_counter() - started
-        result.seconds, result.graphed = elapsed, graphed
-        if graphed:
+        elapsed = time.perf_counter() - step.started
+        result.seconds, result.graphed = elapsed, step.graphed
+        if step.graphed:
             self.graph_seconds += elapsed
-            self.graph_rows += len(scheduled)
+            self.graph_rows += step.num_rows
         else:
             self.eager_seconds += elapsed
-            self.eager_tokens += int(batch.input_ids.shape[0])
+            self.eager_tokens += step.num_tokens
         trace = self.step_trace
         if trace is not None:
             if len(trace) >= self._trace_limit:
                 del trace[: len(trace) // 2]
-            trace.append(StepRecord(started, elapsed, graphed, len(scheduled),
-                                    int(batch.input_ids.shape[0]), lora_ops(batch), mode))
+            trace.append(StepRecord(step.started, elapsed, step.graphed, step.num_rows,
+                                    step.num_tokens, step.lora_ops, step.mode))
         return result
+
+    def _fill_pending(self, batch: ForwardBatch, pending: list[tuple[int, str]],
+                      previous: LaunchedStep | None) -> None:
+        """Write the pending input tokens' ids into ``batch.input_ids`` from the step in flight's
+        sampled tokens, on the device (no host wait)."""
+        rows = previous.token_rows() if previous is not None else {}
+        missing = [rid for _, rid in pending if rid not in rows]
+        if missing or previous is None or previous.sampled is None:
+            raise RuntimeError(f"input tokens of {missing or [r for _, r in pending]} are "
+                               "pending but no step in flight samples them")
+        flat, source = upload_ints(torch.int64, [[i for i, _ in pending],
+                                                 [rows[rid] for _, rid in pending]], self.device)
+        batch.input_ids.index_copy_(0, flat, previous.sampled.chosen.index_select(0, source))
 
     def enable_step_trace(self, limit: int = 100_000) -> list[StepRecord]:
         """Record every step from now on (the oldest half dropped past ``limit``); returns the

@@ -51,24 +51,63 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
-def sample(
-    logits: torch.Tensor,
-    rows: list[SamplingRow],
-    before_read: Callable[[], None] | None = None,
-) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Sample one token per row of ``logits`` (``[N, vocab]``, any float dtype).
+class SampledTokens:
+    """The tokens of one step's sampling, launched and not yet read (``launch_sample``).
 
-    Returns the token ids and, for rows that asked for logprobs, the sampled token's logprob
-    (from the unmodified distribution, as OpenAI reports) and the top alternatives.
+    ``chosen`` is the ``[N]`` int64 device tensor of the sampled ids in row order: a step
+    launched before this one is read can take its input ids from it (asynchronous scheduling).
+    Every value the host needs — the ids and, for rows that asked for logprobs, the sampled
+    token's logprob and the top alternatives — is computed on the device at launch; on CUDA it is
+    copied into page-locked memory without blocking and an event marks the copies, so ``read``
+    waits for this step's work only, never for work launched after it."""
 
-    Greedy rows without banned tokens share one batched ``argmax`` (row-wise, first maximum on
-    ties, as the per-row call); every token reaches the host in one device-to-host copy, so a
-    step synchronises once however many rows it samples (logprob rows add their own reads).
+    def __init__(self, chosen: torch.Tensor, rows: list[SamplingRow],
+                 raw_logprobs: torch.Tensor | None) -> None:
+        self.chosen = chosen
+        self._rows = rows
+        pieces: list[torch.Tensor] = [chosen]
+        self._logprob_rows: list[int] = []
+        if raw_logprobs is not None:
+            for i, row in enumerate(rows):
+                k = row.params.logprobs
+                if k is None:
+                    continue
+                self._logprob_rows.append(i)
+                pieces.append(raw_logprobs[i].gather(0, chosen[i:i + 1]))
+                if k > 0:
+                    values, ids = torch.topk(raw_logprobs[i], k)
+                    pieces += [values, ids]
+        self._event: torch.cuda.Event | None = None
+        if chosen.is_cuda:
+            pieces = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True).copy_(
+                p, non_blocking=True) for p in pieces]
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._host = pieces
 
-    ``before_read`` runs on the host after every sampling kernel is launched and before that
-    read waits for them: host work placed there overlaps the step's device work (the engine's
-    asynchronous output processing).
-    """
+    def read(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Wait for this step's sampling (not for later work) and return the token ids and, per
+        row, the sampled token's logprob record or None."""
+        if self._event is not None:
+            self._event.synchronize()
+        host = iter(self._host)
+        tokens: list[int] = next(host).tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(tokens)
+        for i in self._logprob_rows:
+            token = tokens[i]
+            logprob = float(next(host)[0])
+            top: dict[int, float] = {}
+            if (self._rows[i].params.logprobs or 0) > 0:
+                values, ids = next(host), next(host)
+                top = {int(t): float(v)
+                       for t, v in zip(ids.tolist(), values.tolist(), strict=True)}
+            logprobs[i] = TokenLogprob(token_id=token, logprob=logprob, top=top)
+        return tokens, logprobs
+
+
+def launch_sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampledTokens:
+    """Launch the sampling of one token per row of ``logits`` (``[N, vocab]``, any float dtype);
+    ``SampledTokens.read`` returns them (``sample`` says what is sampled)."""
     logits = logits.float()
     raw_logprobs = (
         torch.log_softmax(logits, dim=-1)
@@ -92,18 +131,28 @@ def sample(
             # Exponential race == categorical sampling, drawn from this request's own stream.
             noise = torch.empty_like(probs).exponential_(1.0, generator=row.generator)
             chosen[i] = torch.argmax(probs / noise)
+    return SampledTokens(chosen, rows, raw_logprobs)
+
+
+def sample(
+    logits: torch.Tensor,
+    rows: list[SamplingRow],
+    before_read: Callable[[], None] | None = None,
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Sample one token per row of ``logits`` (``[N, vocab]``, any float dtype).
+
+    Returns the token ids and, for rows that asked for logprobs, the sampled token's logprob
+    (from the unmodified distribution, as OpenAI reports) and the top alternatives.
+
+    Greedy rows without banned tokens share one batched ``argmax`` (row-wise, first maximum on
+    ties, as the per-row call); every value reaches the host after one wait for the step
+    (``SampledTokens``), however many rows it samples.
+
+    ``before_read`` runs on the host after every sampling kernel is launched and before that
+    read waits for them: host work placed there overlaps the step's device work (the engine's
+    asynchronous output processing).
+    """
+    sampled = launch_sample(logits, rows)
     if before_read is not None:
         before_read()
-    tokens: list[int] = chosen.tolist()
-    logprobs: list[TokenLogprob | None] = []
-    for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
-        if raw_logprobs is None or row.params.logprobs is None:
-            logprobs.append(None)
-            continue
-        row_lp = raw_logprobs[i]
-        top: dict[int, float] = {}
-        if row.params.logprobs > 0:
-            values, ids = torch.topk(row_lp, row.params.logprobs)
-            top = {int(t): float(v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)}
-        logprobs.append(TokenLogprob(token_id=token, logprob=float(row_lp[token]), top=top))
-    return tokens, logprobs
+    return sampled.read()

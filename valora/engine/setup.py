@@ -24,7 +24,7 @@ from valora.engine.detokenizer import IncrementalDetokenizer
 from valora.engine.inputs import InputProcessor, ModelLimits
 from valora.engine.memory_plan import MemoryPlan, weight_and_slot_bytes
 from valora.engine.mode_controller import ModeController, build_switcher, merging_policy
-from valora.engine.model_runner import LoRAStepPlan, ModelRunner, StepResult
+from valora.engine.model_runner import LaunchedStep, LoRAStepPlan, ModelRunner, StepResult
 from valora.engine.policy import get_policy
 from valora.engine.scheduler import Scheduler
 from valora.engine.scheduler_output import SchedulerOutput
@@ -166,6 +166,21 @@ class EngineParts:
             self.adapters.wait_for_slots,
             self.modes.state.mode.value if self.modes is not None else "",
             while_device_runs,
+        )
+
+    def launch(self, scheduled: SchedulerOutput, pending: LaunchedStep | None = None
+               ) -> LaunchedStep:
+        """``execute``'s first half (``ModelRunner.launch``): the step launched, its tokens not
+        read; input tokens pending in its requests come from ``pending``'s sampling."""
+        return self.runner.launch(
+            scheduled.scheduled,
+            self.kv_manager.page_table,
+            self.slot_of,
+            self.head_tokens_of,
+            self.plan_lora,
+            self.adapters.wait_for_slots,
+            self.modes.state.mode.value if self.modes is not None else "",
+            pending=pending,
         )
 
     def stats(self) -> dict[str, Any]:
