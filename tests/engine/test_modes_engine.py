@@ -85,6 +85,25 @@ def test_policy_matches_unmerged(policy: str, tiny_llava: Path, tiny_adapters: d
     assert summary["pristine_bytes"] > 0, summary
 
 
+@pytest.mark.parametrize("policy", ["test-always-mixed", "merged-only", "dlora", "valora"])
+def test_async_scheduling_matches_unmerged(policy: str, tiny_llava: Path,
+                                           tiny_adapters: dict[str, Path],
+                                           images: list[Image.Image],
+                                           unmerged: list[Any]) -> None:
+    """``async_scheduling``: the mode decision and weight switch for step N+1 happen while step
+    N is in flight (stream-ordered after it); every request still gets unmerged serving's
+    tokens and logprobs, and the merging policies really switch."""
+    outputs, llm = _run(tiny_llava, tiny_adapters, policy, images, async_scheduling=True)
+    for got, ref in zip(outputs, unmerged, strict=True):
+        assert got.outputs[0].token_ids == ref.outputs[0].token_ids
+        for a, b in zip(got.outputs[0].logprobs, ref.outputs[0].logprobs, strict=True):
+            assert abs(a.logprob - b.logprob) <= 1e-4 * max(1.0, abs(b.logprob))
+    summary = llm.engine.stats()["modes"]
+    if policy in ("test-always-mixed", "merged-only"):
+        assert summary["num_switches"] >= 1, summary
+    assert not llm.engine.has_unfinished_requests()
+
+
 @pytest.mark.parametrize("policy", ["test-always-mixed", "valora"])
 def test_fused_correction_matches_unmerged(policy: str, tiny_llava: Path,
                                            tiny_adapters: dict[str, Path],

@@ -127,3 +127,28 @@ def test_head_window_is_recomputed_on_prefix_cache_hits(
 def test_unknown_task_is_rejected(llm: LLM) -> None:
     with pytest.raises(InvalidRequestError, match="no task head"):
         llm.generate([{"prompt": "USER: hi ASSISTANT:", "adapter": "colour", "task": "nope"}])
+
+
+def test_heads_under_async_scheduling_answer_as_the_synchronous_engine(
+    llm: LLM, tiny_llava: Path, head_adapter: Path, images: list[Image.Image]
+) -> None:
+    """A head request ends with its hidden states (no placeholder, no extra row) while a plain
+    request in the same batches decodes; the answers equal the synchronous engine's."""
+    overlapped = LLM(model=str(tiny_llava), dtype="float32", device="cpu", num_pages=128,
+                     page_size=8, max_loras=2, max_lora_rank=64, max_num_batched_tokens=9,
+                     adapters={"colour": head_adapter}, async_scheduling=True)
+    requests = [
+        {"prompt": PROMPT, "images": images[:1], "adapter": "colour", "task": "boxes"},
+        {"prompt": PROMPT, "images": images[1:2], "adapter": "colour"},
+        {"prompt": "USER: name a colour ASSISTANT:",
+         "sampling_params": SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)},
+    ]
+    want, got = llm.generate(requests), overlapped.generate(requests)
+    for a, b in zip(want, got, strict=True):
+        assert a.outputs[0].text == b.outputs[0].text
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].finish_reason == b.outputs[0].finish_reason
+        assert (a.outputs[0].head_result is None) == (b.outputs[0].head_result is None)
+    assert got[0].outputs[0].head_result == want[0].outputs[0].head_result  # same batches
+    assert got[1].outputs[0].head_result == want[1].outputs[0].head_result
+    assert not overlapped.engine.has_unfinished_requests() and not overlapped.engine.requests
