@@ -54,6 +54,14 @@ def _run(model: Path, adapters: dict[str, Path], policy: str, images: list[Image
     return llm.generate(_workload(images)), llm
 
 
+def _assert_matches(outputs: list[Any], unmerged: list[Any]) -> None:
+    """Each request's tokens equal unmerged serving's, its logprobs within 1e-4 (relative)."""
+    for got, ref in zip(outputs, unmerged, strict=True):
+        assert got.outputs[0].token_ids == ref.outputs[0].token_ids
+        for a, b in zip(got.outputs[0].logprobs, ref.outputs[0].logprobs, strict=True):
+            assert abs(a.logprob - b.logprob) <= 1e-4 * max(1.0, abs(b.logprob))
+
+
 @pytest.fixture(scope="module")
 def unmerged(tiny_llava: Path, tiny_adapters: dict[str, Path], images: list[Image.Image]) -> list[Any]:
     return _run(tiny_llava, tiny_adapters, "unmerged-fcfs", images)[0]
@@ -63,10 +71,7 @@ def unmerged(tiny_llava: Path, tiny_adapters: dict[str, Path], images: list[Imag
 def test_policy_matches_unmerged(policy: str, tiny_llava: Path, tiny_adapters: dict[str, Path],
                                  images: list[Image.Image], unmerged: list[Any]) -> None:
     outputs, llm = _run(tiny_llava, tiny_adapters, policy, images)
-    for got, ref in zip(outputs, unmerged, strict=True):
-        assert got.outputs[0].token_ids == ref.outputs[0].token_ids
-        for a, b in zip(got.outputs[0].logprobs, ref.outputs[0].logprobs, strict=True):
-            assert abs(a.logprob - b.logprob) <= 1e-4 * max(1.0, abs(b.logprob))
+    _assert_matches(outputs, unmerged)
     summary = llm.engine.stats()["modes"]
     if policy in ("test-always-mixed", "merged-only"):
         assert summary["num_switches"] >= 1, summary
@@ -94,10 +99,7 @@ def test_async_scheduling_matches_unmerged(policy: str, tiny_llava: Path,
     N is in flight (stream-ordered after it); every request still gets unmerged serving's
     tokens and logprobs, and the merging policies really switch."""
     outputs, llm = _run(tiny_llava, tiny_adapters, policy, images, async_scheduling=True)
-    for got, ref in zip(outputs, unmerged, strict=True):
-        assert got.outputs[0].token_ids == ref.outputs[0].token_ids
-        for a, b in zip(got.outputs[0].logprobs, ref.outputs[0].logprobs, strict=True):
-            assert abs(a.logprob - b.logprob) <= 1e-4 * max(1.0, abs(b.logprob))
+    _assert_matches(outputs, unmerged)
     summary = llm.engine.stats()["modes"]
     if policy in ("test-always-mixed", "merged-only"):
         assert summary["num_switches"] >= 1, summary
@@ -112,10 +114,7 @@ def test_fused_correction_matches_unmerged(policy: str, tiny_llava: Path,
     """``fuse_correction``: mixed-mode steps carry one LoRA batch with the correction inside."""
     outputs, llm = _run(tiny_llava, tiny_adapters, policy, images, fuse_correction=True)
     assert llm.engine.parts.runner.fuse_correction
-    for got, ref in zip(outputs, unmerged, strict=True):
-        assert got.outputs[0].token_ids == ref.outputs[0].token_ids
-        for a, b in zip(got.outputs[0].logprobs, ref.outputs[0].logprobs, strict=True):
-            assert abs(a.logprob - b.logprob) <= 1e-4 * max(1.0, abs(b.logprob))
+    _assert_matches(outputs, unmerged)
     if policy == "test-always-mixed":
         assert llm.engine.stats()["modes"]["steps_by_mode"].get("mixed", 0) > 0
 
@@ -188,7 +187,4 @@ def test_lora_delta_fold_matches_unmerged(policy: str, tiny_llava: Path,
     an image read its cached embeddings after the first one ran (never written into)."""
     monkeypatch.setattr(lora_overlap, "_DELTA_FOLD", [True])
     outputs, _ = _run(tiny_llava, tiny_adapters, policy, images)
-    for got, ref in zip(outputs, unmerged, strict=True):
-        assert got.outputs[0].token_ids == ref.outputs[0].token_ids
-        for a, b in zip(got.outputs[0].logprobs, ref.outputs[0].logprobs, strict=True):
-            assert abs(a.logprob - b.logprob) <= 1e-4 * max(1.0, abs(b.logprob))
+    _assert_matches(outputs, unmerged)

@@ -157,31 +157,24 @@ class EngineParts:
         scheduled: SchedulerOutput,
         while_device_runs: Callable[[], None] | None = None,
     ) -> StepResult:
-        return self.runner.execute(
-            scheduled.scheduled,
-            self.kv_manager.page_table,
-            self.slot_of,
-            self.head_tokens_of,
-            self.plan_lora,
-            self.adapters.wait_for_slots,
-            self.modes.state.mode.value if self.modes is not None else "",
-            while_device_runs,
-        )
+        """Run the step and read its tokens (``ModelRunner.execute``)."""
+        return self.runner.execute(scheduled.scheduled, *self._step_hooks(), while_device_runs)
 
     def launch(self, scheduled: SchedulerOutput, pending: LaunchedStep | None = None
                ) -> LaunchedStep:
         """``execute``'s first half (``ModelRunner.launch``): the step launched, its tokens not
         read; input tokens pending in its requests come from ``pending``'s sampling."""
-        return self.runner.launch(
-            scheduled.scheduled,
-            self.kv_manager.page_table,
-            self.slot_of,
-            self.head_tokens_of,
-            self.plan_lora,
-            self.adapters.wait_for_slots,
-            self.modes.state.mode.value if self.modes is not None else "",
-            pending=pending,
-        )
+        return self.runner.launch(scheduled.scheduled, *self._step_hooks(), pending=pending)
+
+    def _step_hooks(self) -> tuple[Callable[[str], list[int]], Callable[[Request], int],
+                                   Callable[[Request], int],
+                                   Callable[[list[int]], LoRAStepPlan], Callable[[list[int]], None],
+                                   str]:
+        """What the runner asks of the engine for a step: page tables, adapter slots, head
+        windows, the LoRA plan, the slot-fill wait, and the weights' mode (for the trace)."""
+        return (self.kv_manager.page_table, self.slot_of, self.head_tokens_of, self.plan_lora,
+                self.adapters.wait_for_slots,
+                self.modes.state.mode.value if self.modes is not None else "")
 
     def stats(self) -> dict[str, Any]:
         pool = self.kv_manager.pool
