@@ -16,7 +16,11 @@ prefill run with the last mode listed. ``serial`` / ``overlap`` rows are ``fused
 deltas never / always (≤ 256 tokens) on the side stream (``valora/layers/lora_overlap.py``);
 ``fused`` and ``stock`` overlap as the engine does by default (``LoRAConfig.overlap_max_tokens``);
 ``overlap_o_down`` also overlaps the o / down projections' deltas at every size (session 12:
-no gain).
+no gain). Scenarios: ``base``, one rank-16 adapter, 8 rank-16 adapters, 32 adapters of ranks
+8–64 (unmerged), and ``merged_r16`` (session 16): the one-adapter scenario's adapter folded into
+the weights by the engine's ``WeightSwitcher`` and every row on the base graph — the row the
+issue's "(d) merged adapter" asks for, beside HF + PEFT's ``merged_r16``; its
+``merged_vs_unmerged_rel_diff`` compares its output with the unmerged one's.
 
     python bench/model/bench_decode.py --out DIR [--sha SHA] [--layers stock,fused] [--skip-hf]
         [--tiny CKPT_DIR]
@@ -52,6 +56,7 @@ from valora.engine.cuda_graph import CudaGraphRunner, few_adapter_captures
 from valora.engine.piecewise_graphs import capture_piecewise_graphs
 from valora.layers.fused_select import fused_layers, set_fused_kv_write
 from valora.models.loader import load_model
+from valora.orchestrator.merge import WeightSwitcher
 
 CONFIG_DIR = Path(__file__).resolve().parent / "llava-1.5-7b"
 NUM_SLOTS, MAX_RANK, CONTEXT = 32, 64, 600
@@ -133,39 +138,63 @@ def _bench_decode(model: Any, pool: wl.KVPool, ranks: list[int], batches: list[i
     runner.capture()
     rec.emit({"section": "capture", "label": label, "seconds": time.perf_counter() - begin})
     weights = wl.decoder_bytes(model)
+    switcher = WeightSwitcher(model.lora_base_weights(), model.lora_slot_map())
     for batch in batches:
         pool.reset()
         contexts = [CONTEXT - 10 + (7 * i) % 21 for i in range(batch)]
-        base_hidden = None
-        for scenario in wl.SCENARIOS:
-            slots = wl.scenario_slots(scenario, batch)
-            step = wl.decode_step(model, pool, contexts, slots, NUM_SLOTS, "triton")
-            pool.reset()
-            fb = step.batch
-            assert runner.can_run(fb), f"graph runner refused {scenario} batch {batch}"
-            with torch.inference_mode():
-                eager = model.forward(fb)
-                graphed = runner.run(fb).clone()
-            error = rel_err(graphed.float(), eager.float())
-            delta = 0.0 if base_hidden is None else rel_err(graphed.float(), base_hidden)
-            if scenario == "base":
-                base_hidden = graphed.float()
+        hidden_of: dict[str, torch.Tensor] = {}
+        for scenario in (*wl.SCENARIOS, wl.MERGED):
+            merged = scenario == wl.MERGED
+            if merged:  # the base graph over weights with one_adapter_r16's adapter folded in
+                switcher.merge(wl.MERGED_SLOT, scenario)
+            try:
+                _bench_scenario(model, runner, pool, contexts, ranks, ceil, rec, label, repeats,
+                                weights, scenario, batch, hidden_of)
+            finally:
+                if merged:
+                    switcher.unmerge()
 
-            def run_step(fb: Any = fb) -> None:
-                with torch.inference_mode():
-                    model.compute_logits(runner.run(fb))
 
-            samples = time_ms(run_step, device, repeats)
-            nbytes = (weights + wl.kv_bytes(model, step.context_tokens)
-                      + wl.adapter_bytes(model, ranks, slots))
-            floor_ms = nbytes / ceil["copy_bytes_per_s"] * 1e3
-            median = statistics.median(samples)
-            rec.emit({"section": "decode", "label": label, "scenario": scenario, "batch": batch,
-                      "context_mean": step.context_tokens / batch, "median_ms": median,
-                      "min_ms": min(samples), "max_ms": max(samples), "floor_ms": floor_ms,
-                      "over_floor": median / floor_ms, "bytes": nbytes,
-                      "distinct_adapters": len({s for s in slots if s >= 0}),
-                      "graph_vs_eager_rel_err": error, "lora_vs_base_rel_diff": delta})
+def _bench_scenario(model: Any, runner: CudaGraphRunner, pool: wl.KVPool, contexts: list[int],
+                    ranks: list[int], ceil: dict[str, float], rec: Recorder, label: str,
+                    repeats: int, weights: int, scenario: str, batch: int,
+                    hidden_of: dict[str, torch.Tensor]) -> None:
+    """One decode row: the graph's output checked against an eager forward, then timed.
+    ``lora_vs_base_rel_diff``: against the base scenario's output; the merged scenario also
+    against ``one_adapter_r16``'s (the same adapter unmerged: bf16 rounding apart, equal)."""
+    device = model.device
+    slots = wl.scenario_slots(scenario, batch)
+    step = wl.decode_step(model, pool, contexts, slots, NUM_SLOTS, "triton")
+    pool.reset()
+    fb = step.batch
+    assert runner.can_run(fb), f"graph runner refused {scenario} batch {batch}"
+    with torch.inference_mode():
+        eager = model.forward(fb)
+        graphed = runner.run(fb).clone()
+    error = rel_err(graphed.float(), eager.float())
+    hidden_of[scenario] = graphed.float()
+    base_hidden = hidden_of.get("base")
+    delta = 0.0 if base_hidden is None or scenario == "base" else rel_err(graphed.float(),
+                                                                           base_hidden)
+    extra = ({"merged_vs_unmerged_rel_diff": rel_err(graphed.float(),
+                                                     hidden_of["one_adapter_r16"])}
+             if scenario == wl.MERGED and "one_adapter_r16" in hidden_of else {})
+
+    def run_step(fb: Any = fb) -> None:
+        with torch.inference_mode():
+            model.compute_logits(runner.run(fb))
+
+    samples = time_ms(run_step, device, repeats)
+    nbytes = (weights + wl.kv_bytes(model, step.context_tokens)
+              + wl.adapter_bytes(model, ranks, slots))
+    floor_ms = nbytes / ceil["copy_bytes_per_s"] * 1e3
+    median = statistics.median(samples)
+    rec.emit({"section": "decode", "label": label, "scenario": scenario, "batch": batch,
+              "context_mean": step.context_tokens / batch, "median_ms": median,
+              "min_ms": min(samples), "max_ms": max(samples), "floor_ms": floor_ms,
+              "over_floor": median / floor_ms, "bytes": nbytes,
+              "distinct_adapters": len({s for s in slots if s >= 0}),
+              "graph_vs_eager_rel_err": error, "lora_vs_base_rel_diff": delta, **extra})
 
 
 def bench_eager_decode(model: Any, pool: wl.KVPool, batch: int, ceil: dict[str, float],

@@ -21,6 +21,10 @@ from valora.ops.lora import prepare_lora_batch
 SLOT_RANKS = (8, 16, 32, 64)
 PAGE_SIZE = 16
 SCENARIOS = ("base", "one_adapter_r16", "mixed8_r16", "mixed32_ranks")
+MERGED = "merged_r16"
+"""The merged-adapter scenario: slot ``MERGED_SLOT``'s rank-16 adapter (``one_adapter_r16``'s)
+folded into the weights, every row on the base path (``bench_decode.py``)."""
+MERGED_SLOT = 1
 
 
 def fill_adapter_slots(model: CausalLMBase, num_slots: int, seed: int) -> list[int]:
@@ -43,7 +47,7 @@ def fill_adapter_slots(model: CausalLMBase, num_slots: int, seed: int) -> list[i
 
 def scenario_slots(scenario: str, batch: int) -> list[int]:
     """Slot of each of ``batch`` sequences (-1: base model)."""
-    if scenario == "base":
+    if scenario in ("base", MERGED):
         return [-1] * batch
     if scenario == "one_adapter_r16":
         return [1] * batch
