@@ -21,7 +21,7 @@ from PIL import Image
 from valora import LLM, SamplingParams
 from valora.config import SchedulerConfig
 from valora.engine.inputs import GenerateRequest
-from valora.errors import ValoraError
+from valora.errors import EngineDeadError, ValoraError
 from valora.request import PENDING_TOKEN
 
 
@@ -171,6 +171,32 @@ def test_a_failing_step_fails_its_requests_only(pair: tuple[LLM, LLM], where: st
                                                           ignore_eos=True))
     assert again[0].outputs[0].finish_reason == "length" and engine.is_healthy
     _assert_clean(pair[1])
+
+
+def test_a_device_fault_read_with_a_step_in_flight_marks_the_engine_dead(
+        tiny_llava: Path, tiny_adapters: dict[str, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA error surfaces when a step's tokens are read, after the next step was launched:
+    the requests fail with the device error, nothing stays in flight, the engine is dead."""
+    llm = _llm(tiny_llava, tiny_adapters, True)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request(GenerateRequest(prompt=p, sampling_params=params)).request_id
+           for p in PROMPTS[:2]]
+    for _ in range(3):
+        engine.step()
+
+    def fault(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine.parts.runner, "finish", fault)
+    outputs = {o.request_id: o for o in engine.step()}
+    assert set(outputs) == set(ids)
+    assert all(o.outputs[0].finish_reason == "error" and "device error" in (o.error or "")
+               and PENDING_TOKEN not in o.outputs[0].token_ids for o in outputs.values())
+    assert not engine.is_healthy and not engine.has_unfinished_requests()
+    with pytest.raises(EngineDeadError):
+        engine.step()
 
 
 def test_both_async_modes_at_once_are_refused() -> None:
