@@ -48,8 +48,9 @@ length) are kept out of N+1; one that ends at N by EOS, a stop id or a stop stri
 row more in N+1, whose token is dropped (its K/V is the real token's, written into pages that
 are freed afterwards and reused only by later steps, in stream order). Outputs come with the call
 that launched the next step (or, when there is none, with the call that finds nothing to
-schedule); tokens, texts and finish reasons are the synchronous order's. An aborted or failed
-request loses its placeholder first. Everything that writes device state the step in flight
+schedule); tokens, texts and finish reasons are the synchronous order's. The mode policy decides
+step N+1 before step N's progress and measured time reach it (one step older than in the
+synchronous order). An aborted or failed request loses its placeholder first. Everything that writes device state the step in flight
 reads is stream-ordered after it: adapter slot fills (``SlotPrefetcher`` orders its stream
 after the current one), weight switches (on the current stream, then synchronised), K/V pages
 (only later steps write a freed page).
