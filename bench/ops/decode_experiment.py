@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,11 @@ from typing import Any
 import torch
 from decode_tiles import L2_BYTES, LAYERS, NUM_SLOTS, SCENARIOS, SLOT_RANKS, TINY_LAYERS, TOKENS
 
+from valora.layers.lora_overlap import lora_side_stream
 from valora.ops.lora import LoRASlotWeights, prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights
 from valora.ops.lora_segments import LoRASegments
+from valora.ops.skinny_gemm import SkinnyTile, select_skinny_tile, skinny_linear, skinny_tile
 from valora.ops.tile_config import TileConfig
 from valora.ops.tile_table import select_tile_config
 from valora.ops.timing import copy_rates, time_calls
@@ -140,6 +143,56 @@ class GemmPoint:
                 "lora_floor_us": self.problem.nbytes / rate * 1e6,
                 "gemm_floor_us": 2 * self.in_features * self.out_features / rate * 1e6,
                 "us": {}, "errors": {}}
+
+
+def gemm_tiles(point: GemmPoint, device: torch.device, tokens: int,
+               element_size: int) -> tuple[SkinnyTile, SkinnyTile]:
+    """The skinny GEMM's tile for the point's base GEMM (the GPU table's, else the heuristic's)
+    and the same with ``block_n`` dividing every slice width (a column block in one slice: the
+    experiments that finish the LoRA inside the GEMM's program)."""
+    tile = (select_skinny_tile(device, tokens, point.out_features, point.in_features,
+                               element_size) if device.type == "cuda" else None)
+    tile = tile or skinny_tile(tokens, point.out_features, point.in_features, element_size)
+    assert tile is not None
+    block_n = math.gcd(tile.block_n, *point.widths)
+    return tile, SkinnyTile(tile.block_m, block_n, tile.block_k, tile.num_warps,
+                            tile.num_stages)
+
+
+def gemm_baselines(point: GemmPoint, tile: SkinnyTile, device: torch.device
+                   ) -> list[tuple[str, Callable[[torch.Tensor, int], None]]]:
+    """``(label, launch(out, i))`` of what an in-GEMM LoRA variant is measured against:
+    ``skinny`` (the base GEMM alone), ``skinny+atmm`` (serial: the GEMM, then the shipped ATMM
+    op with the graph's tiles — the reference output) and, on CUDA, ``overlap`` (the engine's
+    decode path: the ATMM op into a zeroed ``δ`` on the side stream beside the GEMM, then the
+    add)."""
+    problem, lora, base = point.problem, point.lora, point.base
+    x, weights = problem.x, problem.weights
+
+    def skinny(out: torch.Tensor, i: int) -> None:
+        out.copy_(skinny_linear(x, base[i % len(base)], None, tile))
+
+    def serial(out: torch.Tensor, i: int) -> None:
+        skinny(out, i)
+        lora.apply(x, weights[i % problem.copies], out)
+
+    def overlap(out: torch.Tensor, i: int) -> None:
+        main = torch.cuda.current_stream(device)
+        side = lora_side_stream(device)
+        delta = torch.empty_like(out)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            delta.zero_()
+            lora.apply(x, weights[i % problem.copies], delta)
+        yy = skinny_linear(x, base[i % len(base)], None, tile)
+        main.wait_stream(side)
+        out.copy_(yy.add_(delta))
+
+    variants: list[tuple[str, Callable[[torch.Tensor, int], None]]] = [
+        ("skinny", skinny), ("skinny+atmm", serial)]
+    if device.type == "cuda":
+        variants.append(("overlap", overlap))
+    return variants
 
 
 def gemm_point(scenario: str, layer: str, layers: dict, device: torch.device, tokens: int,

@@ -27,21 +27,27 @@ step for every layer of the same ranks.
 # mypy: disable-error-code="no-untyped-def"
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
-from decode_experiment import best_columns, check_and_time, gemm_point, run_main, tolerance_of
+from decode_experiment import (
+    best_columns,
+    check_and_time,
+    gemm_baselines,
+    gemm_point,
+    gemm_tiles,
+    run_main,
+    tolerance_of,
+)
 from gemm_expand import _base_part
 
-from valora.layers.lora_overlap import lora_side_stream
 from valora.ops.lora import LoRASlotWeights
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.pdl import pdl_supported
-from valora.ops.skinny_gemm import SkinnyTile, select_skinny_tile, skinny_linear, skinny_tile
+from valora.ops.skinny_gemm import SkinnyTile
 from valora.ops.tile_config import BLOCK_M_CHOICES
 from valora.ops.triton_lora import dot_flags, launch_shrink
 
@@ -171,48 +177,20 @@ def gemm_chunks(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, weights: LoRA
 def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rate: float,
               tokens: int, dtype: torch.dtype) -> dict[str, Any]:
     point = gemm_point(scenario, layer, layers, device, tokens, dtype)
-    problem, lora, base, rounds = point.problem, point.lora, point.base, point.rounds
-    weights, x, y, copies = problem.weights, problem.x, problem.y, problem.copies
-    segments = lora.segments
-    gemm_copies = len(base)
-    tile = (select_skinny_tile(device, tokens, point.out_features, point.in_features,
-                               x.element_size()) if device.type == "cuda" else None)
-    tile = tile or skinny_tile(tokens, point.out_features, point.in_features, x.element_size())
-    assert tile is not None
-    block_n = math.gcd(tile.block_n, *point.widths)
-    gc_tile = SkinnyTile(tile.block_m, block_n, tile.block_k, tile.num_warps, tile.num_stages)
+    problem, lora, base = point.problem, point.lora, point.base
+    weights, x, copies = problem.weights, problem.x, problem.copies
+    tile, gc_tile = gemm_tiles(point, device, tokens, x.element_size())
     block_m = next(m for m in BLOCK_M_CHOICES if m >= tokens)   # one tile per slot
-    lists = {r: [chunk_list(w, segments, block_m, r) for w in weights] for r in BLOCK_RS
+    lists = {r: [chunk_list(w, lora.segments, block_m, r) for w in weights] for r in BLOCK_RS
              if weights[0].max_rank % r == 0}
 
-    def skinny(out: torch.Tensor, i: int) -> None:
-        out.copy_(skinny_linear(x, base[i % gemm_copies], None, tile))
-
-    def serial(out: torch.Tensor, i: int) -> None:
-        skinny(out, i)
-        lora.apply(x, weights[i % copies], out)
-
-    def overlap(out: torch.Tensor, i: int) -> None:
-        main = torch.cuda.current_stream(device)
-        side = lora_side_stream(device)
-        delta = torch.empty_like(out)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            delta.zero_()
-            lora.apply(x, weights[i % copies], delta)
-        yy = skinny_linear(x, base[i % gemm_copies], None, tile)
-        main.wait_stream(side)
-        out.copy_(yy.add_(delta))
-
     def fused(out: torch.Tensor, i: int, block_r: int, stages: int, pdl: bool) -> None:
-        h = launch_shrink(x, weights[i % copies], segments, lora.tiles.shrink, pdl=int(pdl),
-                          pdl_launch=False)
-        out.copy_(gemm_chunks(x, base[i % gemm_copies], h, weights[i % copies], segments,
+        h = launch_shrink(x, weights[i % copies], lora.segments, lora.tiles.shrink,
+                          pdl=int(pdl), pdl_launch=False)
+        out.copy_(gemm_chunks(x, base[i % len(base)], h, weights[i % copies], lora.segments,
                               lists[block_r][i % copies], gc_tile, block_r, stages, pdl))
 
-    variants: list[tuple[str, Any]] = [("skinny", skinny), ("skinny+atmm", serial)]
-    if device.type == "cuda":
-        variants.append(("overlap", overlap))
+    variants = gemm_baselines(point, tile, device)
     choices = ([(16, 2)] if device.type == "cpu" else
                [(r, s) for r in lists for s in STAGES])
     for block_r, stages in choices:
@@ -224,10 +202,10 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
     row["skinny_tile"] = [tile.block_m, tile.block_n, tile.block_k, tile.num_warps,
                           tile.num_stages]
     row["chunks"] = {str(r): int(lists[r][0].count.item()) for r in lists}
-    want = torch.empty_like(y)
-    serial(want, 0)
-    check_and_time(row, variants, y, want, tolerance_of(dtype), "skinny + ATMM", rounds, device,
-                   lambda label: label != "skinny")
+    want = torch.empty_like(problem.y)
+    dict(variants)["skinny+atmm"](want, 0)
+    check_and_time(row, variants, problem.y, want, tolerance_of(dtype), "skinny + ATMM",
+                   point.rounds, device, lambda label: label != "skinny")
     return row
 
 

@@ -37,14 +37,21 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from decode_experiment import best_columns, check_and_time, gemm_point, run_main, tolerance_of
+from decode_experiment import (
+    best_columns,
+    check_and_time,
+    gemm_baselines,
+    gemm_point,
+    gemm_tiles,
+    run_main,
+    tolerance_of,
+)
 
-from valora.layers.lora_overlap import lora_side_stream
 from valora.ops.lora import LoRASlotWeights
 from valora.ops.lora_kernels import gdc_wait
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.pdl import pdl_supported
-from valora.ops.skinny_gemm import SkinnyTile, select_skinny_tile, skinny_linear, skinny_tile
+from valora.ops.skinny_gemm import SkinnyTile
 from valora.ops.skinny_gemm_kernel import skinny_accumulate
 from valora.ops.tile_config import BLOCK_M_CHOICES, ShrinkConfig
 from valora.ops.triton_lora import dot_flags, launch_shrink
@@ -210,68 +217,37 @@ def gemm_expand(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, weights: LoRA
 def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rate: float,
               tokens: int, dtype: torch.dtype) -> dict[str, Any]:
     point = gemm_point(scenario, layer, layers, device, tokens, dtype)
-    problem, lora, base, rounds = point.problem, point.lora, point.base, point.rounds
-    weights, x, y, copies = problem.weights, problem.x, problem.y, problem.copies
+    problem, lora, base = point.problem, point.lora, point.base
+    weights, x, copies = problem.weights, problem.x, problem.copies
     segments, shrink_cfg = lora.segments, lora.tiles.shrink
-    gemm_copies = len(base)
-    tile = (select_skinny_tile(device, tokens, point.out_features, point.in_features,
-                               x.element_size()) if device.type == "cuda" else None)
-    tile = tile or skinny_tile(tokens, point.out_features, point.in_features, x.element_size())
-    assert tile is not None
-    block_n = math.gcd(tile.block_n, *point.widths)
-    ge_tile = SkinnyTile(tile.block_m, block_n, tile.block_k, tile.num_warps, tile.num_stages)
+    tile, ge_tile = gemm_tiles(point, device, tokens, x.element_size())
     block_m = next(m for m in BLOCK_M_CHOICES if m >= tokens)   # one tile per slot
     tiles = segments.tile_list(block_m)
     used = (tiles[0] >= 0).sum().to(torch.int32).view(1)
-    pdl_ok = pdl_supported(device)
-
-    def skinny(out: torch.Tensor, i: int) -> None:
-        out.copy_(skinny_linear(x, base[i % gemm_copies], None, tile))
-
-    def atmm(out: torch.Tensor, i: int) -> None:
-        lora.apply(x, weights[i % copies], out)
-
-    def serial(out: torch.Tensor, i: int) -> None:
-        skinny(out, i)
-        atmm(out, i)
-
-    def overlap(out: torch.Tensor, i: int) -> None:
-        main = torch.cuda.current_stream(device)
-        side = lora_side_stream(device)
-        delta = torch.empty_like(out)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            delta.zero_()
-            atmm(delta, i)
-        yy = skinny_linear(x, base[i % gemm_copies], None, tile)
-        main.wait_stream(side)
-        out.copy_(yy.add_(delta))
 
     def fused(out: torch.Tensor, i: int, group: int, stages: int, block_r: int,
               pdl: bool) -> None:
         cfg: ShrinkConfig = shrink_cfg
         h = launch_shrink(x, weights[i % copies], segments, cfg, pdl=int(pdl), pdl_launch=False)
-        out.copy_(gemm_expand(x, base[i % gemm_copies], h, weights[i % copies], segments, tiles,
+        out.copy_(gemm_expand(x, base[i % len(base)], h, weights[i % copies], segments, tiles,
                               used, ge_tile, block_r, stages, pdl, group))
 
-    variants: list[tuple[str, Any]] = [("skinny", skinny), ("skinny+atmm", serial)]
-    if device.type == "cuda":
-        variants.append(("overlap", overlap))
+    variants = gemm_baselines(point, tile, device)
     rank_block = max(16, 1 << (weights[0].max_rank - 1).bit_length())
     for group, stages in CHOICES:
         block_r = rank_block if group else 16
-        for pdl in (False, True) if pdl_ok else (False,):
+        for pdl in (False, True) if pdl_supported(device) else (False,):
             name = "pdl" if pdl else "shrink+ge"
             variants.append((f"{name} g{group} s{stages}", lambda out, i, g=group, s=stages,
                              r=block_r, p=pdl: fused(out, i, g, s, r, p)))
     row = point.row(scenario, layer, tokens, rate)
     row["skinny_tile"] = [tile.block_m, tile.block_n, tile.block_k, tile.num_warps,
                           tile.num_stages]
-    row["ge_block_n"] = block_n
-    want = torch.empty_like(y)
-    serial(want, 0)
-    check_and_time(row, variants, y, want, tolerance_of(dtype), "skinny + ATMM", rounds, device,
-                   lambda label: label != "skinny")
+    row["ge_block_n"] = ge_tile.block_n
+    want = torch.empty_like(problem.y)
+    dict(variants)["skinny+atmm"](want, 0)
+    check_and_time(row, variants, problem.y, want, tolerance_of(dtype), "skinny + ATMM",
+                   point.rounds, device, lambda label: label != "skinny")
     return row
 
 

@@ -138,3 +138,18 @@ def build_forward_batch(
     batch = ForwardBatch(input_ids=large[1], positions=large[2], attn=attn,
                          logits_indices=large[3])
     return batch, StepLayout(ranges, sampling_rows, pending), image_rows, token_slots
+
+
+def fill_pending_tokens(input_ids: torch.Tensor, pending: list[tuple[int, str]],
+                        rows: dict[str, int], sampled: torch.Tensor) -> None:
+    """Write the ``pending`` input tokens (``StepLayout.pending``) into ``input_ids`` from the
+    step in flight's sampled ids (``sampled``, row ``rows[request id]``), on the device: no host
+    wait. A request without a row there is an error."""
+    missing = [rid for _, rid in pending if rid not in rows]
+    if missing:
+        raise RuntimeError(f"input tokens of {missing} are pending but the step in flight "
+                           "does not sample them")
+    flat, source = upload_ints(torch.int64, [[i for i, _ in pending],
+                                             [rows[rid] for _, rid in pending]],
+                               input_ids.device)
+    input_ids.index_copy_(0, flat, sampled.index_select(0, source))

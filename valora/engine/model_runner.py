@@ -6,7 +6,7 @@ the Triton attention backend, a ``CudaGraphRunner`` that replays decode steps.
 
 Graph use: ``enable_cuda_graphs`` (called once the KV caches are bound, i.e. right after
 construction) captures decode graphs over batch-size buckets, ``enable_piecewise_graphs`` the
-row-wise pieces of other steps over token-count buckets; ``execute`` runs a step through
+row-wise pieces of other steps over token-count buckets; ``launch`` runs a step through
 ``graphs.run`` when ``graphs.can_run(batch)`` (every sequence decodes one token, no image rows,
 a captured bucket and LoRA variant exist), else through ``piecewise.run`` when that can serve
 it (pieces replayed around eager attention), else eagerly through ``model.forward``. All paths
@@ -19,70 +19,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from valora.engine.batch_builder import ImageRows, build_forward_batch, upload_ints
+from valora.engine.batch_builder import (
+    ImageRows,
+    build_forward_batch,
+    fill_pending_tokens,
+    upload_ints,
+)
 from valora.engine.cuda_graph import CudaGraphRunner, capture_decode_graphs
 from valora.engine.image_cache import ImageEmbeddingCache, step_image_embeddings
 from valora.engine.memory_plan import profiling_batch
 from valora.engine.piecewise_graphs import PiecewiseGraphRunner, capture_piecewise_graphs
-from valora.engine.sampler import SampledTokens, SamplingRow, launch_sample, make_generator
+from valora.engine.sampler import SamplingRow, launch_sample, make_generator
 from valora.engine.scheduler_output import ScheduledRequest
+from valora.engine.step_result import LaunchedStep, LoRAStepPlan, StepResult
 from valora.engine.step_trace import StepRecord, lora_ops
 from valora.engine.vision_graphs import VisionGraphRunner
 from valora.forward_batch import ForwardBatch
 from valora.logger import get_logger
 from valora.ops.lora import LoRABatch, prepare_lora_batch
-from valora.outputs import TokenLogprob
 from valora.request import Request
 
 logger = get_logger(__name__)
-
-
-@dataclass
-class StepResult:
-    """What a step produced: a token (and maybe logprobs) for each request that sampled, and the
-    trailing prompt hidden states of task-head requests whose prefill completed."""
-
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
-    head_hidden: dict[str, torch.Tensor] = field(default_factory=dict)
-    seconds: float = 0.0
-    """Host wall time of the step (as ``StepRecord.seconds``: GPU time included when it sampled)."""
-    graphed: bool = False
-    """Whether a CUDA graph replay ran the forward."""
-
-
-@dataclass
-class LaunchedStep:
-    """A step whose forward and sampling are launched and whose tokens are not read yet
-    (``ModelRunner.launch``; ``ModelRunner.finish`` reads them)."""
-
-    started: float
-    graphed: bool
-    num_rows: int
-    num_tokens: int
-    lora_ops: int
-    mode: str
-    result: StepResult = field(default_factory=StepResult)
-    sampling: list[Request] = field(default_factory=list)
-    """The requests that sample, in the sampled tokens' row order."""
-    sampled: SampledTokens | None = None
-
-    def token_rows(self) -> dict[str, int]:
-        """Request id → its row in ``sampled.chosen``."""
-        return {request.request_id: i for i, request in enumerate(self.sampling)}
-
-
-@dataclass
-class LoRAStepPlan:
-    """Per-token LoRA slots for this step (see ``valora.orchestrator.modes``)."""
-
-    token_slots: list[int]
-    correction_slots: list[int] | None = None
 
 
 class ModelRunner:
@@ -232,35 +193,6 @@ class ModelRunner:
         self._head_hidden.pop(request_id, None)
 
     @torch.inference_mode()
-    def execute(
-        self,
-        scheduled: Sequence[ScheduledRequest],
-        page_table_of: Callable[[str], list[int]],
-        slot_of: Callable[[Request], int],
-        head_tokens_of: Callable[[Request], int],
-        plan_lora: Callable[[list[int]], LoRAStepPlan] | None = None,
-        wait_slots: Callable[[list[int]], None] | None = None,
-        mode: str = "",
-        while_device_runs: Callable[[], None] | None = None,
-    ) -> StepResult:
-        """Run the model over ``scheduled`` and sample; K/V of the new tokens are written in place.
-        ``mode``: the weights' mode the step runs under (recorded in the step trace).
-
-        ``wait_slots`` is called with the LoRA slots the step reads before anything is launched
-        (the adapter manager orders the stream after their pending prefetches).
-        ``while_device_runs`` is called once: in a decode-graph replay, after the step's sampling
-        is launched and before the host waits for its tokens, so it overlaps the replay; in any
-        other step (eager or piecewise), before the forward is launched — those steps are
-        host-bound (launching their kernels takes about as long as running them), so calling it
-        after the launch would delay its outputs by the whole step and overlap little (H200
-        serving A/B, session 11). Its host time is part of the step's measured seconds.
-        ``launch`` + ``finish``."""
-        step = self.launch(scheduled, page_table_of, slot_of, head_tokens_of, plan_lora,
-                           wait_slots, mode, while_device_runs)
-        if step.graphed and while_device_runs is not None:
-            while_device_runs()
-        return self.finish(step)
-
     def launch(
         self,
         scheduled: Sequence[ScheduledRequest],
@@ -276,14 +208,20 @@ class ModelRunner:
         """Launch the step's forward and sampling without waiting for them (``finish`` reads the
         tokens). Input tokens still pending in the requests (``PENDING_TOKEN``) are taken on the
         device from ``pending``'s sampled tokens — the step launched before this one and not yet
-        finished; without it such a token is an error. ``before_eager`` as ``execute``'s
-        ``while_device_runs`` for steps no decode graph serves."""
+        finished; without it such a token is an error. ``wait_slots`` is called with the LoRA
+        slots the step reads before anything is launched (the adapter manager orders the stream
+        after their pending prefetches); ``before_eager`` runs first when no decode graph serves
+        the step (``EngineParts.execute``); ``mode`` (the weights' mode) goes to the step trace.
+        K/V of the new tokens are written in place."""
         started = time.perf_counter()
         batch, layout, image_rows, token_slots = build_forward_batch(
             scheduled, page_table_of, self.page_size, slot_of, self.device
         )
         if layout.pending:
-            self._fill_pending(batch, layout.pending, pending)
+            if pending is None or pending.sampled is None:
+                raise RuntimeError("input tokens are pending but no step in flight samples them")
+            fill_pending_tokens(batch.input_ids, layout.pending, pending.token_rows(),
+                                pending.sampled.chosen)
         self._attach_lora(batch, token_slots, plan_lora, wait_slots)
         self._attach_images(batch, image_rows)
         hidden, graphed = self._forward(batch, before_eager)
@@ -328,19 +266,6 @@ class ModelRunner:
             trace.append(StepRecord(step.started, elapsed, step.graphed, step.num_rows,
                                     step.num_tokens, step.lora_ops, step.mode))
         return result
-
-    def _fill_pending(self, batch: ForwardBatch, pending: list[tuple[int, str]],
-                      previous: LaunchedStep | None) -> None:
-        """Write the pending input tokens' ids into ``batch.input_ids`` from the step in flight's
-        sampled tokens, on the device (no host wait)."""
-        rows = previous.token_rows() if previous is not None else {}
-        missing = [rid for _, rid in pending if rid not in rows]
-        if missing or previous is None or previous.sampled is None:
-            raise RuntimeError(f"input tokens of {missing or [r for _, r in pending]} are "
-                               "pending but no step in flight samples them")
-        flat, source = upload_ints(torch.int64, [[i for i, _ in pending],
-                                                 [rows[rid] for _, rid in pending]], self.device)
-        batch.input_ids.index_copy_(0, flat, previous.sampled.chosen.index_select(0, source))
 
     def enable_step_trace(self, limit: int = 100_000) -> list[StepRecord]:
         """Record every step from now on (the oldest half dropped past ``limit``); returns the

@@ -24,10 +24,11 @@ from valora.engine.detokenizer import IncrementalDetokenizer
 from valora.engine.inputs import InputProcessor, ModelLimits
 from valora.engine.memory_plan import MemoryPlan, weight_and_slot_bytes
 from valora.engine.mode_controller import ModeController, build_switcher, merging_policy
-from valora.engine.model_runner import LaunchedStep, LoRAStepPlan, ModelRunner, StepResult
+from valora.engine.model_runner import ModelRunner
 from valora.engine.policy import get_policy
 from valora.engine.scheduler import Scheduler
 from valora.engine.scheduler_output import SchedulerOutput
+from valora.engine.step_result import LaunchedStep, LoRAStepPlan, StepResult
 from valora.engine.vision_graphs import images_per_step
 from valora.engine.warm_up import warm_up_base_gemm, warm_up_lora
 from valora.errors import InvalidAdapterError, InvalidRequestError, ValoraError
@@ -157,8 +158,18 @@ class EngineParts:
         scheduled: SchedulerOutput,
         while_device_runs: Callable[[], None] | None = None,
     ) -> StepResult:
-        """Run the step and read its tokens (``ModelRunner.execute``)."""
-        return self.runner.execute(scheduled.scheduled, *self._step_hooks(), while_device_runs)
+        """Run the step and read its tokens (``ModelRunner.launch`` + ``finish``).
+        ``while_device_runs`` is called once: in a decode-graph replay, after the step's sampling
+        is launched and before the host waits for its tokens, so it overlaps the replay; in any
+        other step (eager or piecewise), before the forward is launched — those steps are
+        host-bound (launching their kernels takes about as long as running them), so calling it
+        after the launch would delay its outputs by the whole step and overlap little (H200
+        serving A/B, session 11). Its host time is part of the step's measured seconds."""
+        step = self.runner.launch(scheduled.scheduled, *self._step_hooks(),
+                                  before_eager=while_device_runs)
+        if step.graphed and while_device_runs is not None:
+            while_device_runs()
+        return self.runner.finish(step)
 
     def launch(self, scheduled: SchedulerOutput, pending: LaunchedStep | None = None
                ) -> LaunchedStep:
