@@ -66,3 +66,22 @@ def test_few_adapter_flags_parse_and_validate() -> None:
             LoRAConfig(few_adapter_buckets=bad)
     with pytest.raises(InvalidRequestError, match="few_adapter_max"):
         LoRAConfig(few_adapter_max=-1)
+
+
+def test_async_scheduling_flag_takes_auto() -> None:
+    """``--async-scheduling`` is a boolean or ``auto`` (the config's ``None``: on for CUDA
+    engines); ``--help`` shows ``auto`` as its default."""
+    parse = build_parser().parse_args
+    assert "async_scheduling" not in engine_kwargs(parse(["generate", "hi"]))
+    assert "async_scheduling" not in engine_kwargs(
+        parse(["generate", "hi", "--async-scheduling", "AUTO"]))
+    assert engine_kwargs(parse(["generate", "hi", "--async-scheduling", "off"])
+                         )["async_scheduling"] is False
+    assert engine_kwargs(parse(["generate", "hi", "--async-scheduling", "true"])
+                         )["async_scheduling"] is True
+    with pytest.raises(SystemExit):
+        parse(["generate", "hi", "--async-scheduling", "sometimes"])
+    generate = next(a for a in build_parser()._subparsers._group_actions[0].choices.items()
+                    if a[0] == "generate")[1]
+    helps = {a.dest: a.help for a in generate._actions}
+    assert helps["async_scheduling"].endswith("(default: auto)")

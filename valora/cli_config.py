@@ -32,12 +32,19 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
+def _parse_optional_bool(text: str) -> bool | None:
+    """A boolean, or ``auto`` for ``None`` (the field decides by itself)."""
+    return None if text.lower() == "auto" else _parse_bool(text)
+
+
 def _flag_type(annotation: Any) -> tuple[Any, list[Any] | None]:
     """Map a field annotation to an argparse ``type`` and optional ``choices``."""
     origin = get_origin(annotation)
     args = [a for a in get_args(annotation) if a is not type(None)]
     if origin is typing.Literal:
         return str, list(args)
+    if origin is not None and args == [bool]:  # bool | None: None is "auto"
+        return _parse_optional_bool, None
     if origin is not None and args:  # Optional[X] / X | None
         return _flag_type(args[0])
     if annotation is bool:
@@ -74,13 +81,14 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
                 continue
             flag_type, choices = _flag_type(hints[field.name])
             default = field.default if field.default is not dataclasses.MISSING else None
+            shown = "auto" if flag_type is _parse_optional_bool and default is None else default
             group.add_argument(
                 f"--{field.name.replace('_', '-')}",
                 dest=field.name,
                 type=flag_type,
                 choices=choices,
                 default=default,
-                help=f"{described.get(field.name, '')} (default: {default})".lstrip(),
+                help=f"{described.get(field.name, '')} (default: {shown})".lstrip(),
             )
     parser.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)"

@@ -44,10 +44,10 @@ def run_once(llm: LLM, rows: int, tokens: int, adapters: list[str], asynchronous
     engine = llm.engine
     assert not engine.requests and not engine._deferred and engine._in_flight is None, \
         "the engine must be idle"
-    if mode == "outputs":
-        engine._async_outputs = asynchronous
+    if mode == "outputs":  # against the synchronous order (async scheduling is CUDA's default)
+        engine._async_outputs, engine._async_scheduling = asynchronous, False
     else:
-        engine._async_scheduling = asynchronous
+        engine._async_outputs, engine._async_scheduling = False, asynchronous
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     requests: list[Any] = [
         {"prompt": f"USER: question number {i} about the picture ASSISTANT:",

@@ -11,6 +11,7 @@ no placeholder in any output; pages, pins and per-request state all come back.""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from valora.errors import EngineDeadError, ValoraError
 from valora.request import PENDING_TOKEN
 
 
-def _llm(tiny_llava: Path, tiny_adapters: dict[str, Path], async_scheduling: bool,
+def _llm(tiny_llava: Path, tiny_adapters: dict[str, Path], async_scheduling: bool | None,
          num_pages: int = 96) -> LLM:
     return LLM(model=str(tiny_llava), dtype="float32", device="cpu", num_pages=num_pages,
                page_size=8, max_loras=2, max_lora_rank=64, max_num_seqs=3,
@@ -34,7 +35,10 @@ def _llm(tiny_llava: Path, tiny_adapters: dict[str, Path], async_scheduling: boo
 
 @pytest.fixture(scope="module")
 def pair(tiny_llava: Path, tiny_adapters: dict[str, Path]) -> tuple[LLM, LLM]:
-    return (_llm(tiny_llava, tiny_adapters, False), _llm(tiny_llava, tiny_adapters, True))
+    """The synchronous engine (the CPU's default) and the asynchronous one."""
+    sync, async_ = _llm(tiny_llava, tiny_adapters, None), _llm(tiny_llava, tiny_adapters, True)
+    assert not sync.engine.async_scheduling and async_.engine.async_scheduling
+    return sync, async_
 
 
 def _assert_clean(llm: LLM) -> None:
@@ -101,6 +105,25 @@ def test_each_call_returns_the_step_before_and_length_ends_run_no_extra_row(
         _assert_clean(llm)
     assert runs[0] == ([[1], [2], [3], [4], [5]], 5)
     assert runs[1] == ([[], [1], [2], [3], [4], [5]], 5)
+
+
+def test_step_seconds_do_not_overlap(pair: tuple[LLM, LLM]) -> None:
+    """A step launched before the previous one was read is charged from that read on (the
+    device ran the previous step until then): the trace's steps follow one another, so their
+    seconds add up to at most the wall time — what the mode policy's calibration learns from."""
+    for llm in pair:
+        runner = llm.engine.parts.runner
+        trace = runner.enable_step_trace()
+        start = len(trace)
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        llm.generate(PROMPTS[:2], params)
+        records = trace[start:]
+        assert len(records) >= 6
+        for before, after in itertools.pairwise(records):
+            assert after.start_s >= before.start_s + before.seconds - 1e-9
+        assert all(r.seconds > 0 for r in records)
+        runner.step_trace = None
+        _assert_clean(llm)
 
 
 def test_a_stop_id_ends_the_request_after_one_dropped_row(pair: tuple[LLM, LLM]) -> None:
@@ -202,3 +225,15 @@ def test_a_device_fault_read_with_a_step_in_flight_marks_the_engine_dead(
 def test_both_async_modes_at_once_are_refused() -> None:
     with pytest.raises(ValoraError, match="async_scheduling and async_output_processing"):
         SchedulerConfig(async_scheduling=True, async_output_processing=True)
+
+
+def test_auto_is_on_for_cuda_only() -> None:
+    """``async_scheduling=None`` (the default): on for a CUDA engine unless asynchronous output
+    processing is asked for, off on the CPU (where nothing overlaps); an explicit value wins."""
+    auto = SchedulerConfig()
+    assert auto.async_scheduling is None
+    assert auto.resolved_async_scheduling("cuda") and not auto.resolved_async_scheduling("cpu")
+    outputs = SchedulerConfig(async_output_processing=True)
+    assert not outputs.resolved_async_scheduling("cuda")
+    assert SchedulerConfig(async_scheduling=True).resolved_async_scheduling("cpu")
+    assert not SchedulerConfig(async_scheduling=False).resolved_async_scheduling("cuda")

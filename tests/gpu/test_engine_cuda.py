@@ -102,6 +102,7 @@ def test_fp32_engine_greedy_tokens_match_cpu(
     gpu = make_llm(tiny_llava, adapters, "cuda", "float32", num_pages=None,
                    memory_fraction=round(fraction, 4))
     parts = gpu.engine.parts
+    assert gpu.engine.async_scheduling  # the default on CUDA (SchedulerConfig)
     assert parts.runner.graphs is not None and parts.runner.graphs.captured
     assert parts.memory_plan is not None
     assert parts.memory_plan.num_pages == parts.runner.num_pages >= 2
@@ -122,16 +123,18 @@ def test_fp32_engine_greedy_tokens_match_cpu(
     del eager
 
 
-def test_async_scheduling_on_cuda_gives_the_cpu_tokens(
+def test_synchronous_scheduling_on_cuda_gives_the_cpu_tokens(
     tiny_llava: Path, adapters: dict[str, Path]
 ) -> None:
-    """Asynchronous scheduling with decode graphs: the next step's input ids come from the
-    step in flight's sampled tokens on the device (pinned, event-guarded reads)."""
+    """The synchronous order on CUDA (``async_scheduling=False``; asynchronous is the default
+    there and runs in the other tests): each step's tokens are read before the next is
+    scheduled, through the same pinned, event-guarded reads."""
     params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in
             generate(make_llm(tiny_llava, adapters, "cpu", "float32"), params)]
     torch.cuda.empty_cache()
-    llm = make_llm(tiny_llava, adapters, "cuda", "float32", async_scheduling=True)
+    llm = make_llm(tiny_llava, adapters, "cuda", "float32", async_scheduling=False)
+    assert not llm.engine.async_scheduling
     assert [o.outputs[0].token_ids for o in generate(llm, params)] == want
     assert llm.engine.parts.runner.num_graph_steps >= STEPS - 2
     assert not llm.engine.has_unfinished_requests()

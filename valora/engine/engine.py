@@ -73,7 +73,8 @@ class LLMEngine(AsyncScheduling):
         # processing); never one that ends its request by a token-level check.
         self._deferred: list[tuple[Request, int]] = []
         self._async_outputs = config.scheduler.async_output_processing
-        self._async_scheduling = config.scheduler.async_scheduling
+        self._async_scheduling = config.scheduler.resolved_async_scheduling(
+            self.parts.device.type)
         self._in_flight = None
         self.output_sink: Callable[[list[RequestOutput]], None] | None = None
         """Receives the deferred half's outputs as soon as they are built (module docstring)."""
@@ -81,6 +82,12 @@ class LLMEngine(AsyncScheduling):
         self.dead_reason: str | None = None
         self.num_steps = 0
         self.num_preemptions = 0
+
+    @property
+    def async_scheduling(self) -> bool:
+        """Whether ``step`` schedules asynchronously (``SchedulerConfig.async_scheduling``
+        resolved for this engine's device)."""
+        return self._async_scheduling
 
     # ----- requests -------------------------------------------------------------------------
     def add_request(self, spec: GenerateRequest) -> Request:

@@ -95,6 +95,7 @@ class ModelRunner:
         self.num_graph_steps = 0
         self.num_eager_steps = 0
         self.graph_seconds = 0.0
+        self._last_finish = 0.0  # perf_counter() when the last step's tokens were read
         self.eager_seconds = 0.0
         self.eager_tokens = 0
         self.graph_rows = 0
@@ -250,8 +251,13 @@ class ModelRunner:
                 if logprob is not None:
                     result.logprobs[request.request_id] = logprob
         # Host wall time of the step; sampling reads the tokens back, so it includes the GPU's
-        # time too (a step that samples nothing is charged to the next one that does).
-        elapsed = time.perf_counter() - step.started
+        # time too (a step that samples nothing is charged to the next one that does). Under
+        # asynchronous scheduling a step is launched before the previous one is read: it is
+        # charged from that read on (the device ran the previous step until then), so the
+        # seconds of consecutive steps add up to the wall time, as in the synchronous order.
+        now = time.perf_counter()
+        charged_from = max(step.started, self._last_finish)
+        elapsed, self._last_finish = now - charged_from, now
         result.seconds, result.graphed = elapsed, step.graphed
         if step.graphed:
             self.graph_seconds += elapsed
@@ -263,7 +269,7 @@ class ModelRunner:
         if trace is not None:
             if len(trace) >= self._trace_limit:
                 del trace[: len(trace) // 2]
-            trace.append(StepRecord(step.started, elapsed, step.graphed, step.num_rows,
+            trace.append(StepRecord(charged_from, elapsed, step.graphed, step.num_rows,
                                     step.num_tokens, step.lora_ops, step.mode))
         return result
 

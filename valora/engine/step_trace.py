@@ -11,7 +11,8 @@ from valora.forward_batch import ForwardBatch
 @dataclass(frozen=True)
 class StepRecord:
     """One executed step, as ``ModelRunner.enable_step_trace`` records it: host clock at its
-    start (``time.perf_counter``), host wall seconds (tokens read back: GPU time included),
+    start (``time.perf_counter``; under asynchronous scheduling, when the step before it was
+    read, if later than its launch), host wall seconds (tokens read back: GPU time included),
     whether a CUDA graph ran it, its rows and tokens, and LoRA ops per linear (0: none — base rows
     or merged mode; 1: unmerged, or mixed with the correction fused; 2: mixed, two ops)."""
 
