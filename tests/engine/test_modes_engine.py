@@ -12,20 +12,8 @@ from PIL import Image
 from valora import LLM, SamplingParams
 from valora.layers import lora_overlap
 from valora.orchestrator import policies
-from valora.orchestrator.modes import Mode, ModeState
-from valora.orchestrator.queue_view import ModeDecision, QueueView
-
-
-class AlwaysMixed:
-    """Test policy: keep r16 merged and run everything else on top (exercises mixed mode)."""
-
-    name = "test-always-mixed"
-
-    def __init__(self, **_: object) -> None:
-        pass
-
-    def decide(self, view: QueueView, state: ModeState, now: float) -> ModeDecision:
-        return ModeDecision(Mode.MIXED, "r16", admitted=tuple(r.request_id for r in view.waiting))
+from valora.orchestrator.modes import Mode
+from valora.testing.policies import AlwaysMixed
 
 
 @pytest.fixture(autouse=True)
