@@ -38,6 +38,7 @@ def pair(tiny_llava: Path, tiny_adapters: dict[str, Path]) -> tuple[LLM, LLM]:
     """The synchronous engine (the CPU's default) and the asynchronous one."""
     sync, async_ = _llm(tiny_llava, tiny_adapters, None), _llm(tiny_llava, tiny_adapters, True)
     assert not sync.engine.async_scheduling and async_.engine.async_scheduling
+    assert async_.engine.stats()["async_scheduling"] is True
     return sync, async_
 
 

@@ -385,5 +385,6 @@ class LLMEngine(AsyncScheduling):
         return self.dead_reason is None
 
     def stats(self) -> dict[str, Any]:
-        return {**self.parts.stats(), "num_preemptions": self.num_preemptions}
+        return {**self.parts.stats(), "num_preemptions": self.num_preemptions,
+                "async_scheduling": self.async_scheduling}
 
