@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mixed_requests import PROMPTS, logprob_values, mixed_requests, summary
 from PIL import Image
 
 from valora import LLM, SamplingParams
 from valora.engine.inputs import GenerateRequest
 from valora.outputs import RequestOutput
+from valora.testing.mixed_requests import PROMPTS, logprob_values, mixed_requests, summary
 
 
 def _llm(tiny_llava: Path, tiny_adapters: dict[str, Path], async_outputs: bool) -> LLM:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mixed_requests import PROMPTS, logprob_values, mixed_requests, summary
 from PIL import Image
 
 from valora import LLM, SamplingParams
@@ -24,6 +23,7 @@ from valora.config import SchedulerConfig
 from valora.engine.inputs import GenerateRequest
 from valora.errors import EngineDeadError, ValoraError
 from valora.request import PENDING_TOKEN
+from valora.testing.mixed_requests import PROMPTS, logprob_values, mixed_requests, summary
 
 
 def _llm(tiny_llava: Path, tiny_adapters: dict[str, Path], async_scheduling: bool | None,

@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from valora.testing.checkpoints import TinySpec, build_tiny_llava
+from valora.testing.checkpoints import TinySpec, build_tiny_adapter, build_tiny_llava
 
 
 @pytest.fixture(autouse=True)
@@ -42,3 +42,18 @@ def exact_fp32() -> Iterator[None]:
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LLaVA (GQA 4 query / 2 KV heads, head_dim 16, llama3 RoPE)."""
     return build_tiny_llava(tmp_path_factory.mktemp("gpu_tiny_llava"), TinySpec(seed=11))
+
+
+ADAPTER_RANKS = {"r4": 4, "r8": 8, "r16": 16}
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three adapters of ``tiny_llava`` (ranks 4 / 8 / 16, large enough to move its tokens) for
+    the engine tests on CUDA."""
+    root = tmp_path_factory.mktemp("engine_cuda_adapters")
+    return {
+        name: build_tiny_adapter(tiny_llava, root / name, rank, alpha=1.5 * rank,
+                                 seed=200 + i, std=0.15)
+        for i, (name, rank) in enumerate(ADAPTER_RANKS.items())
+    }

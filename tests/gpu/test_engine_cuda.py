@@ -19,25 +19,13 @@ from PIL import Image
 
 from valora import LLM, SamplingParams
 from valora.engine import model_runner
-from valora.testing.checkpoints import build_tiny_adapter
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_fp32")]
 
 STEPS = 32
 PROMPT_IMAGE = "USER: <image>\nDescribe the image. ASSISTANT:"
 PROMPT_TEXT = "USER: What is the answer? ASSISTANT:"
-ADAPTER_RANKS = {"r4": 4, "r8": 8, "r16": 16}
 _LAUNCH_SAMPLE = model_runner.launch_sample  # the real sampler (recorders replace the name)
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("engine_cuda_adapters")
-    return {
-        name: build_tiny_adapter(tiny_llava, root / name, rank, alpha=1.5 * rank,
-                                 seed=200 + i, std=0.15)
-        for i, (name, rank) in enumerate(ADAPTER_RANKS.items())
-    }
 
 
 def requests() -> list[dict[str, Any]]:

@@ -16,7 +16,6 @@ from PIL import Image
 
 from valora import LLM, SamplingParams
 from valora.orchestrator import policies
-from valora.testing.checkpoints import build_tiny_adapter
 from valora.testing.policies import AlwaysMixed
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_fp32")]
@@ -28,14 +27,6 @@ ADAPTERS = ["r16", "r16", "r4", "r16", None, "r16", "r8", "r16", "r4", "r16"]
 @pytest.fixture(autouse=True)
 def _always_mixed_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(policies._REGISTRY, AlwaysMixed.name, AlwaysMixed)
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("modes_cuda_adapters")
-    return {name: build_tiny_adapter(tiny_llava, root / name, rank, alpha=1.5 * rank,
-                                     seed=300 + i, std=0.15)
-            for i, (name, rank) in enumerate({"r4": 4, "r8": 8, "r16": 16}.items())}
 
 
 def _requests() -> list[dict[str, Any]]:

@@ -9,7 +9,8 @@ from typing import Any
 
 from PIL import Image
 
-from valora import LLM, SamplingParams
+from valora import SamplingParams
+from valora.engine.llm import LLM
 from valora.outputs import RequestOutput
 
 PROMPTS = ["USER: tell me a story ASSISTANT:", "USER: stop ASSISTANT:", "USER: list ASSISTANT:"]
