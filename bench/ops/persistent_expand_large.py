@@ -14,6 +14,10 @@ while the current one computes; at decode sizes it lost (too few items a program
 prologue). Predicted here: with thousands of items a program sees 10–100 of them, and the rank-64
 expands move toward the rank-16 ones' 1.3–1.4× their floor.
 
+(Its kernel is the shipped one since session 17: ``valora.ops.lora_expand_persistent``, chosen
+by the tuner for large buckets; the measurement below ran this script's own copy, identical but
+for the scale multiplier and the one-plane ``SPLIT_K``.)
+
 Per point (LLaVA-1.5-7B widths, bf16, rank-major ``B``, tokens spread over the adapters as in the
 grid): the shipped shrink gives ``h`` (the table's tiles and split-K), the shipped expand
 (``shipped``, the table's tiles) gives the reference, then each persistent variant (tile ×
@@ -87,18 +91,16 @@ def run_point(tokens: int, layer: str, kind: str, device: torch.device, rate: fl
                  "table_source": source, "expand": config.expand.__dict__,
                  "split_k": int(h.shape[0]), "floor_us": nbytes / rate * 1e6, "us": {},
                  "errors": {}}
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
     variants = [("shipped", lambda out: launch_expand(h, out, weights, segments, config.expand,
                                                       1.0))]
     grid = ([(TILES[0], 1, 2)] if tiny else
             [(t, p, s) for t in TILES for p in PROGRAMS_PER_SM for s in STAGES])
     for (m, n, k, w), per_sm, stages in grid:
         cfg = ExpandConfig(m if not tiny else 16, n if not tiny else 32, k if not tiny else 16,
-                           w, stages)
+                           w, stages, persistent=per_sm)
         variants.append((f"persistent {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{w} "
                          f"p{per_sm} s{stages}",
-                         lambda out, c=cfg, p=per_sm * sms, s=stages: launch_persistent(
-                             h, out, weights, segments, c, p, s)))
+                         lambda out, c=cfg: launch_persistent(h, out, weights, segments, c)))
     for label, launch in variants:
         out = y.clone()
         try:

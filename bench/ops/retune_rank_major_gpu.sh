@@ -7,7 +7,10 @@
 # prefill sizes 128-16384 and ranks 16 / 64, where calls are frequent and the re-tune paid
 # 1-3 %), then, with GRID=1, the 300-point grid (≈ 4 min; carry .peers, extracted with
 # `extract.sh .peers/vllm`). Afterwards: cp $files_at/r/NVIDIA_H200.json valora/ops/tables/
-#   SHA=<tree> OUT=... [TUNE_S=...] [GRID=1] bash bench/ops/retune_rank_major_gpu.sh
+# NO_RESUME=1 re-tunes the chosen buckets even where they are rank-major-tuned already: session
+# 17's persistent expand (ExpandConfig.persistent) is a candidate only for buckets of >= 8192
+# tokens, so `NO_RESUME=1 TOKENS=16384 RANKS=64,128` lets the table take it where it wins.
+#   SHA=<tree> OUT=... [TUNE_S=...] [GRID=1] [NO_RESUME=1] bash bench/ops/retune_rank_major_gpu.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 SHA=${SHA:-unknown}
@@ -16,7 +19,7 @@ TABLE=valora/ops/tables/NVIDIA_H200.json
 TUNE_S=${TUNE_S:-420}
 VALORA_LORA_B_LAYOUT=rank timeout $((TUNE_S + 60)) python3 -m valora.ops.tuning \
   --tokens "${TOKENS:-128,256,512,1024,2048,4096,16384}" --ranks "${RANKS:-16,64}" \
-  --time-budget "$TUNE_S" 2>&1 | tr '\r' '\n' | tail -n 5 > "$R/tune_log.txt"
+  --time-budget "$TUNE_S" ${NO_RESUME:+--no-resume} 2>&1 | tr '\r' '\n' | tail -n 5 > "$R/tune_log.txt"
 cp "$TABLE" "$R/NVIDIA_H200.json"
 if [ "${GRID:-0}" = 1 ]; then
   timeout 270 python3 bench/ops/bench_lora_ops.py --out "$R/lora_ops.jsonl" --time-budget 240 \

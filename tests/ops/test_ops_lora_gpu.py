@@ -2,7 +2,7 @@
 
 CUDA-graph capture and replay with new slots written in place; the bigger bf16 grid at real
 layer widths with relative error ≤ 1e-2 against the fp32 twin; every tile candidate the tuner may
-put in a table computes the right result; programmatic dependent launches (``VALORA_PDL``, on
+put in a table computes the right result (the persistent expand's too); programmatic dependent launches (``VALORA_PDL``, on
 Hopper GPUs) give bit-identical results to plain ones, eagerly and replayed from a graph of
 chained ops.
 """
@@ -17,7 +17,7 @@ from valora.ops.lora import LoRABatch, lora_apply, prepare_lora_batch
 from valora.ops.lora_problems import make_slot_weights, make_token_slots
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.pdl import PDL_MODES, pdl_levels, pdl_supported, set_pdl
-from valora.ops.tile_candidates import EXPAND_TILES, SHRINK_TILES
+from valora.ops.tile_candidates import EXPAND_TILES, PERSISTENT_TILES, SHRINK_TILES
 from valora.ops.tile_config import ExpandConfig, ShrinkConfig, TileConfig
 from valora.ops.triton_lora import lora_apply_triton
 
@@ -110,6 +110,9 @@ def test_every_tile_candidate_is_correct(in_features: int) -> None:
                for split in (1, 3)]
     configs += [TileConfig(ShrinkConfig(16, 16, 256, 8, 4, 3), ExpandConfig(*e))
                 for e in EXPAND_TILES[len(SHRINK_TILES):]]
+    configs += [TileConfig(ShrinkConfig(16, 16, 256, split, 4, 3),
+                           ExpandConfig(*e[:5], persistent=e[5]))
+                for e in PERSISTENT_TILES for split in (1, 4)]
     for config in configs:
         out = y.clone()
         lora_apply_triton(out, x, weights, batch, 1.0, config=config)

@@ -244,6 +244,18 @@ def _pick(index, v0, v1, v2, v3):
     return tl.where(index == 0, v0, tl.where(index == 1, v1, tl.where(index == 2, v2, v3)))
 
 
+@triton.jit
+def _expand_columns(group, col_block, blocks_1, blocks_2, blocks_3, col_0, col_1, col_2, col_3,
+                    col_4, BLOCK_N: tl.constexpr):
+    """The output columns of column block ``col_block`` of launch-group slice ``group`` (an
+    expand work item) and their in-slice mask."""
+    first_block = _pick(group, 0, blocks_1, blocks_2, blocks_3)
+    col_begin = _pick(group, col_0, col_1, col_2, col_3)
+    col_end = _pick(group, col_1, col_2, col_3, col_4)
+    offs_n = col_begin + (col_block - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_n, offs_n < col_end
+
+
 @triton.jit(do_not_specialize=["tile_stride", "num_col_blocks", "split_k",
                                "blocks_1", "blocks_2", "blocks_3", "slice_base"])
 def lora_expand_kernel(
@@ -306,11 +318,8 @@ def lora_expand_kernel(
             return
         h_width = flat_rank
     scale = tl.load(scales_ptr + own * num_slices + slice_id) * scale_multiplier
-    first_block = _pick(group, 0, blocks_1, blocks_2, blocks_3)
-    col_begin = _pick(group, col_0, col_1, col_2, col_3)
-    col_end = _pick(group, col_1, col_2, col_3, col_4)
-    offs_n = col_begin + (col_block - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < col_end
+    offs_n, n_ok = _expand_columns(group, col_block, blocks_1, blocks_2, blocks_3, col_0, col_1,
+                                   col_2, col_3, col_4, BLOCK_N)
     row_start = tl.load(tiles_ptr + tile_stride + tile)
     num_rows = tl.load(tiles_ptr + 2 * tile_stride + tile)
     offs_m = tl.arange(0, BLOCK_M)

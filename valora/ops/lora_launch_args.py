@@ -59,6 +59,13 @@ def expand_b_layout(weights: LoRASlotWeights, block_k: int) -> dict[str, object]
     return expand_b_mask(weights.max_rank, block_k)
 
 
+def persistent_split_constexpr(split_k: int, cfg: ExpandConfig) -> int:
+    """The persistent expand's ``SPLIT_K`` constexpr (``lora_expand_persistent``): one plane
+    unrolled too — a run-time loop inside its item loop would stop the pipeliner from staging
+    the items — else as ``expand_split_constexpr``."""
+    return 1 if split_k == 1 else expand_split_constexpr(split_k, cfg)
+
+
 UNROLLED_SPLIT_BYTES = 144 << 10
 """Shared memory the expand may spend on staged split-K planes when it unrolls their sum (of the
 ~227 KB an H100 / H200 block may use; B tiles and the pipeline need the rest)."""

@@ -51,7 +51,12 @@ from dataclasses import dataclass
 import torch
 
 from valora.ops.lora import LoRASlotWeights
-from valora.ops.lora_launch_args import expand_split_constexpr, shrink_split, slice_groups
+from valora.ops.lora_launch_args import (
+    expand_split_constexpr,
+    persistent_split_constexpr,
+    shrink_split,
+    slice_groups,
+)
 from valora.ops.tile_config import ADAPTER_BUCKETS, TOKEN_BUCKETS, TileConfig, shape_bucket
 from valora.ops.tile_table import select_tile_config, tile_rank
 
@@ -145,6 +150,10 @@ class ExpandVariant(_TileVariant):
     """The ``CORRECTION`` constexpr."""
     early_y: bool = False
     """The ``EARLY_Y`` constexpr (``ExpandConfig.early_y``)."""
+    persistent: int = 0
+    """> 0: ``lora_expand_persistent_kernel`` instead, with this ``CHUNKS`` constexpr (storage
+    rank over ``block_k``, rounded up; ``triton_lora.persistent_applies``: a ``persistent``
+    config over rank-major ``B`` without correction; ``early_y`` then unused)."""
 
 
 @dataclass(frozen=True)
@@ -181,13 +190,16 @@ def kernel_variants(shape: LoRALayerShape, config: TileConfig, num_tokens: int,
     shrink, expand = config.shrink, config.expand
     split_k, even_k = shrink_split(shape.in_features, shrink)
     stride = int_spec(num_tokens * shape.flat_rank * (2 if correction else 1))
+    persistent = (-(-shape.max_rank // expand.block_k)
+                  if expand.persistent > 0 and shape.b_rank_major and not correction else 0)
     return (
         ShrinkVariant(shape.shrink_spec(), shrink.block_m, shrink.block_n, shrink.block_k,
                       shrink.num_warps, shrink.num_stages, even_k, stride, correction),
         ExpandVariant(shape.expand_spec(), expand.block_m, expand.block_n, expand.block_k,
                       expand.num_warps, expand.num_stages,
-                      expand_split_constexpr(split_k, expand), stride, correction,
-                      expand.early_y),
+                      (persistent_split_constexpr if persistent else expand_split_constexpr)(
+                          split_k, expand), stride, correction,
+                      expand.early_y and not persistent, persistent),
     )
 
 

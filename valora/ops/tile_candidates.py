@@ -52,6 +52,17 @@ late in 154 of 255 such pairs at T ≥ 4096 (late / early time 0.57–2.05), but
 all 18 variants timed at only 2 of 32 points there, by 4–5 %
 (``bench/results/ops/expand-variants-h200-ef1051a/``); the re-tune chose it for 1 of 96
 buckets. A choice per bucket, cheap to offer where a bucket's timings are long anyway."""
+PERSISTENT_MIN_TOKENS = 8192
+"""Buckets from this many tokens also try ``PERSISTENT_TILES`` (``ExpandConfig.persistent``). On
+an H200 at 16384 tokens with rank 64 the persistent expand was 1.04–1.40× faster than the
+one-item kernel with the table's tiles at all eight layer points; at rank 16 and at 4096 tokens
+slower (``bench/results/ops/persistent-expand-large-h200-b33a1a9/``): a choice per bucket."""
+PERSISTENT_TILES: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (128, 256, 32, 8, 2, 1), (128, 256, 32, 8, 3, 1), (64, 128, 64, 4, 3, 2),
+    (64, 128, 32, 4, 3, 2),
+)
+"""``(block_m, block_n, block_k, num_warps, num_stages, programs an SM)``: the best variants of
+that measurement (the first at every 16384-token rank-64 point)."""
 SPLITS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -105,4 +116,9 @@ def expand_candidates(num_tokens: int, max_rank: int, max_slice_width: int, num_
             config = ExpandConfig(block_m, block_n, block_k, warps, stages, early_y)
             if config not in found:
                 found.append(config)
+    persistent = PERSISTENT_TILES if num_tokens >= PERSISTENT_MIN_TOKENS else ()
+    for block_m, block_n, block_k, warps, stages, per_sm in persistent:
+        if block_m <= m_cap and block_n <= n_cap and block_k <= k_cap:
+            found.append(ExpandConfig(block_m, block_n, block_k, warps, stages,
+                                      persistent=per_sm))
     return found

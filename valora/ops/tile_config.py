@@ -48,7 +48,12 @@ class ExpandConfig:
     """Tiles of ``y[rows, cols] += s · Σ_r h[rows, r] · B[slot, cols, r]`` (``block_k``: rank).
 
     ``early_y``: load the ``y`` tile before the rank loop (``lora_kernels.lora_expand_kernel``'s
-    ``EARLY_Y``); left out of the table's JSON when false, so older tables read unchanged."""
+    ``EARLY_Y``). ``persistent`` > 0: launch ``persistent`` programs an SM that loop over the
+    (tile, column block) items, software-pipelined over ``num_stages``
+    (``lora_expand_persistent``), instead of one program an item; it serves rank-major ``B``
+    without the mixed-mode correction, other calls take the one-item kernel with the same tiles
+    (``early_y`` does not apply to it). Both are left out of the table's JSON when unset, so
+    older tables read unchanged."""
 
     block_m: int
     block_n: int
@@ -56,6 +61,7 @@ class ExpandConfig:
     num_warps: int
     num_stages: int
     early_y: bool = False
+    persistent: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,14 +73,16 @@ class TileConfig:
 
     def to_json(self) -> dict[str, dict[str, int]]:
         expand = {key: int(value) for key, value in asdict(self.expand).items()
-                  if key != "early_y" or value}
+                  if key not in ("early_y", "persistent") or value}
         return {"shrink": asdict(self.shrink), "expand": expand}
 
     @classmethod
     def from_json(cls, data: dict[str, dict[str, int]]) -> TileConfig:
         expand = dict(data["expand"])
         early_y = bool(expand.pop("early_y", False))
-        return cls(ShrinkConfig(**data["shrink"]), ExpandConfig(**expand, early_y=early_y))
+        persistent = int(expand.pop("persistent", 0))
+        return cls(ShrinkConfig(**data["shrink"]),
+                   ExpandConfig(**expand, early_y=early_y, persistent=persistent))
 
 
 @dataclass(frozen=True)

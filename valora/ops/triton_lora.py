@@ -59,6 +59,7 @@ import torch
 from valora.errors import ValoraError
 from valora.ops.launch import launcher
 from valora.ops.lora import LoRABatch, LoRASlotWeights
+from valora.ops.lora_expand_persistent import launch_expand_persistent
 from valora.ops.lora_kernels import lora_expand_kernel, lora_shrink_kernel
 from valora.ops.lora_launch_args import (
     cdiv,
@@ -258,6 +259,13 @@ def _live(weights: LoRASlotWeights, segments: LoRASegments,
     return flat + (flat if merged is None else live_flat_rank(merged, weights.max_rank))
 
 
+def persistent_applies(cfg: ExpandConfig, weights: LoRASlotWeights, segments: LoRASegments,
+                       pdl: int = 0) -> bool:
+    """Whether an expand with ``cfg`` runs the persistent kernel (``ExpandConfig.persistent``)."""
+    return (cfg.persistent > 0 and weights.b_rank_major and segments.correction is None
+            and pdl == 0)
+
+
 def dot_flags(dtype: torch.dtype) -> dict[str, object]:
     """fp32 multiplies exactly (no tf32); the interpreter multiplies bf16 blocks in fp32."""
     upcast = dtype == torch.bfloat16 and kernels_interpreted()
@@ -305,10 +313,16 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
                   segments: LoRASegments, cfg: ExpandConfig, scale_multiplier: float,
                   pdl: int = 0) -> None:
     """``y[t, slice j] += mult · scale · h_sum[p, j] · B[slot, slice j]ᵀ``, ≤ 4 slices a launch.
-    ``pdl``: as ``launch_shrink``'s (2: also prefetch the first ``B`` chunk before the wait)."""
+    ``pdl``: as ``launch_shrink``'s (2: also prefetch the first ``B`` chunk before the wait).
+    A ``persistent`` config runs ``lora_expand_persistent`` where it applies (rank-major ``B``,
+    no correction, no PDL), else this kernel with the same tiles."""
     split_k, num_tokens, width = h.shape
     widths = weights.slice_widths
     correction = segments.correction
+    if persistent_applies(cfg, weights, segments, pdl):
+        launch_expand_persistent(h, y, weights, segments, cfg, scale_multiplier,
+                                 dot_flags(y.dtype))
+        return
     flat_rank = len(widths) * weights.max_rank
     bound = segments.tile_bound(cfg.block_m)
     for first, num_col_blocks, starts, cols in slice_groups(widths, cfg.block_n):
