@@ -48,7 +48,7 @@ from fused_layers import (
     kernels_per_step,
     label_settings,
 )
-from summary import write_summary
+from summary import kernel_table, write_summary
 
 import valora.layers.attention_triton  # noqa: F401  (registers "triton")
 from valora.config import LoRAConfig
@@ -330,28 +330,8 @@ def main() -> None:
             max(3, args.repeats // 4), spec, lambda row: rec.emit({"section": "peer", **row})),
             rec)
     write_summary(rec.rows, args.out / "summary.md")
-    print(kernel_table(rec.rows))
+    print(kernel_table(rec.rows, LABELS))
     print((args.out / "summary.md").read_text())
-
-
-def kernel_table(rows: list[dict[str, Any]]) -> str:
-    """Kernel counts and the base decode figure at batch 32 per mode (printed before the bars)."""
-    lines = ["| layers | kernels/step (eager) | per layer | base @32 ms | × floor |",
-             "| --- | --- | --- | --- | --- |"]
-    for label in LABELS:
-        count = next((r for r in rows if r.get("section") == "kernels"
-                      and r.get("label") == label), None)
-        step = next((r for r in rows if r.get("section") == "decode" and r.get("label") == label
-                     and r.get("scenario") == "base" and r.get("batch") == 32), None)
-        if count is None and step is None:
-            continue
-        cells = [label,
-                 str(count["kernels_per_step"]) if count else "",
-                 f"{count['per_layer']:.1f}" if count else "",
-                 f"{step['median_ms']:.3f}" if step else "",
-                 f"{step['over_floor']:.2f}" if step else ""]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def run_valora(config_dir: Path, device: torch.device, dtype: torch.dtype, batches: list[int],

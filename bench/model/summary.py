@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,24 @@ def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
         lines += ["", "## Sections that failed", ""]
         lines += [f"- {row['label']}: {row['error']}" for row in errors]
     path.write_text("\n".join(lines) + "\n")
+
+
+def kernel_table(rows: list[dict[str, Any]], labels: Iterable[str]) -> str:
+    """Kernel counts and the base decode figure at batch 32 per ``labels`` mode (``bench_decode``
+    prints it before the bars)."""
+    lines = ["| layers | kernels/step (eager) | per layer | base @32 ms | × floor |",
+             "| --- | --- | --- | --- | --- |"]
+    for label in labels:
+        count = next((r for r in rows if r.get("section") == "kernels"
+                      and r.get("label") == label), None)
+        step = next((r for r in rows if r.get("section") == "decode" and r.get("label") == label
+                     and r.get("scenario") == "base" and r.get("batch") == 32), None)
+        if count is None and step is None:
+            continue
+        cells = [label,
+                 str(count["kernels_per_step"]) if count else "",
+                 f"{count['per_layer']:.1f}" if count else "",
+                 f"{step['median_ms']:.3f}" if step else "",
+                 f"{step['over_floor']:.2f}" if step else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
