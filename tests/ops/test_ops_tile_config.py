@@ -114,6 +114,41 @@ def test_tuner_writes_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert TileTable.load(out).entry_layout("t1-r16-i32-o32-a8-s2") is None
 
 
+def test_a_candidate_the_gpu_cannot_run_is_skipped(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tile whose compile needs more shared memory than the GPU has (Triton's
+    ``OutOfResources``) costs the tuner that candidate, not the run; its time is left out of
+    the entry. When no candidate of a kernel runs, the bucket fails with a clear error."""
+    from triton.runtime.errors import OutOfResources
+
+    real = tuning.launch_expand
+    refused: list[ExpandConfig] = []
+
+    def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: object, segments: object,
+                      cfg: ExpandConfig, mult: float, pdl: int = 0) -> None:
+        if cfg.num_stages == 1:  # the heuristic at this shape; the other candidate runs
+            refused.append(cfg)
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return real(h, y, weights, segments, cfg, mult, pdl)
+
+    monkeypatch.setattr(tuning, "launch_expand", launch_expand)
+    out = tmp_path / "table.json"
+    argv = ["--device", "cuda" if torch.cuda.is_available() else "cpu", "--layers", "24:64,32",
+            "--tokens", "16", "--ranks", "8", "--adapters", "2", "--max-candidates", "2",
+            "--repeats", "1", "--out", str(out), "--dtype", "fp32"]
+    assert tuning.main(argv) == 0
+    assert refused
+    (entry,) = json.loads(out.read_text())["entries"].values()
+    assert entry["expand"]["num_stages"] == 2 and "expand_heuristic" not in entry["time_us"]
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(tuning, "launch_expand", never)
+    with pytest.raises(RuntimeError, match="no tile candidate"):
+        tuning.main([*argv, "--no-resume"])
+
+
 def _config(split: int) -> TileConfig:
     return TileConfig(ShrinkConfig(16, 16, 256, split, 4, 3), ExpandConfig(16, 128, 16, 4, 2))
 

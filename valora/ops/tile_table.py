@@ -40,6 +40,7 @@ key only decides speed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -150,7 +151,8 @@ class TileTable:
         """Store ``key``'s winner and its times; ``b_layout``: the ``lora_b`` layout it was
         tuned with (module docstring)."""
         record: dict[str, object] = dict(config.to_json())
-        record["time_us"] = {name: round(value, 3) for name, value in time_us.items()}
+        record["time_us"] = {name: round(value, 3) for name, value in time_us.items()
+                             if math.isfinite(value)}  # a candidate that could not run: left out
         if b_layout is not None:
             record["b_layout"] = b_layout
         self.put_record(key, record)

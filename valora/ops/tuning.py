@@ -29,13 +29,16 @@ cuBLAS and every fitting tile per token bucket ≤ 32 and layer shape; entries `
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from triton.runtime.errors import OutOfResources
 
 from valora.logger import get_logger
 from valora.ops.lora import LoRASlotWeights, lora_b_layout, prepare_lora_batch
@@ -235,6 +238,15 @@ def tune_bucket(shape: TuneShape, dtype: torch.dtype, device: torch.device, num_
                                for s in sets], device, repeats=repeats).median_us
                    for sets in problems)
 
+    def timed(what: Callable[[], float], cfg: object) -> float:
+        """``what()``, or infinity for a candidate this GPU cannot run (too much shared memory
+        for its tiles, stages and split-K planes): skipped, not fatal."""
+        try:
+            return what()
+        except OutOfResources as exc:
+            logger.debug("candidate %s does not fit this GPU: %s", cfg, exc)
+            return math.inf
+
     def outputs(cfg: ShrinkConfig) -> list[list[torch.Tensor]]:
         return [[launch_shrink(s.x, s.weights, s.segments, cfg) for s in sets]
                 for sets in problems]
@@ -245,17 +257,21 @@ def tune_bucket(shape: TuneShape, dtype: torch.dtype, device: torch.device, num_
                               repeats=repeats).median_us
                    for sets, hs in zip(problems, partials, strict=True))
 
-    shrink_times = {cfg: shrink_us(cfg) for cfg in shrinks}
+    shrink_times = {cfg: timed(partial(shrink_us, cfg), cfg) for cfg in shrinks}
     best_shrink = min(shrink_times, key=shrink_times.__getitem__)
     partials = outputs(best_shrink)
-    expand_times = {ecfg: expand_us(ecfg, partials) for ecfg in expands}
+    expand_times = {ecfg: timed(partial(expand_us, ecfg, partials), ecfg) for ecfg in expands}
     best_expand = min(expand_times, key=expand_times.__getitem__)
+    if math.isinf(shrink_times[best_shrink]) or math.isinf(expand_times[best_expand]):
+        raise RuntimeError(f"no tile candidate of {shape} runs on this GPU")
     times = {"shrink": shrink_times[best_shrink], "expand": expand_times[best_expand],
              "shrink_heuristic": shrink_times[shrinks[0]],
              "expand_heuristic": expand_times[expands[0]]}
     pair_total = times["shrink"] + times["expand"]
     for cfg in sorted(shrink_times, key=shrink_times.__getitem__)[1:max(1, pair_shrinks)]:
-        expand_after = expand_us(best_expand, outputs(cfg))
+        if math.isinf(shrink_times[cfg]):
+            break
+        expand_after = timed(partial(expand_us, best_expand, outputs(cfg)), best_expand)
         if shrink_times[cfg] + expand_after < pair_total:
             best_shrink, pair_total = cfg, shrink_times[cfg] + expand_after
             times.update(shrink=shrink_times[cfg], expand=expand_after)
