@@ -144,6 +144,28 @@ class GemmPoint:
                 "gemm_floor_us": 2 * self.in_features * self.out_features / rate * 1e6,
                 "us": {}, "errors": {}}
 
+    def check_and_time(self, row: dict[str, Any], tile: SkinnyTile,
+                       variants: list[tuple[str, Callable[[torch.Tensor, int], None]]],
+                       dtype: torch.dtype, device: torch.device,
+                       checked: Callable[[str], bool] = lambda label: label != "skinny"
+                       ) -> dict[str, Any]:
+        """Record the base GEMM's tile in ``row``, take the ``skinny+atmm`` variant's output as
+        the reference, then check and time every variant (module ``check_and_time``)."""
+        row["skinny_tile"] = [tile.block_m, tile.block_n, tile.block_k, tile.num_warps,
+                              tile.num_stages]
+        want = torch.empty_like(self.problem.y)
+        dict(variants)["skinny+atmm"](want, 0)
+        check_and_time(row, variants, self.problem.y, want, tolerance_of(dtype),
+                       "skinny + ATMM", self.rounds, device, checked)
+        return row
+
+
+def slice_ends(widths: tuple[int, ...]) -> list[int]:
+    """The first three slice ends of a fused layer, padded past any column: the in-GEMM
+    experiments' kernels find a column's slice by comparing it with them (≤ 4 slices)."""
+    ends = [sum(widths[:i + 1]) for i in range(len(widths))]
+    return (ends + [1 << 30] * 3)[:3]
+
 
 def gemm_tiles(point: GemmPoint, device: torch.device, tokens: int,
                element_size: int) -> tuple[SkinnyTile, SkinnyTile]:

@@ -35,12 +35,11 @@ import triton
 import triton.language as tl
 from decode_experiment import (
     best_columns,
-    check_and_time,
     gemm_baselines,
     gemm_point,
     gemm_tiles,
     run_main,
-    tolerance_of,
+    slice_ends,
 )
 from gemm_expand import _base_part
 
@@ -159,8 +158,7 @@ def gemm_chunks(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, weights: LoRA
     widths = weights.slice_widths
     assert len(widths) <= 4 and all(width % tile.block_n == 0 for width in widths)
     split_k, _, h_width = h.shape
-    ends = [sum(widths[:i + 1]) for i in range(len(widths))]
-    cols = (ends + [1 << 30] * 3)[:3]
+    cols = slice_ends(widths)
     y = torch.empty(num_tokens, w.shape[0], dtype=x.dtype, device=x.device)
     _gemm_chunks[(triton.cdiv(w.shape[0], tile.block_n),)](
         x, w, y, h, weights.lora_b, segments.sorted_tokens, chunks.count, chunks.b_offset,
@@ -199,14 +197,8 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
             variants.append((f"{name} r{block_r} s{stages}", lambda out, i, r=block_r,
                              s=stages, p=pdl: fused(out, i, r, s, p)))
     row = point.row(scenario, layer, tokens, rate)
-    row["skinny_tile"] = [tile.block_m, tile.block_n, tile.block_k, tile.num_warps,
-                          tile.num_stages]
     row["chunks"] = {str(r): int(lists[r][0].count.item()) for r in lists}
-    want = torch.empty_like(problem.y)
-    dict(variants)["skinny+atmm"](want, 0)
-    check_and_time(row, variants, problem.y, want, tolerance_of(dtype), "skinny + ATMM",
-                   point.rounds, device, lambda label: label != "skinny")
-    return row
+    return point.check_and_time(row, tile, variants, dtype, device)
 
 
 def columns(row: dict[str, Any]) -> dict[str, tuple[str, float]]:

@@ -39,12 +39,11 @@ import triton
 import triton.language as tl
 from decode_experiment import (
     best_columns,
-    check_and_time,
     gemm_baselines,
     gemm_point,
     gemm_tiles,
     run_main,
-    tolerance_of,
+    slice_ends,
 )
 
 from valora.ops.lora import LoRASlotWeights
@@ -193,8 +192,7 @@ def gemm_expand(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, weights: LoRA
     widths = weights.slice_widths
     assert len(widths) <= 4 and all(width % tile.block_n == 0 for width in widths)
     split_k, _, h_width = h.shape
-    ends = [sum(widths[:i + 1]) for i in range(len(widths))]
-    cols = (ends + [1 << 30] * 3)[:3]
+    cols = slice_ends(widths)
     y = torch.empty(num_tokens, w.shape[0], dtype=x.dtype, device=x.device)
     launch = {"launch_pdl": True} if pdl else {}
     args = (x, w, y, h, weights.lora_b, weights.ranks, weights.scales, segments.sorted_tokens,
@@ -241,14 +239,8 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
             variants.append((f"{name} g{group} s{stages}", lambda out, i, g=group, s=stages,
                              r=block_r, p=pdl: fused(out, i, g, s, r, p)))
     row = point.row(scenario, layer, tokens, rate)
-    row["skinny_tile"] = [tile.block_m, tile.block_n, tile.block_k, tile.num_warps,
-                          tile.num_stages]
     row["ge_block_n"] = ge_tile.block_n
-    want = torch.empty_like(problem.y)
-    dict(variants)["skinny+atmm"](want, 0)
-    check_and_time(row, variants, problem.y, want, tolerance_of(dtype), "skinny + ATMM",
-                   point.rounds, device, lambda label: label != "skinny")
-    return row
+    return point.check_and_time(row, tile, variants, dtype, device)
 
 
 def columns(row: dict[str, Any]) -> dict[str, tuple[str, float]]:

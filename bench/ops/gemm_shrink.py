@@ -30,10 +30,8 @@ import triton
 import triton.language as tl
 from decode_experiment import (
     best_columns,
-    check_and_time,
     gemm_point,
     run_main,
-    tolerance_of,
 )
 
 from valora.ops.lora import LoRASlotWeights
@@ -144,8 +142,8 @@ def gemm_shrink(x: torch.Tensor, w: torch.Tensor, weights: LoRASlotWeights,
 def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rate: float,
               tokens: int, dtype: torch.dtype) -> dict[str, Any]:
     point = gemm_point(scenario, layer, layers, device, tokens, dtype)
-    problem, lora, base, rounds = point.problem, point.lora, point.base, point.rounds
-    weights, x, y, copies = problem.weights, problem.x, problem.y, problem.copies
+    problem, lora, base = point.problem, point.lora, point.base
+    weights, x, copies = problem.weights, problem.x, problem.copies
     segments, table, gemm_copies = lora.segments, lora.tiles, len(base)
     tile = skinny_tile(tokens, point.out_features, point.in_features, x.element_size())
     assert tile is not None
@@ -178,13 +176,8 @@ def run_point(scenario: str, layer: str, layers: dict, device: torch.device, rat
         variants.append((f"fused {label}", lambda out, i, r=block_r, s=stages: fused(
             out, i, r, s, False)))
     row = point.row(scenario, layer, tokens, rate)
-    row["skinny_tile"] = [tile.block_m, tile.block_n, tile.block_k, tile.num_warps,
-                          tile.num_stages]
-    want = torch.empty_like(y)
-    skinny_atmm(want, 0)
-    check_and_time(row, variants, y, want, tolerance_of(dtype), "skinny + ATMM", rounds, device,
-                   lambda label: label.startswith("fused+expand"))
-    return row
+    return point.check_and_time(row, tile, variants, dtype, device,
+                                lambda label: label.startswith("fused+expand"))
 
 
 def columns(row: dict[str, Any]) -> dict[str, tuple[str, float]]:

@@ -49,6 +49,7 @@ class _Engine(Protocol):
 
     def _schedule(self, ending: set[str] | None = None) -> SchedulerOutput: ...
     def _fail_unadmittable(self) -> list[RequestOutput]: ...
+    def _step_done(self, scheduled: SchedulerOutput, result: StepResult) -> None: ...
     def _fail_step(self, scheduled: SchedulerOutput, exc: Exception) -> list[RequestOutput]: ...
     def _process_result(self, scheduled: SchedulerOutput, result: StepResult
                         ) -> list[RequestOutput]: ...
@@ -113,13 +114,7 @@ class AsyncScheduling:
             result = self.parts.runner.finish(launched)
         except Exception as exc:  # a device fault surfaces when the tokens are read
             return self._fail_step(scheduled, exc)
-        self._consecutive_failures = 0
-        self.num_steps += 1
-        modes = self.parts.modes
-        if modes is not None:
-            alive = [rid for rid in scheduled.request_ids if rid in self.requests]
-            modes.after_step(alive, time.monotonic())
-            modes.observe_step(scheduled.scheduled, result.seconds, result.graphed)
+        self._step_done(scheduled, result)
         return self._process_result(scheduled, result)
 
 

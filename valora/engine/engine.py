@@ -192,17 +192,22 @@ class LLMEngine(AsyncScheduling):
             outputs += deferred + self._run_deferred()
             return outputs + self._fail_step(scheduled, exc)
         outputs += deferred + self._run_deferred()  # the step sampled nothing: run it now
+        self.parts.scheduler.advance(scheduled)
+        self._step_done(scheduled, result)
+        outputs.extend(self._process_result(scheduled, result))
+        return outputs
+
+    def _step_done(self, scheduled: SchedulerOutput, result: StepResult) -> None:
+        """Count a step that ran and tell the mode controller: its rows that are still alive
+        (not retired by the deferred half of async output processing during the step) and its
+        measured time."""
         self._consecutive_failures = 0
         self.num_steps += 1
-        self.parts.scheduler.advance(scheduled)
         modes = self.parts.modes
         if modes is not None:
-            # Not requests the deferred half retired during the step (async output processing).
             alive = [rid for rid in scheduled.request_ids if rid in self.requests]
             modes.after_step(alive, time.monotonic())
             modes.observe_step(scheduled.scheduled, result.seconds, result.graphed)
-        outputs.extend(self._process_result(scheduled, result))
-        return outputs
 
     def _schedule(self, ending: set[str] | None = None) -> SchedulerOutput:
         """Ask the mode controller (if any) which requests may run, then schedule under that."""

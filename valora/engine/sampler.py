@@ -7,7 +7,6 @@ other rows in the batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -134,25 +133,16 @@ def launch_sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampledToken
     return SampledTokens(chosen, rows, raw_logprobs)
 
 
-def sample(
-    logits: torch.Tensor,
-    rows: list[SamplingRow],
-    before_read: Callable[[], None] | None = None,
-) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Sample one token per row of ``logits`` (``[N, vocab]``, any float dtype).
+def sample(logits: torch.Tensor, rows: list[SamplingRow]
+           ) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Sample one token per row of ``logits`` (``[N, vocab]``, any float dtype) and read it back.
 
     Returns the token ids and, for rows that asked for logprobs, the sampled token's logprob
     (from the unmodified distribution, as OpenAI reports) and the top alternatives.
 
     Greedy rows without banned tokens share one batched ``argmax`` (row-wise, first maximum on
     ties, as the per-row call); every value reaches the host after one wait for the step
-    (``SampledTokens``), however many rows it samples.
-
-    ``before_read`` runs on the host after every sampling kernel is launched and before that
-    read waits for them: host work placed there overlaps the step's device work (the engine's
-    asynchronous output processing).
+    (``SampledTokens``), however many rows it samples. The engine launches and reads in two
+    halves (``launch_sample``, ``SampledTokens.read``) so host work can run in between.
     """
-    sampled = launch_sample(logits, rows)
-    if before_read is not None:
-        before_read()
-    return sampled.read()
+    return launch_sample(logits, rows).read()

@@ -35,7 +35,11 @@ import triton.language as tl
 from valora.ops.launch import launcher
 from valora.ops.lora import LoRASlotWeights
 from valora.ops.lora_kernels import _expand_chunk, _expand_columns
-from valora.ops.lora_launch_args import persistent_split_constexpr, slice_groups
+from valora.ops.lora_launch_args import (
+    persistent_expand_serves,
+    persistent_split_constexpr,
+    slice_groups,
+)
 from valora.ops.lora_segments import LoRASegments
 from valora.ops.tile_config import ExpandConfig
 
@@ -106,8 +110,9 @@ def launch_expand_persistent(h: torch.Tensor, y: torch.Tensor, weights: LoRASlot
                              scale_multiplier: float, dot: dict[str, object]) -> None:
     """``y += mult · expand(h)`` (module docstring) for rank-major ``B`` without correction;
     ``dot``: the dtype's ``PRECISION`` / ``UPCAST`` constexprs (``triton_lora.dot_flags``)."""
-    if not weights.b_rank_major or segments.correction is not None:
-        raise ValueError("the persistent expand serves rank-major B without the correction")
+    if not persistent_expand_serves(cfg, weights.b_rank_major, segments.correction is not None):
+        raise ValueError("the persistent expand serves a persistent config over rank-major B "
+                         "without the correction")
     split_k, num_tokens, width = h.shape
     widths = weights.slice_widths
     bound = segments.tile_bound(cfg.block_m)

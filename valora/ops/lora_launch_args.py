@@ -59,6 +59,14 @@ def expand_b_layout(weights: LoRASlotWeights, block_k: int) -> dict[str, object]
     return expand_b_mask(weights.max_rank, block_k)
 
 
+def persistent_expand_serves(cfg: ExpandConfig, b_rank_major: bool, correction: bool,
+                             pdl: int = 0) -> bool:
+    """Whether an expand launched with ``cfg`` runs the persistent kernel
+    (``ExpandConfig.persistent``): it serves rank-major ``B`` without the mixed-mode correction
+    and without programmatic dependent launch; other calls take the one-item kernel."""
+    return cfg.persistent > 0 and b_rank_major and not correction and pdl == 0
+
+
 def persistent_split_constexpr(split_k: int, cfg: ExpandConfig) -> int:
     """The persistent expand's ``SPLIT_K`` constexpr (``lora_expand_persistent``): one plane
     unrolled too — a run-time loop inside its item loop would stop the pipeliner from staging

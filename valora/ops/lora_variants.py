@@ -53,6 +53,7 @@ import torch
 from valora.ops.lora import LoRASlotWeights
 from valora.ops.lora_launch_args import (
     expand_split_constexpr,
+    persistent_expand_serves,
     persistent_split_constexpr,
     shrink_split,
     slice_groups,
@@ -152,7 +153,7 @@ class ExpandVariant(_TileVariant):
     """The ``EARLY_Y`` constexpr (``ExpandConfig.early_y``)."""
     persistent: int = 0
     """> 0: ``lora_expand_persistent_kernel`` instead, with this ``CHUNKS`` constexpr (storage
-    rank over ``block_k``, rounded up; ``triton_lora.persistent_applies``: a ``persistent``
+    rank over ``block_k``, rounded up; ``lora_launch_args.persistent_expand_serves``: a ``persistent``
     config over rank-major ``B`` without correction; ``early_y`` then unused)."""
 
 
@@ -191,7 +192,7 @@ def kernel_variants(shape: LoRALayerShape, config: TileConfig, num_tokens: int,
     split_k, even_k = shrink_split(shape.in_features, shrink)
     stride = int_spec(num_tokens * shape.flat_rank * (2 if correction else 1))
     persistent = (-(-shape.max_rank // expand.block_k)
-                  if expand.persistent > 0 and shape.b_rank_major and not correction else 0)
+                  if persistent_expand_serves(expand, shape.b_rank_major, correction) else 0)
     return (
         ShrinkVariant(shape.shrink_spec(), shrink.block_m, shrink.block_n, shrink.block_k,
                       shrink.num_warps, shrink.num_stages, even_k, stride, correction),

@@ -65,6 +65,7 @@ from valora.ops.lora_launch_args import (
     cdiv,
     expand_b_layout,
     expand_split_constexpr,
+    persistent_expand_serves,
     shrink_split,
     slice_groups,
 )
@@ -259,13 +260,6 @@ def _live(weights: LoRASlotWeights, segments: LoRASegments,
     return flat + (flat if merged is None else live_flat_rank(merged, weights.max_rank))
 
 
-def persistent_applies(cfg: ExpandConfig, weights: LoRASlotWeights, segments: LoRASegments,
-                       pdl: int = 0) -> bool:
-    """Whether an expand with ``cfg`` runs the persistent kernel (``ExpandConfig.persistent``)."""
-    return (cfg.persistent > 0 and weights.b_rank_major and segments.correction is None
-            and pdl == 0)
-
-
 def dot_flags(dtype: torch.dtype) -> dict[str, object]:
     """fp32 multiplies exactly (no tf32); the interpreter multiplies bf16 blocks in fp32."""
     upcast = dtype == torch.bfloat16 and kernels_interpreted()
@@ -319,7 +313,7 @@ def launch_expand(h: torch.Tensor, y: torch.Tensor, weights: LoRASlotWeights,
     split_k, num_tokens, width = h.shape
     widths = weights.slice_widths
     correction = segments.correction
-    if persistent_applies(cfg, weights, segments, pdl):
+    if persistent_expand_serves(cfg, weights.b_rank_major, correction is not None, pdl):
         launch_expand_persistent(h, y, weights, segments, cfg, scale_multiplier,
                                  dot_flags(y.dtype))
         return
