@@ -10,20 +10,31 @@
 # NO_RESUME=1 re-tunes the chosen buckets even where they are rank-major-tuned already: session
 # 17's persistent expand (ExpandConfig.persistent) is a candidate only for buckets of >= 8192
 # tokens, so `NO_RESUME=1 TOKENS=16384 RANKS=64,128` lets the table take it where it wins.
-#   SHA=<tree> OUT=... [TUNE_S=...] [GRID=1] [NO_RESUME=1] bash bench/ops/retune_rank_major_gpu.sh
+# ADAPTERS / LAYERS narrow the adapter counts (default 1,8,32,128) and layers (q,qkv,gate_up,
+# down); TUNE_S=0 skips tuning (the grid alone). GRID_TOKENS=16384 runs only the grid's points of
+# those token counts; with AB=1 it runs them once before tuning as well (the shipped table against
+# the re-tuned one in the same call: $R/lora_ops_before.jsonl, $R/lora_ops.jsonl).
+#   SHA=<tree> OUT=... [TUNE_S=...] [GRID=1] [NO_RESUME=1] [ADAPTERS=...] [LAYERS=...] \
+#     [GRID_TOKENS=... [AB=1]] bash bench/ops/retune_rank_major_gpu.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 SHA=${SHA:-unknown}
 R=$OUT/r && mkdir -p "$R"
 TABLE=valora/ops/tables/NVIDIA_H200.json
 TUNE_S=${TUNE_S:-420}
-VALORA_LORA_B_LAYOUT=rank timeout $((TUNE_S + 60)) python3 -m valora.ops.tuning \
-  --tokens "${TOKENS:-128,256,512,1024,2048,4096,16384}" --ranks "${RANKS:-16,64}" \
-  --time-budget "$TUNE_S" ${NO_RESUME:+--no-resume} 2>&1 | tr '\r' '\n' | tail -n 5 > "$R/tune_log.txt"
-cp "$TABLE" "$R/NVIDIA_H200.json"
-if [ "${GRID:-0}" = 1 ]; then
-  timeout 270 python3 bench/ops/bench_lora_ops.py --out "$R/lora_ops.jsonl" --time-budget 240 \
-    --sha "$SHA-retuned" > "$R/bench.log" 2>&1
-  tail -n 3 "$R/bench.log"; wc -l "$R/lora_ops.jsonl"
+grid() {  # $1: output file; the grid on the table now in the package
+  timeout 270 python3 bench/ops/bench_lora_ops.py --out "$1" --time-budget 240 \
+    --sha "$SHA-$2" ${GRID_TOKENS:+--tokens "$GRID_TOKENS"} > "$R/bench_$2.log" 2>&1
+  tail -n 3 "$R/bench_$2.log"; wc -l "$1"
+}
+if [ "${AB:-0}" = 1 ]; then grid "$R/lora_ops_before.jsonl" shipped; fi
+if [ "$TUNE_S" != 0 ]; then
+  VALORA_LORA_B_LAYOUT=rank timeout $((TUNE_S + 60)) python3 -m valora.ops.tuning \
+    --tokens "${TOKENS:-128,256,512,1024,2048,4096,16384}" --ranks "${RANKS:-16,64}" \
+    --adapters "${ADAPTERS:-1,8,32,128}" --layers "${LAYERS:-q,qkv,gate_up,down}" \
+    --time-budget "$TUNE_S" ${NO_RESUME:+--no-resume} \
+    2>&1 | tr '\r' '\n' | tail -n 5 > "$R/tune_log.txt"
 fi
-cat "$R/tune_log.txt"
+cp "$TABLE" "$R/NVIDIA_H200.json"
+if [ "${GRID:-0}" = 1 ]; then grid "$R/lora_ops.jsonl" retuned; fi
+cat "$R/tune_log.txt" 2>/dev/null
