@@ -4,6 +4,7 @@ the engine unhealthy. The GPU itself is exercised in ``tests/gpu/test_engine_cud
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,10 +144,10 @@ def test_pinning_failure_fails_only_that_request(
     prefetcher = llm.engine.parts.adapters._writer._prefetcher
     assert prefetcher is not None
 
-    def failing_pin(tensor: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError("cudaHostAlloc failed: injected")
+    def failing_pin(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        raise RuntimeError("cudaHostRegister failed: injected")
 
-    prefetcher.pin = failing_pin  # type: ignore[method-assign]
+    prefetcher.pin_many = failing_pin  # type: ignore[method-assign]
     bad, good = llm.generate([{"prompt": PROMPT, "adapter": "r4"}, {"prompt": PROMPT}], GREEDY)
     assert "AdapterPrefetchError" in (bad.error or "") and "injected" in (bad.error or "")
     assert good.error is None and llm.engine.is_healthy

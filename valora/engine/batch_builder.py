@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from valora.engine.host_memory import byte_view, staging_pool
 from valora.engine.scheduler_output import ScheduledRequest
 from valora.forward_batch import AttentionMetadata, ForwardBatch
 from valora.request import PENDING_TOKEN, ImageSpan, Request
@@ -41,14 +42,21 @@ class ImageRows:
 
 def upload_ints(dtype: torch.dtype, lists: Sequence[Sequence[int]], device: torch.device
                 ) -> list[torch.Tensor]:
-    """``lists`` as 1-D ``dtype`` tensors on ``device``. On CUDA they travel as one pinned host
-    buffer in one non-blocking copy (a tensor built from a Python list straight on the device
-    would synchronise the host with the stream once per list); the results are disjoint,
-    16-byte-aligned views of one device buffer, valid in stream order."""
+    """``lists`` as 1-D ``dtype`` tensors on ``device``. On CUDA they travel through one
+    page-locked staging buffer (``valora.engine.host_memory``) in one non-blocking copy (a tensor
+    built from a Python list straight on the device would synchronise the host with the stream
+    once per list); the results are disjoint, 16-byte-aligned views of one device buffer, valid
+    in stream order."""
     if device.type != "cuda":
         return [torch.tensor(list(values), dtype=dtype, device=device) for values in lists]
     host, padded = pack_ints(dtype, lists)
-    return unpack_ints(host.pin_memory().to(device, non_blocking=True), padded, lists)
+    staging = staging_pool(device).lease(host.numel() * host.element_size())
+    pinned = byte_view(staging.buffer, 0, host)
+    pinned.copy_(host)
+    flat = pinned.to(device, non_blocking=True)
+    staging.mark_queued()
+    staging.release()
+    return unpack_ints(flat, padded, lists)
 
 
 def pack_ints(dtype: torch.dtype, lists: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[int]]:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from valora.engine.host_memory import page_locked_copies
 from valora.engine.piecewise_graphs import piecewise_static_bytes
 from valora.engine.vision_graphs import image_input_shape
 from valora.errors import OutOfResourcesError, ValoraError
@@ -330,9 +331,15 @@ class SlotPrefetcher:
 
     def pin(self, tensor: torch.Tensor) -> torch.Tensor:
         """A page-locked copy of a host tensor (itself on a CPU-only machine)."""
-        if self.stream is None or tensor.is_pinned():
-            return tensor
-        return tensor.pin_memory()
+        return self.pin_many([tensor])[0]
+
+    def pin_many(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Page-locked copies of host ``tensors`` in one registered buffer
+        (``valora.engine.host_memory``: never PyTorch's caching host allocator, whose frees abort
+        the process after a device fault); the tensors themselves on a CPU-only machine."""
+        if self.stream is None:
+            return list(tensors)
+        return page_locked_copies(tensors, self.device)
 
     def submit(
         self,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from valora.engine.host_memory import Staging, byte_view, packed_offsets, staging_pool
 from valora.outputs import TokenLogprob
 from valora.sampling_params import SamplingParams
 
@@ -57,8 +58,9 @@ class SampledTokens:
     launched before this one is read can take its input ids from it (asynchronous scheduling).
     Every value the host needs — the ids and, for rows that asked for logprobs, the sampled
     token's logprob and the top alternatives — is computed on the device at launch; on CUDA it is
-    copied into page-locked memory without blocking and an event marks the copies, so ``read``
-    waits for this step's work only, never for work launched after it."""
+    copied without blocking into a page-locked staging buffer (``valora.engine.host_memory``)
+    whose event marks the copies, so ``read`` waits for this step's work only, never for work
+    launched after it; ``read`` gives the buffer back (its result is kept for a second call)."""
 
     def __init__(self, chosen: torch.Tensor, rows: list[SamplingRow],
                  raw_logprobs: torch.Tensor | None) -> None:
@@ -76,19 +78,30 @@ class SampledTokens:
                 if k > 0:
                     values, ids = torch.topk(raw_logprobs[i], k)
                     pieces += [values, ids]
-        self._event: torch.cuda.Event | None = None
+        self._staging: Staging | None = None
+        self._result: tuple[list[int], list[TokenLogprob | None]] | None = None
         if chosen.is_cuda:
-            pieces = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True).copy_(
-                p, non_blocking=True) for p in pieces]
-            self._event = torch.cuda.Event()
-            self._event.record()
+            offsets, total = packed_offsets([p.numel() * p.element_size() for p in pieces])
+            self._staging = staging_pool(chosen.device).lease(total)
+            pieces = [byte_view(self._staging.buffer, offset, p).copy_(p, non_blocking=True)
+                      for p, offset in zip(pieces, offsets, strict=True)]
+            self._staging.mark_queued()
         self._host = pieces
 
     def read(self) -> tuple[list[int], list[TokenLogprob | None]]:
         """Wait for this step's sampling (not for later work) and return the token ids and, per
         row, the sampled token's logprob record or None."""
-        if self._event is not None:
-            self._event.synchronize()
+        if self._result is None:
+            try:
+                if self._staging is not None:
+                    self._staging.synchronize()
+                self._result = self._values()
+            finally:
+                if self._staging is not None:
+                    self._staging.release()
+        return self._result
+
+    def _values(self) -> tuple[list[int], list[TokenLogprob | None]]:
         host = iter(self._host)
         tokens: list[int] = next(host).tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(tokens)
