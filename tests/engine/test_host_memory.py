@@ -33,8 +33,14 @@ class FakeEvent:
         self.pending = True
         FakeEvent.log.append("record")
 
+    def query(self) -> bool:
+        return not self.pending
+
     def synchronize(self) -> None:
         FakeEvent.log.append("wait" if self.pending else "wait-done")
+        self.pending = False
+
+    def complete(self) -> None:
         self.pending = False
 
 
@@ -44,9 +50,27 @@ def pool() -> StagingPool:
     return StagingPool(lambda n: torch.empty(n, dtype=torch.uint8), FakeEvent)
 
 
-def test_a_released_buffer_is_reused_after_its_copies_complete(pool: StagingPool) -> None:
+def test_a_busy_buffer_is_not_waited_for_while_another_can_be_made(pool: StagingPool) -> None:
     first = pool.lease(100)
     assert first.buffer.numel() == 100 and pool.num_buffers == 1
+    first.mark_queued()
+    first_ptr = first.buffer.data_ptr()
+    event = first._entry.event
+    first.release()
+    second = pool.lease(200)  # the first buffer's copy is still queued: a second buffer
+    assert second.buffer.data_ptr() != first_ptr and pool.num_buffers == 2
+    assert FakeEvent.log == ["record"]  # no wait: the host never stalls on the step in flight
+    second.release()
+    assert isinstance(event, FakeEvent)
+    event.complete()
+    third = pool.lease(50)  # both free and idle now: the smallest that fits, reused
+    assert third.buffer.data_ptr() in (first_ptr, second.buffer.data_ptr())
+    assert pool.num_buffers == 2
+
+
+def test_at_the_buffer_limit_a_lease_waits_for_the_copies(pool: StagingPool) -> None:
+    pool.max_buffers = 1
+    first = pool.lease(100)
     first.mark_queued()
     data_ptr = first.buffer.data_ptr()
     first.release()
@@ -67,6 +91,7 @@ def test_a_leased_buffer_is_never_handed_out_twice(pool: StagingPool) -> None:
 
 
 def test_a_dropped_lease_returns_its_buffer(pool: StagingPool) -> None:
+    pool.max_buffers = 1
     lease = pool.lease(10)
     lease.mark_queued()
     data_ptr = lease.buffer.data_ptr()
@@ -77,6 +102,7 @@ def test_a_dropped_lease_returns_its_buffer(pool: StagingPool) -> None:
 
 
 def test_a_larger_request_replaces_the_smallest_free_buffer(pool: StagingPool) -> None:
+    pool.max_buffers = 1
     small = pool.lease(10)
     small.mark_queued()
     small.release()
@@ -93,7 +119,7 @@ def test_synchronize_waits_once(pool: StagingPool) -> None:
     lease.synchronize()
     lease.synchronize()
     lease.release()
-    pool.lease(8)
+    assert pool.lease(8).buffer.data_ptr() == lease.buffer.data_ptr()  # idle: reused at once
     assert FakeEvent.log == ["record", "wait"]
 
 

