@@ -13,12 +13,19 @@ dead). So valora takes page-locked memory from here instead:
   to it are as asynchronous as from pinned memory, but PyTorch's allocator does not know it
   (``CachingHostAllocator_recordEvent`` ignores pointers it did not allocate), so freeing it
   never touches the device; ``cudaHostUnregister``'s error, once the context is dead, is ignored.
-  Registration costs far more than a cached pinned block, so it is for long-lived memory (an
-  adapter's host copy, a pristine weight copy) and for the staging pool's few buffers.
+  Registration costs far more than a cached pinned block, so only the staging pool's few,
+  long-lived buffers are registered.
 * ``StagingPool`` hands out reusable buffers for the per-step transfers (the step's metadata
   upload, the sampled tokens' download). A lease records an event once its copies are queued
   (``mark_queued``); a buffer is handed out again only after that event completed, so the host
   never writes a buffer a queued copy still reads, nor reads one a queued copy still writes.
+
+Not covered: adapters' host copies (``SlotPrefetcher.pin``) and host pristine weight copies
+stay in PyTorch's pinned memory. Registering each adapter's copy cost ≈ 35–40 ms more per
+7B-shaped adapter load on an H200 (``bench/results/model/host-staging-ab-h200-fab2eac/``), and
+those copies are freed only on eviction, on unmerge or at exit, never per step; after a device
+fault, such a free (typically at process exit) can still abort the process. A registered arena
+reused across adapter loads would close that too (not built).
 
 Invariants: a buffer is leased to at most one holder; a lease released (or dropped) without
 ``mark_queued`` had no device work queued on it; the pool holds at most ``max_buffers`` buffers
@@ -41,8 +48,8 @@ import torch
 
 PAGE = 4096
 ALIGN = 16
-"""Byte alignment of each piece packed into one buffer (``page_locked_copies``, the sampler's
-download): every dtype's views stay aligned."""
+"""Byte alignment of each piece packed into one buffer (the sampler's download): every dtype's
+views stay aligned."""
 MIN_STAGING_BYTES = 64 << 10
 
 
@@ -84,20 +91,6 @@ def byte_view(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Te
     shape (``offset`` a multiple of the dtype's size)."""
     size = like.numel() * like.element_size()
     return buffer[offset:offset + size].view(like.dtype).view(like.shape)
-
-
-def page_locked_copies(tensors: Sequence[torch.Tensor], device: torch.device | str = "cuda"
-                       ) -> list[torch.Tensor]:
-    """Copies of host ``tensors`` in one page-locked buffer (one registration for all), each
-    contiguous and ``ALIGN``-aligned; they keep the buffer alive together."""
-    offsets, total = packed_offsets([t.numel() * t.element_size() for t in tensors])
-    buffer = page_locked_empty(total, device)
-    copies = []
-    for tensor, offset in zip(tensors, offsets, strict=True):
-        copy = byte_view(buffer, offset, tensor)
-        copy.copy_(tensor)
-        copies.append(copy)
-    return copies
 
 
 class DeviceEvent(Protocol):

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-from valora.engine.host_memory import page_locked_copies
 from valora.engine.piecewise_graphs import piecewise_static_bytes
 from valora.engine.vision_graphs import image_input_shape
 from valora.errors import OutOfResourcesError, ValoraError
@@ -330,16 +329,18 @@ class SlotPrefetcher:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def pin(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A page-locked copy of a host tensor (itself on a CPU-only machine)."""
-        return self.pin_many([tensor])[0]
+        """A page-locked copy of a host tensor (itself on a CPU-only machine, or when it is
+        page-locked already). PyTorch's pinned memory, not ``valora.engine.host_memory``'s
+        registered memory: registering cost ≈ 35–40 ms more per 7B-shaped adapter load on an
+        H200 (``bench/results/model/host-staging-ab-h200-fab2eac/``), so after a device fault
+        freeing these copies (adapter eviction, process exit) can still abort the process."""
+        if self.stream is None or tensor.is_pinned():
+            return tensor
+        return tensor.pin_memory()
 
     def pin_many(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Page-locked copies of host ``tensors`` in one registered buffer
-        (``valora.engine.host_memory``: never PyTorch's caching host allocator, whose frees abort
-        the process after a device fault); the tensors themselves on a CPU-only machine."""
-        if self.stream is None:
-            return list(tensors)
-        return page_locked_copies(tensors, self.device)
+        """``pin`` of each of ``tensors``."""
+        return [self.pin(tensor) for tensor in tensors]
 
     def submit(
         self,

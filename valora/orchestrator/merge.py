@@ -41,7 +41,6 @@ from typing import Literal
 
 import torch
 
-from valora.engine.host_memory import byte_view, page_locked_empty
 from valora.errors import ValoraError
 from valora.logger import get_logger
 from valora.ops.lora import LoRASlotWeights
@@ -332,9 +331,7 @@ def _copy_to(weight: torch.Tensor, device: torch.device | str | None,
     it is host memory backing CUDA weights."""
     target = torch.device(device) if device is not None else (
         weight.device if restore == "pristine" else torch.device("cpu"))
-    if target.type == "cpu" and weight.is_cuda:  # page-locked, outside PyTorch's host cache
-        buffer = page_locked_empty(weight.numel() * weight.element_size(), weight.device)
-        return byte_view(buffer, 0, weight).copy_(weight.detach())
-    copy = torch.empty(weight.shape, dtype=weight.dtype, device=target)
+    pin = target.type == "cpu" and weight.is_cuda
+    copy = torch.empty(weight.shape, dtype=weight.dtype, device=target, pin_memory=pin)
     copy.copy_(weight.detach())
     return copy
