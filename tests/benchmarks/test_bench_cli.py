@@ -58,6 +58,7 @@ def test_end_to_end_in_process(tiny_model: Path, tiny_adapters: dict[str, str],
         # CPU: no graphs; every step eager. The policy's host time is recorded.
         assert row["modes"]["eager_steps"] > 0 and row["modes"]["graph_steps"] == 0
         assert row["modes"]["decision_seconds"] >= 0.0
+        assert row["async_scheduling"] is False  # auto: off on the CPU
         expected = {r.request_id: r.output_tokens for r in generate(BenchWorkload(
             num_requests=4, rate_per_s=50.0, adapters=tuple(tiny_adapters),
             popularity="one-hot", kind_mix=(1.0, 0.0, 1.0), num_frames=2))}

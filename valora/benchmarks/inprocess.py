@@ -70,6 +70,9 @@ class RunResult:
     """With ``step_trace``: each step of the run as ``[start s (from the run's start), seconds,
     graphed, rows, tokens, LoRA ops per linear, weights' mode]``
     (``valora.engine.step_trace.StepRecord``)."""
+    async_scheduling: bool | None = None
+    """Whether the engine scheduled asynchronously (in-process only; the setup may leave it to
+    ``auto``)."""
 
 
 def to_generate_request(request: BenchRequest, run_tag: str, seed: int) -> GenerateRequest:
@@ -197,7 +200,8 @@ def run_inprocess(
     if records is not None:
         steps = [[r.start_s - clock_start, *r.as_list()[1:]] for r in records[first_record:]
                  if r.start_s >= clock_start]
-    return RunResult(ordered, sampler.trace if sampler.start is not None else None, wall, steps)
+    return RunResult(ordered, sampler.trace if sampler.start is not None else None, wall, steps,
+                     async_scheduling=engine.async_scheduling)
 
 
 def warm_up(engine: LLMEngine, requests: Sequence[BenchRequest], seed: int = 0) -> None:

@@ -114,6 +114,7 @@ def _row(bench: ServeBench, policy: str, popularity: str, rate: float, result: R
         "arrival": "trace" if bench.trace is not None else bench.workload.arrival,
         "wall_s": result.wall_s, "metrics": summarize(result.timings),
         "modes": result.modes.as_dict() if result.modes is not None else None,
+        "async_scheduling": result.async_scheduling,
         "requests": [asdict(t) for t in result.timings],
         **({"steps": result.steps} if result.steps is not None else {}),
     }
