@@ -21,7 +21,7 @@ dead). So valora takes page-locked memory from here instead:
   never writes a buffer a queued copy still reads, nor reads one a queued copy still writes.
 
 Not covered: adapters' host copies (``SlotPrefetcher.pin``) and host pristine weight copies
-stay in PyTorch's pinned memory. Registering each adapter's copy cost ≈ 35–40 ms more per
+stay in PyTorch's pinned memory. Registering each adapter's copy cost ≈ 30–40 ms more per
 7B-shaped adapter load on an H200 (``bench/results/model/host-staging-ab-h200-fab2eac/``), and
 those copies are freed only on eviction, on unmerge or at exit, never per step; after a device
 fault, such a free (typically at process exit) can still abort the process. A registered arena

@@ -331,7 +331,7 @@ class SlotPrefetcher:
     def pin(self, tensor: torch.Tensor) -> torch.Tensor:
         """A page-locked copy of a host tensor (itself on a CPU-only machine, or when it is
         page-locked already). PyTorch's pinned memory, not ``valora.engine.host_memory``'s
-        registered memory: registering cost ≈ 35–40 ms more per 7B-shaped adapter load on an
+        registered memory: registering cost ≈ 30–40 ms more per 7B-shaped adapter load on an
         H200 (``bench/results/model/host-staging-ab-h200-fab2eac/``), so after a device fault
         freeing these copies (adapter eviction, process exit) can still abort the process."""
         if self.stream is None or tensor.is_pinned():
