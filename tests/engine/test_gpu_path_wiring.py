@@ -4,6 +4,8 @@ the engine unhealthy. The GPU itself is exercised in ``tests/gpu/test_engine_cud
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,12 @@ from valora.engine.components import (
     size_kv_cache,
     use_cuda_graphs,
 )
-from valora.engine.faults import DeviceFaultError, is_device_fault
+from valora.engine.faults import (
+    DeviceFaultError,
+    is_device_fault,
+    retain_for_process,
+    retained,
+)
 from valora.errors import EngineDeadError, InvalidRequestError, ValoraError
 from valora.forward_batch import ForwardBatch
 from valora.layers.attention import available_attention_backends
@@ -209,6 +216,20 @@ def test_cuda_error_in_a_step_fails_its_requests_and_marks_the_engine_unhealthy(
     assert not engine.is_healthy and "illegal memory access" in (engine.dead_reason or "")
     with pytest.raises(EngineDeadError):
         llm.generate(PROMPT, GREEDY)
+    # kept for the life of the process: nothing of it is freed against a dead context
+    assert any(kept is engine for kept in retained())
+
+
+def test_a_retained_object_outlives_its_last_reference() -> None:
+    class Holder:
+        pass
+
+    kept, dropped = Holder(), Holder()
+    kept_ref, dropped_ref = weakref.ref(kept), weakref.ref(dropped)
+    retain_for_process(kept)
+    del kept, dropped
+    gc.collect()
+    assert kept_ref() is not None and dropped_ref() is None
 
 
 def test_other_step_errors_fail_the_step_but_keep_the_engine(tiny_llava: Path) -> None:
@@ -216,7 +237,7 @@ def test_other_step_errors_fail_the_step_but_keep_the_engine(tiny_llava: Path) -
     _inject(llm, RuntimeError("shape mismatch in a kernel"))
     failed = llm.generate(PROMPT, GREEDY)[0]
     assert failed.outputs[0].finish_reason == "error" and "internal error" in (failed.error or "")
-    assert llm.engine.is_healthy
+    assert llm.engine.is_healthy and not any(kept is llm.engine for kept in retained())
     del llm.engine.parts.runner._forward
     ok = llm.generate(PROMPT, GREEDY)[0]
     assert ok.error is None and len(ok.outputs[0].token_ids) == GREEDY.max_tokens

@@ -1,7 +1,10 @@
 """A real CUDA error inside a step (a device-side assert from an out-of-range index), with
 asynchronous scheduling (the CUDA default): the requests of the steps in flight fail with the
-device error, the engine reports itself dead, and nothing hangs. A device-side assert leaves the
-process's CUDA context unusable, so the engine runs in a child process under a time limit."""
+device error, the engine reports itself dead, and nothing hangs; with adapters loaded (their host
+copies in PyTorch's pinned memory) the child then exits normally, because the dead engine is
+retained for the life of the process (``valora.engine.faults.retain_for_process``). A
+device-side assert leaves the process's CUDA context unusable, so the engine runs in a child
+process under a time limit."""
 
 from __future__ import annotations
 
@@ -19,13 +22,17 @@ import json, sys
 import torch
 from valora import LLM, SamplingParams
 from valora.engine.inputs import GenerateRequest
+from valora.engine.faults import retained
 from valora.errors import EngineDeadError
 
+adapters = json.loads(sys.argv[2])
 llm = LLM(model=sys.argv[1], dtype="float32", device="cuda", num_pages=128, page_size=16,
-          max_num_seqs=4)
+          max_num_seqs=4, adapters=adapters)
 engine = llm.engine
 params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-warm = llm.generate(["USER: warm up ASSISTANT:"], params)[0]
+# an adapter's request first: its host copies (PyTorch pinned memory) serve non-blocking copies
+warm = llm.generate([{"prompt": "USER: warm up ASSISTANT:", "adapter": next(iter(adapters))}],
+                    params)[0]
 model = engine.parts.model
 real = model.compute_logits
 armed = {"on": False}
@@ -36,8 +43,11 @@ def compute_logits(hidden):
     return real(hidden)
 
 model.compute_logits = compute_logits
+names = [None, *adapters]
 ids = [engine.add_request(GenerateRequest(prompt=f"USER: question {i} ASSISTANT:",
-                                          sampling_params=params)).request_id for i in range(3)]
+                                          sampling_params=params,
+                                          adapter=names[i % len(names)])).request_id
+       for i in range(3)]
 for _ in range(3):
     engine.step()
 armed["on"] = True
@@ -61,13 +71,17 @@ print(json.dumps({
                      if out.outputs[0].finish_reason == "error" and out.error),
     "errors": sorted({(out.error or "")[:80] for out in outputs.values()}),
     "ids": sorted(ids), "unfinished": engine.has_unfinished_requests(),
-    "dead_raises": dead_raises}))
+    "dead_raises": dead_raises, "retained": any(kept is engine for kept in retained())}))
+# then the interpreter exits normally: nothing of the dead engine is freed against the dead context
 """
 
 
-def test_a_device_side_assert_fails_the_requests_and_kills_the_engine(tiny_llava: Path) -> None:
-    done = subprocess.run([sys.executable, "-c", CHILD, str(tiny_llava)], capture_output=True,
-                          text=True, timeout=240)
+def test_a_device_side_assert_fails_the_requests_and_kills_the_engine(
+    tiny_llava: Path, adapters: dict[str, Path]
+) -> None:
+    names = {name: str(path) for name, path in adapters.items()}
+    done = subprocess.run([sys.executable, "-c", CHILD, str(tiny_llava), json.dumps(names)],
+                          capture_output=True, text=True, timeout=240)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     report = json.loads(lines[-1])
@@ -75,4 +89,4 @@ def test_a_device_side_assert_fails_the_requests_and_kills_the_engine(tiny_llava
     assert not report["healthy"] and report["dead_reason"], report
     assert report["failed"] == report["ids"], report
     assert all("device error" in e for e in report["errors"]), report
-    assert not report["unfinished"] and report["dead_raises"], report
+    assert not report["unfinished"] and report["dead_raises"] and report["retained"], report

@@ -45,7 +45,7 @@ from typing import Any
 
 from valora.config import EngineConfig
 from valora.engine.async_scheduling import AsyncScheduling, drop_pending, refusing
-from valora.engine.faults import is_device_fault
+from valora.engine.faults import is_device_fault, retain_for_process
 from valora.engine.inputs import GenerateRequest
 from valora.engine.outputs_builder import build_output
 from valora.engine.scheduler_output import SchedulerOutput
@@ -360,6 +360,7 @@ class LLMEngine(AsyncScheduling):
                 outputs.append(self._retire(request))
         if device_fault:
             self.dead_reason = f"device error in step: {exc}"
+            retain_for_process(self)  # nothing of it may be freed against a dead context
             logger.error("engine marked dead: %s", self.dead_reason)
         elif self._consecutive_failures >= self.max_consecutive_step_failures:
             self.dead_reason = (

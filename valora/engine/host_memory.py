@@ -20,12 +20,12 @@ dead). So valora takes page-locked memory from here instead:
   (``mark_queued``); a buffer is handed out again only after that event completed, so the host
   never writes a buffer a queued copy still reads, nor reads one a queued copy still writes.
 
-Not covered: adapters' host copies (``SlotPrefetcher.pin``) and host pristine weight copies
-stay in PyTorch's pinned memory. Registering each adapter's copy cost ≈ 30–40 ms more per
-7B-shaped adapter load on an H200 (``bench/results/model/host-staging-ab-h200-fab2eac/``), and
-those copies are freed only on eviction, on unmerge or at exit, never per step; after a device
-fault, such a free (typically at process exit) can still abort the process. A registered arena
-reused across adapter loads would close that too (not built).
+Not here: adapters' host copies (``SlotPrefetcher.pin``) and host pristine weight copies stay
+in PyTorch's pinned memory. Registering each adapter's copy cost ≈ 30–40 ms more per 7B-shaped
+adapter load on an H200 (``bench/results/model/host-staging-ab-h200-fab2eac/``), and those
+copies are freed only on eviction, on unmerge or at exit, never per step; after a device fault
+the dead engine, and so every such copy, is kept until the process ends
+(``valora.engine.faults.retain_for_process``), so none is freed against the dead context.
 
 Invariants: a buffer is leased to at most one holder; a lease released (or dropped) without
 ``mark_queued`` had no device work queued on it; the pool holds at most ``max_buffers`` buffers

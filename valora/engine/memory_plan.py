@@ -332,8 +332,9 @@ class SlotPrefetcher:
         """A page-locked copy of a host tensor (itself on a CPU-only machine, or when it is
         page-locked already). PyTorch's pinned memory, not ``valora.engine.host_memory``'s
         registered memory: registering cost ≈ 30–40 ms more per 7B-shaped adapter load on an
-        H200 (``bench/results/model/host-staging-ab-h200-fab2eac/``), so after a device fault
-        freeing these copies (adapter eviction, process exit) can still abort the process."""
+        H200 (``bench/results/model/host-staging-ab-h200-fab2eac/``). After a device fault the
+        dead engine is retained (``valora.engine.faults``), so these are never freed against
+        the dead context."""
         if self.stream is None or tensor.is_pinned():
             return tensor
         return tensor.pin_memory()
