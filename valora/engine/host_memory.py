@@ -7,7 +7,7 @@ CUDA event *inside the tensor's deleter*. After a sticky device error (a device-
 kernel) that event cannot be created, the deleter throws where no exception may pass, and the
 process aborts (``terminate called after throwing an instance of 'c10::AcceleratorError'``; seen
 on an H200 by ``tests/gpu/test_device_fault_cuda.py``: the engine never got to report itself
-dead). So valora takes page-locked memory from here instead:
+dead). So valora's per-step transfers take page-locked memory from here instead:
 
 * ``page_locked_empty`` registers ordinary host memory with ``cudaHostRegister``. Copies from and
   to it are as asynchronous as from pinned memory, but PyTorch's allocator does not know it
