@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,10 +150,10 @@ def test_pinning_failure_fails_only_that_request(
     prefetcher = llm.engine.parts.adapters._writer._prefetcher
     assert prefetcher is not None
 
-    def failing_pin(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        raise RuntimeError("cudaHostRegister failed: injected")
+    def failing_pin(tensor: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("cudaHostAlloc failed: injected")
 
-    prefetcher.pin_many = failing_pin  # type: ignore[method-assign]
+    prefetcher.pin = failing_pin  # type: ignore[method-assign]
     bad, good = llm.generate([{"prompt": PROMPT, "adapter": "r4"}, {"prompt": PROMPT}], GREEDY)
     assert "AdapterPrefetchError" in (bad.error or "") and "injected" in (bad.error or "")
     assert good.error is None and llm.engine.is_healthy

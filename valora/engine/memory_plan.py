@@ -339,10 +339,6 @@ class SlotPrefetcher:
             return tensor
         return tensor.pin_memory()
 
-    def pin_many(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``pin`` of each of ``tensors``."""
-        return [self.pin(tensor) for tensor in tensors]
-
     def submit(
         self,
         copies: Sequence[tuple[torch.Tensor, torch.Tensor]],

@@ -72,7 +72,6 @@ class SlotWriter:
         sources = self._host_sources(adapter, keep_sources) if adapter is not None else {}
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         zeros: list[torch.Tensor] = []
-        small: list[tuple[torch.Tensor, torch.Tensor]] = []  # per group: ranks, scales
         new_ranks: list[tuple[LoRASlotWeights, list[int]]] = []
         for weights, slices in self._groups:
             zeros += [weights.lora_a[slot], weights.lora_b[slot]]
@@ -88,12 +87,11 @@ class SlotWriter:
                 copies.append((weights.lora_a[slot, index, :rank], a))
                 copies.append((weights.lora_b[slot, offset:offset + width, :rank], b))
                 ranks[index], scales[index] = rank, module.scale
-            small.append((weights.ranks[slot], torch.tensor(ranks, dtype=weights.ranks.dtype)))
-            small.append((weights.scales[slot],
-                          torch.tensor(scales, dtype=weights.scales.dtype)))
+            copies.append((weights.ranks[slot],
+                           prefetcher.pin(torch.tensor(ranks, dtype=weights.ranks.dtype))))
+            copies.append((weights.scales[slot],
+                           prefetcher.pin(torch.tensor(scales, dtype=weights.scales.dtype))))
             new_ranks.append((weights, ranks))
-        pinned = prefetcher.pin_many([host for _, host in small])
-        copies += [(dst, host) for (dst, _), host in zip(small, pinned, strict=True)]
         self._tickets[slot] = prefetcher.submit(copies, zeros)
         for weights, ranks in new_ranks:
             weights.ranks_cpu[slot] = ranks
@@ -106,17 +104,14 @@ class SlotWriter:
         if cached is not None:
             return cached
         assert self._prefetcher is not None
-        keys: list[ModuleKey] = []
-        hosts: list[torch.Tensor] = []
+        sources: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]] = {}
         for key, module in adapter.modules.items():
             entry = self._slot_map.get(key)
             if entry is None:
                 continue
             dtype = entry[0].lora_a.dtype
-            keys.append(key)
-            hosts += [module.a.to(dtype).contiguous(), module.b.to(dtype).contiguous()]
-        pinned = self._prefetcher.pin_many(hosts)  # one page-locked buffer for the adapter
-        sources = {key: (pinned[2 * i], pinned[2 * i + 1]) for i, key in enumerate(keys)}
+            sources[key] = (self._prefetcher.pin(module.a.to(dtype).contiguous()),
+                            self._prefetcher.pin(module.b.to(dtype).contiguous()))
         if keep:
             self._pinned_sources[adapter.name] = sources
         return sources
